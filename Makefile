@@ -1,0 +1,34 @@
+# make demo: run the built-in pipeline on the zoo.  make test: the test suite.
+# Both create .venv on first use and install edgepipe with the tested versions (constraints.txt).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip -c constraints.txt || true
+	# torch first, alone and pinned, so nothing can resolve it to a CUDA build.
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgepipe demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check edgepipe tests benchmarks examples
+
+bench: $(STAMP)
+	$(PY) benchmarks/zoo_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
