@@ -1,0 +1,66 @@
+"""Artifacts on disk: atomic writes, hashes, and the result every stage returns."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgepipe.errors import InputError
+
+
+@dataclass
+class StageResult:
+    """What a stage produced (named artifact paths) and what it measured (plain JSON data)."""
+
+    stage: str
+    artifacts: dict[str, Path]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `target`; rename it over `target` only if the block succeeds.
+
+    A failed or interrupted stage therefore never leaves a half-written artifact.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(target: str | os.PathLike, data: Any) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return Path(target)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return `path` as a Path, or raise InputError saying what was expected there."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} is not a file: {path}")
+    return path

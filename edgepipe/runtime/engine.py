@@ -1,0 +1,228 @@
+"""Engine: an ONNX Runtime session with provider choice and input validation, torch-free."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgepipe.errors import InputError
+from edgepipe.runtime.spec import METADATA_KEY, ORT_TO_NUMPY, InputSpec, specs_from_json
+
+# Lenient provider names -> ORT names, in "auto" preference order (best first).
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "gpu": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+AUTO_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def resolve_providers(requested: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """Map `"auto"`, `"cuda"`, `["cuda", "cpu"]` … to (available, missing) ORT provider names.
+
+    Raises InputError listing what is available (and how to get GPU support) when nothing matches.
+    """
+    available = ort.get_available_providers()
+    if isinstance(requested, str):
+        requested = [requested]
+    if list(requested) == ["auto"]:
+        return [p for p in AUTO_ORDER if p in available], []
+    resolved, missing = [], []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        (resolved if full in available else missing).append(full)
+    if not resolved:
+        hint = ""
+        if any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in missing):
+            hint = (" For GPU providers replace onnxruntime with onnxruntime-gpu:"
+                    " pip uninstall -y onnxruntime && pip install 'edgepipe[gpu]'.")
+        raise InputError(
+            f"execution provider(s) {', '.join(missing)} not available; this onnxruntime "
+            f"{ort.__version__} has {', '.join(available)}.{hint}"
+        )
+    return resolved, missing
+
+
+class Engine:
+    """Build once, run many times: `Engine("model.onnx").run({"x": array}) -> {"logits": ...}`.
+
+    `providers`: "auto" (TensorRT/CUDA when present, else CPU), a name ("cpu", "cuda") or a list
+    in preference order. A requested provider that ORT drops is an error unless
+    `allow_fallback=True`; `self.providers` says what is actually used.
+    `run` is safe to call from several threads at once (ORT sessions are).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        providers: str | Sequence[str] = "auto",
+        threads: int | None = None,
+        optimization: str = "all",
+        warmup: int = 0,
+        allow_fallback: bool = False,
+        validate: bool = True,
+    ):
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise InputError(
+                f"unknown graph optimization level '{optimization}'; "
+                f"choose one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        self.path = None if isinstance(model, bytes) else Path(model)
+        if self.path is not None and not self.path.is_file():
+            raise InputError(f"ONNX model not found: {self.path}")
+        wanted, missing = resolve_providers(providers)
+        if missing and not allow_fallback:
+            raise InputError(
+                f"execution provider(s) {', '.join(missing)} not available "
+                f"(available: {', '.join(ort.get_available_providers())}); "
+                "pass allow_fallback=True / --allow-fallback to run on the others"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(self.path)
+        try:
+            self.session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+        except Exception as exc:  # ORT raises several private exception types for bad models
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = self.path or "<bytes>"
+            raise InputError(f"cannot load ONNX model {where}: {first_line}") from exc
+        self.providers = self.session.get_providers()
+        lost = [p for p in wanted if p not in self.providers]
+        if lost and not allow_fallback and providers != "auto":
+            raise InputError(
+                f"onnxruntime could not initialise {', '.join(lost)} (running on "
+                f"{', '.join(self.providers)}); check the CUDA/cuDNN install or pass allow_fallback=True"
+            )
+        self.threads = threads
+        self.optimization = optimization
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.inputs = self._input_specs()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._validate = validate
+        self._checks = [
+            (s.name, s.np_dtype, len(s.shape), [(a, d) for a, d in enumerate(s.shape) if isinstance(d, int)])
+            for s in self.inputs
+        ]
+        self._input_names = [s.name for s in self.inputs]
+        if warmup:
+            from edgepipe.runtime.spec import make_feeds
+
+            feeds = make_feeds(self.inputs, batch=1)
+            for _ in range(warmup):
+                self.session.run(None, feeds)
+
+    def _input_specs(self) -> list[InputSpec]:
+        """Specs from the graph, enriched by the export metadata (value ranges, example dims)."""
+        recorded = {}
+        if METADATA_KEY in self.metadata:
+            recorded = {s.name: s for s in specs_from_json(self.metadata[METADATA_KEY])}
+        specs = []
+        for arg in self.session.get_inputs():
+            dtype = ORT_TO_NUMPY.get(arg.type)
+            if dtype is None:
+                raise InputError(f"model input '{arg.name}' has unsupported type {arg.type}")
+            shape = tuple(d if isinstance(d, int) else (d or f"dim{i}") for i, d in enumerate(arg.shape))
+            extra = recorded.get(arg.name)
+            specs.append(InputSpec(
+                name=arg.name, dtype=str(dtype), shape=shape,
+                low=extra.low if extra else None, high=extra.high if extra else None,
+                example=extra.example if extra else {},
+            ))
+        return specs
+
+    def as_feeds(self, inputs: Mapping[str, np.ndarray] | np.ndarray | Sequence[np.ndarray]) -> dict:
+        """Accept a dict, a single array (one-input models) or a sequence in input order."""
+        if isinstance(inputs, Mapping):
+            return dict(inputs)
+        if isinstance(inputs, np.ndarray):
+            if len(self._input_names) != 1:
+                raise InputError(
+                    f"model has {len(self._input_names)} inputs ({', '.join(self._input_names)}); "
+                    "pass a dict of name -> array"
+                )
+            return {self._input_names[0]: inputs}
+        inputs = list(inputs)
+        if len(inputs) != len(self._input_names):
+            raise InputError(f"got {len(inputs)} arrays, model expects {len(self._input_names)}: "
+                             f"{', '.join(self._input_names)}")
+        return dict(zip(self._input_names, inputs))
+
+    def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Raise InputError listing every mismatch between `feeds` and the model's inputs."""
+        problems = []
+        unknown = [n for n in feeds if n not in self._input_names]
+        if unknown:
+            problems.append(f"unknown input(s) {', '.join(map(repr, unknown))} "
+                            f"(model inputs: {', '.join(self._input_names)})")
+        for (name, dtype, ndim, static), spec in zip(self._checks, self.inputs):
+            value = feeds.get(name)
+            if value is None:
+                problems.append(f"missing input '{name}' (expected {spec.describe()})")
+                continue
+            if not isinstance(value, np.ndarray):
+                problems.append(f"input '{name}' is {type(value).__name__}, expected a numpy array")
+                continue
+            if value.dtype != dtype:
+                problems.append(f"input '{name}' has dtype {value.dtype}, model expects {dtype} "
+                                f"(use .astype(np.{dtype}))")
+            if value.ndim != ndim:
+                problems.append(f"input '{name}' has {value.ndim} dims {list(value.shape)}, "
+                                f"model expects {ndim}: {list(spec.shape)}")
+                continue
+            bad = [(a, d) for a, d in static if value.shape[a] != d]
+            if bad:
+                problems.append(f"input '{name}' has shape {list(value.shape)}, model expects "
+                                f"{list(spec.shape)} (axis {bad[0][0]} must be {bad[0][1]})")
+        if problems:
+            raise InputError("; ".join(problems))
+
+    def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model; returns {output name: array}."""
+        feeds = self.as_feeds(inputs)
+        if self._validate:
+            self.validate(feeds)
+        names = list(outputs) if outputs else self.output_names
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:
+            raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        return {
+            "model": str(self.path) if self.path else None,
+            "providers": list(self.providers),
+            "threads": self.threads or "ort-default",
+            "optimization": self.optimization,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": self.output_names,
+        }
