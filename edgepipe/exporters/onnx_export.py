@@ -1,0 +1,230 @@
+"""Export torch -> ONNX: dynamo first, TorchScript as fallback, each attempt judged by parity."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from edgepipe.artifacts import StageResult, atomic_path
+from edgepipe.errors import ConfigError, ExportError, ParityError
+from edgepipe.exporters.source import ModelSource, load_source
+from edgepipe.parity import ParityCase, ParityReport, diff_outputs
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
+
+EXPORTERS = ("dynamo", "torchscript")
+# onnxruntime 1.31 loads IR <= 13 (onnx 1.23 writes 14 by default: see PITFALLS).
+MAX_IR_VERSION = 10
+
+
+@dataclass
+class ExportConfig:
+    """How to export and how strictly to judge the result."""
+
+    exporters: tuple[str, ...] = EXPORTERS  # tried in order; the first that passes parity wins
+    opset: int | None = None  # None: each exporter's default (dynamo 18, TorchScript 17)
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    parity_batches: tuple[int, ...] = (1, 7)  # batch 1 and one >= 3 catch 0/1 specialization
+    example_batch: int = 2  # never 1: the dynamo exporter would bake batch=1 in
+
+    def __post_init__(self):
+        unknown = [e for e in self.exporters if e not in EXPORTERS]
+        if unknown or not self.exporters:
+            raise ConfigError(f"unknown exporter(s) {unknown}; choose from {', '.join(EXPORTERS)}")
+        if self.example_batch < 2:
+            raise ConfigError("export example_batch must be >= 2 (batch 1 gets specialised)")
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError("export tolerances atol/rtol must be >= 0")
+        self.exporters = tuple(self.exporters)
+        self.parity_batches = tuple(self.parity_batches)
+
+
+def parity_cases(specs: Sequence[InputSpec], batches: Sequence[int]) -> list[dict[str, int]]:
+    """Input sizes to verify: every batch at the example sizes, plus a second size for each
+    other dynamic dim (e.g. seq) at the largest batch."""
+    named = {d for s in specs for d in s.dynamic_dims.values() if d != "batch"}
+    example = {d: next((s.example[d] for s in specs if d in s.example), 16) for d in named}
+    cases = [{"batch": b, **example} for b in batches]
+    for dim in sorted(named):
+        other = max(2, example[dim] // 2 + 1)
+        cases.append({"batch": max(batches), **example, dim: other})
+    return cases
+
+
+def case_feeds(specs: Sequence[InputSpec], sizes: Mapping[str, int],
+               data: Mapping[str, np.ndarray] | None, seed: int) -> dict[str, np.ndarray]:
+    """Real held-out rows when `data` has them (sliced to the case's sizes), else seeded inputs."""
+    generated = make_feeds(specs, batch=sizes["batch"], dims=sizes, seed=seed)
+    if not data:
+        return generated
+    feeds = {}
+    for spec in specs:
+        array = data.get(spec.name)
+        want = generated[spec.name].shape
+        if array is None or array.ndim != len(want) or any(a < w for a, w in zip(array.shape, want)):
+            feeds[spec.name] = generated[spec.name]
+            continue
+        feeds[spec.name] = np.ascontiguousarray(array[tuple(slice(0, w) for w in want)]).astype(spec.np_dtype)
+    return feeds
+
+
+@torch.no_grad()
+def torch_outputs(model: torch.nn.Module, feeds: Mapping[str, np.ndarray],
+                  specs: Sequence[InputSpec], names: Sequence[str]) -> dict[str, np.ndarray]:
+    out = model(*[torch.from_numpy(feeds[s.name]) for s in specs])
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return {name: o.detach().numpy() for name, o in zip(names, out)}
+
+
+def check_parity(source: ModelSource, onnx_path: Path, config: ExportConfig,
+                 data: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> ParityReport:
+    """ORT vs PyTorch on real (or seeded) inputs, at every parity case. A verdict, not a warning."""
+    report = ParityReport(atol=config.atol, rtol=config.rtol)
+    try:
+        engine = Engine(onnx_path, providers="cpu")
+    except Exception as exc:
+        report.error = str(exc)
+        return report
+    for sizes in parity_cases(source.inputs, config.parity_batches):
+        label = " ".join(f"{k}={v}" for k, v in sizes.items())
+        feeds = case_feeds(source.inputs, sizes, data, seed)
+        expected = torch_outputs(source.model, feeds, source.inputs, source.output_names)
+        try:
+            actual = engine.run(feeds)
+        except Exception as exc:
+            report.error = f"{label}: onnxruntime rejected the input: {exc}"
+            return report
+        report.cases.append(ParityCase(label, diff_outputs(expected, actual, config.atol, config.rtol)))
+    return report
+
+
+def _dynamo_export(source: ModelSource, example: tuple, path: Path, opset: int | None) -> None:
+    from torch.export import Dim
+
+    dims: dict[str, object] = {}
+    dynamic_shapes = tuple(
+        {axis: dims.setdefault(name, Dim(name, min=1)) for axis, name in s.dynamic_dims.items()} or None
+        for s in source.inputs)
+    program = torch.onnx.export(
+        source.model, example, dynamo=True, input_names=[s.name for s in source.inputs],
+        output_names=source.output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
+        external_data=False, verbose=False)
+    program.save(str(path))
+
+
+def _torchscript_export(source: ModelSource, example: tuple, path: Path, opset: int | None) -> None:
+    dynamic_axes = {s.name: dict(s.dynamic_dims) for s in source.inputs if s.dynamic_dims}
+    for name in source.output_names:
+        dynamic_axes[name] = {0: "batch"}
+    torch.onnx.export(
+        source.model, example, str(path), dynamo=False, input_names=[s.name for s in source.inputs],
+        output_names=source.output_names, dynamic_axes=dynamic_axes, opset_version=opset or 17,
+        do_constant_folding=True)
+
+
+def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.ModelProto:
+    """Name dynamic dims as the spec does (the dynamo exporter writes s0, s1 …), record the spec
+    and provenance in metadata, pin an IR version ORT can load, and run the ONNX checker."""
+    model = onnx.load(str(path))
+    renames: dict[str, str] = {}
+    graph_inputs = {i.name: i for i in model.graph.input}
+    for spec in source.inputs:
+        value = graph_inputs.get(spec.name)
+        if value is None:
+            raise ExportError(f"exported graph has no input '{spec.name}' (inputs: "
+                              f"{', '.join(graph_inputs)}); does forward() use every declared input?")
+        for axis, name in spec.dynamic_dims.items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if dim.dim_param and dim.dim_param != name:
+                renames[dim.dim_param] = name
+            elif not dim.dim_param:
+                raise ExportError(f"exporter '{exporter}' made axis {axis} of '{spec.name}' static "
+                                  f"({dim.dim_value}) although it is declared dynamic ('{name}')")
+    for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    meta = {p.key: p for p in model.metadata_props}
+    for key, value in ((METADATA_KEY, specs_to_json(source.inputs)), ("edgepipe.exporter", exporter),
+                       ("edgepipe.source", source.origin)):
+        entry = meta.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return model
+
+
+@contextmanager
+def _quiet_exporters():
+    """The exporters print progress, warnings and log lines (e.g. 'torchvision is not installed');
+    the stage reports what matters itself."""
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_onnx_log.setLevel(level)
+
+
+def export(source: str | Path | ModelSource, out_path: str | Path, config: ExportConfig | None = None,
+           *, inputs: Sequence | None = None, data: Mapping[str, np.ndarray] | None = None,
+           seed: int = 0) -> StageResult:
+    """Stage: export `source` to ONNX at `out_path`, proving parity; the first exporter that
+    passes wins and is recorded. Raises ParityError / ExportError naming every attempt."""
+    config = config or ExportConfig()
+    src = source if isinstance(source, ModelSource) else load_source(source, inputs)
+    example_feeds = case_feeds(src.inputs, {"batch": config.example_batch}, data, seed)
+    example = tuple(torch.from_numpy(example_feeds[s.name]) for s in src.inputs)
+    attempts = []
+    out_path = Path(out_path)
+    for exporter in config.exporters:
+        started = time.perf_counter()
+        attempt = {"exporter": exporter}
+        with atomic_path(out_path) as tmp:
+            try:
+                with _quiet_exporters():
+                    (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
+                graph = finalize_graph(tmp, src, exporter)
+            except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                attempts.append(attempt | {"ok": False, "error": f"{type(exc).__name__}: {message[:300]}",
+                                           "seconds": round(time.perf_counter() - started, 2)})
+                continue
+            attempt["seconds"] = round(time.perf_counter() - started, 2)
+            report = check_parity(src, tmp, config, data, seed)
+            attempts.append(attempt | {"ok": bool(report), "parity": report.summary()})
+            if not report:
+                continue
+            record = {
+                "exporter": exporter,
+                "attempts": attempts,
+                "parity": report.to_dict(),
+                "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+                "ir_version": graph.ir_version,
+                "size_bytes": tmp.stat().st_size,
+                "inputs": [s.to_dict() for s in src.inputs],
+                "outputs": src.output_names,
+                "source": src.origin,
+            }
+        if attempts[-1]["ok"]:
+            return StageResult("export", {"onnx": out_path}, record)
+    parity_failures = [a for a in attempts if "parity" in a]
+    detail = "; ".join(f"{a['exporter']}: {a.get('parity') or a.get('error')}" for a in attempts)
+    if parity_failures:
+        raise ParityError(f"no exporter produced an ONNX model matching PyTorch: {detail}")
+    raise ExportError(f"every exporter failed for {src.origin}: {detail}")
