@@ -1,0 +1,314 @@
+"""The quantize stage: build candidate INT8 models, measure each on this CPU, keep the fastest
+one inside the accuracy budget — never one slower than the FP32 input."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from edgepipe.artifacts import StageResult, atomic_path, require_file
+from edgepipe.errors import AccuracyError, ConfigError, LatencyError, QuantizationError
+from edgepipe.quantize.calibration import ArrayCalibrationReader
+from edgepipe.quantize.recipes import COMPUTE_OPS, Recipe, candidate_recipes
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.hardware import CpuInfo, read_cpu
+from edgepipe.runtime.profiling import measure_interleaved
+from edgepipe.runtime.spec import make_feeds
+
+MODES = ("auto", "dynamic", "static")
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+# Op types that show a node really runs in integer arithmetic after quantization.
+INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "QLinearConv",
+                         "QLinearMatMul", "QuantizeLinear", "DynamicQuantizeMatMul",
+                         "MatMulIntegerToFloat", "QGemm"})
+
+
+@dataclass
+class QuantizeConfig:
+    mode: str = "auto"  # "auto": every candidate that fits the graph; or only "dynamic"/"static"
+    calibration: str = "minmax"
+    calibration_samples: int = 256
+    batch_sizes: tuple[int, ...] = (1, 32)  # latency is judged at each of these
+    max_accuracy_drop: float = 0.01  # absolute (0.01 = 1 point) vs the FP32 model
+    min_speedup: float = 1.0  # at every batch size; below 1.0 would allow a slower model
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types_to_exclude: tuple[str, ...] = ()
+    threads: int | None = None
+    rounds: int = 12  # interleaved latency rounds (x 10 calls) per batch size
+    # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
+    # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".
+    speedup_margin: float = 0.05
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"quantize mode '{self.mode}' unknown; choose {', '.join(MODES)}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration '{self.calibration}' unknown; choose {', '.join(CALIBRATIONS)}")
+        if self.min_speedup < 1.0:
+            raise ConfigError("min_speedup below 1.0 would allow a model slower than FP32")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError("quantize batch_sizes must be positive integers")
+        self.batch_sizes = tuple(self.batch_sizes)
+        self.nodes_to_exclude = tuple(self.nodes_to_exclude)
+        self.op_types_to_exclude = tuple(self.op_types_to_exclude)
+
+
+@dataclass
+class EvalData:
+    """Held-out inputs (name -> array) and, for classifiers, integer labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    path: Path | None = None
+    error: str | None = None
+    integer_nodes: int = 0
+    accuracy: float | None = None
+    agreement: float | None = None
+    accuracy_drop: float | None = None
+    built_from: str = ""
+    p50_ms: dict[int, float] = field(default_factory=dict)
+    speedup: dict[int, float] = field(default_factory=dict)
+    verdict: str = ""
+
+    @property
+    def score(self) -> float:
+        """Geometric-mean speedup over the configured batch sizes."""
+        values = list(self.speedup.values())
+        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 0.0
+
+    def row(self) -> dict:
+        return {"recipe": self.recipe.name, "method": self.recipe.method, "format": self.recipe.format,
+                "activation_type": self.recipe.activation_type, "weight_type": self.recipe.weight_type,
+                "per_channel": self.recipe.per_channel, "calibration": self.recipe.calibration,
+                "reduce_range": self.recipe.reduce_range,
+                "excluded_nodes": list(self.recipe.nodes_to_exclude),
+                "integer_nodes": self.integer_nodes, "built_from": self.built_from, "accuracy": self.accuracy,
+                "agreement": self.agreement, "accuracy_drop": self.accuracy_drop,
+                "p50_ms": {str(b): round(v, 4) for b, v in self.p50_ms.items()},
+                "speedup": {str(b): round(v, 3) for b, v in self.speedup.items()},
+                "size_bytes": self.path.stat().st_size if self.path and self.path.exists() else None,
+                "error": self.error, "verdict": self.verdict}
+
+
+def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
+    """quant_pre_process, then without symbolic shape inference, then the raw model."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = []
+    for label, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
+        out = work_dir / f"pre_{label}.onnx"
+        try:
+            quant_pre_process(str(model_path), str(out), **kwargs)
+            attempts.append({"step": label, "ok": True})
+            return out, attempts
+        except Exception as exc:
+            attempts.append({"step": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    attempts.append({"step": "raw", "ok": True})
+    return model_path, attempts
+
+
+def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
+    """MatMuls with no constant operand (attention's Q@K^T, P@V): quantizing them adds two
+    runtime quantize ops and saves no weight bandwidth, so they stay FP32."""
+    constants = {init.name for init in graph.initializer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
+def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | None,
+          samples: int) -> None:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+
+    types = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph_ops = {n.op_type for n in graph.node}
+    # Only compute ops: Q/DQ around LayerNorm, Gather, Reshape … cost more than they save
+    # (a Transformer went 0.7x with every supported op quantized).
+    op_types = sorted((graph_ops & COMPUTE_OPS) - set(recipe.op_types_to_exclude))
+    common = dict(per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                  weight_type=types[recipe.weight_type], op_types_to_quantize=op_types,
+                  nodes_to_exclude=[*recipe.nodes_to_exclude, *activation_matmuls(graph)] or None,
+                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    if recipe.method == "dynamic":
+        quantize_dynamic(str(model_path), str(out), **common)
+        return
+    if calibration is None:
+        raise QuantizationError("static quantization needs calibration data: pass --calibration "
+                                "data.npz (or run it in a pipeline, which uses the training data)")
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    quantize_static(str(model_path), str(out), ArrayCalibrationReader(calibration.inputs, samples),
+                    quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
+                    activation_type=types[recipe.activation_type],
+                    calibrate_method=methods[recipe.calibration], **common)
+
+
+def strip_value_info(model_path: Path, out: Path) -> Path:
+    """The raw model without intermediate shape annotations: exporters' stale value_info makes
+    ONNX shape inference inside quantization fail ("Inferred shape and existing shape differ")."""
+    model = onnx.load(str(model_path))
+    del model.graph.value_info[:]
+    onnx.save(model, str(out))
+    return out
+
+
+def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
+                        calibration: EvalData | None, samples: int) -> str:
+    """Build `recipe` from the first model in `models` that works; returns its file name.
+    Raises the first error when all fail (a QuantizationError is never retried)."""
+    first_error: Exception | None = None
+    for model_path in models:
+        try:
+            build(recipe, model_path, out, calibration, samples)
+            return model_path.name
+        except QuantizationError:
+            raise
+        except Exception as exc:  # onnxruntime.quantization raises many types
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
+
+
+def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None,
+             batch_size: int = 256) -> tuple[np.ndarray, float | None, float | None]:
+    """(first output, accuracy vs labels, top-1 agreement vs reference)."""
+    n = min(len(a) for a in data.inputs.values())
+    chunks = []
+    for i in range(0, n, batch_size):
+        feeds = {k: v[i:i + batch_size] for k, v in data.inputs.items()}
+        chunks.append(engine.run(feeds)[engine.output_names[0]])
+    out = np.concatenate(chunks)
+    acc = float((out.argmax(-1) == data.labels[:n]).mean()) if data.labels is not None else None
+    agree = float((out.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None
+    return out, acc, agree
+
+
+def count_integer_nodes(path: Path) -> int:
+    return sum(n.op_type in INTEGER_OPS for n in onnx.load(str(path)).graph.node)
+
+
+def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
+             eval_data: EvalData | None = None, calibration: EvalData | None = None,
+             cpu: CpuInfo | None = None, progress=None) -> StageResult:
+    """Stage: FP32 ONNX -> the fastest INT8 model within the accuracy budget, with the table of
+    every candidate. Raises LatencyError/AccuracyError (exit 1) when no candidate qualifies."""
+    config = config or QuantizeConfig()
+    onnx_path = require_file(onnx_path, "ONNX model")
+    cpu = cpu or read_cpu()
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    fp32 = Engine(onnx_path, providers="cpu", threads=config.threads)
+    if eval_data is None:  # no held-out data: judge agreement with FP32 on seeded inputs
+        eval_data = EvalData(make_feeds(fp32.inputs, batch=512, seed=1))
+    calibration = calibration or eval_data
+    graph_ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
+                                         allow_dynamic=config.mode in ("auto", "dynamic"),
+                                         allow_static=config.mode in ("auto", "static"))
+    recipes = [r.excluding(config.nodes_to_exclude) for r in recipes]
+    if config.op_types_to_exclude:
+        recipes = [Recipe(**{**r.__dict__, "op_types_to_exclude": config.op_types_to_exclude}) for r in recipes]
+    if not recipes:
+        raise QuantizationError(f"no quantization recipe applies to {onnx_path.name} (ops: "
+                                f"{', '.join(sorted(graph_ops))}): "
+                                + "; ".join(f"{s['recipe']}: {s['why']}" for s in skipped))
+    ref_out, fp32_acc, _ = evaluate(fp32, eval_data)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-quant-") as tmp:
+        work = Path(tmp)
+        model_in, pre_attempts = preprocess(onnx_path, work)
+        stripped = strip_value_info(onnx_path, work / "raw_stripped.onnx")
+        candidates = [Candidate(r) for r in recipes]
+        engines = {}
+        for i, cand in enumerate(candidates):
+            say(f"building {cand.recipe.name}")
+            cand.path = work / f"cand{i}.onnx"
+            try:
+                cand.built_from = build_with_fallback(cand.recipe, [model_in, stripped], cand.path,
+                                                      calibration, config.calibration_samples)
+                cand.integer_nodes = count_integer_nodes(cand.path)
+                if cand.integer_nodes == 0:
+                    raise QuantizationError("quantized no node")
+                engine = Engine(cand.path, providers="cpu", threads=config.threads)
+                _, cand.accuracy, cand.agreement = evaluate(engine, eval_data, ref_out)
+            except Exception as exc:
+                cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+                cand.verdict = "failed"
+                continue
+            if fp32_acc is not None:
+                cand.accuracy_drop = fp32_acc - cand.accuracy
+            else:
+                cand.accuracy_drop = 1.0 - cand.agreement
+            engines[i] = engine
+        if not engines:
+            raise QuantizationError("every quantization recipe failed: " + "; ".join(
+                f"{c.recipe.name}: {c.error}" for c in candidates))
+        say(f"measuring {len(engines)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
+        for batch in config.batch_sizes:
+            feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in eval_data.inputs.items()}
+            if min(len(v) for v in feeds.values()) < batch:
+                feeds = make_feeds(fp32.inputs, batch=batch, seed=2)
+            fns = {"fp32": lambda f=feeds: fp32.session.run(None, f)}
+            fns |= {i: (lambda e=e, f=feeds: e.session.run(None, f)) for i, e in engines.items()}
+            stats = measure_interleaved(fns, batch, rounds=config.rounds)
+            for i in engines:
+                candidates[i].p50_ms[batch] = stats[i].p50_ms
+                candidates[i].speedup[batch] = stats["fp32"].p50_ms / stats[i].p50_ms
+            fp32_p50 = {**locals().get("fp32_p50", {}), batch: stats["fp32"].p50_ms}
+        for i in engines:
+            cand = candidates[i]
+            needed = config.min_speedup * (1 + config.speedup_margin)
+            slow = {b: s for b, s in cand.speedup.items() if s < needed}
+            if cand.accuracy_drop > config.max_accuracy_drop:
+                cand.verdict = f"accuracy drop {cand.accuracy_drop:.4f} > {config.max_accuracy_drop}"
+            elif slow:
+                cand.verdict = (f"not clearly faster (needs >= {needed:.2f}x) at batch "
+                                + ", ".join(f"{b} ({s:.2f}x)" for b, s in slow.items()))
+            else:
+                cand.verdict = "ok"
+        accepted = [c for c in candidates if c.verdict == "ok"]
+        chosen = max(accepted, key=lambda c: c.score) if accepted else None
+        record = {
+            "cpu": {"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
+            "recipe_reason": recipes[0].reasons[0] if recipes[0].reasons else "",
+            "preprocess": pre_attempts,
+            "skipped_recipes": skipped,
+            "fp32": {"accuracy": fp32_acc, "p50_ms": {str(b): round(v, 4) for b, v in fp32_p50.items()},
+                     "size_bytes": onnx_path.stat().st_size},
+            "candidates": [c.row() for c in candidates],
+            "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup},
+            "seconds": None,
+        }
+        if chosen is None:
+            record["seconds"] = round(time.perf_counter() - started, 2)
+            measured = [c for c in candidates if c.speedup]
+            best = max(measured, key=lambda c: c.score)
+            accurate = [c for c in measured if c.accuracy_drop <= config.max_accuracy_drop]
+            error_cls = LatencyError if accurate else AccuracyError
+            error = error_cls(f"no INT8 candidate is both faster than FP32 and within the accuracy "
+                              f"budget (drop <= {config.max_accuracy_drop}); best was {best.recipe.name}: "
+                              f"{best.verdict}. Keep the FP32 model or relax the budget")
+            error.record = record
+            raise error
+        chosen.verdict = "chosen"
+        out_path = Path(out_path)
+        with atomic_path(out_path) as tmp_out:
+            shutil.copyfile(chosen.path, tmp_out)
+        record["candidates"] = [c.row() for c in candidates]
+        record |= {"chosen": chosen.row(), "size_bytes": out_path.stat().st_size,
+                   "seconds": round(time.perf_counter() - started, 2)}
+    return StageResult("quantize", {"onnx": out_path}, record)

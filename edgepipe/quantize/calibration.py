@@ -1,0 +1,30 @@
+"""Calibration data for static quantization: numpy batches behind ORT's CalibrationDataReader."""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """Feeds `samples` rows of `data` (name -> array) in batches; rewindable for repeated use."""
+
+    def __init__(self, data: Mapping[str, np.ndarray], samples: int = 256, batch_size: int = 32):
+        self.data = {name: np.ascontiguousarray(a[:samples]) for name, a in data.items()}
+        self.count = min(len(a) for a in self.data.values())
+        self.batch_size = batch_size
+        self._iter: Iterator[dict] | None = None
+
+    def _batches(self) -> Iterator[dict]:
+        for i in range(0, self.count, self.batch_size):
+            yield {name: a[i:i + self.batch_size] for name, a in self.data.items()}
+
+    def get_next(self) -> dict | None:
+        if self._iter is None:
+            self._iter = self._batches()
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = None

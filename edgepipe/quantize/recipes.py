@@ -1,0 +1,102 @@
+"""Quantization recipes, and the rules (as data) that pick candidates for a graph and a CPU."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterable
+
+from edgepipe.runtime.hardware import CpuInfo
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantize a model with onnxruntime.quantization."""
+
+    method: str  # "dynamic" | "static"
+    format: str = "QDQ"  # static only: "QDQ" | "QOperator"
+    activation_type: str = "U8"  # static only: "U8" | "S8"
+    weight_type: str = "S8"
+    per_channel: bool = False
+    calibration: str = "minmax"  # static only: "minmax" | "entropy" | "percentile"
+    reduce_range: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types_to_exclude: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        if self.method == "dynamic":
+            parts = ["dynamic", f"W{self.weight_type}"]
+        else:
+            parts = [f"static-{self.format}", f"A{self.activation_type}W{self.weight_type}",
+                     self.calibration]
+        parts.append("per-channel" if self.per_channel else "per-tensor")
+        if self.reduce_range:
+            parts.append("reduce-range")
+        if self.nodes_to_exclude:
+            parts.append(f"excl{len(self.nodes_to_exclude)}")
+        return "/".join(parts)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["name"] = self.name
+        data["nodes_to_exclude"] = list(self.nodes_to_exclude)
+        data["op_types_to_exclude"] = list(self.op_types_to_exclude)
+        data["reasons"] = list(self.reasons)
+        return data
+
+    def excluding(self, nodes: Iterable[str]) -> "Recipe":
+        merged = tuple(dict.fromkeys([*self.nodes_to_exclude, *nodes]))
+        return replace(self, nodes_to_exclude=merged)
+
+
+# Ops each method turns into integer kernels in onnxruntime 1.31 (from its quantization registry).
+DYNAMIC_OPS = frozenset({"MatMul", "Conv", "LSTM", "Attention", "Gather", "EmbedLayerNormalization"})
+STATIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LayerNormalization"})
+
+# Graph op -> methods allowed for it, each with its reason (measured on this project's machine,
+# see shared PITFALLS). A recipe is a candidate when it covers at least one compute op and is
+# not vetoed by any op in the graph.
+VETOES = {
+    # ConvInteger (dynamic Conv) ran 6-9x slower than FP32: CNNs need static QDQ.
+    ("Conv", "dynamic"): "dynamic Conv (ConvInteger) is many times slower than FP32 on CPU",
+    # QDQ leaves LSTM in float; only dynamic quantization has an integer LSTM kernel.
+    ("LSTM", "static"): "static QDQ does not quantize LSTM (dynamic has DynamicQuantizeLSTM)",
+}
+COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "Attention"})
+
+
+def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:
+    """(activation, weight, reduce_range, reason) for this CPU's integer kernels."""
+    if cpu.is_x86 and cpu.has_vnni:
+        return "U8", "S8", False, "x86 with VNNI: U8 activations x S8 weights is the fast path"
+    if cpu.is_x86:
+        return "U8", "S8", True, ("x86 without VNNI: U8S8 kernels can saturate (onnxruntime #5849); "
+                                  "reduce_range=True (7-bit weights)")
+    return "S8", "S8", False, "ARM: S8S8 is onnxruntime's recommended QDQ format"
+
+
+def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
+                      allow_dynamic: bool = True, allow_static: bool = True,
+                      ) -> tuple[list[Recipe], list[dict]]:
+    """The recipes worth measuring for a graph with `graph_ops` on `cpu`, and those skipped (why)."""
+    act, weight, reduce_range, cpu_reason = activation_weight_types(cpu)
+    proposals = []
+    if allow_dynamic:
+        proposals += [Recipe("dynamic", weight_type="S8", per_channel=pc, reduce_range=reduce_range,
+                             reasons=(cpu_reason,)) for pc in (False, True)]
+    if allow_static:
+        proposals += [Recipe("static", "QDQ", act, weight, per_channel=pc, calibration=calibration,
+                             reduce_range=reduce_range, reasons=(cpu_reason,)) for pc in (True, False)]
+    kept, skipped = [], []
+    for recipe in proposals:
+        supported = DYNAMIC_OPS if recipe.method == "dynamic" else STATIC_OPS
+        vetoes = [VETOES[(op, recipe.method)] for op in sorted(graph_ops) if (op, recipe.method) in VETOES]
+        if vetoes:
+            skipped.append({"recipe": recipe.name, "why": "; ".join(vetoes)})
+        elif not (graph_ops & supported & COMPUTE_OPS):
+            skipped.append({"recipe": recipe.name,
+                            "why": f"no op it quantizes among {', '.join(sorted(graph_ops & COMPUTE_OPS)) or 'none'}"})
+        else:
+            kept.append(recipe)
+    return kept, skipped
