@@ -1,0 +1,171 @@
+"""Pipeline config: typed sections loaded from TOML, validated on construction."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgepipe.errors import ConfigError
+
+STAGES = ("train", "export", "quantize", "profile")
+
+
+@dataclass
+class ProfileConfig:
+    batch_sizes: tuple[int, ...] = (1, 32)
+    providers: str = "auto"
+    threads: int | None = None
+    rounds: int = 20  # interleaved rounds (x 10 calls) per batch size
+
+    def __post_init__(self):
+        self.batch_sizes = tuple(self.batch_sizes)
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError("profile batch_sizes must be positive integers")
+
+
+@dataclass
+class Budgets:
+    """Gate thresholds. None disables a gate. Parity tolerances live in [export]."""
+
+    max_accuracy_drop: float | None = 0.01  # INT8 vs FP32, absolute (0.01 = 1 point)
+    min_accuracy: float | None = None  # FP32 held-out accuracy after training
+    min_int8_speedup: float | None = 1.0  # INT8 vs FP32 p50, at each [quantize] batch size
+    max_model_size_mb: float | None = None  # of the final (deployed) model
+
+
+@dataclass
+class ModelConfig:
+    name: str  # zoo model name (mlp, cnn, lstm, transformer) or a label for `source`
+    dataset: str | None = None  # bundled dataset name or .npz path
+    source: str | None = None  # checkpoint or file.py:factory; skips training
+    inputs: list[str] = field(default_factory=list)  # for sources without declared inputs
+    sections: dict[str, Any] = field(default_factory=dict)  # merged per-stage settings
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: Path
+    stages: tuple[str, ...]
+    models: list[ModelConfig]
+    seed: int = 0
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def digest(self, *parts: Any) -> str:
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from a TOML table, rejecting unknown keys by name."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [{where}]; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except ConfigError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+
+
+def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
+    """Typed configs for every stage of `model` (global sections with the model's overrides)."""
+    from edgepipe.exporters import ExportConfig
+    from edgepipe.models.training import TrainConfig
+    from edgepipe.quantize import QuantizeConfig
+
+    classes = {"train": TrainConfig, "export": ExportConfig, "quantize": QuantizeConfig,
+               "profile": ProfileConfig, "budgets": Budgets}
+    out = {}
+    for section, cls in classes.items():
+        data = dict(model.sections.get(section, {}))
+        if section == "train":
+            data.setdefault("seed", seed)
+        if section == "quantize" and "max_accuracy_drop" not in data:
+            # The quantize stage searches inside the same accuracy budget the gate checks.
+            drop = model.sections.get("budgets", {}).get("max_accuracy_drop", Budgets.max_accuracy_drop)
+            if drop is not None:
+                data["max_accuracy_drop"] = drop
+        out[section] = build_section(cls, data, f"{model.name}.{section}")
+    return out
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfig:
+    known = {"out_dir", "seed", "stages", "models", "train", "export", "quantize", "profile", "budgets"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    stages = tuple(data.get("stages", STAGES))
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    models_data = data.get("models")
+    if not models_data:
+        raise ConfigError("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
+    shared = {k: data.get(k, {}) for k in ("train", "export", "quantize", "profile", "budgets")}
+    models = []
+    for i, entry in enumerate(models_data):
+        entry = dict(entry)
+        if "name" not in entry:
+            raise ConfigError(f"[[models]] entry {i + 1} has no name")
+        sections = {k: _merge(shared[k], entry.pop(k, {})) for k in shared}
+        allowed = {"name", "dataset", "source", "inputs"}
+        extra = sorted(set(entry) - allowed)
+        if extra:
+            raise ConfigError(f"unknown key(s) {', '.join(extra)} in [[models]] '{entry['name']}'")
+        for key in ("dataset", "source"):
+            value = entry.get(key)
+            if value and (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
+                path = Path(value.split(":")[0])
+                if not path.is_absolute():
+                    entry[key] = str(base_dir / value)
+        model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
+                            inputs=list(entry.get("inputs", [])), sections=sections)
+        if model.source is None and "train" in stages:
+            from edgepipe.models.zoo import DEFAULT_DATASET, ZOO
+
+            if model.name not in ZOO:
+                raise ConfigError(f"model '{model.name}' is not in the zoo ({', '.join(ZOO)}); "
+                                  "give it a `source` (checkpoint or file.py:factory)")
+            model.dataset = model.dataset or DEFAULT_DATASET[model.name]
+        stage_configs(model, int(data.get("seed", 0)))  # validate every section now, not mid-run
+        models.append(model)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique, got {names}")
+    out_dir = Path(data.get("out_dir", "runs/edgepipe"))
+    return PipelineConfig(out_dir=out_dir if out_dir.is_absolute() else base_dir / out_dir,
+                          stages=stages, models=models, seed=int(data.get("seed", 0)), raw=data)
+
+
+def load(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline config not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return from_dict(data, base_dir=path.parent)
+
+
+def demo_config(out_dir: str | Path = "runs/demo") -> PipelineConfig:
+    """The built-in config `edgepipe demo` runs: the whole zoo on embedded data."""
+    data = tomllib.loads(resources.files("edgepipe.pipeline").joinpath("demo.toml").read_text())
+    data["out_dir"] = str(out_dir)
+    return from_dict(data, base_dir=Path.cwd())

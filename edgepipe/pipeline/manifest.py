@@ -1,0 +1,84 @@
+"""The run manifest: hashes, versions, config and every measurement, rewritten atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgepipe import __version__
+from edgepipe.artifacts import sha256, write_json
+from edgepipe.runtime.hardware import fingerprint
+
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scikit-learn")
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"edgepipe": __version__, "python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def file_entry(path: Path, root: Path) -> dict:
+    rel = path.relative_to(root) if path.is_relative_to(root) else path
+    return {"path": str(rel), "sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+class Manifest:
+    """`manifest.json` of a run directory: one entry per (model, stage)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume: bool = False):
+        self.run_dir = run_dir
+        self.path = run_dir / "manifest.json"
+        previous = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        self.data: dict[str, Any] = {
+            "edgepipe": __version__,
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": tool_versions(),
+            "hardware": fingerprint(),
+            "config": config,
+            "models": previous.get("models", {}),
+            "status": "running",
+        }
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def stage(self, model: str, stage: str) -> dict | None:
+        return self.data["models"].get(model, {}).get("stages", {}).get(stage)
+
+    def record_stage(self, model: str, stage: str, entry: dict) -> None:
+        self.data["models"].setdefault(model, {"stages": {}, "gates": []})["stages"][stage] = entry
+        self.save()
+
+    def record_gates(self, model: str, gates: list[dict]) -> None:
+        self.data["models"].setdefault(model, {"stages": {}, "gates": []})["gates"] = gates
+        self.save()
+
+    def reusable(self, model: str, stage: str, config_digest: str, inputs: list[Path]) -> dict | None:
+        """The previous entry if this stage already ran with the same config and inputs and its
+        outputs are intact (hash-checked); else None."""
+        entry = self.stage(model, stage)
+        if not entry or entry.get("status") != "ok" or entry.get("config_digest") != config_digest:
+            return None
+        current = [file_entry(p, self.run_dir)["sha256"] for p in inputs if p.exists()]
+        if current != [i["sha256"] for i in entry.get("inputs", [])]:
+            return None
+        for out in entry.get("outputs", []):
+            path = self.run_dir / out["path"]
+            if not path.exists() or sha256(path) != out["sha256"]:
+                return None
+        return entry
+
+    def finish(self, status: str) -> None:
+        self.data["status"] = status
+        self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.save()

@@ -1,0 +1,187 @@
+"""Run a pipeline config: each model through its stages, gated, into a run directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgepipe.artifacts import StageResult, write_json
+from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
+from edgepipe.pipeline import gates as gates_mod
+from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
+from edgepipe.pipeline.manifest import Manifest, file_entry
+from edgepipe.pipeline.report import build_rows, render_markdown, render_table
+
+ARTIFACTS = {"train": "checkpoint.pt", "export": "model.onnx", "quantize": "model.int8.onnx",
+             "profile": "profile.json"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    manifest: dict
+    rows: list[dict]
+    failed_gates: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_gates
+
+    def table(self) -> str:
+        return render_table(self.rows)
+
+    def raise_for_gates(self) -> None:
+        if self.failed_gates:
+            raise GateFailed("gate(s) failed: " + "; ".join(
+                f"{g['model']}/{g['stage']}: {g['message']}" for g in self.failed_gates))
+
+
+class _ModelRun:
+    """State of one model's pass through the stages."""
+
+    def __init__(self, model: ModelConfig, config: PipelineConfig, manifest: Manifest,
+                 log: Callable[[str], None], resume: bool):
+        self.model, self.config, self.manifest, self.log, self.resume = model, config, manifest, log, resume
+        self.dir = config.out_dir / model.name
+        self.settings = stage_configs(model, config.seed)
+        self.records: dict[str, dict] = {}
+        self.gate_results: list[gates_mod.GateResult] = []
+        self._dataset = None
+
+    def path(self, stage: str) -> Path:
+        return self.dir / ARTIFACTS[stage]
+
+    @property
+    def dataset(self):
+        if self._dataset is None and self.model.dataset:
+            from edgepipe.models.data import load_dataset
+
+            self._dataset = load_dataset(self.model.dataset, seed=self.config.seed)
+        return self._dataset
+
+    def held_out(self) -> dict | None:
+        data = self.dataset
+        return {data.input_name: data.x_test} if data is not None else None
+
+    # --- stages: each calls one stage function with artifacts in, StageResult out ----------
+    def train(self) -> StageResult:
+        from edgepipe.models.training import train
+
+        return train(self.model.name, self.dataset, self.path("train"), self.settings["train"],
+                     progress=False)
+
+    def export(self) -> StageResult:
+        from edgepipe.exporters import export
+
+        source = self.model.source or self.path("train")
+        return export(source, self.path("export"), self.settings["export"],
+                      inputs=self.model.inputs or None, data=self.held_out(), seed=self.config.seed)
+
+    def quantize(self) -> StageResult:
+        from edgepipe.quantize import EvalData, quantize
+
+        data = self.dataset
+        eval_data = calibration = None
+        if data is not None:
+            eval_data = EvalData({data.input_name: data.x_test}, data.y_test)
+            calibration = EvalData({data.input_name: data.x_train})
+        return quantize(self.path("export"), self.path("quantize"), self.settings["quantize"],
+                        eval_data=eval_data, calibration=calibration, progress=self.log)
+
+    def profile(self) -> StageResult:
+        from edgepipe.runtime.profiling import compare_models
+
+        settings = self.settings["profile"]
+        models = {"fp32": self.path("export")}
+        if self.path("quantize").exists() and "quantize" in self.records:
+            models["int8"] = self.path("quantize")
+        record = compare_models(models, settings.batch_sizes, providers=settings.providers,
+                                threads=settings.threads, data=self.held_out(), rounds=settings.rounds,
+                                seed=self.config.seed)
+        write_json(self.path("profile"), record)
+        return StageResult("profile", {"profile": self.path("profile")}, record)
+
+    def inputs_of(self, stage: str) -> list[Path]:
+        previous = {"export": ["train"], "quantize": ["export"], "profile": ["export", "quantize"]}
+        paths = [self.path(s) for s in previous.get(stage, []) if self.path(s).exists()]
+        if stage == "export" and self.model.source:
+            src = Path(self.model.source.split(".py:")[0] + ".py" if ".py:" in self.model.source else self.model.source)
+            paths = [src]
+        return paths
+
+    def run(self) -> None:
+        completed: list[str] = []
+        for stage in self.config.stages:
+            if stage == "train" and self.model.source:
+                self.log(f"[{self.model.name}] train: skipped (source {self.model.source})")
+                continue
+            if stage == "quantize" and "export" not in self.records:
+                continue
+            digest = self.config.digest(self.model.name, stage, vars(self.settings.get(stage, {})),
+                                        self.model.dataset, self.model.source)
+            inputs = self.inputs_of(stage)
+            if self.resume and (entry := self.manifest.reusable(self.model.name, stage, digest, inputs)):
+                self.records[stage] = entry["record"]
+                self.log(f"[{self.model.name}] {stage}: reused from previous run (inputs and config unchanged)")
+                completed.append(stage)
+                continue
+            self.log(f"[{self.model.name}] {stage} …")
+            started = time.perf_counter()
+            entry: dict[str, Any] = {"config_digest": digest,
+                                     "inputs": [file_entry(p, self.config.out_dir) for p in inputs]}
+            try:
+                result = getattr(self, stage)()
+            except GateFailed as exc:
+                entry |= {"status": "gate_failed", "error": str(exc), "record": getattr(exc, "record", {}),
+                          "seconds": round(time.perf_counter() - started, 2)}
+                self.manifest.record_stage(self.model.name, stage, entry)
+                self.records[stage] = entry["record"]
+                self.gate_results.append(gates_mod.GateResult(
+                    type(exc).__name__, stage, None, 0.0, False, str(exc)))
+                self.log(f"[{self.model.name}] {stage}: GATE FAILED: {exc}")
+                return
+            except EdgepipeError as exc:
+                self.manifest.record_stage(self.model.name, stage, entry | {"status": "error", "error": str(exc)})
+                raise StageFailed(stage, self.model.name, completed, exc) from exc
+            entry |= {"status": "ok", "seconds": round(time.perf_counter() - started, 2),
+                      "outputs": [file_entry(p, self.config.out_dir) for p in result.artifacts.values()],
+                      "record": result.record}
+            self.manifest.record_stage(self.model.name, stage, entry)
+            self.records[stage] = result.record
+            completed.append(stage)
+            failed = [g for g in self.check_gates() if not g.ok and g.stage == stage]
+            if failed:
+                self.log(f"[{self.model.name}] {stage}: GATE FAILED: {failed[0].message}")
+                return
+
+    def check_gates(self) -> list[gates_mod.GateResult]:
+        deploy = self.settings["quantize"].batch_sizes
+        found = gates_mod.check(self.records, self.settings["budgets"], deploy, self.config.stages)
+        known = {(g.gate, g.stage) for g in self.gate_results}
+        self.gate_results += [g for g in found if (g.gate, g.stage) not in known]
+        self.manifest.record_gates(self.model.name, [g.to_dict() for g in self.gate_results])
+        return self.gate_results
+
+
+def run_pipeline(config: PipelineConfig, *, resume: bool = False,
+                 log: Callable[[str], None] = lambda message: None) -> RunResult:
+    """Run every model of `config`; gate failures are collected (RunResult.failed_gates), input
+    errors raise StageFailed naming the stage and what already ran."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(config.out_dir, config.raw, resume=resume)
+    runs = []
+    try:
+        for model in config.models:
+            run = _ModelRun(model, config, manifest, log, resume)
+            run.run()
+            runs.append(run)
+    except EdgepipeError:
+        manifest.finish("error")
+        raise
+    failed = [g.to_dict() | {"model": run.model.name} for run in runs for g in run.gate_results if not g.ok]
+    manifest.finish("failed" if failed else "passed")
+    rows = build_rows(manifest.data)
+    (config.out_dir / "report.md").write_text(render_markdown(rows, manifest.data))
+    return RunResult(config.out_dir, manifest.data, rows, failed)
