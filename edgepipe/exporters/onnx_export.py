@@ -166,6 +166,41 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
     return model
 
 
+class _Rejected(Exception):
+    """An export attempt failed or missed parity; the next exporter is tried."""
+
+
+def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config: ExportConfig,
+             data: Mapping[str, np.ndarray] | None, seed: int, attempts: list[dict]) -> dict:
+    """Export with one exporter into `tmp` and judge it; appends to `attempts`, raises _Rejected."""
+    started = time.perf_counter()
+    try:
+        with _quiet_exporters():
+            (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
+        graph = finalize_graph(tmp, src, exporter)
+    except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        attempts.append({"exporter": exporter, "ok": False, "error": f"{type(exc).__name__}: {message[:300]}",
+                         "seconds": round(time.perf_counter() - started, 2)})
+        raise _Rejected from exc
+    seconds = round(time.perf_counter() - started, 2)
+    report = check_parity(src, tmp, config, data, seed)
+    attempts.append({"exporter": exporter, "ok": bool(report), "parity": report.summary(), "seconds": seconds})
+    if not report:
+        raise _Rejected
+    return {
+        "exporter": exporter,
+        "attempts": attempts,
+        "parity": report.to_dict(),
+        "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        "ir_version": graph.ir_version,
+        "size_bytes": tmp.stat().st_size,
+        "inputs": [s.to_dict() for s in src.inputs],
+        "outputs": src.output_names,
+        "source": src.origin,
+    }
+
+
 @contextmanager
 def _quiet_exporters():
     """The exporters print progress, warnings and log lines (e.g. 'torchvision is not installed');
@@ -190,39 +225,15 @@ def export(source: str | Path | ModelSource, out_path: str | Path, config: Expor
     src = source if isinstance(source, ModelSource) else load_source(source, inputs)
     example_feeds = case_feeds(src.inputs, {"batch": config.example_batch}, data, seed)
     example = tuple(torch.from_numpy(example_feeds[s.name]) for s in src.inputs)
-    attempts = []
+    attempts: list[dict] = []
     out_path = Path(out_path)
     for exporter in config.exporters:
-        started = time.perf_counter()
-        attempt = {"exporter": exporter}
-        with atomic_path(out_path) as tmp:
-            try:
-                with _quiet_exporters():
-                    (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
-                graph = finalize_graph(tmp, src, exporter)
-            except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                attempts.append(attempt | {"ok": False, "error": f"{type(exc).__name__}: {message[:300]}",
-                                           "seconds": round(time.perf_counter() - started, 2)})
-                continue
-            attempt["seconds"] = round(time.perf_counter() - started, 2)
-            report = check_parity(src, tmp, config, data, seed)
-            attempts.append(attempt | {"ok": bool(report), "parity": report.summary()})
-            if not report:
-                continue
-            record = {
-                "exporter": exporter,
-                "attempts": attempts,
-                "parity": report.to_dict(),
-                "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-                "ir_version": graph.ir_version,
-                "size_bytes": tmp.stat().st_size,
-                "inputs": [s.to_dict() for s in src.inputs],
-                "outputs": src.output_names,
-                "source": src.origin,
-            }
-        if attempts[-1]["ok"]:
-            return StageResult("export", {"onnx": out_path}, record)
+        try:
+            with atomic_path(out_path) as tmp:  # committed only if the attempt is not rejected
+                record = _attempt(src, exporter, example, tmp, config, data, seed, attempts)
+        except _Rejected:
+            continue
+        return StageResult("export", {"onnx": out_path}, record)
     parity_failures = [a for a in attempts if "parity" in a]
     detail = "; ".join(f"{a['exporter']}: {a.get('parity') or a.get('error')}" for a in attempts)
     if parity_failures:

@@ -6,11 +6,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from edgepipe.errors import ConfigError
 

@@ -105,11 +105,10 @@ class _ModelRun:
 
     def inputs_of(self, stage: str) -> list[Path]:
         previous = {"export": ["train"], "quantize": ["export"], "profile": ["export", "quantize"]}
-        paths = [self.path(s) for s in previous.get(stage, []) if self.path(s).exists()]
+        paths = [self.path(s) for s in previous.get(stage, [])]
         if stage == "export" and self.model.source:
-            src = Path(self.model.source.split(".py:")[0] + ".py" if ".py:" in self.model.source else self.model.source)
-            paths = [src]
-        return paths
+            paths = [Path(self.model.source.split(":")[0])]  # checkpoint, or the factory's file
+        return [p for p in paths if p.exists()]  # a missing one is the stage's error to report
 
     def run(self) -> None:
         completed: list[str] = []

@@ -9,7 +9,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import onnx
@@ -131,8 +130,13 @@ def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
 
 def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | None,
           samples: int) -> None:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     types = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
     graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -231,14 +235,17 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     with tempfile.TemporaryDirectory(prefix="edgepipe-quant-") as tmp:
         work = Path(tmp)
         model_in, pre_attempts = preprocess(onnx_path, work)
-        stripped = strip_value_info(onnx_path, work / "raw_stripped.onnx")
+        # Fallbacks per candidate: the pre-processed model (weights constant-folded), the same
+        # without exporter/shape-inference value_info, then the raw model without it.
+        sources = list(dict.fromkeys([model_in, strip_value_info(model_in, work / "pre_stripped.onnx"),
+                                      strip_value_info(onnx_path, work / "raw_stripped.onnx")]))
         candidates = [Candidate(r) for r in recipes]
         engines = {}
         for i, cand in enumerate(candidates):
             say(f"building {cand.recipe.name}")
             cand.path = work / f"cand{i}.onnx"
             try:
-                cand.built_from = build_with_fallback(cand.recipe, [model_in, stripped], cand.path,
+                cand.built_from = build_with_fallback(cand.recipe, sources, cand.path,
                                                       calibration, config.calibration_samples)
                 cand.integer_nodes = count_integer_nodes(cand.path)
                 if cand.integer_nodes == 0:

@@ -98,7 +98,7 @@ class Engine:
         options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
         if threads:
             options.intra_op_num_threads = int(threads)
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as InputError, once
         source = model if isinstance(model, bytes) else str(self.path)
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=wanted)

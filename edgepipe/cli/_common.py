@@ -1,0 +1,81 @@
+"""Shared CLI plumbing: one place that turns EdgepipeError into a one-line message + exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import typer
+
+from edgepipe.errors import EdgepipeError, InputError
+
+
+class _State:
+    debug = False
+
+
+state = _State()
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Print EdgepipeError as `error: ...` (no traceback unless --debug) and exit with its code
+    (2 for bad input, 1 for a failed gate)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgepipeError as exc:
+            if state.debug:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, e.g. 1,32; got '{text}'") from None
+    if not values or min(values) < 1:
+        raise InputError(f"{what} must be positive integers, got '{text}'")
+    return values
+
+
+def load_npz(path: Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs (by input name, or `x` for a single-input model) and optional labels `y`."""
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as .npz: {exc}") from None
+    if all(name in data.files for name in input_names):
+        inputs = {name: data[name] for name in input_names}
+    elif len(input_names) == 1 and "x" in data.files:
+        inputs = {input_names[0]: data["x"]}
+    else:
+        raise InputError(f"{path} has arrays {', '.join(data.files)}; expected the model's inputs "
+                         f"({', '.join(input_names)}) or 'x' for a single-input model")
+    labels = data["y"] if "y" in data.files else None
+    return inputs, labels
+
+
+def write_json_out(path: Path | None, record: dict) -> None:
+    if path is not None:
+        from edgepipe.artifacts import write_json
+
+        write_json(path, record)
+        typer.echo(f"wrote {path}")
+
+
+def echo_json(record: dict) -> None:
+    typer.echo(json.dumps(record, indent=2, default=str))

@@ -1,0 +1,79 @@
+"""`edgepipe quantize`: FP32 ONNX -> the fastest INT8 model inside the accuracy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgepipe.cli import app
+from edgepipe.cli._common import handle_errors, load_npz, parse_ints, write_json_out
+
+
+def candidate_table(record: dict) -> str:
+    batches = list(record["fp32"]["p50_ms"])
+    head = f"{'recipe':46} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches) + f" {'size':>8}  verdict"
+    lines = [head, "-" * len(head)]
+    for c in record["candidates"]:
+        metric = c["accuracy"] if c["accuracy"] is not None else c["agreement"]
+        metric_s = f"{metric:.4f}" if metric is not None else "-"
+        speed = " ".join(f"{c['speedup'].get(b, 0):>7.2f}x" if c["speedup"] else f"{'-':>8}" for b in batches)
+        size = f"{c['size_bytes'] / 1e6:.2f}MB" if c["size_bytes"] else "-"
+        verdict = c["verdict"] + (f": {c['error']}" if c["error"] else "")
+        lines.append(f"{c['recipe']:46} {metric_s:>9} {speed} {size:>8}  {verdict}")
+    for s in record["skipped_recipes"]:
+        lines.append(f"{s['recipe']:46} skipped: {s['why']}")
+    return "\n".join(lines)
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
+    mode: Annotated[str, typer.Option(help="auto (every recipe that fits the graph and CPU), dynamic or static.")] = "auto",
+    data: Annotated[Optional[Path], typer.Option(help="Held-out .npz (inputs by name or x; labels y) to judge accuracy. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration .npz for static recipes (default: --data).")] = None,
+    calibration_method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    batch: Annotated[str, typer.Option(help="Batch sizes the model must be faster at, comma-separated.")] = "1,32",
+    max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point.")] = 0.01,
+    exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
+    exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
+) -> None:
+    """Quantize to INT8 with onnxruntime, measured on this CPU: every candidate recipe that fits
+    the graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
+    accuracy; the fastest within budget is written. If none is clearly faster than FP32 and
+    accurate enough, nothing is written and the exit code is 1."""
+    from edgepipe.quantize import EvalData, QuantizeConfig
+    from edgepipe.quantize import quantize as quantize_stage
+    from edgepipe.runtime import Engine
+
+    names = [s.name for s in Engine(model, providers="cpu").inputs]
+    eval_data = calib = None
+    if data is not None:
+        eval_data = EvalData(*load_npz(data, names))
+    if calibration is not None:
+        calib = EvalData(load_npz(calibration, names)[0])
+    config = QuantizeConfig(mode=mode, calibration=calibration_method, batch_sizes=parse_ints(batch, "--batch"),
+                            max_accuracy_drop=max_accuracy_drop,
+                            nodes_to_exclude=tuple(exclude_node or ()),
+                            op_types_to_exclude=tuple(exclude_op_type or ()))
+    if eval_data is None:
+        typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
+    try:
+        result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
+                                progress=lambda m: typer.echo(f"  {m}", err=True))
+    except Exception as exc:
+        record = getattr(exc, "record", None)
+        if record:
+            typer.echo(candidate_table(record))
+            write_json_out(json_out, record)
+        raise
+    rec = result.record
+    typer.echo(candidate_table(rec))
+    chosen = rec["chosen"]
+    typer.echo(f"chosen: {chosen['recipe']} ({rec['recipe_reason']}); "
+               f"{rec['fp32']['size_bytes'] / 1e6:.2f} MB -> {rec['size_bytes'] / 1e6:.2f} MB -> {output}")
+    write_json_out(json_out, rec)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the zoo trained briefly and exported once per test session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ZOO_EPOCHS = {"mlp": 6, "cnn": 6, "lstm": 5, "transformer": 4}
+
+
+@dataclass
+class ZooModel:
+    name: str
+    dataset: object
+    checkpoint: Path
+    onnx: Path
+    train_record: dict
+    export_record: dict
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, ZooModel]:
+    """Every zoo model trained for a few epochs and exported (default exporter chain)."""
+    from edgepipe.exporters import export
+    from edgepipe.models import TrainConfig, load_dataset, train
+    from edgepipe.models.zoo import DEFAULT_DATASET
+
+    root = tmp_path_factory.mktemp("zoo")
+    models = {}
+    for name, epochs in ZOO_EPOCHS.items():
+        data = load_dataset(DEFAULT_DATASET[name])
+        trained = train(name, data, root / name / "checkpoint.pt", TrainConfig(epochs=epochs, lr=2e-3))
+        exported = export(trained.artifacts["checkpoint"], root / name / "model.onnx",
+                          data={data.input_name: data.x_test})
+        models[name] = ZooModel(name, data, trained.artifacts["checkpoint"], exported.artifacts["onnx"],
+                                trained.record, exported.record)
+    return models
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process: cli("export", "x.pt", "-o", "y.onnx") -> click Result."""
+    from typer.testing import CliRunner
+
+    from edgepipe.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke

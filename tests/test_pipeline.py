@@ -1,0 +1,108 @@
+"""Pipeline: config validation, gates that fail, manifest, resume, the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from edgepipe.artifacts import sha256
+from edgepipe.errors import ConfigError
+from edgepipe.pipeline import config as config_mod
+from edgepipe.pipeline import run_pipeline
+
+FAST_MLP = textwrap.dedent("""
+    out_dir = "run"
+    stages = ["train", "export"]
+    [train]
+    epochs = 2
+    [export]
+    exporters = ["torchscript"]
+    [[models]]
+    name = "mlp"
+    dataset = "digits"
+    budgets = {{ min_accuracy = {min_accuracy} }}
+""")
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('stages = ["train", "deploy"]\n[[models]]\nname = "mlp"', "unknown stage(s) deploy"),
+    ('[[models]]\nname = "resnet"', "'resnet' is not in the zoo"),
+    ('[train]\nepoch = 3\n[[models]]\nname = "mlp"', "unknown key(s) epoch in [mlp.train]"),
+    ('[quantize]\nmode = "fast"\n[[models]]\nname = "mlp"', "quantize mode 'fast' unknown"),
+    ('out_dir = "x"', "lists no [[models]]"),
+    ('[[models]]\nname = "mlp"\n[[models]]\nname = "mlp"', "unique"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_config_errors_are_specific(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(write_config(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_violated_gate_exits_1_naming_measured_value_and_budget(tmp_path, cli):
+    path = write_config(tmp_path, FAST_MLP.format(min_accuracy=0.999))
+    result = cli("run", path)
+    assert result.exit_code == 1, result.output
+    assert "min_accuracy" in result.output and "violates" in result.output and "0.999" in result.output
+    assert "FAIL min_accuracy" in result.output  # in the table too
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert not (tmp_path / "run" / "mlp" / "model.onnx").exists()  # later stages did not run
+
+
+def test_manifest_records_hashes_versions_and_resume_reuses(tmp_path):
+    cfg = config_mod.load(write_config(tmp_path, FAST_MLP.format(min_accuracy=0.5)))
+    first = run_pipeline(cfg)
+    assert first.ok
+    manifest = first.manifest
+    assert manifest["versions"]["onnxruntime"] and manifest["versions"]["torch"]
+    assert manifest["hardware"]["cpu"]["features"] is not None
+    assert manifest["config"]["models"][0]["name"] == "mlp"
+    stages = manifest["models"]["mlp"]["stages"]
+    for stage in ("train", "export"):
+        for out in stages[stage]["outputs"]:
+            assert sha256(cfg.out_dir / out["path"]) == out["sha256"]
+    assert stages["export"]["inputs"][0]["sha256"] == stages["train"]["outputs"][0]["sha256"]
+    assert stages["export"]["record"]["parity"]["ok"]
+
+    logs = []
+    second = run_pipeline(config_mod.load(write_config(tmp_path, FAST_MLP.format(min_accuracy=0.5))),
+                          resume=True, log=logs.append)
+    assert second.ok and sum("reused" in line for line in logs) == 2
+
+    (cfg.out_dir / "mlp" / "model.onnx").write_bytes(b"tampered")
+    logs.clear()
+    run_pipeline(cfg, resume=True, log=logs.append)
+    assert any("train: reused" in line for line in logs)
+    assert not any("export: reused" in line for line in logs)  # hash mismatch: re-exported
+    assert not list(cfg.out_dir.rglob("*.tmp"))
+
+
+def test_bad_input_in_a_stage_names_the_stage(tmp_path, cli):
+    text = 'out_dir = "run"\nstages = ["export"]\n[[models]]\nname = "mine"\nsource = "missing.py:build"\n'
+    result = cli("run", write_config(tmp_path, text))
+    assert result.exit_code == 2
+    assert "stage 'export' of model 'mine' failed" in result.output and "model file not found" in result.output
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, cli):
+    """The README quickstart: `edgepipe demo` trains, exports, quantizes and profiles the zoo."""
+    out = tmp_path / "demo"
+    result = cli("demo", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "all gates passed" in result.output
+    for name in ("mlp", "cnn", "lstm", "transformer"):
+        assert (out / name / "model.int8.onnx").exists()
+        assert name in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "passed"
+    assert (out / "report.md").read_text().count("| transformer |") == 3
