@@ -29,7 +29,8 @@ def bench_model(run_dir: Path, name: str, manifest: dict, rounds: int) -> dict:
     quant = stages["quantize"]["record"]
     model, meta = load_checkpoint(run_dir / name / "checkpoint.pt")
     data = load_dataset(meta["dataset"]["name"])
-    fp32, int8 = Engine(run_dir / name / "model.onnx"), Engine(run_dir / name / "model.int8.onnx")
+    fp32 = Engine(run_dir / name / "model.onnx", spinning=False)
+    int8 = Engine(run_dir / name / "model.int8.onnx", spinning=False)
     row = {"model": name, "exporter": stages["export"]["record"]["exporter"],
            "recipe": quant["chosen"]["recipe"],
            "accuracy_torch": stages["train"]["record"]["test_accuracy"],

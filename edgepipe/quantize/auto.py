@@ -216,7 +216,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     cpu = cpu or read_cpu()
     say = progress or (lambda message: None)
     started = time.perf_counter()
-    fp32 = Engine(onnx_path, providers="cpu", threads=config.threads)
+    fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
     if eval_data is None:  # no held-out data: judge agreement with FP32 on seeded inputs
         eval_data = EvalData(make_feeds(fp32.inputs, batch=512, seed=1))
     calibration = calibration or eval_data
@@ -250,7 +250,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                 cand.integer_nodes = count_integer_nodes(cand.path)
                 if cand.integer_nodes == 0:
                     raise QuantizationError("quantized no node")
-                engine = Engine(cand.path, providers="cpu", threads=config.threads)
+                engine = Engine(cand.path, providers="cpu", threads=config.threads, spinning=False)
                 _, cand.accuracy, cand.agreement = evaluate(engine, eval_data, ref_out)
             except Exception as exc:
                 cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -150,7 +150,9 @@ def compare_models(
     from edgepipe.runtime.hardware import fingerprint
     from edgepipe.runtime.spec import make_feeds
 
-    engines = {label: Engine(path, providers=providers, threads=threads) for label, path in models.items()}
+    # No spinning: several sessions share the cores while interleaved (see Engine).
+    engines = {label: Engine(path, providers=providers, threads=threads, spinning=False)
+               for label, path in models.items()}
     baseline = next(iter(engines))
     latency: dict[str, list[dict]] = {label: [] for label in engines}
     speedup: dict[str, dict[str, float]] = {label: {} for label in engines if label != baseline}
@@ -174,5 +176,6 @@ def compare_models(
         "latency": latency,
         "speedup": speedup,
         "threads": threads or "ort-default",
+        "intra_op_spinning": False,
         "hardware": fingerprint(),
     }
