@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepipe.artifacts import StageResult, write_json
+from edgepipe.artifacts import StageResult, atomic_path, write_json
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
@@ -182,5 +182,6 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False,
     failed = [g.to_dict() | {"model": run.model.name} for run in runs for g in run.gate_results if not g.ok]
     manifest.finish("failed" if failed else "passed")
     rows = build_rows(manifest.data)
-    (config.out_dir / "report.md").write_text(render_markdown(rows, manifest.data))
+    with atomic_path(config.out_dir / "report.md") as tmp:
+        tmp.write_text(render_markdown(rows, manifest.data))
     return RunResult(config.out_dir, manifest.data, rows, failed)
