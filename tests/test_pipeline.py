@@ -106,3 +106,22 @@ def test_demo_end_to_end(tmp_path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
     assert (out / "report.md").read_text().count("| transformer |") == 3
+
+
+@pytest.mark.slow
+def test_train_prune_export_quantize_reports_each_step_and_the_cumulative_result(tmp_path, cli):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "prune_pipeline.toml"
+    out = tmp_path / "prune-run"
+    result = cli("run", example, "--out", out)
+    assert result.exit_code == 0, result.output
+    for row in ("prune (structured", "export (", "quantize (", "cumulative vs unpruned FP32"):
+        assert row in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in ("cnn", "mlp"):
+        stages = manifest["models"][name]["stages"]
+        assert stages["prune"]["record"]["speedup"]["32"] >= 1.5
+        # export consumed the pruned checkpoint, not the trained one
+        assert stages["export"]["inputs"][0]["sha256"] == stages["prune"]["outputs"][0]["sha256"]
+        assert stages["profile"]["record"]["cumulative_speedup"]["32"] > 1.5

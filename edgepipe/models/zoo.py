@@ -27,6 +27,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def structure(self) -> dict:
+        """Constructor kwargs that rebuild this (possibly pruned) shape."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        return {"hidden": [m.out_features for m in linears[:-1]]}
+
 
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, channels: tuple[int, ...] = (32, 64, 64)):
@@ -44,6 +49,9 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.features(x), 1))
 
+    def structure(self) -> dict:
+        return {"channels": [m.out_channels for m in self.features if isinstance(m, nn.Conv2d)]}
+
 
 class LSTMClassifier(nn.Module):
     def __init__(self, vocab_size: int, num_classes: int, embed: int = 32, hidden: int = 128):
@@ -56,28 +64,31 @@ class LSTMClassifier(nn.Module):
         _, (h, _) = self.lstm(self.embed(ids))
         return self.head(h[-1])
 
+    def structure(self) -> dict:
+        return {"embed": self.embed.embedding_dim, "hidden": self.lstm.hidden_size}
+
 
 class SelfAttention(nn.Module):
     """Plain multi-head self-attention (exports to MatMul/Softmax that every runtime handles)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.head_dim = heads, head_dim or dim // heads
+        self.qkv = nn.Linear(dim, 3 * self.heads * self.head_dim)
+        self.proj = nn.Linear(self.heads * self.head_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d)
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         return self.proj(out)
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, ff: int):
+    def __init__(self, dim: int, heads: int, ff: int, head_dim: int | None = None):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads)
+        self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads, head_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
 
@@ -87,12 +98,16 @@ class EncoderLayer(nn.Module):
 
 
 class TransformerClassifier(nn.Module):
-    def __init__(self, vocab_size: int, num_classes: int, dim: int = 128, heads: int = 4,
-                 layers: int = 2, ff: int = 512, max_len: int = 128):
+    def __init__(self, vocab_size: int, num_classes: int, dim: int = 128, heads: int | list[int] = 4,
+                 layers: int = 2, ff: int | list[int] = 512, max_len: int = 128,
+                 head_dim: int | None = None):
         super().__init__()
+        heads = heads if isinstance(heads, (list, tuple)) else [heads] * layers  # per layer once pruned
+        ff = ff if isinstance(ff, (list, tuple)) else [ff] * layers
+        head_dim = head_dim or dim // heads[0]
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim))  # same scale as the token embedding: order must be visible
-        self.layers = nn.ModuleList(EncoderLayer(dim, heads, ff) for _ in range(layers))
+        self.layers = nn.ModuleList(EncoderLayer(dim, h, f, head_dim) for h, f in zip(heads, ff))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -101,6 +116,12 @@ class TransformerClassifier(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(F.gelu(self.norm(x).mean(dim=1)))
+
+    def structure(self) -> dict:
+        return {"dim": self.embed.embedding_dim, "layers": len(self.layers),
+                "heads": [layer.attn.heads for layer in self.layers],
+                "head_dim": self.layers[0].attn.head_dim,
+                "ff": [layer.ff[0].out_features for layer in self.layers]}
 
 
 @dataclass(frozen=True)

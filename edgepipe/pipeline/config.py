@@ -15,7 +15,7 @@ import tomllib
 
 from edgepipe.errors import ConfigError
 
-STAGES = ("train", "export", "quantize", "profile")
+STAGES = ("train", "prune", "export", "quantize", "profile")
 
 
 @dataclass
@@ -39,6 +39,10 @@ class Budgets:
     min_accuracy: float | None = None  # FP32 held-out accuracy after training
     min_int8_speedup: float | None = 1.0  # INT8 vs FP32 p50, at each [quantize] batch size
     max_model_size_mb: float | None = None  # of the final (deployed) model
+    require_int8: bool = True  # False: if quantize refuses (no faster, accurate INT8), deploy FP32
+    max_total_accuracy_drop: float | None = None  # deployed model vs the trained FP32 model
+    max_prune_accuracy_drop: float | None = 0.015  # pruned+fine-tuned vs unpruned, absolute
+    min_prune_speedup: float | None = None  # ORT p50, pruned vs unpruned, at [prune] batch_sizes
 
 
 @dataclass
@@ -81,14 +85,15 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
     """Typed configs for every stage of `model` (global sections with the model's overrides)."""
     from edgepipe.exporters import ExportConfig
     from edgepipe.models.training import TrainConfig
+    from edgepipe.prune import PruneConfig
     from edgepipe.quantize import QuantizeConfig
 
-    classes = {"train": TrainConfig, "export": ExportConfig, "quantize": QuantizeConfig,
-               "profile": ProfileConfig, "budgets": Budgets}
+    classes = {"train": TrainConfig, "prune": PruneConfig, "export": ExportConfig,
+               "quantize": QuantizeConfig, "profile": ProfileConfig, "budgets": Budgets}
     out = {}
     for section, cls in classes.items():
         data = dict(model.sections.get(section, {}))
-        if section == "train":
+        if section in ("train", "prune"):
             data.setdefault("seed", seed)
         if section == "quantize" and "max_accuracy_drop" not in data:
             # The quantize stage searches inside the same accuracy budget the gate checks.
@@ -107,7 +112,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfig:
-    known = {"out_dir", "seed", "stages", "models", "train", "export", "quantize", "profile", "budgets"}
+    known = {"out_dir", "seed", "stages", "models", "train", "prune", "export", "quantize", "profile",
+             "budgets"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -118,7 +124,7 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfi
     models_data = data.get("models")
     if not models_data:
         raise ConfigError("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
-    shared = {k: data.get(k, {}) for k in ("train", "export", "quantize", "profile", "budgets")}
+    shared = {k: data.get(k, {}) for k in ("train", "prune", "export", "quantize", "profile", "budgets")}
     models = []
     for i, entry in enumerate(models_data):
         entry = dict(entry)

@@ -34,6 +34,20 @@ class Gate:
     description: str
 
 
+def _total_drop(records: dict, _: Any) -> float | None:
+    """Trained FP32 accuracy minus the deployed model's (after pruning and quantization)."""
+    trained = records.get("train", {}).get("test_accuracy")
+    final = records.get("quantize", {}).get("chosen", {}).get("accuracy")
+    if final is None:  # FP32 deployed (quantize refused with require_int8 = false)
+        final = records.get("prune", {}).get("accuracy_after")
+    return None if trained is None or final is None else trained - final
+
+
+def _prune_speedup(records: dict, _: Any) -> float | None:
+    speedup = records.get("prune", {}).get("speedup")
+    return min(speedup.values()) if speedup else None
+
+
 GATES = (
     Gate("min_accuracy", "train", lambda r, _: r.get("train", {}).get("test_accuracy"), operator.ge,
          "FP32 held-out accuracy"),
@@ -43,6 +57,13 @@ GATES = (
     Gate("min_int8_speedup", "profile", _int8_speedup, operator.ge,
          "INT8 vs FP32 p50 speedup at the deployment batch sizes"),
     Gate("max_model_size_mb", "quantize", _final_size_mb, operator.le, "deployed model size (MB)"),
+    Gate("max_total_accuracy_drop", "quantize", _total_drop, operator.le,
+         "deployed accuracy drop vs the trained FP32 model"),
+    Gate("max_prune_accuracy_drop", "prune", lambda r, _: r.get("prune", {}).get("accuracy_drop"),
+         operator.le, "pruned accuracy drop vs unpruned"),
+    # Unstructured pruning records no speedup: a speedup budget on it is a violation, not a pass.
+    Gate("min_prune_speedup", "prune", lambda r, _: _prune_speedup(r, _) or 1.0, operator.ge,
+         "pruned vs unpruned ORT p50 speedup"),
 )
 
 
@@ -65,6 +86,8 @@ def check(records: dict[str, dict], budgets: Budgets, deploy_batches: tuple[int,
     results = []
     for gate in GATES:
         budget = getattr(budgets, gate.budget)
+        if isinstance(budget, bool):
+            continue
         stage = gate.stage
         if gate.budget == "max_model_size_mb" and "quantize" not in stages:
             stage = "export"

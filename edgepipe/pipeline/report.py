@@ -36,6 +36,15 @@ def build_rows(manifest: dict) -> list[dict]:
             rows.append({"model": name, "stage": "train", "parity": "-",
                          "accuracy": f"{rec['train'].get('test_accuracy', 0):.4f}",
                          "p50/p99 ms": "-", "size": "-", "gate": _gates(model, "train")})
+        if "prune" in rec and rec["prune"]:
+            pr = rec["prune"]
+            speed = pr.get("speedup") or {}
+            rows.append({"model": name, "stage": f"prune ({pr['method']}, {pr['params_before']:,}->{pr['params_after']:,} params)",
+                         "parity": "-",
+                         "accuracy": f"{pr['accuracy_after']:.4f} ({-pr['accuracy_drop'] * 100:+.1f} pt)",
+                         "p50/p99 ms": "  ".join(f"b{b}: {v['pruned']:.3f} ({speed[b]:.2f}x)" if b in speed
+                                                 else f"b{b}: {v['pruned']:.3f}" for b, v in pr["p50_ms"].items()),
+                         "size": "-", "gate": _gates(model, "prune")})
         if "export" in rec:
             exp = rec["export"]
             fp32_acc = rec.get("quantize", {}).get("fp32", {}).get("accuracy")
@@ -53,13 +62,19 @@ def build_rows(manifest: dict) -> list[dict]:
                     f"agree {chosen.get('agreement', 0):.4f}"
                 label = f"quantize ({chosen['recipe']})"
             else:
-                accuracy, label = "-", "quantize (refused)"
+                deployed = stages["quantize"].get("status") == "not_deployed"
+                accuracy, label = "-", "quantize (none faster: FP32 kept)" if deployed else "quantize (refused)"
             gate = _gates(model, "quantize")
             profile_gate = _gates(model, "profile")
             rows.append({"model": name, "stage": label, "parity": "-", "accuracy": accuracy,
                          "p50/p99 ms": _latency(profile, "int8"),
                          "size": _mb(q.get("size_bytes")),
                          "gate": " ".join(x for x in (gate, profile_gate) if x != "-") or "-"})
+        cumulative = profile.get("cumulative_speedup")
+        if cumulative:
+            rows.append({"model": name, "stage": "cumulative vs unpruned FP32", "parity": "-", "accuracy": "-",
+                         "p50/p99 ms": "  ".join(f"b{b}: {v:.2f}x" for b, v in cumulative.items()),
+                         "size": "-", "gate": "-"})
     return rows
 
 

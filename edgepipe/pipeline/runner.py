@@ -14,8 +14,8 @@ from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
 from edgepipe.pipeline.manifest import Manifest, file_entry
 from edgepipe.pipeline.report import build_rows, render_markdown, render_table
 
-ARTIFACTS = {"train": "checkpoint.pt", "export": "model.onnx", "quantize": "model.int8.onnx",
-             "profile": "profile.json"}
+ARTIFACTS = {"train": "checkpoint.pt", "prune": "pruned.pt", "export": "model.onnx",
+             "quantize": "model.int8.onnx", "profile": "profile.json", "unpruned": "unpruned.onnx"}
 
 
 @dataclass
@@ -72,10 +72,19 @@ class _ModelRun:
         return train(self.model.name, self.dataset, self.path("train"), self.settings["train"],
                      progress=False)
 
+    def prune(self) -> StageResult:
+        from edgepipe.prune import prune
+
+        return prune(self.model.source or self.path("train"), self.path("prune"), self.settings["prune"], dataset=self.dataset,
+                     log=self.log, keep_onnx=self.path("unpruned"))
+
     def export(self) -> StageResult:
         from edgepipe.exporters import export
 
-        source = self.model.source or self.path("train")
+        if "prune" in self.records:
+            source = self.path("prune")
+        else:
+            source = self.model.source or self.path("train")
         return export(source, self.path("export"), self.settings["export"],
                       inputs=self.model.inputs or None, data=self.held_out(), seed=self.config.seed)
 
@@ -95,18 +104,26 @@ class _ModelRun:
 
         settings = self.settings["profile"]
         models = {"fp32": self.path("export")}
-        if self.path("quantize").exists() and "quantize" in self.records:
+        if self.records.get("quantize", {}).get("chosen"):
             models["int8"] = self.path("quantize")
+        if "prune" in self.records and self.path("unpruned").exists():
+            models["unpruned"] = self.path("unpruned")
         record = compare_models(models, settings.batch_sizes, providers=settings.providers,
                                 threads=settings.threads, data=self.held_out(), rounds=settings.rounds,
                                 seed=self.config.seed)
+        if "unpruned" in models:  # the chain's result: deployed model vs the unpruned FP32 one
+            final = "int8" if "int8" in models else "fp32"
+            record["cumulative_speedup"] = {
+                str(b["batch"]): round(u["p50_ms"] / b["p50_ms"], 3)
+                for u, b in zip(record["latency"]["unpruned"], record["latency"][final])}
         write_json(self.path("profile"), record)
         return StageResult("profile", {"profile": self.path("profile")}, record)
 
     def inputs_of(self, stage: str) -> list[Path]:
-        previous = {"export": ["train"], "quantize": ["export"], "profile": ["export", "quantize"]}
+        previous = {"prune": ["train"], "export": ["prune" if "prune" in self.config.stages else "train"],
+                    "quantize": ["export"], "profile": ["export", "quantize"]}
         paths = [self.path(s) for s in previous.get(stage, [])]
-        if stage == "export" and self.model.source:
+        if stage == "export" and self.model.source and "prune" not in self.config.stages:
             paths = [Path(self.model.source.split(":")[0])]  # checkpoint, or the factory's file
         return [p for p in paths if p.exists()]  # a missing one is the stage's error to report
 
@@ -133,12 +150,21 @@ class _ModelRun:
             try:
                 result = getattr(self, stage)()
             except GateFailed as exc:
+                if stage == "quantize" and not self.settings["budgets"].require_int8:
+                    entry |= {"status": "not_deployed", "error": str(exc), "record": getattr(exc, "record", {}),
+                              "seconds": round(time.perf_counter() - started, 2)}
+                    self.manifest.record_stage(self.model.name, stage, entry)
+                    self.records[stage] = entry["record"]
+                    self.log(f"[{self.model.name}] quantize: no INT8 model deployed ({exc}); "
+                             "require_int8 = false, so the FP32 model is the deployed one")
+                    continue
                 entry |= {"status": "gate_failed", "error": str(exc), "record": getattr(exc, "record", {}),
                           "seconds": round(time.perf_counter() - started, 2)}
                 self.manifest.record_stage(self.model.name, stage, entry)
                 self.records[stage] = entry["record"]
                 self.gate_results.append(gates_mod.GateResult(
                     type(exc).__name__, stage, None, 0.0, False, str(exc)))
+                self.manifest.record_gates(self.model.name, [g.to_dict() for g in self.gate_results])
                 self.log(f"[{self.model.name}] {stage}: GATE FAILED: {exc}")
                 return
             except EdgepipeError as exc:
