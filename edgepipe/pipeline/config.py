@@ -6,12 +6,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from edgepipe.errors import ConfigError
 

@@ -75,8 +75,8 @@ class _ModelRun:
     def prune(self) -> StageResult:
         from edgepipe.prune import prune
 
-        return prune(self.model.source or self.path("train"), self.path("prune"), self.settings["prune"], dataset=self.dataset,
-                     log=self.log, keep_onnx=self.path("unpruned"))
+        return prune(self.model.source or self.path("train"), self.path("prune"), self.settings["prune"],
+                     dataset=self.dataset, log=self.log)
 
     def export(self) -> StageResult:
         from edgepipe.exporters import export
@@ -106,7 +106,13 @@ class _ModelRun:
         models = {"fp32": self.path("export")}
         if self.records.get("quantize", {}).get("chosen"):
             models["int8"] = self.path("quantize")
-        if "prune" in self.records and self.path("unpruned").exists():
+        if "prune" in self.records:
+            # The baseline of the chain: the unpruned model through the same export settings, so
+            # the cumulative ratio compares like with like (exporters make different graphs).
+            from edgepipe.exporters import export
+
+            export(self.model.source or self.path("train"), self.path("unpruned"), self.settings["export"],
+                   data=self.held_out(), seed=self.config.seed)
             models["unpruned"] = self.path("unpruned")
         record = compare_models(models, settings.batch_sizes, providers=settings.providers,
                                 threads=settings.threads, data=self.held_out(), rounds=settings.rounds,

@@ -190,8 +190,7 @@ def ort_latency(models: dict[str, nn.Module], data: Dataset, specs, batch_sizes,
 
 
 def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | None = None, *,
-          dataset: str | Dataset | None = None, log=lambda message: None,
-          keep_onnx: Path | None = None) -> StageResult:
+          dataset: str | Dataset | None = None, log=lambda message: None) -> StageResult:
     """Stage: prune a trained checkpoint, fine-tune, measure accuracy and ORT latency against the
     unpruned model, and write a safe checkpoint that rebuilds the pruned shapes."""
     config = config or PruneConfig()
@@ -222,9 +221,6 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
     with tempfile.TemporaryDirectory(prefix="edgepipe-prune-") as tmp:
         latency = ort_latency({"unpruned": baseline, "pruned": model}, data, meta["input_specs"],
                               config.batch_sizes, Path(tmp))
-        if keep_onnx is not None:
-            keep_onnx.parent.mkdir(parents=True, exist_ok=True)
-            Path(tmp, "unpruned.onnx").replace(keep_onnx)
     speedup = {b: round(v["unpruned"] / v["pruned"], 3) for b, v in latency.items()}
     record = {
         "method": config.method, "config": asdict(config), "steps": steps,
