@@ -146,3 +146,39 @@ def test_candidate_build_falls_back_to_the_raw_model(zoo, tmp_path, monkeypatch)
     stripped = auto_mod.strip_value_info(model_in, tmp_path / "stripped.onnx")
     used = auto_mod.build_with_fallback(recipe, [model_in, stripped], tmp_path / "q.onnx", None, 0)
     assert used == "stripped.onnx" and auto_mod.count_integer_nodes(tmp_path / "q.onnx") > 0
+
+
+def _outlier_mlp(tmp_path):
+    """256-1024-1024-10 MLP whose last hidden activation has one channel ~1000x the rest (the
+    function is unchanged: the next layer's weights are scaled down to match). Per-tensor U8
+    activation quantization of the last Gemm's input then wipes out every other channel."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    with torch.no_grad():
+        model[2].weight[7] *= 1000.0
+        model[2].bias[7] = 1000.0
+        model[4].weight[:, 7] /= 1000.0
+    return export(model, tmp_path / "outlier.onnx", ExportConfig(exporters=("torchscript",)),
+                  inputs=["x:float32:batch,256"]).artifacts["onnx"]
+
+
+@pytest.mark.slow
+def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_path):
+    onnx_path = _outlier_mlp(tmp_path)
+    out = tmp_path / "outlier.int8.onnx"
+    config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02)
+    record = quantize(onnx_path, out, config).record
+    plain = [c for c in record["candidates"] if not c["excluded_nodes"]]
+    assert plain and all(c["accuracy_drop"] > 0.02 for c in plain)  # the plain recipes miss it
+    chosen = record["chosen"]
+    assert chosen["excluded_nodes"] and chosen["accuracy_drop"] <= 0.02
+    first_step = record["accuracy_fallback"][0]
+    assert first_step["ranking"][0]["node"] == "/2/Gemm"  # its output carries the outlier channel
+    assert set(chosen["excluded_nodes"]) >= {"/2/Gemm", "/4/Gemm"}
+    # The verdict is on the unmodified artifact: no instrumentation outputs, agreement re-measured.
+    engine = Engine(out)
+    assert engine.output_names == Engine(onnx_path).output_names
+    x = np.random.default_rng(1).standard_normal((512, 256)).astype(np.float32)
+    agree = (engine.run(x)["output"].argmax(-1) == Engine(onnx_path).run(x)["output"].argmax(-1)).mean()
+    assert agree >= 0.98

@@ -7,7 +7,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,109 @@ def count_integer_nodes(path: Path) -> int:
     return sum(n.op_type in INTEGER_OPS for n in onnx.load(str(path)).graph.node)
 
 
+class _Search:
+    """One quantize run: the FP32 reference, the data, and every candidate tried."""
+
+    def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
+                 calibration: EvalData, work: Path, say):
+        self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
+        self.work, self.say = work, say
+        self.fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
+        self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
+        self.fp32_p50: dict[int, float] = {}
+        self.candidates: list[Candidate] = []
+        self.engines: dict[int, Engine] = {}
+        self.sources: list[Path] = []
+
+    def build(self, recipe: Recipe) -> Candidate:
+        """Build and check accuracy (latency comes later, for all candidates together)."""
+        cand = Candidate(recipe, path=self.work / f"cand{len(self.candidates)}.onnx")
+        index = len(self.candidates)
+        self.candidates.append(cand)
+        self.say(f"building {recipe.name}")
+        try:
+            cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
+                                                  self.config.calibration_samples)
+            cand.integer_nodes = count_integer_nodes(cand.path)
+            if cand.integer_nodes == 0:
+                raise QuantizationError("quantized no node")
+            engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False)
+            _, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
+        except Exception as exc:
+            cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            cand.verdict = "failed"
+            return cand
+        cand.accuracy_drop = (self.fp32_accuracy - cand.accuracy if self.fp32_accuracy is not None
+                              else 1.0 - cand.agreement)
+        self.engines[index] = engine
+        return cand
+
+    def measure(self, indices: list[int]) -> None:
+        """Time candidates `indices` interleaved with FP32 at every configured batch size."""
+        for batch in self.config.batch_sizes:
+            feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in self.eval_data.inputs.items()}
+            if min(len(v) for v in feeds.values()) < batch:
+                feeds = make_feeds(self.fp32.inputs, batch=batch, seed=2)
+            fns = {"fp32": lambda f=feeds: self.fp32.session.run(None, f)}
+            fns |= {i: (lambda e=self.engines[i], f=feeds: e.session.run(None, f)) for i in indices}
+            stats = measure_interleaved(fns, batch, rounds=self.config.rounds)
+            self.fp32_p50[batch] = stats["fp32"].p50_ms
+            for i in indices:
+                self.candidates[i].p50_ms[batch] = stats[i].p50_ms
+                self.candidates[i].speedup[batch] = stats["fp32"].p50_ms / stats[i].p50_ms
+
+    def judge(self, cand: Candidate) -> None:
+        needed = self.config.min_speedup * (1 + self.config.speedup_margin)
+        slow = {b: s for b, s in cand.speedup.items() if s < needed}
+        if cand.accuracy_drop > self.config.max_accuracy_drop:
+            cand.verdict = f"accuracy drop {cand.accuracy_drop:.4f} > {self.config.max_accuracy_drop}"
+        elif slow:
+            cand.verdict = (f"not clearly faster (needs >= {needed:.2f}x) at batch "
+                            + ", ".join(f"{b} ({s:.2f}x)" for b, s in slow.items()))
+        else:
+            cand.verdict = "ok"
+
+    def fast_enough(self, cand: Candidate) -> bool:
+        needed = self.config.min_speedup * (1 + self.config.speedup_margin)
+        return bool(cand.speedup) and all(s >= needed for s in cand.speedup.values())
+
+    def accuracy_fallback(self, max_steps: int = 8) -> tuple[Candidate | None, list[dict]]:
+        """The fastest candidate misses only the accuracy budget: return its most damaging
+        nodes to FP32 until the budget holds. Each step re-ranks on the current model (excluding
+        one node moves the damage to the next) and excludes 1, 2, 4 … more nodes."""
+        from edgepipe.quantize.sensitivity import rank_nodes
+
+        inaccurate = [c for c in self.candidates if self.fast_enough(c) and c.verdict.startswith("accuracy")]
+        if not inaccurate:
+            return None, []
+        base = current = max(inaccurate, key=lambda c: c.score)
+        probe = {k: v[:64] for k, v in self.eval_data.inputs.items()}
+        excluded: list[str] = []
+        history: list[dict] = []
+        for step in range(max_steps):
+            ranking = [r for r in rank_nodes(self.onnx_path, current.path, probe, self.work)
+                       if r["node"] not in excluded]
+            if not ranking:
+                break
+            # Only nodes that add real noise (>= 1% of the worst); a harmless one stays INT8.
+            damaging = [r for r in ranking if r["added_nsr"] >= max(1e-4, 0.01 * ranking[0]["added_nsr"])]
+            new = [r["node"] for r in (damaging or ranking[:1])[: 2 ** step]]
+            history.append({"step": step + 1, "ranking": ranking[:10], "excluded": new})
+            self.say(f"accuracy fallback step {step + 1}: keeping {', '.join(new)} in FP32 "
+                     f"(output SQNR {ranking[0]['sqnr_out_db']} dB)")
+            excluded += new
+            cand = self.build(base.recipe.excluding(excluded))
+            if cand.error is not None:
+                break
+            if cand.accuracy_drop <= self.config.max_accuracy_drop:
+                self.measure([len(self.candidates) - 1])
+                self.judge(cand)
+                return (cand if cand.verdict == "ok" else None), history
+            cand.verdict = f"accuracy drop {cand.accuracy_drop:.4f} > {self.config.max_accuracy_drop}"
+            current = cand
+        return None, history
+
+
 def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
              eval_data: EvalData | None = None, calibration: EvalData | None = None,
              cpu: CpuInfo | None = None, progress=None) -> StageResult:
@@ -216,93 +319,58 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     cpu = cpu or read_cpu()
     say = progress or (lambda message: None)
     started = time.perf_counter()
-    fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
     if eval_data is None:  # no held-out data: judge agreement with FP32 on seeded inputs
-        eval_data = EvalData(make_feeds(fp32.inputs, batch=512, seed=1))
-    calibration = calibration or eval_data
+        specs = Engine(onnx_path, providers="cpu").inputs
+        eval_data = EvalData(make_feeds(specs, batch=512, seed=1))
     graph_ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
     recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
                                          allow_static=config.mode in ("auto", "static"))
-    recipes = [r.excluding(config.nodes_to_exclude) for r in recipes]
-    if config.op_types_to_exclude:
-        recipes = [Recipe(**{**r.__dict__, "op_types_to_exclude": config.op_types_to_exclude}) for r in recipes]
+    recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
+               for r in recipes]
     if not recipes:
         raise QuantizationError(f"no quantization recipe applies to {onnx_path.name} (ops: "
                                 f"{', '.join(sorted(graph_ops))}): "
                                 + "; ".join(f"{s['recipe']}: {s['why']}" for s in skipped))
-    ref_out, fp32_acc, _ = evaluate(fp32, eval_data)
     with tempfile.TemporaryDirectory(prefix="edgepipe-quant-") as tmp:
         work = Path(tmp)
+        search = _Search(onnx_path, config, eval_data, calibration or eval_data, work, say)
         model_in, pre_attempts = preprocess(onnx_path, work)
         # Fallbacks per candidate: the pre-processed model (weights constant-folded), the same
         # without exporter/shape-inference value_info, then the raw model without it.
-        sources = list(dict.fromkeys([model_in, strip_value_info(model_in, work / "pre_stripped.onnx"),
-                                      strip_value_info(onnx_path, work / "raw_stripped.onnx")]))
-        candidates = [Candidate(r) for r in recipes]
-        engines = {}
-        for i, cand in enumerate(candidates):
-            say(f"building {cand.recipe.name}")
-            cand.path = work / f"cand{i}.onnx"
-            try:
-                cand.built_from = build_with_fallback(cand.recipe, sources, cand.path,
-                                                      calibration, config.calibration_samples)
-                cand.integer_nodes = count_integer_nodes(cand.path)
-                if cand.integer_nodes == 0:
-                    raise QuantizationError("quantized no node")
-                engine = Engine(cand.path, providers="cpu", threads=config.threads, spinning=False)
-                _, cand.accuracy, cand.agreement = evaluate(engine, eval_data, ref_out)
-            except Exception as exc:
-                cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-                cand.verdict = "failed"
-                continue
-            if fp32_acc is not None:
-                cand.accuracy_drop = fp32_acc - cand.accuracy
-            else:
-                cand.accuracy_drop = 1.0 - cand.agreement
-            engines[i] = engine
-        if not engines:
+        search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, work / "pre_stripped.onnx"),
+                                             strip_value_info(onnx_path, work / "raw_stripped.onnx")]))
+        for recipe in recipes:
+            search.build(recipe)
+        if not search.engines:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
-                f"{c.recipe.name}: {c.error}" for c in candidates))
-        say(f"measuring {len(engines)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
-        for batch in config.batch_sizes:
-            feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in eval_data.inputs.items()}
-            if min(len(v) for v in feeds.values()) < batch:
-                feeds = make_feeds(fp32.inputs, batch=batch, seed=2)
-            fns = {"fp32": lambda f=feeds: fp32.session.run(None, f)}
-            fns |= {i: (lambda e=e, f=feeds: e.session.run(None, f)) for i, e in engines.items()}
-            stats = measure_interleaved(fns, batch, rounds=config.rounds)
-            for i in engines:
-                candidates[i].p50_ms[batch] = stats[i].p50_ms
-                candidates[i].speedup[batch] = stats["fp32"].p50_ms / stats[i].p50_ms
-            fp32_p50 = {**locals().get("fp32_p50", {}), batch: stats["fp32"].p50_ms}
-        for i in engines:
-            cand = candidates[i]
-            needed = config.min_speedup * (1 + config.speedup_margin)
-            slow = {b: s for b, s in cand.speedup.items() if s < needed}
-            if cand.accuracy_drop > config.max_accuracy_drop:
-                cand.verdict = f"accuracy drop {cand.accuracy_drop:.4f} > {config.max_accuracy_drop}"
-            elif slow:
-                cand.verdict = (f"not clearly faster (needs >= {needed:.2f}x) at batch "
-                                + ", ".join(f"{b} ({s:.2f}x)" for b, s in slow.items()))
-            else:
-                cand.verdict = "ok"
-        accepted = [c for c in candidates if c.verdict == "ok"]
+                f"{c.recipe.name}: {c.error}" for c in search.candidates))
+        say(f"measuring {len(search.engines)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
+        search.measure(sorted(search.engines))
+        for i in search.engines:
+            search.judge(search.candidates[i])
+        accepted = [c for c in search.candidates if c.verdict == "ok"]
         chosen = max(accepted, key=lambda c: c.score) if accepted else None
+        sensitivity: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
+        if chosen is None:
+            chosen, sensitivity = search.accuracy_fallback()
         record = {
             "cpu": {"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
             "recipe_reason": recipes[0].reasons[0] if recipes[0].reasons else "",
             "preprocess": pre_attempts,
             "skipped_recipes": skipped,
-            "fp32": {"accuracy": fp32_acc, "p50_ms": {str(b): round(v, 4) for b, v in fp32_p50.items()},
+            "fp32": {"accuracy": search.fp32_accuracy,
+                     "p50_ms": {str(b): round(v, 4) for b, v in search.fp32_p50.items()},
                      "size_bytes": onnx_path.stat().st_size},
-            "candidates": [c.row() for c in candidates],
-            "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup},
-            "seconds": None,
+            "accuracy_fallback": sensitivity,
+            "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
+                       "speedup_margin": config.speedup_margin},
+            "timing": "interleaved with FP32, intra-op spinning off",
         }
         if chosen is None:
-            record["seconds"] = round(time.perf_counter() - started, 2)
-            measured = [c for c in candidates if c.speedup]
+            record |= {"candidates": [c.row() for c in search.candidates],
+                       "seconds": round(time.perf_counter() - started, 2)}
+            measured = [c for c in search.candidates if c.speedup]
             best = max(measured, key=lambda c: c.score)
             accurate = [c for c in measured if c.accuracy_drop <= config.max_accuracy_drop]
             error_cls = LatencyError if accurate else AccuracyError
@@ -315,7 +383,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         out_path = Path(out_path)
         with atomic_path(out_path) as tmp_out:
             shutil.copyfile(chosen.path, tmp_out)
-        record["candidates"] = [c.row() for c in candidates]
-        record |= {"chosen": chosen.row(), "size_bytes": out_path.stat().st_size,
+        record |= {"candidates": [c.row() for c in search.candidates], "chosen": chosen.row(),
+                   "size_bytes": out_path.stat().st_size,
                    "seconds": round(time.perf_counter() - started, 2)}
     return StageResult("quantize", {"onnx": out_path}, record)

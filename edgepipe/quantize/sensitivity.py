@@ -1,0 +1,108 @@
+"""Which quantized nodes add the most error: SQNR per tensor on instrumented copies.
+
+Marking intermediate tensors as outputs changes what ORT fuses (shared PITFALLS), so these
+numbers only *rank* nodes; every verdict is measured again on the unmodified model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgepipe.quantize.recipes import COMPUTE_OPS
+
+CAP_DB = 100.0  # SQNR of an exact tensor (graph inputs): large, finite
+
+
+def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    signal = float(np.sum(np.square(reference, dtype=np.float64)))
+    noise = float(np.sum(np.square(reference.astype(np.float64) - actual.astype(np.float64))))
+    if noise == 0.0:
+        return CAP_DB
+    if signal == 0.0:
+        return -CAP_DB
+    return min(CAP_DB, 10.0 * math.log10(signal / noise))
+
+
+def channel_nsr(reference: np.ndarray, actual: np.ndarray) -> float:
+    """Noise-to-signal ratio averaged over channels (axis 1 of 4-D, else the last axis).
+
+    Whole-tensor SQNR is dominated by the largest channel: per-tensor quantization that wipes
+    out every channel but one outlier still scores ~40 dB. Averaging per channel does not hide it.
+    """
+    if reference.shape != actual.shape or reference.ndim == 0:
+        return 1.0
+    axis = 1 if reference.ndim == 4 else reference.ndim - 1
+    ref = np.moveaxis(reference.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
+    act = np.moveaxis(actual.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
+    signal = np.sum(ref ** 2, axis=1)
+    noise = np.sum((ref - act) ** 2, axis=1)
+    live = signal > 0
+    if not live.any():
+        return float(noise.sum() > 0)
+    return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
+
+
+def _instrumented(path: Path, names: list[str], work: Path) -> Path:
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    out = work / f"instrumented_{path.name}"
+    onnx.save(model, str(out))
+    return out
+
+
+def _run(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def _after_qdq(graph: onnx.GraphProto) -> dict[str, str]:
+    """tensor -> the DequantizeLinear output that replaces it downstream (QDQ models keep the
+    original name for the value *before* quantization)."""
+    quantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    dequantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {t: dequantized[q] for t, q in quantized.items() if q in dequantized}
+
+
+def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray],
+               work: Path) -> list[dict]:
+    """Compute nodes of the FP32 graph, most damaging first. A node's `added_nsr` is the noise
+    (relative to signal) of its output as consumers see it, after any Q/DQ, minus that of its
+    input as produced upstream: the error quantizing this node's input, weights and output adds."""
+    fp32_graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    quant_graph = onnx.load(str(quant_path), load_external_data=False).graph
+    quant_tensors = {out for n in quant_graph.node for out in n.output} | {i.name for i in quant_graph.input}
+    post = _after_qdq(quant_graph)
+    nodes = [n for n in fp32_graph.node if n.op_type in COMPUTE_OPS and n.name
+             and n.output[0] in quant_tensors]
+    pairs = {}  # fp32 tensor -> quantized-model tensor to compare it with
+    for node in nodes:
+        pairs[("in", node.name)] = (node.input[0], node.input[0])
+        pairs[("out", node.name)] = (node.output[0], post.get(node.output[0], node.output[0]))
+    reference = _run(_instrumented(fp32_path, sorted({a for a, _ in pairs.values()}), work), feeds)
+    actual = _run(_instrumented(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work),
+                  feeds)
+
+    def nsr(key) -> float:
+        ref_name, quant_name = pairs[key]
+        if ref_name not in reference or quant_name not in actual:
+            return 0.0  # graph input or not observable: treated as exact
+        return channel_nsr(reference[ref_name], actual[quant_name])
+
+    ranked = [{"node": n.name, "op": n.op_type, "nsr_in": nsr(("in", n.name)), "nsr_out": nsr(("out", n.name))}
+              for n in nodes]
+    for row in ranked:
+        row["added_nsr"] = row["nsr_out"] - row["nsr_in"]
+        row["sqnr_out_db"] = round(-10 * math.log10(max(row["nsr_out"], 1e-10)), 2)
+    return sorted(ranked, key=lambda r: r["added_nsr"], reverse=True)
