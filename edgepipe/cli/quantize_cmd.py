@@ -32,7 +32,7 @@ def candidate_table(record: dict) -> str:
 def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
-    mode: Annotated[str, typer.Option(help="auto (every recipe that fits the graph and CPU), dynamic or static.")] = "auto",
+    mode: Annotated[str, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = "auto",
     data: Annotated[Optional[Path], typer.Option(help="Held-out .npz (inputs by name or x; labels y) to judge accuracy. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration .npz for static recipes (default: --data).")] = None,
     calibration_method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
@@ -42,10 +42,11 @@ def quantize(
     exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
-    """Quantize to INT8 with onnxruntime, measured on this CPU: every candidate recipe that fits
-    the graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
-    accuracy; the fastest within budget is written. If none is clearly faster than FP32 and
-    accurate enough, nothing is written and the exit code is 1."""
+    """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
+    graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
+    accuracy; the fastest within budget is written. When the fastest misses only the accuracy
+    budget, its most damaging nodes (by added noise) go back to FP32 step by step. If none is
+    clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1."""
     from edgepipe.quantize import EvalData, QuantizeConfig
     from edgepipe.quantize import quantize as quantize_stage
     from edgepipe.runtime import Engine
@@ -74,6 +75,11 @@ def quantize(
     rec = result.record
     typer.echo(candidate_table(rec))
     chosen = rec["chosen"]
+    if rec["transformer_optimizer"].get("tried"):
+        opt = rec["transformer_optimizer"]
+        typer.echo(f"transformer graph fusions: {'kept' if opt['kept'] else 'not kept'} ({opt['why']})")
+    if chosen["excluded_nodes"]:
+        typer.echo(f"kept in FP32 for accuracy: {', '.join(chosen['excluded_nodes'])}")
     typer.echo(f"chosen: {chosen['recipe']} ({rec['recipe_reason']}); "
                f"{rec['fp32']['size_bytes'] / 1e6:.2f} MB -> {rec['size_bytes'] / 1e6:.2f} MB -> {output}")
     write_json_out(json_out, rec)

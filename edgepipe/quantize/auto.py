@@ -3,6 +3,7 @@ one inside the accuracy budget — never one slower than the FP32 input."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -22,12 +23,12 @@ from edgepipe.runtime.hardware import CpuInfo, read_cpu
 from edgepipe.runtime.profiling import measure_interleaved
 from edgepipe.runtime.spec import make_feeds
 
-MODES = ("auto", "dynamic", "static")
+MODES = ("auto", "dynamic", "static", "int4", "fp16")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 # Op types that show a node really runs in integer arithmetic after quantization.
 INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "DynamicQuantizeLSTM", "QLinearConv",
                          "QLinearMatMul", "QuantizeLinear", "DynamicQuantizeMatMul",
-                         "MatMulIntegerToFloat", "QGemm"})
+                         "MatMulIntegerToFloat", "QGemm", "MatMulNBits"})
 
 
 @dataclass
@@ -151,6 +152,22 @@ def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | N
     if recipe.method == "dynamic":
         quantize_dynamic(str(model_path), str(out), **common)
         return
+    if recipe.method == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(model_path)), bits=4, block_size=32, is_symmetric=True,
+                                         accuracy_level=4,  # int8 activations in the kernel: fast on CPU
+                                         nodes_to_exclude=list(recipe.nodes_to_exclude))
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+        return
+    if recipe.method == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        converted = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True,
+                                             node_block_list=list(recipe.nodes_to_exclude) or None)
+        onnx.save(converted, str(out))
+        return
     if calibration is None:
         raise QuantizationError("static quantization needs calibration data: pass --calibration "
                                 "data.npz (or run it in a pipeline, which uses the training data)")
@@ -169,6 +186,52 @@ def strip_value_info(model_path: Path, out: Path) -> Path:
     del model.graph.value_info[:]
     onnx.save(model, str(out))
     return out
+
+
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})
+
+
+def transformer_optimize(search: "_Search", work: Path) -> tuple[Path | None, dict]:
+    """onnxruntime.transformers graph fusions for transformer-like graphs, kept only when the
+    fused FP32 model matches the original and is measurably faster (it often is not)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    record: dict = {"tried": True}
+    out = work / "transformer_optimized.onnx"
+    try:
+        with _quiet():
+            optimized = optimize_model(str(search.onnx_path), model_type="bert", num_heads=0, hidden_size=0,
+                                       opt_level=0)
+            optimized.save_model_to_file(str(out), use_external_data_format=False)
+        engine = Engine(out, providers="cpu", threads=search.config.threads, spinning=False)
+        got, _, _ = evaluate(engine, search.eval_data)
+    except Exception as exc:
+        return None, record | {"kept": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if not np.allclose(got, search.reference, atol=1e-3, rtol=1e-3):
+        return None, record | {"kept": False, "why": "fused model's outputs differ from the original"}
+    batch = max(search.config.batch_sizes)
+    feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in search.eval_data.inputs.items()}
+    stats = measure_interleaved({"fp32": lambda: search.fp32.session.run(None, feeds),
+                                 "fused": lambda: engine.session.run(None, feeds)}, batch, rounds=search.config.rounds)
+    speedup = stats["fp32"].p50_ms / stats["fused"].p50_ms
+    kept = speedup >= 1 + search.config.speedup_margin
+    fused = sorted({n.op_type for n in onnx.load(str(out)).graph.node} - {n.op_type for n in onnx.load(
+        str(search.onnx_path)).graph.node})
+    return (out if kept else None), record | {"kept": kept, "fused_ops": fused, "speedup_fp32": round(speedup, 3),
+                                              "why": "faster" if kept else "not measurably faster"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    import logging
+
+    level = logging.root.level
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        logging.root.setLevel(level)
 
 
 def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
@@ -203,7 +266,16 @@ def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None
 
 
 def count_integer_nodes(path: Path) -> int:
-    return sum(n.op_type in INTEGER_OPS for n in onnx.load(str(path)).graph.node)
+    """Nodes running in reduced precision: integer kernels, or FP16 initializers for fp16."""
+    model = onnx.load(str(path))
+    fp16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return sum(n.op_type in INTEGER_OPS for n in model.graph.node) + fp16
+
+
+def largest_matmul_weight(graph: onnx.GraphProto) -> int:
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    return max((sizes.get(n.input[1], 0) for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1),
+               default=0)
 
 
 class _Search:
@@ -322,10 +394,12 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     if eval_data is None:  # no held-out data: judge agreement with FP32 on seeded inputs
         specs = Engine(onnx_path, providers="cpu").inputs
         eval_data = EvalData(make_feeds(specs, batch=512, seed=1))
-    graph_ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph_ops = {n.op_type for n in graph.node}
     recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
-                                         allow_static=config.mode in ("auto", "static"))
+                                         allow_static=config.mode in ("auto", "static"),
+                                         largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode)
     recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
                for r in recipes]
     if not recipes:
@@ -335,11 +409,21 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     with tempfile.TemporaryDirectory(prefix="edgepipe-quant-") as tmp:
         work = Path(tmp)
         search = _Search(onnx_path, config, eval_data, calibration or eval_data, work, say)
-        model_in, pre_attempts = preprocess(onnx_path, work)
+        optimizer_record: dict = {"tried": False}
+        if graph_ops & TRANSFORMER_OPS and config.mode != "fp16":
+            say("trying onnxruntime.transformers graph fusions")
+            fused, optimizer_record = transformer_optimize(search, work)
+            if fused is not None:
+                onnx_path_for_quant = fused
+            else:
+                onnx_path_for_quant = onnx_path
+        else:
+            onnx_path_for_quant = onnx_path
+        model_in, pre_attempts = preprocess(onnx_path_for_quant, work)
         # Fallbacks per candidate: the pre-processed model (weights constant-folded), the same
         # without exporter/shape-inference value_info, then the raw model without it.
         search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, work / "pre_stripped.onnx"),
-                                             strip_value_info(onnx_path, work / "raw_stripped.onnx")]))
+                                             strip_value_info(onnx_path_for_quant, work / "raw_stripped.onnx")]))
         for recipe in recipes:
             search.build(recipe)
         if not search.engines:
@@ -358,6 +442,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             "cpu": {"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
             "recipe_reason": recipes[0].reasons[0] if recipes[0].reasons else "",
             "preprocess": pre_attempts,
+            "transformer_optimizer": optimizer_record,
             "skipped_recipes": skipped,
             "fp32": {"accuracy": search.fp32_accuracy,
                      "p50_ms": {str(b): round(v, 4) for b, v in search.fp32_p50.items()},
@@ -374,7 +459,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             best = max(measured, key=lambda c: c.score)
             accurate = [c for c in measured if c.accuracy_drop <= config.max_accuracy_drop]
             error_cls = LatencyError if accurate else AccuracyError
-            error = error_cls(f"no INT8 candidate is both faster than FP32 and within the accuracy "
+            error = error_cls(f"no quantized candidate is both faster than FP32 and within the accuracy "
                               f"budget (drop <= {config.max_accuracy_drop}); best was {best.recipe.name}: "
                               f"{best.verdict}. Keep the FP32 model or relax the budget")
             error.record = record

@@ -12,7 +12,7 @@ from edgepipe.runtime.hardware import CpuInfo
 class Recipe:
     """One way to quantize a model with onnxruntime.quantization."""
 
-    method: str  # "dynamic" | "static"
+    method: str  # "dynamic" | "static" | "int4" (weight-only MatMulNBits) | "fp16"
     format: str = "QDQ"  # static only: "QDQ" | "QOperator"
     activation_type: str = "U8"  # static only: "U8" | "S8"
     weight_type: str = "S8"
@@ -25,12 +25,17 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        if self.method == "dynamic":
+        if self.method == "int4":
+            parts = ["int4-weight-only", "MatMulNBits", "block32"]
+        elif self.method == "fp16":
+            parts = ["fp16", "io-fp32"]
+        elif self.method == "dynamic":
             parts = ["dynamic", f"W{self.weight_type}"]
         else:
             parts = [f"static-{self.format}", f"A{self.activation_type}W{self.weight_type}",
                      self.calibration]
-        parts.append("per-channel" if self.per_channel else "per-tensor")
+        if self.method in ("dynamic", "static"):
+            parts.append("per-channel" if self.per_channel else "per-tensor")
         if self.reduce_range:
             parts.append("reduce-range")
         if self.nodes_to_exclude:
@@ -76,11 +81,21 @@ def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:
     return "S8", "S8", False, "ARM: S8S8 is onnxruntime's recommended QDQ format"
 
 
+# INT4 weight-only pays when MatMul weights are large enough to be bandwidth-bound.
+INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
+
+
 def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
                       allow_dynamic: bool = True, allow_static: bool = True,
+                      largest_matmul_weight: int = 0, mode: str = "auto",
                       ) -> tuple[list[Recipe], list[dict]]:
-    """The recipes worth measuring for a graph with `graph_ops` on `cpu`, and those skipped (why)."""
+    """The recipes worth measuring for a graph with `graph_ops` on `cpu`, and those skipped (why).
+
+    `largest_matmul_weight`: elements of the biggest constant MatMul weight (INT4 candidates).
+    """
     act, weight, reduce_range, cpu_reason = activation_weight_types(cpu)
+    if mode == "fp16":
+        return [Recipe("fp16", reasons=("FP16 with FP32 inputs/outputs, for GPU targets",))], []
     proposals = []
     if allow_dynamic:
         proposals += [Recipe("dynamic", weight_type="S8", per_channel=pc, reduce_range=reduce_range,
@@ -88,8 +103,21 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
     if allow_static:
         proposals += [Recipe("static", "QDQ", act, weight, per_channel=pc, calibration=calibration,
                              reduce_range=reduce_range, reasons=(cpu_reason,)) for pc in (True, False)]
-    kept, skipped = [], []
+        proposals.append(Recipe("static", "QOperator", act, weight, per_channel=True, calibration=calibration,
+                                reduce_range=reduce_range, reasons=(cpu_reason,)))
+    skipped = []
+    if mode in ("auto", "int4"):
+        if largest_matmul_weight >= INT4_MIN_WEIGHT_ELEMENTS:
+            proposals.append(Recipe("int4", reasons=("large MatMul weights: 4-bit blocks, int8 compute",)))
+        else:
+            skipped.append({"recipe": "int4-weight-only/MatMulNBits/block32",
+                            "why": f"largest constant MatMul weight has {largest_matmul_weight} elements "
+                                   f"(< {INT4_MIN_WEIGHT_ELEMENTS}): too small to be bandwidth-bound"})
+    kept = []
     for recipe in proposals:
+        if recipe.method == "int4":
+            kept.append(recipe)
+            continue
         supported = DYNAMIC_OPS if recipe.method == "dynamic" else STATIC_OPS
         vetoes = [VETOES[(op, recipe.method)] for op in sorted(graph_ops) if (op, recipe.method) in VETOES]
         if vetoes:
