@@ -19,6 +19,8 @@ class OutputDiff:
     top1_agreement: float | None
     ok: bool
     note: str | None = None  # why the comparison could not be made (missing output, shape)
+    cosine: float | None = None
+    sqnr_db: float | None = None
 
     def line(self) -> str:
         if self.note:
@@ -48,8 +50,12 @@ def diff_outputs(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.nda
         if ref.ndim == 2 and ref.shape[1] > 1:
             top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
         ok = bool(finite and np.all(err <= atol + rtol * np.abs(ref)))
+        norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
+        cosine = float(np.sum(ref * got) / norms) if norms > 0 else float(np.array_equal(ref, got))
+        noise = float(np.sum(err ** 2))
+        sqnr = 10 * np.log10(float(np.sum(ref ** 2)) / noise) if noise > 0 and np.any(ref) else float("inf")
         diffs.append(OutputDiff(name, float(err.max(initial=0.0)), float(rel.max(initial=0.0)),
-                                float(err.mean()) if err.size else 0.0, top1, ok))
+                                float(err.mean()) if err.size else 0.0, top1, ok, None, cosine, float(sqnr)))
     return diffs
 
 

@@ -149,16 +149,18 @@ def test_candidate_build_falls_back_to_the_raw_model(zoo, tmp_path, monkeypatch)
 
 
 def _outlier_mlp(tmp_path):
-    """256-1024-1024-10 MLP whose last hidden activation has one channel ~1000x the rest (the
-    function is unchanged: the next layer's weights are scaled down to match). Per-tensor U8
-    activation quantization of the last Gemm's input then wipes out every other channel."""
+    """256-1024-1024-1024-10 MLP whose last hidden activation has one channel ~1000x the rest
+    (the function is unchanged: the last layer's weights are scaled down to match). Per-tensor
+    U8 quantization of that activation wipes out every other channel. The first two layers are
+    untouched, so the model stays clearly faster in INT8 once the damaged part is back in FP32."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
-                                torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+                                torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 10))
     with torch.no_grad():
-        model[2].weight[7] *= 1000.0
-        model[2].bias[7] = 1000.0
-        model[4].weight[:, 7] /= 1000.0
+        model[4].weight[7] *= 1000.0
+        model[4].bias[7] = 1000.0
+        model[6].weight[:, 7] /= 1000.0
     return export(model, tmp_path / "outlier.onnx", ExportConfig(exporters=("torchscript",)),
                   inputs=["x:float32:batch,256"]).artifacts["onnx"]
 
@@ -174,8 +176,9 @@ def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_p
     chosen = record["chosen"]
     assert chosen["excluded_nodes"] and chosen["accuracy_drop"] <= 0.02
     first_step = record["accuracy_fallback"][0]
-    assert first_step["ranking"][0]["node"] == "/2/Gemm"  # its output carries the outlier channel
-    assert set(chosen["excluded_nodes"]) >= {"/2/Gemm", "/4/Gemm"}
+    assert first_step["ranking"][0]["node"] == "/4/Gemm"  # its output carries the outlier channel
+    assert set(chosen["excluded_nodes"]) >= {"/4/Gemm", "/6/Gemm"}
+    assert "/0/Gemm" not in chosen["excluded_nodes"]  # the harmless layers stay INT8
     # The verdict is on the unmodified artifact: no instrumentation outputs, agreement re-measured.
     engine = Engine(out)
     assert engine.output_names == Engine(onnx_path).output_names

@@ -35,7 +35,15 @@ def main_options(
     state.debug = debug
 
 
-from edgepipe.cli import export_cmd, profile_cmd, prune_cmd, quantize_cmd, run_cmd, train_cmd  # noqa: E402,F401
+from edgepipe.cli import (  # noqa: E402,F401
+    compare_cmd,
+    export_cmd,
+    profile_cmd,
+    prune_cmd,
+    quantize_cmd,
+    run_cmd,
+    train_cmd,
+)
 
 
 def main() -> None:

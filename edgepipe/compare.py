@@ -1,0 +1,164 @@
+"""`compare A B`: end-to-end parity of two models, and where two ONNX graphs start to diverge.
+
+A and B may each be an ONNX model, an edgepipe checkpoint or `file.py:factory`. The verdict
+always comes from the unmodified models; localization runs instrumented copies (every
+intermediate tensor made an output), which changes what ORT fuses, so it only says *where*.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from edgepipe.errors import InputError
+from edgepipe.parity import OutputDiff, diff_outputs
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.spec import InputSpec, make_feeds
+
+LOCALIZE_NOTE = ("localization ran instrumented copies (all intermediates as outputs), which changes "
+                 "what onnxruntime fuses; the verdict above is from the unmodified models")
+
+
+@dataclass
+class Side:
+    """One model to compare: how to run it and what it takes."""
+
+    ref: str
+    kind: str  # "onnx" | "torch"
+    inputs: list[InputSpec]
+    run: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+    output_names: list[str]
+    onnx_path: Path | None = None
+    held_out: dict[str, np.ndarray] | None = None  # the checkpoint's own held-out inputs, if any
+    labels: np.ndarray | None = None
+
+
+def load_side(ref: str) -> Side:
+    if str(ref).endswith(".onnx"):
+        engine = Engine(ref, providers="cpu")
+        return Side(str(ref), "onnx", engine.inputs, engine.run, engine.output_names, Path(ref))
+    import torch  # a checkpoint or factory needs the pipeline extra
+
+    from edgepipe.exporters.source import load_source
+
+    source = load_source(ref)
+
+    @torch.no_grad()
+    def run(feeds):
+        out = source.model(*[torch.from_numpy(np.asarray(feeds[s.name])) for s in source.inputs])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.numpy() for n, o in zip(source.output_names, out)}
+
+    side = Side(str(ref), "torch", source.inputs, run, source.output_names)
+    dataset = source.meta.get("dataset", {}).get("name")
+    if dataset in ("digits", "marker"):
+        from edgepipe.models.data import load_dataset
+
+        data = load_dataset(dataset)
+        side.held_out, side.labels = {data.input_name: data.x_test}, data.y_test
+    return side
+
+
+@dataclass
+class Divergence:
+    node: str
+    op: str
+    tensor: str
+    max_abs_diff: float
+    added_nsr: float  # channel-averaged noise this node adds over its inputs
+
+
+@dataclass
+class CompareReport:
+    a: str
+    b: str
+    atol: float
+    rtol: float
+    inputs: str  # where the inputs came from
+    outputs: list[OutputDiff]
+    first_divergence: Divergence | None = None
+    offenders: list[Divergence] = field(default_factory=list)
+    localized: str | None = None  # why localization did not run, or the note
+
+    def __bool__(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "ok": bool(self), "atol": self.atol, "rtol": self.rtol,
+                "inputs": self.inputs, "outputs": [vars(o) for o in self.outputs],
+                "first_divergence": vars(self.first_divergence) if self.first_divergence else None,
+                "offenders": [vars(o) for o in self.offenders], "localization": self.localized}
+
+
+def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: float, rtol: float,
+             top: int = 5) -> tuple[Divergence | None, list[Divergence]]:
+    """Run instrumented copies of both graphs; the first node of A (topological order) whose
+    output differs beyond tolerance in B (matched by name, or by its Q/DQ alias), and the nodes
+    that add the most noise."""
+    import onnx
+
+    from edgepipe.quantize.sensitivity import _after_qdq, _instrumented, _run, channel_nsr
+
+    graph_a = onnx.load(str(a_path), load_external_data=False).graph
+    graph_b = onnx.load(str(b_path), load_external_data=False).graph
+    tensors_b = {o for n in graph_b.node for o in n.output}
+    alias = _after_qdq(graph_b)
+    pairs = [(n, n.output[0], alias.get(n.output[0], n.output[0])) for n in graph_a.node
+             if n.output and n.output[0] in tensors_b]
+    if not pairs:
+        return None, []
+    with tempfile.TemporaryDirectory(prefix="edgepipe-compare-") as tmp:
+        ref = _run(_instrumented(a_path, [a for _, a, _ in pairs], Path(tmp)), feeds)
+        got = _run(_instrumented(b_path, sorted({b for _, _, b in pairs}), Path(tmp)), feeds)
+    found: list[Divergence] = []
+    first = None
+    nsr_of: dict[str, float] = {}
+    for node, name_a, name_b in pairs:
+        x, y = ref.get(name_a), got.get(name_b)
+        if x is None or y is None or x.shape != y.shape or not np.issubdtype(x.dtype, np.floating):
+            continue
+        diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+        nsr = channel_nsr(x, y)
+        nsr_of[name_a] = nsr
+        added = nsr - max((nsr_of.get(i, 0.0) for i in node.input), default=0.0)
+        entry = Divergence(node.name, node.op_type, name_a, float(diff.max(initial=0.0)), round(added, 6))
+        if first is None and not np.all(diff <= atol + rtol * np.abs(x)):
+            first = entry
+        found.append(entry)
+    offenders = sorted((d for d in found if d.added_nsr > 0), key=lambda d: d.added_nsr, reverse=True)
+    return first, offenders[:top]
+
+
+def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, batch: int = 16,
+            atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True) -> CompareReport:
+    side_a, side_b = load_side(a), load_side(b)
+    names_a, names_b = [s.name for s in side_a.inputs], [s.name for s in side_b.inputs]
+    if names_a != names_b:
+        raise InputError(f"{a} takes inputs {names_a} but {b} takes {names_b}: not comparable")
+    if data is not None:
+        feeds, source = dict(data), "given data"
+    elif side_a.held_out or side_b.held_out:
+        held = side_a.held_out or side_b.held_out
+        feeds, source = {k: v[:max(batch, 256)] for k, v in held.items()}, "the checkpoint's held-out split"
+    else:
+        feeds, source = make_feeds(side_a.inputs, batch=batch, seed=seed), f"generated (seed {seed})"
+    out_a, out_b = side_a.run(feeds), side_b.run(feeds)
+    missing = [n for n in out_a if n not in out_b]
+    if missing and len(out_a) == len(out_b):  # same arity, other names: compare in order
+        out_b = dict(zip(out_a, out_b.values()))
+    report = CompareReport(a, b, atol, rtol, source, diff_outputs(out_a, out_b, atol, rtol))
+    if report:
+        return report
+    if not do_localize:
+        report.localized = "skipped (--no-localize)"
+    elif side_a.onnx_path is None or side_b.onnx_path is None:
+        report.localized = "needs two ONNX models: export the checkpoint first (edgepipe export)"
+    else:
+        probe = {k: v[:batch] for k, v in feeds.items()}
+        report.first_divergence, report.offenders = localize(side_a.onnx_path, side_b.onnx_path, probe, atol, rtol)
+        report.localized = LOCALIZE_NOTE
+    return report
