@@ -121,3 +121,11 @@ def test_prune_cli(cli, zoo, tmp_path):
     assert "params" in result.output and "faster" in result.output and out.exists()
     x = np.zeros((2, 1, 8, 8), np.float32)
     assert load_checkpoint(out)[0](torch.from_numpy(x)).shape == (2, 10)
+
+
+def test_taylor_importance_and_global_pruning(zoo, tmp_path):
+    rec = prune(zoo["mlp"].checkpoint, tmp_path / "t.pt",
+                PruneConfig(importance="taylor", global_pruning=True, steps=1, finetune_epochs=1)).record
+    assert rec["params_after"] < rec["params_before"]
+    assert all(width % 8 == 0 for width in rec["structure"]["hidden"])  # round_to holds globally too
+    assert rec["accuracy_drop"] <= 0.05

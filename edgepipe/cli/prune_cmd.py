@@ -40,7 +40,7 @@ def prune(
                          round_to=round_to or None, protect=tuple(protect or ()), steps=steps,
                          finetune_epochs=finetune_epochs, batch_sizes=parse_ints(batch, "--batch"))
     rec = prune_stage(checkpoint, output, config, dataset=dataset,
-                      log=lambda m: typer.echo(f"  {m}", err=True)).record
+                      log=lambda m: typer.echo(f"  {m}", err=True), progress=True).record
     typer.echo(f"accuracy {rec['accuracy_before']:.4f} -> {rec['accuracy_after']:.4f}; params "
                f"{rec['params_before']:,} -> {rec['params_after']:,}; MACs {rec['macs_before']:,} -> "
                f"{rec['macs_after']:,}")

@@ -105,7 +105,7 @@ def _sync_attention(model: nn.Module, pruner) -> None:
 
 
 def structured_prune(model: nn.Module, data: Dataset, config: PruneConfig,
-                     log=lambda message: None) -> list[dict]:
+                     log=lambda message: None, progress: bool = False) -> list[dict]:
     """Prune `model` in place over `config.steps`, fine-tuning after each; returns per-step records."""
     import torch_pruning as tp
 
@@ -132,7 +132,7 @@ def structured_prune(model: nn.Module, data: Dataset, config: PruneConfig,
         tuned_acc = pruned_acc
         if config.finetune_epochs:
             train_config = TrainConfig(epochs=config.finetune_epochs, lr=config.lr, seed=config.seed + step)
-            tuned_acc = fit(model, data, train_config)["test_accuracy"]
+            tuned_acc = fit(model, data, train_config, progress=progress)["test_accuracy"]
         steps.append({"step": step + 1, "accuracy_after_prune": pruned_acc,
                       "accuracy_after_finetune": tuned_acc})
         log(f"prune step {step + 1}/{config.steps}: accuracy {pruned_acc:.4f} after pruning, "
@@ -190,7 +190,8 @@ def ort_latency(models: dict[str, nn.Module], data: Dataset, specs, batch_sizes,
 
 
 def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | None = None, *,
-          dataset: str | Dataset | None = None, log=lambda message: None) -> StageResult:
+          dataset: str | Dataset | None = None, log=lambda message: None,
+          progress: bool = False) -> StageResult:
     """Stage: prune a trained checkpoint, fine-tune, measure accuracy and ORT latency against the
     unpruned model, and write a safe checkpoint that rebuilds the pruned shapes."""
     config = config or PruneConfig()
@@ -208,7 +209,7 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
     macs_before, params_before = count_macs_params(baseline, example)
     acc_before = accuracy(predict(baseline, data.x_test), data.y_test)
     if config.method == "structured":
-        steps = structured_prune(model, data, config, log)
+        steps = structured_prune(model, data, config, log, progress)
     else:
         steps = unstructured_prune(model, data, config)
     model.eval()
