@@ -18,7 +18,8 @@ def profile(
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
     compare: Annotated[Optional[list[Path]], typer.Option(help="Other model(s) to time interleaved with MODEL; ratios are vs MODEL.")] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt … (auto: GPU when present, else CPU).")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: onnxruntime's, one per core).")] = None,
+    threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: onnxruntime's, one per core).")] = None,
+    ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
 ) -> None:
@@ -28,15 +29,27 @@ def profile(
     from edgepipe.runtime import compare_models, profile_model
 
     batches = parse_ints(batch, "--batch")
+    sweep = parse_ints(threads, "--threads") if threads else (None,)
+    if compare and len(sweep) > 1:
+        from edgepipe.errors import InputError
+
+        raise InputError("--compare takes one --threads value; sweep threads on a single model")
     if compare:
         models = {model.name: model, **{p.name: p for p in compare}}
         if len(models) != 1 + len(compare):
             models = {str(model): model, **{str(p): p for p in compare}}
-        record = compare_models(models, batches, providers=provider, threads=threads)
+        record = compare_models(models, batches, providers=provider, threads=sweep[0])
         by_label = record["latency"]
     else:
-        record = profile_model(model, batches, providers=provider, threads=threads, min_time_s=seconds)
-        by_label = {model.name: record["latency"]}
+        record = profile_model(model, batches, providers=provider, thread_sweep=sweep, min_time_s=seconds,
+                               operators=ops)
+        runs = record["thread_sweep"] or [{"threads": sweep[0] or "default", "latency": record["latency"]}]
+        by_label = {f"{model.name} t={run['threads']}" if len(runs) > 1 else model.name: run["latency"]
+                    for run in runs}
+        cold = record["cold_start"]
+        typer.echo(f"cold start: session {cold['session_create_ms']:.1f} ms + first inference "
+                   f"{cold['first_inference_ms']:.2f} ms; peak RSS {record['peak_rss_mb']} MB; "
+                   f"file {record['size_bytes'] / 1e6:.2f} MB")
     providers = (record.get("engine") or next(iter(record["models"].values())))["providers"]
     typer.echo(f"provider: {providers[0]}  threads: {threads or 'onnxruntime default'}  "
                f"cpu: {record['hardware']['cpu']['model']}")
@@ -47,4 +60,40 @@ def profile(
             typer.echo(f"{label[:28]:28} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
                        f"{stats['p99_ms']:>9.4f} {stats['throughput']:>11.1f} "
                        f"{(f'{ratio:.2f}x' if ratio else '-'):>8}")
+    if record.get("operators"):
+        typer.echo(f"\ntop operators at batch {max(batches)} (onnxruntime profiler):")
+        for row in record["operators"]["by_op_type"][:8]:
+            typer.echo(f"  {row['op']:28} {row['us_per_run']:>10.1f} us/run {row['share']:>7.1%}")
+        for row in record["operators"]["by_node"][:5]:
+            typer.echo(f"  node {row['node'][:40]:40} {row['op']:14} {row['provider']:22} {row['share']:>7.1%}")
     write_json_out(json_out, record)
+
+
+@app.command("merge-profiles")
+@handle_errors
+def merge_profiles(
+    files: Annotated[list[Path], typer.Argument(help="Profile JSONs written by `edgepipe profile --json` on each device.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the merged rows here.")] = None,
+) -> None:
+    """Merge profile results from several devices into one comparison table."""
+    import json
+
+    from edgepipe.errors import InputError
+    from edgepipe.runtime.profiling import merge_profiles as merge
+
+    records = []
+    for path in files:
+        try:
+            records.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise InputError(f"profile file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not JSON: {exc}") from None
+        if "latency" not in records[-1] or "hardware" not in records[-1]:
+            raise InputError(f"{path} is not an `edgepipe profile --json` result (no latency/hardware)")
+    rows = merge(records)
+    typer.echo(f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}")
+    for r in rows:
+        typer.echo(f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
+                   f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}")
+    write_json_out(json_out, {"rows": rows})

@@ -92,44 +92,140 @@ def measure_interleaved(
     return {name: LatencyStats.from_times(batch, t) for name, t in times.items()}
 
 
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far (None where the OS does not say)."""
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="auto",
+                     threads: int | None = None, iterations: int = 30, top: int = 15) -> dict:
+    """Per-operator time from ONNX Runtime's own profiler: by op type and by node, with the
+    provider each node ran in."""
+    import json
+    import tempfile
+    from collections import defaultdict
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from edgepipe.runtime.engine import resolve_providers
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ops-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(model_path), options, providers=resolve_providers(providers)[0])
+        for _ in range(iterations):
+            session.run(None, dict(feeds))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    by_node: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        args = event.get("args", {})
+        node = event["name"][: -len("_kernel_time")]
+        op = args.get("op_name", "?")
+        by_op[op] += event.get("dur", 0)
+        entry = by_node.setdefault(node, {"node": node, "op": op, "provider": args.get("provider"), "us": 0.0})
+        entry["us"] += event.get("dur", 0)
+    total = sum(by_op.values()) or 1.0
+    ops = sorted(({"op": op, "us_per_run": round(us / iterations, 2), "share": round(us / total, 4)}
+                  for op, us in by_op.items()), key=lambda r: r["us_per_run"], reverse=True)
+    nodes = sorted(by_node.values(), key=lambda r: r["us"], reverse=True)
+    providers_used: dict[str, int] = defaultdict(int)
+    for entry in by_node.values():
+        providers_used[entry["provider"]] += 1
+    return {
+        "iterations": iterations,
+        "by_op_type": ops,
+        "by_node": [{"node": n["node"], "op": n["op"], "provider": n["provider"],
+                     "us_per_run": round(n["us"] / iterations, 2), "share": round(n["us"] / total, 4)}
+                    for n in nodes[:top]],
+        "nodes_per_provider": dict(providers_used),
+    }
+
+
 def profile_model(
     model_path,
     batch_sizes=(1, 32),
     *,
     providers="auto",
     threads: int | None = None,
+    thread_sweep: tuple[int | None, ...] | None = None,
     dims: Mapping[str, int] | None = None,
     warmup: int = 10,
     min_iterations: int = 30,
     min_time_s: float = 0.3,
+    operators: bool = False,
     seed: int = 0,
 ) -> dict:
-    """Profile one ONNX model over a batch sweep; returns a JSON-ready record with the
-    engine's actual providers/threads and the hardware fingerprint."""
+    """Profile one ONNX model: cold start (session creation + first inference), warm latency
+    over a batch sweep (and a thread sweep), peak RSS, file size, optionally the per-operator
+    breakdown; with the engine's actual providers and the hardware fingerprint."""
     from pathlib import Path
 
     from edgepipe.runtime.engine import Engine
     from edgepipe.runtime.hardware import fingerprint
     from edgepipe.runtime.spec import make_feeds
 
-    t0 = time.perf_counter()
-    engine = Engine(model_path, providers=providers, threads=threads)
-    create_s = time.perf_counter() - t0
-    results = []
-    for batch in batch_sizes:
-        feeds = make_feeds(engine.inputs, batch=batch, dims=dims, seed=seed)
-        engine.validate(feeds)
-        stats = measure(lambda: engine.session.run(None, feeds), batch, warmup=warmup,
-                        min_iterations=min_iterations, min_time_s=min_time_s)
-        results.append(stats.to_dict())
-    return {
+    sweep = tuple(thread_sweep) if thread_sweep else (threads,)
+    runs = []
+    cold = None
+    for thread_count in sweep:
+        t0 = time.perf_counter()
+        engine = Engine(model_path, providers=providers, threads=thread_count)
+        created = time.perf_counter()
+        first_feeds = make_feeds(engine.inputs, batch=1, dims=dims, seed=seed)
+        engine.session.run(None, first_feeds)
+        if cold is None:  # the first session of this process: closest to a real cold start
+            cold = {"session_create_ms": round((created - t0) * 1000, 2),
+                    "first_inference_ms": round((time.perf_counter() - created) * 1000, 3)}
+        latency = []
+        for batch in batch_sizes:
+            feeds = make_feeds(engine.inputs, batch=batch, dims=dims, seed=seed)
+            engine.validate(feeds)
+            stats = measure(lambda: engine.session.run(None, feeds), batch, warmup=warmup,
+                            min_iterations=min_iterations, min_time_s=min_time_s)
+            latency.append(stats.to_dict())
+        runs.append({"threads": thread_count or "ort-default", "latency": latency})
+    record = {
         "model": str(model_path),
         "size_bytes": Path(model_path).stat().st_size,
         "engine": engine.describe(),
-        "session_create_ms": round(create_s * 1000, 2),
-        "latency": results,
+        "cold_start": cold,
+        "session_create_ms": cold["session_create_ms"],
+        "latency": runs[0]["latency"],
+        "thread_sweep": runs if len(runs) > 1 else None,
+        "peak_rss_mb": peak_rss_mb(),
         "hardware": fingerprint(),
     }
+    if operators:
+        feeds = make_feeds(engine.inputs, batch=max(batch_sizes), dims=dims, seed=seed)
+        record["operators"] = operator_profile(model_path, feeds, providers=providers, threads=sweep[0])
+    return record
+
+
+def merge_profiles(records: list[dict]) -> list[dict]:
+    """Rows (device, model, batch, p50/p99, throughput) from profile JSONs of several devices."""
+    rows = []
+    for record in records:
+        cpu = record.get("hardware", {}).get("cpu", {})
+        device = f"{cpu.get('model', '?')} [{record.get('hardware', {}).get('hostname', '?')}]"
+        for stats in record.get("latency", []):
+            rows.append({"device": device, "model": record.get("model"), "batch": stats["batch"],
+                         "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "throughput": stats["throughput"],
+                         "onnxruntime": record.get("hardware", {}).get("onnxruntime")})
+    return rows
 
 
 def compare_models(
