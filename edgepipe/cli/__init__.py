@@ -41,6 +41,7 @@ from edgepipe.cli import (  # noqa: E402,F401
     profile_cmd,
     prune_cmd,
     quantize_cmd,
+    report_cmd,
     run_cmd,
     train_cmd,
 )

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepipe.artifacts import StageResult, atomic_path, write_json
+from edgepipe.artifacts import StageResult, write_json
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
 from edgepipe.pipeline.manifest import Manifest, file_entry
-from edgepipe.pipeline.report import build_rows, render_markdown, render_table
+from edgepipe.pipeline.report import build_rows, render_table
+from edgepipe.runtime.engine import Engine
 
 ARTIFACTS = {"train": "checkpoint.pt", "prune": "pruned.pt", "export": "model.onnx",
              "quantize": "model.int8.onnx", "profile": "profile.json", "unpruned": "unpruned.onnx"}
@@ -117,6 +118,13 @@ class _ModelRun:
         record = compare_models(models, settings.batch_sizes, providers=settings.providers,
                                 threads=settings.threads, data=self.held_out(), rounds=settings.rounds,
                                 seed=self.config.seed)
+        from edgepipe.runtime.profiling import operator_profile
+        from edgepipe.runtime.spec import make_feeds
+
+        deployed = models.get("int8", models["fp32"])
+        feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), seed=self.config.seed)
+        record["operators"] = operator_profile(deployed, feeds, providers=settings.providers,
+                                               threads=settings.threads, iterations=20)
         if "unpruned" in models:  # the chain's result: deployed model vs the unpruned FP32 one
             final = "int8" if "int8" in models else "fp32"
             record["cumulative_speedup"] = {
@@ -213,7 +221,7 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False,
         raise
     failed = [g.to_dict() | {"model": run.model.name} for run in runs for g in run.gate_results if not g.ok]
     manifest.finish("failed" if failed else "passed")
-    rows = build_rows(manifest.data)
-    with atomic_path(config.out_dir / "report.md") as tmp:
-        tmp.write_text(render_markdown(rows, manifest.data))
-    return RunResult(config.out_dir, manifest.data, rows, failed)
+    from edgepipe.pipeline import html_report
+
+    html_report.write([config.out_dir], config.out_dir)  # report.md + report.html
+    return RunResult(config.out_dir, manifest.data, build_rows(manifest.data), failed)
