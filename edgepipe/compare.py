@@ -134,7 +134,8 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
 
 
 def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, batch: int = 16,
-            atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True) -> CompareReport:
+            atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True,
+            per_output: Mapping[str, tuple[float, float]] | None = None) -> CompareReport:
     side_a, side_b = load_side(a), load_side(b)
     names_a, names_b = [s.name for s in side_a.inputs], [s.name for s in side_b.inputs]
     if names_a != names_b:
@@ -150,7 +151,10 @@ def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, bat
     missing = [n for n in out_a if n not in out_b]
     if missing and len(out_a) == len(out_b):  # same arity, other names: compare in order
         out_b = dict(zip(out_a, out_b.values()))
-    report = CompareReport(a, b, atol, rtol, source, diff_outputs(out_a, out_b, atol, rtol))
+    unknown = sorted(set(per_output or {}) - set(out_a))
+    if unknown:
+        raise InputError(f"tolerance given for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(out_a)}")
+    report = CompareReport(a, b, atol, rtol, source, diff_outputs(out_a, out_b, atol, rtol, per_output))
     if report:
         return report
     if not do_localize:

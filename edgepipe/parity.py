@@ -31,10 +31,14 @@ class OutputDiff:
 
 
 def diff_outputs(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray],
-                 atol: float, rtol: float) -> list[OutputDiff]:
-    """One OutputDiff per expected output; ok means |actual-expected| <= atol + rtol*|expected|."""
+                 atol: float, rtol: float,
+                 per_output: Mapping[str, tuple[float, float]] | None = None) -> list[OutputDiff]:
+    """One OutputDiff per expected output; ok means |actual-expected| <= atol + rtol*|expected|,
+    with (atol, rtol) overridden per output name by `per_output`."""
     diffs = []
+    default = (atol, rtol)
     for name, ref in expected.items():
+        atol, rtol = (per_output or {}).get(name, default)
         got = actual.get(name)
         ref = np.asarray(ref, dtype=np.float64)
         if got is None or np.shape(got) != ref.shape:

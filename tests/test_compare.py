@@ -70,3 +70,14 @@ def test_incomparable_models(zoo):
 
     with pytest.raises(InputError, match="not comparable"):
         compare(str(zoo["cnn"].onnx), str(zoo["lstm"].onnx))
+
+
+def test_per_output_tolerance(zoo, tmp_path, cli):
+    bad = tmp_path / "bad.onnx"
+    corrupt_copy(zoo["mlp"].onnx, bad, node_index=2, factor=1.05)  # 5% off in the last layer
+    assert cli("compare", zoo["mlp"].onnx, bad, "--no-localize").exit_code == 1
+    # An override far above any possible difference must be what decides the verdict.
+    result = cli("compare", zoo["mlp"].onnx, bad, "--tol", "logits=1e6:0")
+    assert result.exit_code == 0, result.output
+    unknown = cli("compare", zoo["mlp"].onnx, bad, "--tol", "probs=1")
+    assert unknown.exit_code == 2 and "unknown output(s) probs" in unknown.output

@@ -19,6 +19,7 @@ def compare(
     data: Annotated[Optional[Path], typer.Option(help=".npz of inputs (by input name, or x). Default: a checkpoint's held-out split, else seeded generated inputs.")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance per element.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance per element.")] = 1e-3,
+    tol: Annotated[Optional[list[str]], typer.Option(help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable), e.g. logits=1e-2:1e-2.")] = None,
     batch: Annotated[int, typer.Option(help="Rows of generated inputs (and of the localization probe).")] = 16,
     localize: Annotated[bool, typer.Option(help="On divergence, find the first diverging node (two ONNX models).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
@@ -35,7 +36,18 @@ def compare(
         from edgepipe.compare import load_side
 
         feeds, _ = load_npz(data, [s.name for s in load_side(a).inputs])
-    report = compare_models(a, b, data=feeds, batch=batch, atol=atol, rtol=rtol, do_localize=localize)
+    per_output = {}
+    for item in tol or []:
+        name, _, value = item.partition("=")
+        try:
+            o_atol, _, o_rtol = value.partition(":")
+            per_output[name] = (float(o_atol), float(o_rtol) if o_rtol else rtol)
+        except ValueError:
+            from edgepipe.errors import InputError
+
+            raise InputError(f"--tol '{item}' must be NAME=ATOL[:RTOL], e.g. logits=1e-2:1e-2") from None
+    report = compare_models(a, b, data=feeds, batch=batch, atol=atol, rtol=rtol, do_localize=localize,
+                            per_output=per_output)
     typer.echo(f"inputs: {report.inputs}; tolerance |B-A| <= {atol:g} + {rtol:g}*|A|")
     typer.echo(f"{'output':16} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cosine':>9} {'SQNR dB':>8} {'top-1':>7}  verdict")
     for o in report.outputs:
