@@ -160,6 +160,8 @@ class Engine:
 
     def as_feeds(self, inputs: Mapping[str, np.ndarray] | np.ndarray | Sequence[np.ndarray]) -> dict:
         """Accept a dict, a single array (one-input models) or a sequence in input order."""
+        if inputs.__class__ is dict:
+            return inputs
         if isinstance(inputs, Mapping):
             return dict(inputs)
         if isinstance(inputs, np.ndarray):
@@ -175,8 +177,24 @@ class Engine:
                              f"{', '.join(self._input_names)}")
         return dict(zip(self._input_names, inputs))
 
+    def _valid(self, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Allocation-free check for the common case (run's hot path); details come from validate."""
+        if len(feeds) != len(self._checks):
+            return False
+        for name, dtype, ndim, static in self._checks:
+            value = feeds.get(name)
+            if value.__class__ is not np.ndarray or value.dtype != dtype or value.ndim != ndim:
+                return False
+            shape = value.shape
+            for axis, size in static:
+                if shape[axis] != size:
+                    return False
+        return True
+
     def validate(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Raise InputError listing every mismatch between `feeds` and the model's inputs."""
+        if self._valid(feeds):
+            return
         problems = []
         unknown = [n for n in feeds if n not in self._input_names]
         if unknown:
@@ -207,11 +225,11 @@ class Engine:
     def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model; returns {output name: array}."""
         feeds = self.as_feeds(inputs)
-        if self._validate:
-            self.validate(feeds)
+        if self._validate and not self._valid(feeds):
+            self.validate(feeds)  # raises with every mismatch named
         names = list(outputs) if outputs else self.output_names
         try:
-            values = self.session.run(names, feeds)
+            values = self.session.run(None if outputs is None else names, feeds)
         except Exception as exc:
             raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
         return dict(zip(names, values))
