@@ -139,6 +139,39 @@ class Engine:
             for _ in range(warmup):
                 self.session.run(None, feeds)
 
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, model: str | None = None, *,
+                 precision: str = "deployed", **options) -> "Engine":
+        """The model a pipeline run deployed: `Engine.from_run("runs/demo", "cnn")`.
+
+        precision: "deployed" (INT8 when the run quantized it, else FP32), "int8" or "fp32".
+        Reads only manifest.json and the ONNX file: works on a device without torch.
+        """
+        import json
+
+        run_dir = Path(run_dir)
+        manifest_path = run_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise InputError(f"{run_dir} is not an edgepipe run directory (no manifest.json)")
+        models = json.loads(manifest_path.read_text()).get("models", {})
+        if model is None:
+            if len(models) != 1:
+                raise InputError(f"{run_dir} holds models {', '.join(models)}: name one")
+            model = next(iter(models))
+        if model not in models:
+            raise InputError(f"no model '{model}' in {run_dir}; it has {', '.join(models) or 'none'}")
+        stages = models[model].get("stages", {})
+        int8_ok = stages.get("quantize", {}).get("status") == "ok"
+        if precision not in ("deployed", "int8", "fp32"):
+            raise InputError(f"precision must be deployed, int8 or fp32, got '{precision}'")
+        if precision == "int8" and not int8_ok:
+            raise InputError(f"run {run_dir} has no INT8 model for '{model}' (quantize did not deploy one)")
+        name = "model.int8.onnx" if precision == "int8" or (precision == "deployed" and int8_ok) else "model.onnx"
+        engine = cls(run_dir / model / name, **options)
+        engine.run_info = {"run": str(run_dir), "model": model, "artifact": name,
+                           "stages": {k: v.get("status") for k, v in stages.items()}}
+        return engine
+
     def _input_specs(self) -> list[InputSpec]:
         """Specs from the graph, enriched by the export metadata (value ranges, example dims)."""
         recorded = {}
