@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, alone and pinned, so nothing can resolve it to a CUDA build.
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,serve,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -43,6 +43,7 @@ from edgepipe.cli import (  # noqa: E402,F401
     quantize_cmd,
     report_cmd,
     run_cmd,
+    serve_cmd,
     train_cmd,
 )
 
