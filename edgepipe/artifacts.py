@@ -59,6 +59,17 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_npz(path: str | os.PathLike, what: str = "data file"):
+    """np.load an .npz without pickles, or raise InputError saying what is wrong."""
+    import numpy as np
+
+    path = require_file(path, what)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as .npz: {exc}") from None
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     """Return `path` as a Path, or raise InputError saying what was expected there."""
     path = Path(path)

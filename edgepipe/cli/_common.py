@@ -52,12 +52,9 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
 
 def load_npz(path: Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Inputs (by input name, or `x` for a single-input model) and optional labels `y`."""
-    if not path.is_file():
-        raise InputError(f"data file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"cannot read {path} as .npz: {exc}") from None
+    from edgepipe.artifacts import read_npz
+
+    data = read_npz(path, "data file")
     if all(name in data.files for name in input_names):
         inputs = {name: data[name] for name in input_names}
     elif len(input_names) == 1 and "x" in data.files:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepipe.artifacts import read_npz
 from edgepipe.errors import InputError
 from edgepipe.runtime.spec import InputSpec
 
@@ -94,12 +95,7 @@ def from_npz(path: str | Path, seed: int = 0) -> Dataset:
     a feature vector.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"dataset file not found: {path}")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"cannot read {path} as .npz: {exc}") from None
+    data = read_npz(path, "dataset file")
     missing = [k for k in ("x", "y") if k not in data.files]
     if missing:
         raise InputError(f"{path} lacks array(s) {', '.join(missing)}; an edgepipe dataset .npz "
