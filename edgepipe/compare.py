@@ -101,19 +101,19 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
     that add the most noise."""
     import onnx
 
-    from edgepipe.quantize.sensitivity import _after_qdq, _instrumented, _run, channel_nsr
+    from edgepipe.quantize.sensitivity import after_qdq, channel_nsr, instrumented_copy, run_all
 
     graph_a = onnx.load(str(a_path), load_external_data=False).graph
     graph_b = onnx.load(str(b_path), load_external_data=False).graph
     tensors_b = {o for n in graph_b.node for o in n.output}
-    alias = _after_qdq(graph_b)
+    alias = after_qdq(graph_b)
     pairs = [(n, n.output[0], alias.get(n.output[0], n.output[0])) for n in graph_a.node
              if n.output and n.output[0] in tensors_b]
     if not pairs:
         return None, []
     with tempfile.TemporaryDirectory(prefix="edgepipe-compare-") as tmp:
-        ref = _run(_instrumented(a_path, [a for _, a, _ in pairs], Path(tmp)), feeds)
-        got = _run(_instrumented(b_path, sorted({b for _, _, b in pairs}), Path(tmp)), feeds)
+        ref = run_all(instrumented_copy(a_path, [a for _, a, _ in pairs], Path(tmp)), feeds)
+        got = run_all(instrumented_copy(b_path, sorted({b for _, _, b in pairs}), Path(tmp)), feeds)
     found: list[Divergence] = []
     first = None
     nsr_of: dict[str, float] = {}

@@ -48,7 +48,7 @@ def channel_nsr(reference: np.ndarray, actual: np.ndarray) -> float:
     return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
 
 
-def _instrumented(path: Path, names: list[str], work: Path) -> Path:
+def instrumented_copy(path: Path, names: list[str], work: Path) -> Path:
     model = onnx.load(str(path))
     existing = {o.name for o in model.graph.output}
     for name in names:
@@ -59,7 +59,7 @@ def _instrumented(path: Path, names: list[str], work: Path) -> Path:
     return out
 
 
-def _run(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_all(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 4
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -67,7 +67,7 @@ def _run(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, dict(feeds))))
 
 
-def _after_qdq(graph: onnx.GraphProto) -> dict[str, str]:
+def after_qdq(graph: onnx.GraphProto) -> dict[str, str]:
     """tensor -> the DequantizeLinear output that replaces it downstream (QDQ models keep the
     original name for the value *before* quantization)."""
     quantized = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
@@ -83,15 +83,15 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
     fp32_graph = onnx.load(str(fp32_path), load_external_data=False).graph
     quant_graph = onnx.load(str(quant_path), load_external_data=False).graph
     quant_tensors = {out for n in quant_graph.node for out in n.output} | {i.name for i in quant_graph.input}
-    post = _after_qdq(quant_graph)
+    post = after_qdq(quant_graph)
     nodes = [n for n in fp32_graph.node if n.op_type in COMPUTE_OPS and n.name
              and n.output[0] in quant_tensors]
     pairs = {}  # fp32 tensor -> quantized-model tensor to compare it with
     for node in nodes:
         pairs[("in", node.name)] = (node.input[0], node.input[0])
         pairs[("out", node.name)] = (node.output[0], post.get(node.output[0], node.output[0]))
-    reference = _run(_instrumented(fp32_path, sorted({a for a, _ in pairs.values()}), work), feeds)
-    actual = _run(_instrumented(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work),
+    reference = run_all(instrumented_copy(fp32_path, sorted({a for a, _ in pairs.values()}), work), feeds)
+    actual = run_all(instrumented_copy(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work),
                   feeds)
 
     def nsr(key) -> float:

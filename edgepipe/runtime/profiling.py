@@ -203,7 +203,6 @@ def profile_model(
         "size_bytes": Path(model_path).stat().st_size,
         "engine": engine.describe(),
         "cold_start": cold,
-        "session_create_ms": cold["session_create_ms"],
         "latency": runs[0]["latency"],
         "thread_sweep": runs if len(runs) > 1 else None,
         "peak_rss_mb": peak_rss_mb(),
