@@ -43,10 +43,6 @@ class LatencyError(GateFailed):
     """A model is slower than its budget allows (or slower than the model it replaces)."""
 
 
-class SizeError(GateFailed):
-    """A model file is larger than its budget allows."""
-
-
 class StageFailed(EdgepipeError):
     """Wraps an error raised inside a pipeline stage, naming the stage and what already ran."""
 

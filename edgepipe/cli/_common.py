@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -73,6 +72,3 @@ def write_json_out(path: Path | None, record: dict) -> None:
         write_json(path, record)
         typer.echo(f"wrote {path}")
 
-
-def echo_json(record: dict) -> None:
-    typer.echo(json.dumps(record, indent=2, default=str))

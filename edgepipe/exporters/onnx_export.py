@@ -23,7 +23,9 @@ from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
 
 EXPORTERS = ("dynamo", "torchscript")
-# onnxruntime 1.31 loads IR <= 13 (onnx 1.23 writes 14 by default: see PITFALLS).
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 cannot load (max 13; PITFALLS).
+# Exports are pinned to IR 10, which every onnxruntime since 1.16 loads: artifacts stay
+# deployable on older runtimes on the device.
 MAX_IR_VERSION = 10
 
 

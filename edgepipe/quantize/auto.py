@@ -15,7 +15,13 @@ import numpy as np
 import onnx
 
 from edgepipe.artifacts import StageResult, atomic_path, require_file
-from edgepipe.errors import AccuracyError, ConfigError, LatencyError, QuantizationError
+from edgepipe.errors import (
+    AccuracyError,
+    ConfigError,
+    InternalError,
+    LatencyError,
+    QuantizationError,
+)
 from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.recipes import COMPUTE_OPS, Recipe, candidate_recipes
 from edgepipe.runtime.engine import Engine
@@ -247,7 +253,8 @@ def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
             raise
         except Exception as exc:  # onnxruntime.quantization raises many types
             first_error = first_error or exc
-    assert first_error is not None
+    if first_error is None:
+        raise InternalError("build_with_fallback was given no model to build from")
     raise first_error
 
 
