@@ -125,3 +125,51 @@ def test_train_prune_export_quantize_reports_each_step_and_the_cumulative_result
         # export consumed the pruned checkpoint, not the trained one
         assert stages["export"]["inputs"][0]["sha256"] == stages["prune"]["outputs"][0]["sha256"]
         assert stages["profile"]["record"]["cumulative_speedup"]["32"] > 1.5
+
+
+@pytest.mark.slow
+def test_profile_deploys_fp32_when_int8_measures_slower_and_int8_is_optional(tmp_path, monkeypatch):
+    """Quantize's timing and profile's can disagree; profile decides. With require_int8 = false
+    a slower INT8 model is not deployed (and nothing fails); with require_int8 = true the gate fails."""
+    import edgepipe.runtime.profiling as profiling
+    from edgepipe.runtime import Engine
+
+    real = profiling.compare_models
+
+    def int8_slower(models, *args, **kwargs):
+        record = real(models, *args, **kwargs)
+        if "int8" in record["speedup"]:
+            record["speedup"]["int8"] = {b: 0.8 for b in record["speedup"]["int8"]}
+        return record
+
+    monkeypatch.setattr(profiling, "compare_models", int8_slower)
+    text = textwrap.dedent("""
+        out_dir = "run"
+        stages = ["train", "export", "quantize", "profile"]
+        [train]
+        epochs = 2
+        [export]
+        exporters = ["torchscript"]
+        [quantize]
+        batch_sizes = [32]
+        [profile]
+        batch_sizes = [32]
+        [budgets]
+        require_int8 = {require}
+        min_int8_speedup = 1.0
+        [[models]]
+        name = "mlp"
+        dataset = "digits"
+    """)
+    result = run_pipeline(config_mod.load(write_config(tmp_path, text.format(require="false"))))
+    assert result.ok, result.table()
+    stages = result.manifest["models"]["mlp"]["stages"]
+    assert stages["quantize"]["status"] == "not_deployed" and "0.800x" in stages["quantize"]["error"]
+    assert stages["profile"]["record"]["int8_not_deployed"]["speedup"] == {"32": 0.8}
+    assert Engine.from_run(tmp_path / "run", "mlp").run_info["artifact"] == "model.onnx"
+    assert "slower in profile: FP32 kept" in result.table()
+
+    strict = run_pipeline(config_mod.load(write_config(tmp_path, text.format(require="true").replace(
+        'out_dir = "run"', 'out_dir = "strict"'))))
+    assert not strict.ok
+    assert any(g["gate"] == "min_int8_speedup" for g in strict.failed_gates)

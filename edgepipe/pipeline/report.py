@@ -10,6 +10,8 @@ def _latency(profile: dict, label: str) -> str:
     for stats in profile.get("latency", {}).get(label, []):
         cell = f"b{stats['batch']}: {stats['p50_ms']:.3f}/{stats['p99_ms']:.3f}"
         speed = profile.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
+        if speed is None and label == "int8":  # measured, then not deployed: show why
+            speed = profile.get("int8_not_deployed", {}).get("speedup", {}).get(str(stats["batch"]))
         cells.append(cell + (f" ({speed:.2f}x)" if speed else ""))
     return "  ".join(cells) or "-"
 
@@ -61,6 +63,8 @@ def build_rows(manifest: dict) -> list[dict]:
                 accuracy = f"{acc:.4f} ({-chosen['accuracy_drop'] * 100:+.1f} pt)" if acc is not None else \
                     f"agree {chosen.get('agreement', 0):.4f}"
                 label = f"quantize ({chosen['recipe']})"
+                if stages["quantize"].get("status") == "not_deployed":
+                    label = f"quantize ({chosen['recipe']}; slower in profile: FP32 kept)"
             else:
                 deployed = stages["quantize"].get("status") == "not_deployed"
                 accuracy, label = "-", "quantize (none faster: FP32 kept)" if deployed else "quantize (refused)"

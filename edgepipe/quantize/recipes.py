@@ -69,6 +69,10 @@ VETOES = {
     ("LSTM", "static"): "static QDQ does not quantize LSTM (dynamic has DynamicQuantizeLSTM)",
 }
 COMPUTE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "Attention"})
+# Activations the static QDQ quantizer folds into the range of the op before them, when it is
+# allowed to handle them. Left out, each stays as float with its own Q/DQ pair, and ORT runs a
+# DequantizeLinear + QuantizeLinear requantization per layer (34% of the INT8 MLP's time).
+REMOVABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:

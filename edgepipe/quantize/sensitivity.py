@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgepipe.quantize.recipes import COMPUTE_OPS
+from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
 
 CAP_DB = 100.0  # SQNR of an exact tensor (graph inputs): large, finite
 
@@ -75,21 +75,60 @@ def after_qdq(graph: onnx.GraphProto) -> dict[str, str]:
     return {t: dequantized[q] for t, q in quantized.items() if q in dequantized}
 
 
+def apply_activation(node: onnx.NodeProto, x: np.ndarray, constants: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Relu or Clip on `x`, with Clip's bounds from its initializer inputs or (opset < 11) attributes."""
+    if node.op_type == "Relu":
+        return np.maximum(x, 0)
+    bounds = {a.name: a.f for a in node.attribute if a.name in ("min", "max")}
+    for name, index in (("min", 1), ("max", 2)):
+        if len(node.input) > index and node.input[index] in constants:
+            bounds[name] = float(constants[node.input[index]])
+    if not bounds:
+        return x
+    return np.clip(x, bounds.get("min"), bounds.get("max"))
+
+
 def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray],
                work: Path) -> list[dict]:
-    """Compute nodes of the FP32 graph, most damaging first. A node's `added_nsr` is the noise
-    (relative to signal) of its output as consumers see it, after any Q/DQ, minus that of its
-    input as produced upstream: the error quantizing this node's input, weights and output adds."""
+    """Compute nodes of the FP32 graph, most damaging first, on a QDQ or dynamic model (a
+    QOperator model renames every quantized tensor, so rank on its QDQ twin).
+
+    A node's `added_nsr` is the noise (relative to signal) of its output as consumers see it,
+    after any Q/DQ, minus that of its input as produced upstream: the error that quantizing its
+    input, weights and output adds. A quantized activation tensor thus counts for both its
+    producer and its consumer, and both must stay FP32 to keep it float."""
     fp32_graph = onnx.load(str(fp32_path), load_external_data=False).graph
     quant_graph = onnx.load(str(quant_path), load_external_data=False).graph
     quant_tensors = {out for n in quant_graph.node for out in n.output} | {i.name for i in quant_graph.input}
     post = after_qdq(quant_graph)
-    nodes = [n for n in fp32_graph.node if n.op_type in COMPUTE_OPS and n.name
-             and n.output[0] in quant_tensors]
+    consumers: dict[str, list] = {}
+    for n in fp32_graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def observed(node) -> str:
+        """The tensor that carries the node's result in both graphs: the quantizer folds a
+        Relu/Clip that follows a compute node into it, and the node then writes the activation's
+        output name."""
+        out = node.output[0]
+        after = consumers.get(out, [])
+        if out not in quant_tensors and len(after) == 1 and after[0].op_type in REMOVABLE_ACTIVATIONS:
+            return after[0].output[0]
+        return out
+
+    # A folded activation's name now holds the compute node's raw result: the Relu/Clip happens
+    # in the QuantizeLinear after it. Compare that tensor after applying the activation here.
+    quant_producer = {out: n.op_type for n in quant_graph.node for out in n.output}
+    folded = {n.output[0]: n for n in fp32_graph.node
+              if n.op_type in REMOVABLE_ACTIVATIONS and quant_producer.get(n.output[0], n.op_type) != n.op_type}
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_graph.initializer}
+
+    nodes = [n for n in fp32_graph.node if n.op_type in COMPUTE_OPS and n.name and observed(n) in quant_tensors]
     pairs = {}  # fp32 tensor -> quantized-model tensor to compare it with
     for node in nodes:
+        out = observed(node)
         pairs[("in", node.name)] = (node.input[0], node.input[0])
-        pairs[("out", node.name)] = (node.output[0], post.get(node.output[0], node.output[0]))
+        pairs[("out", node.name)] = (out, post.get(out, out))
     reference = run_all(instrumented_copy(fp32_path, sorted({a for a, _ in pairs.values()}), work), feeds)
     actual = run_all(instrumented_copy(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work),
                   feeds)
@@ -98,7 +137,10 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
         ref_name, quant_name = pairs[key]
         if ref_name not in reference or quant_name not in actual:
             return 0.0  # graph input or not observable: treated as exact
-        return channel_nsr(reference[ref_name], actual[quant_name])
+        value = actual[quant_name]
+        if key[0] == "in" and quant_name in folded:
+            value = apply_activation(folded[quant_name], value, constants)
+        return channel_nsr(reference[ref_name], value)
 
     ranked = [{"node": n.name, "op": n.op_type, "nsr_in": nsr(("in", n.name)), "nsr_out": nsr(("out", n.name))}
               for n in nodes]
