@@ -76,12 +76,44 @@ def test_make_feeds_respects_spec(zoo):
     assert engine.run(feeds)["logits"].shape == (3, 4)
 
 
-@pytest.mark.gpu
-def test_cuda_provider_runs_when_present(zoo):
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("no CUDA provider (install edgepipe[gpu] on a GPU machine)")
-    engine = Engine(zoo["mlp"].onnx, providers="cuda")
-    assert engine.providers[0] == "CUDAExecutionProvider"
-    x = zoo["mlp"].dataset.x_test[:4]
-    np.testing.assert_allclose(engine.run(x)["logits"], Engine(zoo["mlp"].onnx, providers="cpu").run(x)["logits"],
-                               atol=1e-3)
+def test_io_binding_on_the_cpu_matches_run_and_chains_ortvalues(zoo):
+    engine = Engine(zoo["transformer"].onnx)
+    feeds = make_feeds(engine.inputs, batch=5, dims={"seq": 9})
+    expected = engine.run(feeds)["logits"]
+    np.testing.assert_array_equal(engine.run_bound(feeds, device="cpu")["logits"], expected)
+    kept = engine.run_bound({"ids": engine.to_device(feeds["ids"], "cpu")}, device="cpu", keep_on_device=True)
+    assert isinstance(kept["logits"], ort.OrtValue) and kept["logits"].shape() == [5, 4]
+    np.testing.assert_array_equal(kept["logits"].numpy(), expected)
+    with pytest.raises(InputError, match="missing input 'ids'"):
+        engine.run_bound({}, device="cpu")
+    with pytest.raises(InputError, match="dtype float32"):
+        engine.run_bound({"ids": feeds["ids"].astype(np.float32)}, device="cpu")
+
+
+def test_provider_options_are_parsed_checked_and_passed(zoo):
+    from edgepipe.runtime.engine import parse_provider_options, session_providers
+
+    assert parse_provider_options(["cuda.device_id=1", "tensorrt.trt_fp16_enable=True", "cuda.arena_extend_strategy=kSameAsRequested"]) == {
+        "cuda": {"device_id": "1", "arena_extend_strategy": "kSameAsRequested"}, "tensorrt": {"trt_fp16_enable": "True"}}
+    with pytest.raises(InputError, match="PROVIDER.KEY=VALUE"):
+        parse_provider_options(["device_id=1"])
+    assert session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], {"cuda": {"device_id": 1}}) == [
+        ("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    with pytest.raises(InputError, match="does not use"):
+        Engine(zoo["mlp"].onnx, providers="cpu", provider_options={"cuda": {"device_id": 0}})
+
+
+def test_placement_lists_nodes_that_left_the_preferred_provider(zoo):
+    from edgepipe.runtime.profiling import placement_report
+
+    cpu = Engine(zoo["cnn"].onnx).placement()
+    assert cpu["fell_back"] == [] and sum(cpu["nodes_per_provider"].values()) > 3
+    assert set(cpu["nodes_per_provider"]) == {"CPUExecutionProvider"}
+    # A CUDA session as the profiler records it: two ops without CUDA kernels, copies around them.
+    nodes = {"conv": {"node": "conv", "op": "Conv", "provider": "CUDAExecutionProvider", "us": 5},
+             "copy": {"node": "copy", "op": "MemcpyToHost", "provider": "CUDAExecutionProvider", "us": 1},
+             "topk": {"node": "topk", "op": "NonMaxSuppression", "provider": "CPUExecutionProvider", "us": 9}}
+    report = placement_report(nodes, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert report["fell_back"] == [{"node": "topk", "op": "NonMaxSuppression", "provider": "CPUExecutionProvider"}]
+    assert report["memcpy_nodes"] == 1
+    assert report["nodes_per_provider"] == {"CUDAExecutionProvider": 2, "CPUExecutionProvider": 1}

@@ -19,6 +19,8 @@ def profile(
     compare: Annotated[Optional[list[Path]], typer.Option(help="Other model(s) to time interleaved with MODEL; ratios are vs MODEL.")] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt … (auto: GPU when present, else CPU).")] = "auto",
     threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: onnxruntime's, one per core).")] = None,
+    provider_option: Annotated[Optional[list[str]], typer.Option(
+        help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
     ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
@@ -27,6 +29,9 @@ def profile(
     and threads actually used. --json adds the hardware fingerprint (CPU model, ISA features,
     cores, OS, onnxruntime version and providers)."""
     from edgepipe.runtime import compare_models, profile_model
+    from edgepipe.runtime.engine import parse_provider_options
+
+    provider_options = parse_provider_options(provider_option or [])
 
     batches = parse_ints(batch, "--batch")
     sweep = parse_ints(threads, "--threads") if threads else (None,)
@@ -38,11 +43,12 @@ def profile(
         models = {model.name: model, **{p.name: p for p in compare}}
         if len(models) != 1 + len(compare):
             models = {str(model): model, **{str(p): p for p in compare}}
-        record = compare_models(models, batches, providers=provider, threads=sweep[0])
+        record = compare_models(models, batches, providers=provider, threads=sweep[0],
+                                provider_options=provider_options)
         by_label = record["latency"]
     else:
         record = profile_model(model, batches, providers=provider, thread_sweep=sweep, min_time_s=seconds,
-                               operators=ops)
+                               operators=ops, provider_options=provider_options)
         runs = record["thread_sweep"] or [{"threads": sweep[0] or "default", "latency": record["latency"]}]
         by_label = {f"{model.name} t={run['threads']}" if len(runs) > 1 else model.name: run["latency"]
                     for run in runs}
@@ -60,6 +66,13 @@ def profile(
             typer.echo(f"{label[:28]:28} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
                        f"{stats['p99_ms']:>9.4f} {stats['throughput']:>11.1f} "
                        f"{(f'{ratio:.2f}x' if ratio else '-'):>8}")
+    placement = record.get("placement")
+    if placement:
+        fell = placement["fell_back"]
+        typer.echo(f"placement: {placement['nodes_per_provider']}; {len(fell)} node(s) fell back from "
+                   f"{providers[0]}, {placement['memcpy_nodes']} device copies")
+        for row in fell[:10]:
+            typer.echo(f"  fell back: {row['node'][:40]:40} {row['op']:14} -> {row['provider']}")
     if record.get("operators"):
         typer.echo(f"\ntop operators at batch {max(batches)} (onnxruntime profiler):")
         for row in record["operators"]["by_op_type"][:8]:

@@ -59,6 +59,33 @@ def resolve_providers(requested: str | Sequence[str]) -> tuple[list[str], list[s
     return resolved, missing
 
 
+def parse_provider_options(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """["cuda.device_id=0", "tensorrt.trt_fp16_enable=True"] -> {"cuda": {"device_id": "0"}, ...}."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        provider, dot, option = key.partition(".")
+        if not (sep and dot and provider and option):
+            raise InputError(f"provider option '{item}' must be PROVIDER.KEY=VALUE, e.g. cuda.device_id=0 "
+                             "or tensorrt.trt_fp16_enable=True")
+        options.setdefault(provider, {})[option] = value
+    return options
+
+
+def session_providers(names: Sequence[str], options: Mapping[str, Mapping] | None) -> list:
+    """What InferenceSession takes: names, or (name, options) pairs where options were given.
+    Options are keyed by alias ("cuda") or full name; options for an unused provider are an error."""
+    if not options:
+        return list(names)
+    by_name = {PROVIDER_ALIASES.get(k.lower(), k): {str(o): str(v) for o, v in opts.items()}
+               for k, opts in options.items()}
+    unused = [k for k in by_name if k not in names]
+    if unused:
+        raise InputError(f"options given for {', '.join(unused)}, which this session does not use "
+                         f"(providers: {', '.join(names)})")
+    return [(n, by_name[n]) if n in by_name else n for n in names]
+
+
 class Engine:
     """Build once, run many times: `Engine("model.onnx").run({"x": array}) -> {"logits": ...}`.
 
@@ -68,6 +95,10 @@ class Engine:
     `run` is safe to call from several threads at once (ORT sessions are).
     `spinning=False` stops idle worker threads from busy-waiting (use it when several sessions
     share the cores, e.g. when timing models against each other).
+    `provider_options`: per provider, e.g. {"cuda": {"device_id": 1}, "tensorrt":
+    {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "cache/"}}.
+    On a GPU, `run_bound` keeps inputs/outputs on the device (IO binding) and `placement()`
+    reports which nodes fell back to the CPU.
     """
 
     def __init__(
@@ -81,6 +112,7 @@ class Engine:
         allow_fallback: bool = False,
         validate: bool = True,
         spinning: bool = True,
+        provider_options: Mapping[str, Mapping[str, object]] | None = None,
     ):
         if optimization not in OPTIMIZATION_LEVELS:
             raise InputError(
@@ -108,8 +140,10 @@ class Engine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 4  # errors reach the user as InputError, once
         source = model if isinstance(model, bytes) else str(self.path)
+        self._session_providers = session_providers(wanted, provider_options)
+        self._source = source
         try:
-            self.session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=self._session_providers)
         except Exception as exc:  # ORT raises several private exception types for bad models
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             where = self.path or "<bytes>"
@@ -266,6 +300,55 @@ class Engine:
         except Exception as exc:
             raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
         return dict(zip(names, values))
+
+    def to_device(self, array: np.ndarray, device: str = "cuda", device_id: int = 0) -> ort.OrtValue:
+        """Copy `array` to `device` once; pass the OrtValue to `run_bound` as often as needed."""
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
+
+    def run_bound(self, inputs, *, device: str = "cuda", device_id: int = 0,
+                  keep_on_device: bool = False) -> dict:
+        """Run with IO binding: numpy inputs are copied to `device` (OrtValues from `to_device`
+        or from an earlier `keep_on_device` run are used in place) and outputs are allocated
+        there. Returns numpy arrays, or the OrtValues themselves with `keep_on_device=True`
+        so the next model or call can take them without a round trip through host memory.
+        `device="cpu"` works everywhere (same results as `run`)."""
+        feeds = self.as_feeds(inputs)
+        if self._validate and all(isinstance(v, np.ndarray) for v in feeds.values()):
+            self.validate(feeds)  # OrtValues already on the device are checked by ORT itself
+        binding = self.session.io_binding()
+        unknown = [k for k in feeds if k not in self._input_names]
+        missing = [k for k in self._input_names if k not in feeds]
+        if unknown or missing:
+            raise InputError(f"inputs must be exactly {', '.join(self._input_names)}; "
+                             f"unknown: {', '.join(unknown) or '-'}, missing: {', '.join(missing) or '-'}")
+        for name in self._input_names:
+            value = feeds[name]
+            if isinstance(value, np.ndarray):
+                value = self.to_device(value, device, device_id)
+            elif not isinstance(value, ort.OrtValue):
+                raise InputError(f"input '{name}' is {type(value).__name__}: pass a numpy array or an OrtValue")
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, device, device_id)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
+        if keep_on_device:
+            return dict(zip(self.output_names, binding.get_outputs()))
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def placement(self, inputs=None) -> dict:
+        """Which execution provider ran each node (one profiled run of a twin session with the
+        same providers and options). `fell_back` lists the nodes that did not run on the
+        preferred provider, e.g. ops CUDA has no kernel for; `memcpy_nodes` counts the copies
+        ORT inserted between devices because of them."""
+        from edgepipe.runtime.profiling import node_times, placement_report, profile_events
+        from edgepipe.runtime.spec import make_feeds
+
+        feeds = self.as_feeds(inputs) if inputs is not None else make_feeds(self.inputs, batch=1)
+        events = profile_events(self._source, feeds, self._session_providers, threads=self.threads, iterations=1)
+        return placement_report(node_times(events), self.providers)
 
     def close(self) -> None:
         self.session = None

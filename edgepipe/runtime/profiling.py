@@ -103,18 +103,15 @@ def peak_rss_mb() -> float | None:
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="auto",
-                     threads: int | None = None, iterations: int = 30, top: int = 15) -> dict:
-    """Per-operator time from ONNX Runtime's own profiler: by op type and by node, with the
-    provider each node ran in."""
+def profile_events(model, feeds: Mapping[str, np.ndarray], session_providers: list, *,
+                   threads: int | None = None, iterations: int = 30) -> list[dict]:
+    """Run `model` `iterations` times under ONNX Runtime's profiler; its JSON events.
+    `session_providers`: what InferenceSession takes (names, or (name, options) pairs)."""
     import json
     import tempfile
-    from collections import defaultdict
     from pathlib import Path
 
     import onnxruntime as ort
-
-    from edgepipe.runtime.engine import resolve_providers
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
@@ -123,35 +120,66 @@ def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="
     with tempfile.TemporaryDirectory(prefix="edgepipe-ops-") as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(model_path), options, providers=resolve_providers(providers)[0])
+        source = model if isinstance(model, bytes) else str(model)
+        session = ort.InferenceSession(source, options, providers=session_providers)
         for _ in range(iterations):
             session.run(None, dict(feeds))
-        events = json.loads(Path(session.end_profiling()).read_text())
-    by_op: dict[str, float] = defaultdict(float)
+        return json.loads(Path(session.end_profiling()).read_text())
+
+
+def node_times(events: list[dict]) -> dict[str, dict]:
+    """{node name: {"node", "op", "provider", "us"}} from profiler events (kernel time summed)."""
     by_node: dict[str, dict] = {}
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         args = event.get("args", {})
         node = event["name"][: -len("_kernel_time")]
-        op = args.get("op_name", "?")
-        by_op[op] += event.get("dur", 0)
-        entry = by_node.setdefault(node, {"node": node, "op": op, "provider": args.get("provider"), "us": 0.0})
+        entry = by_node.setdefault(node, {"node": node, "op": args.get("op_name", "?"),
+                                          "provider": args.get("provider"), "us": 0.0})
         entry["us"] += event.get("dur", 0)
+    return by_node
+
+
+def placement_report(by_node: dict[str, dict], providers: list[str]) -> dict:
+    """Which provider ran each node. `fell_back`: nodes not on the preferred (first) provider,
+    e.g. the CPU nodes of a CUDA session, with the copies ORT inserted around them."""
+    from collections import Counter
+
+    preferred = providers[0] if providers else None
+    fell_back = [] if preferred in (None, "CPUExecutionProvider") else [
+        {"node": n["node"], "op": n["op"], "provider": n["provider"]}
+        for n in by_node.values() if n["provider"] != preferred]
+    return {"providers": list(providers),
+            "nodes_per_provider": dict(Counter(n["provider"] for n in by_node.values())),
+            "fell_back": fell_back,
+            "memcpy_nodes": sum(n["op"].startswith("Memcpy") for n in by_node.values())}
+
+
+def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="auto",
+                     threads: int | None = None, iterations: int = 30, top: int = 15) -> dict:
+    """Per-operator time from ONNX Runtime's own profiler: by op type and by node, with the
+    provider each node ran in."""
+    from collections import defaultdict
+
+    from edgepipe.runtime.engine import resolve_providers
+
+    names = resolve_providers(providers)[0]
+    by_node = node_times(profile_events(model_path, feeds, names, threads=threads, iterations=iterations))
+    by_op: dict[str, float] = defaultdict(float)
+    for entry in by_node.values():
+        by_op[entry["op"]] += entry["us"]
     total = sum(by_op.values()) or 1.0
     ops = sorted(({"op": op, "us_per_run": round(us / iterations, 2), "share": round(us / total, 4)}
                   for op, us in by_op.items()), key=lambda r: r["us_per_run"], reverse=True)
     nodes = sorted(by_node.values(), key=lambda r: r["us"], reverse=True)
-    providers_used: dict[str, int] = defaultdict(int)
-    for entry in by_node.values():
-        providers_used[entry["provider"]] += 1
     return {
         "iterations": iterations,
         "by_op_type": ops,
         "by_node": [{"node": n["node"], "op": n["op"], "provider": n["provider"],
                      "us_per_run": round(n["us"] / iterations, 2), "share": round(n["us"] / total, 4)}
                     for n in nodes[:top]],
-        "nodes_per_provider": dict(providers_used),
+        "nodes_per_provider": placement_report(by_node, names)["nodes_per_provider"],
     }
 
 
@@ -168,10 +196,12 @@ def profile_model(
     min_time_s: float = 0.3,
     operators: bool = False,
     seed: int = 0,
+    provider_options: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Profile one ONNX model: cold start (session creation + first inference), warm latency
     over a batch sweep (and a thread sweep), peak RSS, file size, optionally the per-operator
-    breakdown; with the engine's actual providers and the hardware fingerprint."""
+    breakdown; with the engine's actual providers and the hardware fingerprint. On a GPU (or
+    any provider but the CPU) `placement` says which nodes fell back to the CPU."""
     from pathlib import Path
 
     from edgepipe.runtime.engine import Engine
@@ -183,7 +213,7 @@ def profile_model(
     cold = None
     for thread_count in sweep:
         t0 = time.perf_counter()
-        engine = Engine(model_path, providers=providers, threads=thread_count)
+        engine = Engine(model_path, providers=providers, threads=thread_count, provider_options=provider_options)
         created = time.perf_counter()
         first_feeds = make_feeds(engine.inputs, batch=1, dims=dims, seed=seed)
         engine.session.run(None, first_feeds)
@@ -207,6 +237,7 @@ def profile_model(
         "thread_sweep": runs if len(runs) > 1 else None,
         "peak_rss_mb": peak_rss_mb(),
         "hardware": fingerprint(),
+        "placement": None if engine.providers[0] == "CPUExecutionProvider" else engine.placement(),
     }
     if operators:
         feeds = make_feeds(engine.inputs, batch=max(batch_sizes), dims=dims, seed=seed)
@@ -237,6 +268,7 @@ def compare_models(
     rounds: int = 20,
     trials: int = 3,
     seed: int = 0,
+    provider_options: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
     reported against the first. `data` supplies real input rows; else inputs are generated.
@@ -253,7 +285,8 @@ def compare_models(
     from edgepipe.runtime.spec import make_feeds
 
     def fresh() -> dict[str, Engine]:  # no spinning: several sessions share the cores (see Engine)
-        return {label: Engine(path, providers=providers, threads=threads, spinning=False)
+        return {label: Engine(path, providers=providers, threads=threads, spinning=False,
+                                      provider_options=provider_options)
                 for label, path in models.items()}
 
     engines = fresh()
