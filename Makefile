@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, alone and pinned, so nothing can resolve it to a CUDA build.
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install -q -c constraints.txt -e ".[pipeline,serve,dev]"
+	# Triton's ModelConfig schema (edgepipe triton checks config.pbtxt with it). --no-deps: its
+	# metadata caps ml-dtypes and protobuf below what onnx needs; the schema needs neither.
+	$(PY) -m pip install -q --no-deps -c constraints.txt tritonclient
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,92 +1,176 @@
-"""Serving benchmark on loopback: dynamic batching vs batch-1 serving at concurrency 32.
+"""Serving benchmark on loopback: dynamic batching vs batch-1 serving, and a soak test.
 
-    python benchmarks/serve_bench.py [--run benchmarks/results/demo-run] [--requests 3000]
+    python benchmarks/serve_bench.py [--model runs/demo/mlp/model.onnx] [--requests 20000]
+    python benchmarks/serve_bench.py --soak 300      # 5 minutes of load, server RSS sampled
 
-Bounded: a fixed number of requests, to 127.0.0.1 only. Reports throughput, p50/p99 latency,
-and checks every response against a direct Engine.run of its own input (lost or mixed: 0).
+The server runs as `edgepipe serve` in its own process (a client in the same process would share
+its GIL and measure itself); the load comes from benchmarks/loadgen.py, closed loop, with
+`--concurrency` requests in flight, to 127.0.0.1 only, a bounded number of requests (or seconds).
+Every reply is checked against a direct Engine.run of its own input: lost (no reply or not 200)
+and mixed (someone else's answer) are counted, and must both be 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import io
 import json
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from edgepipe.runtime import Engine
+sys.path.insert(0, str(Path(__file__).parent))
+from loadgen import post_all  # noqa: E402
+
+from edgepipe.runtime import Engine  # noqa: E402
+
+NPY = "application/x-npy"
 
 
-async def load(url: str, inputs: list[np.ndarray], concurrency: int) -> tuple[list, list[float], float]:
-    semaphore = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 limits=httpx.Limits(max_connections=concurrency)) as client:
-        async def one(x):
-            async with semaphore:
-                t0 = time.perf_counter()
-                response = await client.post("/v1/predict", json={"inputs": {"x": x.tolist()}})
-                latencies.append(time.perf_counter() - t0)
-                return response
-        started = time.perf_counter()
-        responses = await asyncio.gather(*(one(x) for x in inputs))
-        return responses, latencies, time.perf_counter() - started
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run_case(model: Path, max_batch: int, inputs: list[np.ndarray], concurrency: int, port: int) -> dict:
-    """The server runs as `edgepipe serve` in its own process: a client in the same process
-    would share its GIL and measure itself."""
-    import subprocess
-    import sys
+class Server:
+    def __init__(self, model: Path, max_batch: int, max_delay_ms: float, threads: int | None, spin: bool = False):
+        self.port = free_port()
+        cli = str(Path(sys.executable).parent / "edgepipe")
+        command = [cli, "serve", str(model), "--port", str(self.port), "--max-batch", str(max_batch),
+                   "--max-delay-ms", str(max_delay_ms), "--max-queue", "4096"]
+        if threads:
+            command += ["--threads", str(threads)]
+        command.append("--spin" if spin else "--no-spin")
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    engine = Engine(model)
-    cli = str(Path(sys.executable).parent / "edgepipe")
-    server = subprocess.Popen([cli, "serve", str(model), "--port", str(port),
-                               "--max-batch", str(max_batch), "--max-delay-ms", "2", "--max-queue", "4096"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    def __enter__(self):
+        import urllib.request
+
         deadline = time.time() + 60
         while True:
             try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
                 pass
-            if time.time() > deadline:
+            if time.time() > deadline or self.process.poll() is not None:
                 raise RuntimeError("server did not become ready")
             time.sleep(0.1)
-        responses, latencies, seconds = asyncio.run(load(url, inputs, concurrency))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    wrong = sum(r.status_code != 200 or not np.allclose(np.asarray(r.json()["outputs"]["logits"], np.float32),
-                                                       engine.run(x)["logits"], atol=1e-5)
-                for r, x in zip(responses, inputs))
-    ms = np.asarray(latencies) * 1000
-    return {"max_batch": max_batch, "requests": len(inputs), "throughput_rps": round(len(inputs) / seconds, 1),
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def encode(x: np.ndarray, fmt: str) -> bytes:
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, x, allow_pickle=False)
+        return buffer.getvalue()
+    return json.dumps({"inputs": {"x": x.tolist()}}).encode()
+
+
+def decode(body: bytes, fmt: str) -> np.ndarray:
+    if fmt == "npy":
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    return np.asarray(json.loads(body)["outputs"]["logits"], np.float32)
+
+
+def load(server: Server, inputs, expected, fmt: str, concurrency: int) -> dict:
+    bodies = [encode(x, fmt) for x in inputs]
+    kind = NPY if fmt == "npy" else "application/json"
+    replies, seconds = post_all(server.url + "/v1/predict", bodies, concurrency, content_type=kind, accept=kind)
+    lost = len(inputs) - sum(r.status == 200 for r in replies)
+    mixed = sum(r.status == 200 and not np.allclose(decode(r.body, fmt), expected[r.index], atol=1e-5)
+                for r in replies)
+    ms = np.asarray([r.seconds for r in replies]) * 1000
+    return {"requests": len(inputs), "seconds": round(seconds, 2), "throughput_rps": round(len(inputs) / seconds, 1),
             "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "lost_or_mixed": int(wrong)}
+            "lost": int(lost), "mixed": int(mixed)}
+
+
+def batch_sizes(server: Server) -> dict:
+    import urllib.request
+
+    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("edgepipe_batch_size_count") or line.startswith("edgepipe_batch_size_sum"):
+            name, value = line.split()
+            values[name.split("_")[-1]] = float(value)
+    return {"model_calls": int(values.get("count", 0)),
+            "mean_rows_per_call": round(values.get("sum", 0) / max(values.get("count", 1), 1), 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("benchmarks/results/demo-run"))
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--model", type=Path, default=Path("runs/demo/mlp/model.onnx"))
+    parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--formats", default="npy,json")
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=None, help="server's onnxruntime threads")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of continuous load instead")
     args = parser.parse_args()
-    model = args.run / "mlp" / "model.onnx"
+    if not args.model.is_file():
+        sys.exit(f"{args.model} not found: run `make demo` first (or pass --model)")
+    engine = Engine(args.model)
     rng = np.random.default_rng(0)
-    inputs = [rng.random((1, 1, 8, 8), dtype=np.float32) for _ in range(args.requests)]
-    results = [run_case(model, 1, inputs, args.concurrency, 18931),
-               run_case(model, 32, inputs, args.concurrency, 18932)]
-    results.append({"batching_throughput_gain": round(results[1]["throughput_rps"] / results[0]["throughput_rps"], 2)})
+    shape = tuple(d if isinstance(d, int) else 1 for d in engine.inputs[0].shape)
+    inputs = [rng.random(shape, dtype=np.float32) for _ in range(args.requests)]
+    expected = [engine.run(x)["logits"] for x in inputs]
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+
+    if args.soak:
+        with Server(args.model, 32, args.max_delay_ms, args.threads) as server:
+            samples, rounds, started = [], [], time.time()
+            while time.time() - started < args.soak:
+                rounds.append(load(server, inputs, expected, "json", args.concurrency))
+                samples.append({"t_s": round(time.time() - started, 1), "rss_mb": round(server.rss_mb(), 1)})
+                print(json.dumps(samples[-1] | {"rps": rounds[-1]["throughput_rps"]}), flush=True)
+        warm = samples[min(1, len(samples) - 1)]["rss_mb"]  # after the first round: allocator warmed up
+        result = {"seconds": round(time.time() - started, 1), "requests": sum(r["requests"] for r in rounds),
+                  "rss_after_first_round_mb": warm, "rss_end_mb": samples[-1]["rss_mb"],
+                  "rss_max_mb": max(s["rss_mb"] for s in samples),
+                  "growth_pct": round(100 * (samples[-1]["rss_mb"] - warm) / warm, 2),
+                  "lost": sum(r["lost"] for r in rounds), "mixed": sum(r["mixed"] for r in rounds),
+                  "p99_ms_worst_round": max(r["p99_ms"] for r in rounds), "samples": samples}
+        Path("benchmarks/results/serve_soak.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
+        return
+
+    # Both servers with and without ORT's thread spinning: it helps batch-1 serving and hurts
+    # batched serving on 2 cores, so the gain is reported against the best batch-1 setting.
+    results = []
+    for fmt in args.formats.split(","):
+        row = {"format": fmt}
+        for label, max_batch in (("batch1", 1), ("dynamic", 32)):
+            for spin in (False, True):
+                with Server(args.model, max_batch, args.max_delay_ms, args.threads, spin) as server:
+                    load(server, inputs[:2000], expected, fmt, args.concurrency)  # warm-up, not counted
+                    row[f"{label}_{'spin' if spin else 'nospin'}"] = (
+                        load(server, inputs, expected, fmt, args.concurrency) | batch_sizes(server))
+        best = {label: max((v for k, v in row.items() if k.startswith(label)), key=lambda r: r["throughput_rps"])
+                for label in ("batch1", "dynamic")}
+        row["gain_best_vs_best"] = round(best["dynamic"]["throughput_rps"] / best["batch1"]["throughput_rps"], 2)
+        row["gain_default_settings"] = round(row["dynamic_nospin"]["throughput_rps"]
+                                             / row["batch1_nospin"]["throughput_rps"], 2)
+        results.append(row)
+        print(json.dumps(row, indent=2), flush=True)
     Path("benchmarks/results/serve_bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

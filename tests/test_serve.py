@@ -102,3 +102,35 @@ def test_npy_bodies_and_readiness(zoo):
                               headers={"content-type": "application/x-npy", "accept": "application/x-npy"})
     assert ready["status"] == "ready" and ready["inputs"][0]["name"] == "x"
     np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), engine.run(x)["logits"])
+
+
+def test_npy_codec_round_trips_and_refuses_bad_bodies():
+    from edgepipe.errors import InputError
+    from edgepipe.serve.codec import read_npy, write_npy
+
+    rng = np.random.default_rng(0)
+    for array in (rng.random((3, 1, 8, 8), dtype=np.float32), np.arange(6).reshape(2, 3),
+                  np.asfortranarray(rng.random((4, 5))), np.zeros((0, 4), np.float32)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        for _ in range(2):  # second time from the header cache
+            got = read_npy(buffer.getvalue())
+            assert got.dtype == array.dtype and np.array_equal(got, array)
+        assert write_npy(array) == _saved(np.ascontiguousarray(array))  # byte-identical to np.save
+    body = _saved(np.ones((2, 2)))
+    with pytest.raises(InputError, match="holds 29 data bytes"):
+        read_npy(body[:-3])
+    with pytest.raises(InputError, match="holds 34 data bytes"):
+        read_npy(body + b"xx")
+    with pytest.raises(InputError, match="NUMPY magic"):
+        read_npy(b"hello")
+    with pytest.raises(InputError, match="bad header"):
+        read_npy(body[:12])
+    with pytest.raises(InputError, match="object arrays are not accepted"):  # never unpickled
+        read_npy(_saved(np.array([{"a": 1}], dtype=object), allow_pickle=True))
+
+
+def _saved(array, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kwargs)
+    return buffer.getvalue()

@@ -45,6 +45,7 @@ from edgepipe.cli import (  # noqa: E402,F401
     run_cmd,
     serve_cmd,
     train_cmd,
+    triton_cmd,
 )
 
 

@@ -24,10 +24,34 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds (504 after it).")] = 5.0,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads.")] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt.")] = "auto",
+    spin: Annotated[bool, typer.Option(
+        help="Let idle onnxruntime threads busy-wait for the next call. Off by default: they would take "
+             "cores from the HTTP loop (measured: 10.3k vs 8.3k req/s batched on 2 cores). On can "
+             "help latency when --max-batch is 1 and cores are spare.")] = False,
+    provider_option: Annotated[Optional[list[str]], typer.Option(
+        help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
+    backend: Annotated[str, typer.Option(
+        help="http: one process (FastAPI + uvicorn). ray: a Ray Serve deployment with replicas "
+             "or autoscaling, on the Ray cluster at --ray-address (or a new local one).")] = "http",
+    replicas: Annotated[int, typer.Option(help="ray: fixed number of replicas.")] = 1,
+    autoscale: Annotated[Optional[str], typer.Option(
+        help="ray: MIN:MAX replicas, scaled by Ray Serve on requests in flight (replaces --replicas).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="ray: address of an existing cluster.")] = None,
 ) -> None:
-    """Serve a model over HTTP: POST /v1/predict (JSON {"inputs": {...}} or a raw .npy body),
-    GET /healthz, /readyz, /metrics (Prometheus). Concurrent requests are batched dynamically;
-    a full queue answers 503 with Retry-After; shutdown (Ctrl-C) finishes in-flight requests."""
+    """Serve a model over HTTP: POST /v1/predict (JSON {"inputs": {...}} or a raw .npy body).
+    Concurrent requests are batched dynamically; a full queue answers 503 with Retry-After.
+    The http backend also has GET /healthz, /readyz, /metrics (Prometheus) and finishes in-flight
+    requests on shutdown (Ctrl-C); the ray backend uses Ray Serve's own health, metrics and
+    graceful shutdown, with the same request format and errors."""
+    from edgepipe.runtime.engine import parse_provider_options
+
+    if backend not in ("http", "ray"):
+        from edgepipe.errors import InputError
+
+        raise InputError(f"--backend must be http or ray, got '{backend}'")
+    if backend == "ray":
+        return _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
+                             replicas, autoscale, ray_address, parse_provider_options(provider_option or []))
     try:
         import uvicorn
 
@@ -38,9 +62,40 @@ def serve(
         raise InputError(f"serving needs the serve extra ({exc.name} missing): pip install 'edgepipe[serve]'") from None
     from edgepipe.runtime import Engine
 
-    options = {"providers": provider, "threads": threads}
+    options = {"providers": provider, "threads": threads, "spinning": spin,
+               "provider_options": parse_provider_options(provider_option or [])}
     engine = Engine.from_run(model, name, **options) if model.is_dir() else Engine(model, **options)
     typer.echo(f"serving {engine.path} on http://{host}:{port} ({engine.providers[0]}, max batch {max_batch})")
+    if engine.providers[0] != "CPUExecutionProvider":
+        fell = engine.placement()["fell_back"]
+        if fell:
+            typer.echo(f"note: {len(fell)} node(s) run on the CPU, not {engine.providers[0]}: "
+                       + ", ".join(f"{r['node']} ({r['op']})" for r in fell[:8]))
     application = create_app(engine, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                              timeout_s=timeout)
     uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+def _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
+                  replicas, autoscale, ray_address, provider_options) -> None:
+    from edgepipe.errors import InputError
+    from edgepipe.runtime import Engine
+    from edgepipe.serve.ray_app import RayServeConfig, build_app, parse_autoscale
+
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InputError("the ray backend needs the ray extra: pip install 'edgepipe[ray]'") from None
+    path = (Engine.from_run(model, name) if model.is_dir() else Engine(model)).path  # checks it loads
+    options = {"providers": provider, "provider_options": provider_options} | ({"threads": threads} if threads else {})
+    config = RayServeConfig(replicas=replicas, autoscaling=parse_autoscale(autoscale), max_batch=max_batch,
+                            max_delay_ms=max_delay_ms, max_queue=max_queue,
+                            gpus_per_replica=1.0 if provider in ("cuda", "gpu", "tensorrt", "trt") else 0.0,
+                            engine_options=options)
+    application = build_app(path, config)
+    ray.init(address=ray_address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    scale = f"autoscaling {autoscale}" if autoscale else f"{replicas} replica(s)"
+    typer.echo(f"serving {path} on http://{host}:{port}/v1/predict with Ray Serve ({scale}, max batch {max_batch})")
+    serve.run(application, name="edgepipe", route_prefix="/v1/predict", blocking=True)

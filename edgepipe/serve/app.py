@@ -5,13 +5,11 @@ graceful shutdown. Needs the `serve` extra (fastapi, uvicorn, prometheus-client)
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 from contextlib import asynccontextmanager
 
-import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,57 +20,33 @@ from prometheus_client import (
     generate_latest,
 )
 
-from edgepipe.errors import EdgepipeError, InputError
+from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.engine import Engine
 from edgepipe.serve.batcher import DynamicBatcher, Overloaded
-
-NPY = "application/x-npy"
+from edgepipe.serve.codec import NPY, encode_outputs, parse_body
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def parse_body(engine: Engine, body: bytes, content_type: str) -> dict[str, np.ndarray]:
-    """JSON {"inputs": {name: nested list}} (or {name: ...}), cast to the model's dtypes; or a
-    raw .npy array for single-input models (dtype must match). Non-finite floats are refused."""
-    if content_type.startswith(NPY):
-        if len(engine.inputs) != 1:
-            raise InputError(f"npy bodies need a single-input model; this one takes "
-                             f"{', '.join(s.name for s in engine.inputs)}: send JSON")
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except Exception:
-            raise InputError("body is not a valid .npy array") from None
-        feeds = {engine.inputs[0].name: array}
-    else:
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError("body is not valid JSON (send {\"inputs\": {\"<name>\": [...]}})") from None
-        data = data.get("inputs", data) if isinstance(data, dict) else None
-        if not isinstance(data, dict):
-            raise InputError("JSON body must be an object: {\"inputs\": {\"<name>\": [...]}}")
-        feeds = {}
-        for spec in engine.inputs:
-            if spec.name not in data:
-                raise InputError(f"missing input '{spec.name}' (expected {spec.describe()})")
-            try:
-                feeds[spec.name] = np.asarray(data[spec.name], dtype=spec.np_dtype)
-            except (ValueError, TypeError):
-                raise InputError(f"input '{spec.name}' is not a rectangular array of {spec.dtype}") from None
-        extra = sorted(set(data) - set(feeds))
-        if extra:
-            raise InputError(f"unknown input(s) {', '.join(extra)}")
-    for name, array in feeds.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InputError(f"input '{name}' contains NaN or infinity")
-    engine.validate(feeds)
-    return feeds
+class ServingApp:
+    """The ASGI application: POST /v1/predict is answered here directly (it is the hot path, and
+    FastAPI's routing and middleware cost more per request than a small model's inference);
+    every other path, and the lifespan, goes to the FastAPI app in `.fastapi`."""
+
+    def __init__(self, fastapi: FastAPI, predict):
+        self.fastapi, self.state, self._predict = fastapi, fastapi.state, predict
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v1/predict" and scope["method"] == "POST":
+            await self._predict(scope, receive, send)
+        else:
+            await self.fastapi(scope, receive, send)
 
 
 def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
-               timeout_s: float = 5.0, max_body_bytes: int = 8 << 20) -> FastAPI:
+               timeout_s: float = 5.0, max_body_bytes: int = 8 << 20) -> ServingApp:
     registry = CollectorRegistry()
     requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=registry)
     latency = Histogram("edgepipe_request_seconds", "Request latency", registry=registry,
@@ -80,6 +54,7 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
     batch_sizes = Histogram("edgepipe_batch_size", "Rows per model call", registry=registry,
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     depth = Gauge("edgepipe_queue_depth", "Requests waiting", registry=registry)
+    by_status: dict[int, object] = {}
     state = {"ready": False}
     batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s, on_batch=batch_sizes.observe)
 
@@ -94,38 +69,48 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
     app = FastAPI(title="edgepipe", lifespan=lifespan)
     app.state.batcher, app.state.engine = batcher, engine
 
-    @app.post("/v1/predict")
-    async def predict(request: Request):
-        started = time.perf_counter()
-        response = await _predict(request)
-        requests.labels(str(response.status_code)).inc()
-        latency.observe(time.perf_counter() - started)
-        depth.set(batcher.depth)
-        return response
-
-    async def _predict(request: Request):
+    async def answer(headers: dict, receive) -> tuple[int, bytes, bytes, list]:
+        """(status, body, media type, extra headers) for one predict request."""
         if not state["ready"]:
-            return _error(503, "shutting down", {"Retry-After": "1"})
-        size = int(request.headers.get("content-length") or 0)
-        if size > max_body_bytes:
-            return _error(413, f"body of {size} bytes exceeds the limit of {max_body_bytes}")
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            return _error(413, f"body exceeds the limit of {max_body_bytes} bytes")
+            return 503, _json_error("shutting down"), JSON, [(b"retry-after", b"1")]
+        declared = int(headers.get(b"content-length") or 0)
+        if declared > max_body_bytes:
+            return 413, _json_error(f"body of {declared} bytes exceeds the limit of {max_body_bytes}"), JSON, []
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 499, b"", JSON, []  # the client left; nobody reads this
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_body_bytes:
+                return 413, _json_error(f"body exceeds the limit of {max_body_bytes} bytes"), JSON, []
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
         try:
-            feeds = parse_body(engine, body, request.headers.get("content-type", "application/json"))
+            feeds = parse_body(engine, b"".join(chunks), headers.get(b"content-type", b"application/json").decode("latin-1"))
             outputs = await batcher.submit(feeds)
         except Overloaded as exc:
-            return _error(503, str(exc), {"Retry-After": "1"})
+            return 503, _json_error(str(exc)), JSON, [(b"retry-after", b"1")]
         except asyncio.TimeoutError:
-            return _error(504, f"no result within {timeout_s} s")
+            return 504, _json_error(f"no result within {timeout_s} s"), JSON, []
         except EdgepipeError as exc:
-            return _error(422, str(exc))
-        if NPY in request.headers.get("accept", "") and len(outputs) == 1:
-            buffer = io.BytesIO()
-            np.save(buffer, next(iter(outputs.values())), allow_pickle=False)
-            return Response(buffer.getvalue(), media_type=NPY)
-        return JSONResponse({"outputs": {k: v.tolist() for k, v in outputs.items()}})
+            return 422, _json_error(str(exc)), JSON, []
+        body, media_type = encode_outputs(outputs, headers.get(b"accept", b"").decode("latin-1"))
+        return 200, body, NPY_BYTES if media_type == NPY else JSON, []
+
+    async def predict(scope, receive, send):
+        started = time.perf_counter()
+        status, body, media_type, extra = await answer(dict(scope["headers"]), receive)
+        if status == 499:
+            return
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+        counter = by_status.get(status) or by_status.setdefault(status, requests.labels(str(status)))
+        counter.inc()
+        latency.observe(time.perf_counter() - started)
 
     @app.get("/healthz")
     async def healthz():
@@ -143,4 +128,12 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         depth.set(batcher.depth)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return ServingApp(app, predict)
+
+
+JSON = b"application/json"
+NPY_BYTES = NPY.encode()
+
+
+def _json_error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()

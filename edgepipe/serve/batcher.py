@@ -20,11 +20,40 @@ class _Request:
     feeds: dict[str, np.ndarray]
     rows: int
     future: asyncio.Future
+    signature: tuple = ()
 
-    @property
-    def signature(self) -> tuple:
-        """Requests merge only when every non-batch dim matches (e.g. same sequence length)."""
-        return tuple((k, v.shape[1:]) for k, v in sorted(self.feeds.items()))
+
+def signature(feeds: dict[str, np.ndarray]) -> tuple:
+    """Requests merge only when every non-batch dim matches (e.g. same sequence length)."""
+    return tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
+
+
+def run_merged(engine: Engine, requests: list[dict[str, np.ndarray]]) -> list:
+    """Run many requests as few model calls: one per group of mergeable requests, results split
+    back in request order. A group that fails gives its exception to each of its requests."""
+    groups: dict[tuple, list[int]] = {}
+    for index, feeds in enumerate(requests):
+        groups.setdefault(signature(feeds), []).append(index)
+    results: list = [None] * len(requests)
+    for members in groups.values():
+        names = requests[members[0]]
+        try:
+            outputs = engine.run({k: np.concatenate([requests[i][k] for i in members]) for k in names})
+        except Exception as exc:  # noqa: BLE001 - handed to each caller of the group
+            for i in members:
+                results[i] = exc
+            continue
+        start = 0
+        for i in members:
+            rows = len(next(iter(requests[i].values())))
+            results[i] = {k: v[start:start + rows] for k, v in outputs.items()}
+            start += rows
+    return results
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 class DynamicBatcher:
@@ -55,16 +84,32 @@ class DynamicBatcher:
         rows = len(next(iter(feeds.values())))
         if rows > self.max_batch:
             raise EdgepipeError(f"request has {rows} rows, more than max batch {self.max_batch}")
-        request = _Request(feeds, rows, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        request = _Request(feeds, rows, loop.create_future(), signature(feeds))
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
             raise Overloaded(f"queue full ({self.queue.maxsize} requests waiting)") from None
-        return await asyncio.wait_for(request.future, self.timeout_s)
+        # One timer per request (cheaper than asyncio.wait_for's task on the hot path).
+        timer = loop.call_later(self.timeout_s, _expire, request.future)
+        try:
+            return await request.future
+        finally:
+            timer.cancel()
 
-    async def _next(self, timeout: float | None) -> _Request | None:
+    def _take(self) -> _Request | None:
+        """The carried-over request, or the next queued one if there is one right now."""
         if self._carry is not None:
             request, self._carry = self._carry, None
+            return request
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def _next(self, timeout: float | None) -> _Request | None:
+        request = self._take()
+        if request is not None:
             return request
         try:
             return await (asyncio.wait_for(self.queue.get(), timeout) if timeout is not None else self.queue.get())
@@ -78,12 +123,14 @@ class DynamicBatcher:
             batch, rows = [first], first.rows
             deadline = loop.time() + self.max_delay
             while rows < self.max_batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                nxt = await self._next(remaining)
+                nxt = self._take()  # under load the queue holds the batch already: no waiting
                 if nxt is None:
-                    break
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    nxt = await self._next(remaining)
+                    if nxt is None:
+                        break
                 if nxt.signature != first.signature or rows + nxt.rows > self.max_batch:
                     self._carry = nxt  # starts the next batch
                     break
