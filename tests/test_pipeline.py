@@ -106,6 +106,13 @@ def test_demo_end_to_end(tmp_path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
     assert (out / "report.md").read_text().count("| transformer |") == 3
+    from edgepipe.runtime.profiling import route_batch
+
+    for name, model in manifest["models"].items():  # profile timed each model as quantize tuned it
+        quant, prof = model["stages"]["quantize"]["record"], model["stages"]["profile"]["record"]
+        for label, tuned in (("fp32", quant["fp32"]["sessions"]), ("int8", quant["chosen"]["sessions"])):
+            used = prof["models"][label]["sessions"]
+            assert used == {b: tuned[str(route_batch(map(int, tuned), int(b)))] for b in used}, (name, label)
 
 
 @pytest.mark.slow

@@ -11,9 +11,17 @@ from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, load_npz, parse_ints, write_json_out
 
 
+def session_label(sessions: dict | None) -> str:
+    """{"1": {"threads": 1, "spinning": False}, "32": ...} -> "1t/2t" (one per batch; s: spinning)."""
+    if not sessions:
+        return "-"
+    return "/".join(f"{v['threads']}t" + ("s" if v["spinning"] else "") for v in sessions.values())
+
+
 def candidate_table(record: dict) -> str:
     batches = list(record["fp32"]["p50_ms"])
-    head = f"{'recipe':46} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches) + f" {'size':>8}  verdict"
+    head = (f"{'recipe':46} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
+            + f" {'session':>8} {'size':>8}  verdict")
     lines = [head, "-" * len(head)]
     for c in record["candidates"]:
         metric = c["accuracy"] if c["accuracy"] is not None else c["agreement"]
@@ -21,9 +29,14 @@ def candidate_table(record: dict) -> str:
         speed = " ".join(f"{c['speedup'].get(b, 0):>7.2f}x" if c["speedup"] else f"{'-':>8}" for b in batches)
         size = f"{c['size_bytes'] / 1e6:.2f}MB" if c["size_bytes"] else "-"
         verdict = c["verdict"] + (f": {c['error']}" if c["error"] else "")
-        lines.append(f"{c['recipe']:46} {metric_s:>9} {speed} {size:>8}  {verdict}")
+        session = session_label(c.get("sessions"))
+        lines.append(f"{c['recipe']:46} {metric_s:>9} {speed} {session:>8} {size:>8}  {verdict}")
     for s in record["skipped_recipes"]:
         lines.append(f"{s['recipe']:46} skipped: {s['why']}")
+    fp32 = record["fp32"]
+    lines.append(f"{'FP32 (the baseline)':46} {'':9} " + " ".join(f"{fp32['p50_ms'][b]:>6.3f}ms" for b in batches)
+                 + f" {session_label(fp32.get('sessions')):>8}")
+    lines.append(f"timing: {record['timing']}")
     return "\n".join(lines)
 
 
@@ -40,6 +53,9 @@ def quantize(
     max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point.")] = 0.01,
     exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
     exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
+    tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
+    try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
@@ -60,7 +76,8 @@ def quantize(
     config = QuantizeConfig(mode=mode, calibration=calibration_method, batch_sizes=parse_ints(batch, "--batch"),
                             max_accuracy_drop=max_accuracy_drop,
                             nodes_to_exclude=tuple(exclude_node or ()),
-                            op_types_to_exclude=tuple(exclude_op_type or ()))
+                            op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
+                            tune_session=tune_session, try_spinning=try_spinning)
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
     try:
@@ -82,4 +99,9 @@ def quantize(
         typer.echo(f"kept in FP32 for accuracy: {', '.join(chosen['excluded_nodes'])}")
     typer.echo(f"chosen: {chosen['recipe']} ({rec['recipe_reason']}); "
                f"{rec['fp32']['size_bytes'] / 1e6:.2f} MB -> {rec['size_bytes'] / 1e6:.2f} MB -> {output}")
+    if chosen.get("sessions"):
+        per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
+                              for b, v in chosen["sessions"].items())
+        typer.echo(f"fastest session settings: {per_batch} (Engine(..., batch_sessions=...); "
+                   f"Engine.from_run applies them)")
     write_json_out(json_out, rec)

@@ -13,6 +13,10 @@ def _latency(profile: dict, label: str) -> str:
         if speed is None and label == "int8":  # measured, then not deployed: show why
             speed = profile.get("int8_not_deployed", {}).get("speedup", {}).get(str(stats["batch"]))
         cells.append(cell + (f" ({speed:.2f}x)" if speed else ""))
+    sessions = profile.get("models", {}).get(label, {}).get("sessions")
+    if cells and sessions:  # the intra-op threads (t) each batch ran with; "s": idle workers spin
+        cells.append("[" + " ".join(f"b{b}:{v['threads']}t{'s' if v['spinning'] else ''}"
+                                    for b, v in sessions.items()) + "]")
     return "  ".join(cells) or "-"
 
 

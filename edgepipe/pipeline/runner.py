@@ -117,7 +117,7 @@ class _ModelRun:
             models["unpruned"] = self.path("unpruned")
         record = compare_models(models, settings.batch_sizes, providers=settings.providers,
                                 threads=settings.threads, data=self.held_out(), rounds=settings.rounds,
-                                seed=self.config.seed)
+                                seed=self.config.seed, sessions=self.tuned_sessions(models))
         from edgepipe.runtime.profiling import operator_profile
         from edgepipe.runtime.spec import make_feeds
 
@@ -135,6 +135,29 @@ class _ModelRun:
                 for u, b in zip(record["latency"]["unpruned"], record["latency"][final])}
         write_json(self.path("profile"), record)
         return StageResult("profile", {"profile": self.path("profile")}, record)
+
+    def tuned_sessions(self, models: dict) -> dict:
+        """Each model's fastest session setting per batch size as quantize measured it (FP32's
+        also for the unpruned baseline), unless the profile config pins threads or the provider
+        is not the CPU."""
+        from edgepipe.runtime.engine import resolve_providers
+        from edgepipe.runtime.profiling import SessionSetting
+
+        settings = self.settings["profile"]
+        quant = self.records.get("quantize", {})
+        on_cpu = resolve_providers(settings.providers)[0][:1] == ["CPUExecutionProvider"]
+        if settings.threads or not on_cpu or not quant.get("fp32", {}).get("sessions"):
+            return {}
+
+        def parse(per_batch: dict) -> dict:
+            return {int(b): SessionSetting.from_dict(v) for b, v in per_batch.items()}
+
+        sessions = {"fp32": parse(quant["fp32"]["sessions"])}
+        if "unpruned" in models:
+            sessions["unpruned"] = sessions["fp32"]
+        if "int8" in models and (quant.get("chosen") or {}).get("sessions"):
+            sessions["int8"] = parse(quant["chosen"]["sessions"])
+        return sessions
 
     def _deploy_fp32_if_int8_is_slower(self, record: dict) -> None:
         """Profile has the last word on speed. When it measures the INT8 model below

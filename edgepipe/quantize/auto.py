@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -26,7 +27,12 @@ from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe, candidate_recipes
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import CpuInfo, read_cpu
-from edgepipe.runtime.profiling import measure_interleaved
+from edgepipe.runtime.profiling import (
+    SessionSetting,
+    fastest_per_batch,
+    measure_interleaved,
+    session_settings,
+)
 from edgepipe.runtime.spec import make_feeds
 
 MODES = ("auto", "dynamic", "static", "int4", "fp16")
@@ -48,6 +54,11 @@ class QuantizeConfig:
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_exclude: tuple[str, ...] = ()
     threads: int | None = None
+    # Time each model (FP32 and every candidate) with 1 thread and with all cores and compare
+    # each at its fastest: on a small CPU the setting moves the ratio as much as the recipe, and
+    # not the same way for both. The deployment (Engine.from_run) uses the recorded setting.
+    tune_session: bool = True
+    try_spinning: bool = False  # also all cores with spinning workers (see session_settings)
     rounds: int = 12  # interleaved latency rounds (x 10 calls) per batch size
     # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
     # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".
@@ -88,6 +99,8 @@ class Candidate:
     p50_ms: dict[int, float] = field(default_factory=dict)
     speedup: dict[int, float] = field(default_factory=dict)
     speedup_trials: dict[int, list[float]] = field(default_factory=dict)  # when confirmed
+    settings: dict[int, SessionSetting] = field(default_factory=dict)  # fastest per batch size
+    p50_by_setting: dict[SessionSetting, dict[int, float]] = field(default_factory=dict)
     verdict: str = ""
 
     @property
@@ -107,6 +120,9 @@ class Candidate:
                 "p50_ms": {str(b): round(v, 4) for b, v in self.p50_ms.items()},
                 "speedup": {str(b): round(v, 3) for b, v in self.speedup.items()},
                 "speedup_trials": {str(b): v for b, v in self.speedup_trials.items()} or None,
+                "sessions": {str(b): s.to_dict() for b, s in self.settings.items()} or None,
+                "p50_ms_by_session": [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
+                                      for s, p50 in self.p50_by_setting.items()] or None,
                 "size_bytes": self.path.stat().st_size if self.path and self.path.exists() else None,
                 "error": self.error, "verdict": self.verdict}
 
@@ -345,7 +361,12 @@ class _Search:
         self.work, self.say = work, say
         self.fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
         self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
+        self.settings = (session_settings(config.threads, spinning=config.try_spinning) if config.tune_session
+                         else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        self.fp32_settings: dict[int, SessionSetting] = {}
         self.fp32_p50: dict[int, float] = {}
+        self.fp32_p50_by_setting: dict[SessionSetting, dict[int, float]] = {}
+        self.timers: dict[object, dict[SessionSetting, Engine]] = {}  # model key -> a session per setting
         self.candidates: list[Candidate] = []
         self.engines: dict[int, Engine] = {}
         self.sources: list[Path] = []
@@ -380,17 +401,39 @@ class _Search:
             feeds = make_feeds(self.fp32.inputs, batch=batch, seed=2)
         return feeds
 
+    def sessions(self, key, path: Path) -> dict[SessionSetting, Engine]:
+        if key not in self.timers:
+            self.timers[key] = {s: Engine(path, providers="cpu", **s.engine_options()) for s in self.settings}
+        return self.timers[key]
+
     def measure(self, indices: list[int]) -> None:
-        """Time candidates `indices` interleaved with FP32 at every configured batch size."""
+        """Time candidates `indices` interleaved with FP32 at every configured batch size and
+        session setting; each model is then judged at its own fastest setting per batch size, so
+        neither side is handicapped by a setting that suits only the other."""
+        models = {"fp32": self.sessions("fp32", self.fp32.path)}
+        models |= {i: self.sessions(i, self.candidates[i].path) for i in indices}
+        p50: dict = {key: {} for key in models}  # key -> batch -> setting -> ms
         for batch in self.config.batch_sizes:
             feeds = self.timing_feeds(batch)
-            fns = {"fp32": lambda f=feeds: self.fp32.session.run(None, f)}
-            fns |= {i: (lambda e=self.engines[i], f=feeds: e.session.run(None, f)) for i in indices}
-            stats = measure_interleaved(fns, batch, rounds=self.config.rounds)
-            self.fp32_p50[batch] = stats["fp32"].p50_ms
-            for i in indices:
-                self.candidates[i].p50_ms[batch] = stats[i].p50_ms
-                self.candidates[i].speedup[batch] = stats["fp32"].p50_ms / stats[i].p50_ms
+            fns = {(key, s): (lambda e=e, f=feeds: e.session.run(None, f))
+                   for key, engines in models.items() for s, e in engines.items()}
+            stats = measure_interleaved(fns, batch, rounds=self.config.rounds,
+                                        spinning={key for key in fns if key[1].spinning})
+            for (key, s), st in stats.items():
+                p50[key].setdefault(batch, {})[s] = st.p50_ms
+
+        def by_setting(key) -> dict[SessionSetting, dict[int, float]]:
+            return {s: {b: p50[key][b][s] for b in p50[key]} for s in self.settings}
+
+        self.fp32_settings = fastest_per_batch(p50["fp32"])
+        self.fp32_p50 = {b: p50["fp32"][b][s] for b, s in self.fp32_settings.items()}
+        self.fp32_p50_by_setting = by_setting("fp32")
+        for i in indices:
+            cand = self.candidates[i]
+            cand.settings = fastest_per_batch(p50[i])
+            cand.p50_by_setting = by_setting(i)
+            cand.p50_ms = {b: p50[i][b][s] for b, s in cand.settings.items()}
+            cand.speedup = {b: self.fp32_p50[b] / cand.p50_ms[b] for b in cand.p50_ms}
 
     def confirm(self, cand: Candidate, trials: int = 2) -> bool:
         """Re-time an accepted candidate against FP32 in `trials` more trials, each with fresh
@@ -400,13 +443,15 @@ class _Search:
         clear the margin and no trial may read below min_speedup."""
         seen = {b: [s] for b, s in cand.speedup.items()}
         for _ in range(trials):
-            fp32 = Engine(self.fp32.path, providers="cpu", threads=self.config.threads, spinning=False)
-            mine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False)
+            fp32 = Engine(self.fp32.path, providers="cpu", batch_sessions=self.fp32_settings)
+            mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings)
             for batch in self.config.batch_sizes:
                 feeds = self.timing_feeds(batch)
-                stats = measure_interleaved({"fp32": lambda f=feeds: fp32.session.run(None, f),
-                                             "cand": lambda f=feeds: mine.session.run(None, f)},
-                                            batch, rounds=self.config.rounds)
+                spinning = {k for k, s in (("fp32", self.fp32_settings[batch]), ("cand", cand.settings[batch]))
+                            if s.spinning}
+                stats = measure_interleaved({"fp32": lambda f=feeds, s=fp32.session_for(batch): s.run(None, f),
+                                             "cand": lambda f=feeds, s=mine.session_for(batch): s.run(None, f)},
+                                            batch, rounds=self.config.rounds, spinning=spinning)
                 seen[batch].append(stats["fp32"].p50_ms / stats["cand"].p50_ms)
         cand.speedup = {b: float(np.median(v)) for b, v in seen.items()}
         cand.speedup_trials = {b: [round(x, 3) for x in v] for b, v in seen.items()}
@@ -549,11 +594,15 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             "skipped_recipes": skipped,
             "fp32": {"accuracy": search.fp32_accuracy,
                      "p50_ms": {str(b): round(v, 4) for b, v in search.fp32_p50.items()},
+                     "sessions": {str(b): s.to_dict() for b, s in search.fp32_settings.items()},
+                     "p50_ms_by_session": [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
+                                           for s, p50 in search.fp32_p50_by_setting.items()],
                      "size_bytes": onnx_path.stat().st_size},
             "accuracy_fallback": sensitivity,
             "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
                        "speedup_margin": config.speedup_margin},
-            "timing": "interleaved with FP32, intra-op spinning off",
+            "timing": ("interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
+                       + "); each model judged at its fastest per batch size (recorded in 'sessions')"),
         }
         if chosen is None:
             record |= {"candidates": [c.row() for c in search.candidates],

@@ -4,10 +4,13 @@ from edgepipe.runtime.engine import Engine, resolve_providers
 from edgepipe.runtime.hardware import CpuInfo, fingerprint, read_cpu
 from edgepipe.runtime.profiling import (
     LatencyStats,
+    SessionSetting,
     compare_models,
+    fastest_per_batch,
     measure,
     measure_interleaved,
     profile_model,
+    session_settings,
 )
 from edgepipe.runtime.spec import InputSpec, make_feeds
 
@@ -16,7 +19,9 @@ __all__ = [
     "Engine",
     "InputSpec",
     "LatencyStats",
+    "SessionSetting",
     "compare_models",
+    "fastest_per_batch",
     "fingerprint",
     "make_feeds",
     "measure",
@@ -24,4 +29,5 @@ __all__ = [
     "profile_model",
     "read_cpu",
     "resolve_providers",
+    "session_settings",
 ]

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepipe.errors import InputError
+from edgepipe.runtime.profiling import SessionSetting, route_batch
 from edgepipe.runtime.spec import METADATA_KEY, ORT_TO_NUMPY, InputSpec, specs_from_json
 
 # Lenient provider names -> ORT names, in "auto" preference order (best first).
@@ -99,6 +100,10 @@ class Engine:
     {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "cache/"}}.
     On a GPU, `run_bound` keeps inputs/outputs on the device (IO binding) and `placement()`
     reports which nodes fell back to the CPU.
+    `batch_sessions`: {batch size: SessionSetting or {"threads", "spinning"}}: one session per
+    setting, and `run` sends a batch of n rows to the entry with the smallest batch size >= n
+    (else the largest). On 2 cores a batch of 1 runs fastest on 1 thread and a batch of 32 on
+    2; quantize measures this per model and `from_run` applies it.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class Engine:
         validate: bool = True,
         spinning: bool = True,
         provider_options: Mapping[str, Mapping[str, object]] | None = None,
+        batch_sessions: Mapping[int, object] | None = None,
     ):
         if optimization not in OPTIMIZATION_LEVELS:
             raise InputError(
@@ -129,25 +135,21 @@ class Engine:
                 f"(available: {', '.join(ort.get_available_providers())}); "
                 "pass allow_fallback=True / --allow-fallback to run on the others"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        if not spinning:
-            # Idle intra-op threads otherwise spin for a while after each run: right for one
-            # session, but when models are timed against each other the spinning threads of
-            # one steal cores from the next (a measured 1.22x read as 0.97x on 2 cores).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 4  # errors reach the user as InputError, once
         source = model if isinstance(model, bytes) else str(self.path)
         self._session_providers = session_providers(wanted, provider_options)
         self._source = source
-        try:
-            self.session = ort.InferenceSession(source, sess_options=options, providers=self._session_providers)
-        except Exception as exc:  # ORT raises several private exception types for bad models
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            where = self.path or "<bytes>"
-            raise InputError(f"cannot load ONNX model {where}: {first_line}") from exc
+        self.optimization = optimization
+        self.session = self._new_session(threads, spinning)
+        self.batch_sessions: list[tuple[int, SessionSetting]] = []
+        self._routes: list[tuple[int, ort.InferenceSession]] = []
+        if batch_sessions:
+            made = {SessionSetting(int(threads or 0), bool(spinning)): self.session}
+            for batch, setting in sorted((int(b), v) for b, v in batch_sessions.items()):
+                setting = setting if isinstance(setting, SessionSetting) else SessionSetting.from_dict(setting)
+                if setting not in made:
+                    made[setting] = self._new_session(setting.threads, setting.spinning)
+                self.batch_sessions.append((batch, setting))
+                self._routes.append((batch, made[setting]))
         self.providers = self.session.get_providers()
         lost = [p for p in wanted if p not in self.providers]
         if lost and not allow_fallback and providers != "auto":
@@ -156,7 +158,6 @@ class Engine:
                 f"{', '.join(self.providers)}); check the CUDA/cuDNN install or pass allow_fallback=True"
             )
         self.threads = threads
-        self.optimization = optimization
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.inputs = self._input_specs()
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -173,13 +174,39 @@ class Engine:
             for _ in range(warmup):
                 self.session.run(None, feeds)
 
+    def _new_session(self, threads: int | None, spinning: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[self.optimization]
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        if not spinning:
+            # Idle intra-op threads otherwise spin ~40 ms after each run: right for one busy
+            # session, but when models are timed against each other the spinning threads of
+            # one steal cores from the next (a measured 1.22x read as 0.97x on 2 cores).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 4  # errors reach the user as InputError, once
+        try:
+            return ort.InferenceSession(self._source, sess_options=options, providers=self._session_providers)
+        except Exception as exc:  # ORT raises several private exception types for bad models
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            where = self.path or "<bytes>"
+            raise InputError(f"cannot load ONNX model {where}: {first_line}") from exc
+
+    def session_for(self, rows: int) -> ort.InferenceSession:
+        """The session a batch of `rows` runs on (see `batch_sessions`)."""
+        if not self._routes:
+            return self.session
+        return dict(self._routes)[route_batch([b for b, _ in self._routes], rows)]
+
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, model: str | None = None, *,
                  precision: str = "deployed", **options) -> "Engine":
         """The model a pipeline run deployed: `Engine.from_run("runs/demo", "cnn")`.
 
         precision: "deployed" (INT8 when the run quantized it, else FP32), "int8" or "fp32".
-        Reads only manifest.json and the ONNX file: works on a device without torch.
+        On the CPU, each batch size runs on the session setting (threads, spinning) quantize
+        measured fastest for that artifact (pass `threads` or `batch_sessions` to override). Reads only manifest.json and the ONNX file: works
+        on a device without torch.
         """
         import json
 
@@ -201,9 +228,22 @@ class Engine:
         if precision == "int8" and not int8_ok:
             raise InputError(f"run {run_dir} has no INT8 model for '{model}' (quantize did not deploy one)")
         name = "model.int8.onnx" if precision == "int8" or (precision == "deployed" and int8_ok) else "model.onnx"
-        engine = cls(run_dir / model / name, **options)
+        # The settings quantize found fastest for this artifact per batch size, unless the caller
+        # chose threads (or sessions) itself or runs on another provider.
+        quant = stages.get("quantize", {}).get("record") or {}
+        tuned = ((quant.get("chosen") or {}) if name == "model.int8.onnx" else quant.get("fp32", {})).get("sessions")
+        applied = {}
+        if (tuned and options.get("providers", "auto") in ("auto", "cpu") and options.get("threads") is None
+                and not options.get("batch_sessions")):
+            applied["batch_sessions"] = {int(b): SessionSetting.from_dict(v) for b, v in tuned.items()}
+            if "spinning" in options:  # e.g. serve --spin/--no-spin: the caller's word on spinning
+                applied["batch_sessions"] = {b: SessionSetting(v.threads, bool(options["spinning"]))
+                                             for b, v in applied["batch_sessions"].items()}
+        engine = cls(run_dir / model / name, **(options | applied))
         engine.run_info = {"run": str(run_dir), "model": model, "artifact": name,
-                           "stages": {k: v.get("status") for k, v in stages.items()}}
+                           "stages": {k: v.get("status") for k, v in stages.items()},
+                           "sessions_from_run": {b: v.to_dict() for b, v in applied["batch_sessions"].items()}
+                           if applied else None}
         return engine
 
     def _input_specs(self) -> list[InputSpec]:
@@ -295,8 +335,12 @@ class Engine:
         if self._validate and not self._valid(feeds):
             self.validate(feeds)  # raises with every mismatch named
         names = list(outputs) if outputs else self.output_names
+        session = self.session
+        if self._routes:
+            shape = np.shape(next(iter(feeds.values()))) if feeds else ()
+            session = self.session_for(shape[0] if shape else 1)
         try:
-            values = self.session.run(None if outputs is None else names, feeds)
+            values = session.run(None if outputs is None else names, feeds)
         except Exception as exc:
             raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
         return dict(zip(names, values))
@@ -352,6 +396,7 @@ class Engine:
 
     def close(self) -> None:
         self.session = None
+        self._routes = []
 
     def __enter__(self) -> "Engine":
         return self
@@ -364,6 +409,7 @@ class Engine:
             "model": str(self.path) if self.path else None,
             "providers": list(self.providers),
             "threads": self.threads or "ort-default",
+            "batch_sessions": {b: s.to_dict() for b, s in self.batch_sessions} or None,
             "optimization": self.optimization,
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": self.output_names,

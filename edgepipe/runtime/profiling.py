@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 
@@ -39,6 +39,59 @@ class LatencyStats:
                    max_ms=float(ms.max()))
 
 
+@dataclass(frozen=True)
+class SessionSetting:
+    """How an Engine's CPU session runs: intra-op threads and whether idle workers spin.
+
+    On a small CPU these move an INT8/FP32 ratio as much as the recipe does, and not the same
+    way for both models (2 cores: the INT8 MLP runs fastest on 1 thread, the FP32 transformer at
+    batch 32 on 2), so each model is compared, and deployed, at its own fastest setting."""
+
+    threads: int
+    spinning: bool
+
+    def to_dict(self) -> dict:
+        return {"threads": self.threads, "spinning": self.spinning}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "SessionSetting":
+        return cls(int(data["threads"]), bool(data["spinning"]))
+
+    def engine_options(self) -> dict:
+        return {"threads": self.threads, "spinning": self.spinning}
+
+    def __str__(self) -> str:
+        return f"{self.threads} thread{'s' if self.threads > 1 else ''}" + (", spinning" if self.spinning else "")
+
+
+def session_settings(threads: int | None = None, cores: int | None = None,
+                     spinning: bool = False) -> list[SessionSetting]:
+    """The settings worth sweeping: one thread and all `cores` (or only the user's fixed
+    `threads`), without spinning; with `spinning`, also all cores with spinning workers. Those
+    keep a core busy ~40 ms after every run (measured here), which slows whatever else runs, so
+    they are opt-in, and timing them needs a pause after each (measure_interleaved does it)."""
+    import os
+
+    n = max(1, int(threads or cores or os.cpu_count() or 1))
+    settings = [SessionSetting(n, False)] if threads else list(dict.fromkeys([SessionSetting(1, False),
+                                                                             SessionSetting(n, False)]))
+    if spinning and n > 1:
+        settings.append(SessionSetting(n, True))
+    return settings
+
+
+def route_batch(batches, rows: int) -> int:
+    """Which configured batch size serves `rows`: the smallest >= rows, else the largest."""
+    ordered = sorted(batches)
+    return next((b for b in ordered if rows <= b), ordered[-1])
+
+
+def fastest_per_batch(p50_by_batch: Mapping[int, Mapping[SessionSetting, float]]) -> dict[int, SessionSetting]:
+    """{batch: the setting with the lowest p50 at that batch} (ties: fewer threads, no spinning)."""
+    return {b: min(sorted(p50, key=lambda s: (s.threads, s.spinning)), key=lambda s: p50[s])
+            for b, p50 in p50_by_batch.items()}
+
+
 def measure(
     fn: Callable[[], object],
     batch: int,
@@ -62,6 +115,18 @@ def measure(
     return LatencyStats.from_times(batch, times)
 
 
+def wait_until_idle(quiet_ms: float = 1.0, step_s: float = 0.005, max_s: float = 0.5) -> float:
+    """Sleep until this process uses (almost) no CPU for one `step_s`: spinning ORT workers have
+    stopped. Returns the seconds waited (at most `max_s`)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        cpu = time.process_time()
+        time.sleep(step_s)
+        if (time.process_time() - cpu) * 1000.0 < quiet_ms:
+            break
+    return time.perf_counter() - start
+
+
 def measure_interleaved(
     fns: Mapping[str, Callable[[], object]],
     batch: int,
@@ -70,15 +135,21 @@ def measure_interleaved(
     rounds: int = 15,
     calls_per_round: int = 10,
     min_time_s: float = 0.0,
+    spinning: Collection = (),
 ) -> dict[str, LatencyStats]:
     """Time several candidates in alternating rounds, so machine drift hits all of them alike.
 
     This is how ratios (INT8 vs FP32) must be measured on a noisy machine: one process,
-    same inputs, interleaved.
+    same inputs, interleaved. `spinning`: the keys whose sessions spin their idle workers.
+    After each of their blocks the process waits until those workers stop (about 40 ms of
+    busy CPU after every run on this project's machine), else they would slow whichever
+    model is timed next.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if spinning:
+        wait_until_idle()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     done_rounds = 0
@@ -88,6 +159,8 @@ def measure_interleaved(
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+            if name in spinning:
+                wait_until_idle()
         done_rounds += 1
     return {name: LatencyStats.from_times(batch, t) for name, t in times.items()}
 
@@ -269,9 +342,12 @@ def compare_models(
     trials: int = 3,
     seed: int = 0,
     provider_options: Mapping[str, Mapping] | None = None,
+    sessions: Mapping[str, Mapping[int, SessionSetting]] | None = None,
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
     reported against the first. `data` supplies real input rows; else inputs are generated.
+    `sessions`: a model's own settings per batch size (Engine's batch_sessions), e.g. those
+    quantize found fastest for it; the others run with `threads` and spinning off.
 
     The rounds are split over `trials` independent trials, each with freshly created sessions,
     and each model's median trial is reported: on 2 cores a pair of sessions occasionally lands
@@ -284,9 +360,15 @@ def compare_models(
     from edgepipe.runtime.hardware import fingerprint
     from edgepipe.runtime.spec import make_feeds
 
-    def fresh() -> dict[str, Engine]:  # no spinning: several sessions share the cores (see Engine)
+    default = SessionSetting(threads or 0, False)  # no spinning: sessions share the cores (see Engine)
+    chosen = {label: {int(b): (sessions[label][route_batch(sessions[label], b)] if (sessions or {}).get(label)
+                               else default) for b in batch_sizes}
+              for label in models}
+
+    def fresh() -> dict[str, Engine]:
         return {label: Engine(path, providers=providers, threads=threads, spinning=False,
-                                      provider_options=provider_options)
+                              provider_options=provider_options,
+                              batch_sessions=(sessions or {}).get(label))
                 for label, path in models.items()}
 
     engines = fresh()
@@ -301,8 +383,9 @@ def compare_models(
                 feeds = {name: np.ascontiguousarray(data[name][:batch]) for name in feeds}
             for engine in engines.values():
                 engine.validate(feeds)
-            fns = {label: (lambda e=e: e.session.run(None, feeds)) for label, e in engines.items()}
-            stats = measure_interleaved(fns, batch, rounds=max(5, rounds // max(1, trials)))
+            fns = {label: (lambda s=e.session_for(batch): s.run(None, feeds)) for label, e in engines.items()}
+            stats = measure_interleaved(fns, batch, rounds=max(5, rounds // max(1, trials)),
+                                        spinning={label for label in fns if chosen[label][batch].spinning})
             for label, st in stats.items():
                 per_trial[batch][label].append(st)
     latency: dict[str, list[dict]] = {label: [] for label in engines}
@@ -316,13 +399,15 @@ def compare_models(
                 speedup[label][str(batch)] = round(median[baseline].p50_ms / st.p50_ms, 3)
     return {
         "models": {label: {"path": str(path), "size_bytes": Path(path).stat().st_size,
-                           "providers": engines[label].providers}
+                           "providers": engines[label].providers,
+                           "sessions": {str(b): {"threads": st.threads or "ort-default", "spinning": st.spinning}
+                                        for b, st in chosen[label].items()}}
                    for label, path in models.items()},
         "baseline": baseline,
         "latency": latency,
         "speedup": speedup,
         "threads": threads or "ort-default",
-        "intra_op_spinning": False,
+        "intra_op_spinning": any(st.spinning for per in chosen.values() for st in per.values()),
         "trials": max(1, trials),
         "hardware": fingerprint(),
     }

@@ -1,0 +1,106 @@
+"""Session settings (intra-op threads, spinning): swept per model and batch size, routed by the
+Engine, recorded by quantize and applied by profile and Engine.from_run."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from edgepipe.quantize import QuantizeConfig, quantize
+from edgepipe.runtime import Engine, SessionSetting, fastest_per_batch, session_settings
+from edgepipe.runtime.profiling import route_batch, wait_until_idle
+
+ONE, TWO, TWO_SPIN = SessionSetting(1, False), SessionSetting(2, False), SessionSetting(2, True)
+
+
+def test_settings_swept_are_one_thread_and_all_cores_and_spinning_is_opt_in():
+    assert session_settings(cores=2) == [ONE, TWO]
+    assert session_settings(cores=1) == [ONE]
+    assert session_settings(threads=3, cores=8) == [SessionSetting(3, False)]  # the user pinned threads
+    assert session_settings(cores=2, spinning=True) == [ONE, TWO, TWO_SPIN]
+
+
+def test_fastest_setting_is_picked_per_batch_size():
+    p50 = {1: {ONE: 0.05, TWO: 0.20}, 32: {ONE: 1.0, TWO: 0.6}, 64: {ONE: 1.0, TWO: 1.0}}
+    assert fastest_per_batch(p50) == {1: ONE, 32: TWO, 64: ONE}  # a tie keeps fewer threads
+
+
+def test_a_batch_goes_to_the_smallest_configured_batch_that_holds_it():
+    assert [route_batch([1, 32], n) for n in (1, 2, 32, 33, 500)] == [1, 32, 32, 32, 32]
+
+
+def test_engine_routes_each_batch_to_its_own_session_with_identical_results(zoo):
+    path = zoo["mlp"].onnx
+    routed = Engine(path, providers="cpu", batch_sessions={1: ONE, 32: {"threads": 2, "spinning": False}})
+    plain = Engine(path, providers="cpu")
+    small, large = routed.session_for(1), routed.session_for(40)
+    assert small is not large and routed.session_for(7) is large
+    assert small.get_session_options().intra_op_num_threads == 1
+    assert large.get_session_options().intra_op_num_threads == 2
+    x = zoo["mlp"].dataset.x_test
+    for rows in (1, 5, 40):
+        np.testing.assert_allclose(routed.run(x[:rows])["logits"], plain.run(x[:rows])["logits"], atol=1e-5)
+    assert routed.describe()["batch_sessions"] == {1: ONE.to_dict(), 32: TWO.to_dict()}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="spinning needs a second core")
+def test_wait_until_idle_outlasts_spinning_workers(zoo):
+    engine = Engine(zoo["mlp"].onnx, providers="cpu", threads=2, spinning=True)
+    x = zoo["mlp"].dataset.x_test[:32]
+    for _ in range(20):
+        engine.run(x)
+    waited = wait_until_idle()
+    cpu = time.process_time()
+    time.sleep(0.03)
+    assert (time.process_time() - cpu) * 1000 < 5.0, "workers still busy after wait_until_idle"
+    assert waited < 0.5
+
+
+@pytest.mark.slow
+def test_quantize_records_each_models_fastest_setting_per_batch(zoo):
+    model = zoo["lstm"]
+    data = model.dataset
+    from edgepipe.quantize import EvalData
+
+    record = quantize(model.onnx, model.onnx.parent / "swept.int8.onnx", QuantizeConfig(batch_sizes=(1, 32)),
+                      eval_data=EvalData({data.input_name: data.x_test}, data.y_test)).record
+    swept = session_settings()
+    for row in [record["fp32"]] + [c for c in record["candidates"] if c["p50_ms_by_session"]]:
+        assert [SessionSetting.from_dict(r) for r in row["p50_ms_by_session"]] == swept
+        for batch, chosen in row["sessions"].items():
+            at = {SessionSetting.from_dict(r): r["p50_ms"][batch] for r in row["p50_ms_by_session"]}
+            assert at[SessionSetting.from_dict(chosen)] == min(at.values())  # the fastest was kept
+    fp32_at = {SessionSetting.from_dict(r): r["p50_ms"] for r in record["fp32"]["p50_ms_by_session"]}
+    assert record["fp32"]["p50_ms"] == {b: min(v[b] for v in fp32_at.values()) for b in ("1", "32")}
+    assert set(record["chosen"]["sessions"]) == {"1", "32"}
+
+
+def test_no_tune_session_times_only_all_cores(zoo):
+    model = zoo["mlp"]
+    data = model.dataset
+    from edgepipe.quantize import EvalData
+
+    record = quantize(model.onnx, model.onnx.parent / "untuned.int8.onnx",
+                      QuantizeConfig(batch_sizes=(32,), tune_session=False, rounds=4),
+                      eval_data=EvalData({data.input_name: data.x_test}, data.y_test)).record
+    assert [r["threads"] for r in record["fp32"]["p50_ms_by_session"]] == [os.cpu_count()]
+
+
+def test_from_run_applies_the_recorded_settings_unless_told_otherwise(tmp_path, zoo):
+    run = tmp_path / "run"
+    (run / "mlp").mkdir(parents=True)
+    (run / "mlp" / "model.onnx").write_bytes(zoo["mlp"].onnx.read_bytes())
+    sessions = {"1": ONE.to_dict(), "32": TWO.to_dict()}
+    manifest = {"models": {"mlp": {"stages": {"quantize": {"status": "refused", "record": {
+        "fp32": {"sessions": sessions}}}}}}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    engine = Engine.from_run(run, "mlp")
+    assert engine.batch_sessions == [(1, ONE), (32, TWO)]
+    assert engine.run_info["sessions_from_run"] == {1: ONE.to_dict(), 32: TWO.to_dict()}
+    assert Engine.from_run(run, "mlp", threads=1).batch_sessions == []  # the caller's threads win
+    spin_off = Engine.from_run(run, "mlp", spinning=True)  # e.g. serve --spin: kept per batch
+    assert [s.spinning for _, s in spin_off.batch_sessions] == [True, True]
