@@ -3,8 +3,11 @@
     python benchmarks/zoo_bench.py [--run runs/demo] [--out benchmarks/results]
 
 Runs the demo pipeline (unless --run points at a finished one), then times PyTorch eager,
-ORT FP32 and ORT INT8 interleaved in this process at batch 1 and 32. Absolute timings are
-for this machine only; the hardware fingerprint is written beside them.
+ORT FP32 and ORT INT8 interleaved in this process at batch 1 and 32: both as deployed
+(Engine.from_run: each batch size on the threads quantize found fastest for that model) and
+both at ONNX Runtime's defaults (all cores, spinning workers; the timer waits out the spin
+after each block). Absolute timings are for this machine only; the hardware fingerprint is
+written beside them.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ def bench_model(run_dir: Path, name: str, manifest: dict, rounds: int) -> dict:
     quant = stages["quantize"]["record"]
     model, meta = load_checkpoint(run_dir / name / "checkpoint.pt")
     data = load_dataset(meta["dataset"]["name"])
-    fp32 = Engine(run_dir / name / "model.onnx", spinning=False)
-    int8 = Engine(run_dir / name / "model.int8.onnx", spinning=False)
+    fp32 = Engine.from_run(run_dir, name, precision="fp32")
+    int8 = Engine.from_run(run_dir, name, precision="int8")
+    fp32_default, int8_default = Engine(fp32.path, providers="cpu"), Engine(int8.path, providers="cpu")
     row = {"model": name, "exporter": stages["export"]["record"]["exporter"],
            "recipe": quant["chosen"]["recipe"],
            "accuracy_torch": stages["train"]["record"]["test_accuracy"],
@@ -46,11 +50,16 @@ def bench_model(run_dir: Path, name: str, manifest: dict, rounds: int) -> dict:
         # interleaved with it: eager is timed in its own block, FP32 vs INT8 interleaved.
         with torch.inference_mode():
             stats = {"torch": measure(lambda: model(tx), batch, min_time_s=1.0)}
-        stats |= measure_interleaved({"ort_fp32": lambda: fp32.run(x), "ort_int8": lambda: int8.run(x)},
-                                     batch, rounds=rounds)
+        stats |= measure_interleaved({"ort_fp32": lambda: fp32.run(x), "ort_int8": lambda: int8.run(x),
+                                      "ort_fp32_default": lambda: fp32_default.run(x),
+                                      "ort_int8_default": lambda: int8_default.run(x)},
+                                     batch, rounds=rounds, spinning={"ort_fp32_default", "ort_int8_default"})
         row["p50_ms"][batch] = {k: round(v.p50_ms, 4) for k, v in stats.items()}
         row[f"ort_vs_torch_b{batch}"] = round(stats["torch"].p50_ms / stats["ort_fp32"].p50_ms, 2)
         row[f"int8_vs_fp32_b{batch}"] = round(stats["ort_fp32"].p50_ms / stats["ort_int8"].p50_ms, 2)
+        row[f"int8_vs_fp32_ort_defaults_b{batch}"] = round(
+            stats["ort_fp32_default"].p50_ms / stats["ort_int8_default"].p50_ms, 2)
+        row[f"sessions_b{batch}"] = {k: e.describe()["batch_sessions"] for k, e in (("fp32", fp32), ("int8", int8))}
     return row
 
 
@@ -59,8 +68,9 @@ def markdown(rows: list[dict], demo_seconds: float | None) -> str:
     if demo_seconds is not None:
         lines.append(f"demo pipeline wall time (in-process): {demo_seconds:.1f} s\n")
     lines += ["| model | acc torch | acc ORT FP32 | acc INT8 | recipe | p50 ms b1 torch/FP32/INT8 | "
-              "p50 ms b32 torch/FP32/INT8 | ORT/torch b1, b32 | INT8/FP32 b1, b32 | size FP32→INT8 MB | quantize s |",
-              "|" + "---|" * 11]
+              "p50 ms b32 torch/FP32/INT8 | ORT/torch b1, b32 | INT8/FP32 b1, b32 | "
+              "INT8/FP32 at ORT defaults b1, b32 | size FP32→INT8 MB | quantize s |",
+              "|" + "---|" * 12]
     for r in rows:
         p1, p32 = r["p50_ms"][1], r["p50_ms"][32]
         lines.append(
@@ -68,6 +78,7 @@ def markdown(rows: list[dict], demo_seconds: float | None) -> str:
             f"{r['recipe']} | {p1['torch']:.3f}/{p1['ort_fp32']:.3f}/{p1['ort_int8']:.3f} | "
             f"{p32['torch']:.3f}/{p32['ort_fp32']:.3f}/{p32['ort_int8']:.3f} | "
             f"{r['ort_vs_torch_b1']}x, {r['ort_vs_torch_b32']}x | {r['int8_vs_fp32_b1']}x, {r['int8_vs_fp32_b32']}x | "
+            f"{r['int8_vs_fp32_ort_defaults_b1']}x, {r['int8_vs_fp32_ort_defaults_b32']}x | "
             f"{r['size_fp32_mb']}→{r['size_int8_mb']} | {r['quantize_seconds']} |")
     return "\n".join(lines) + "\n"
 
