@@ -86,6 +86,12 @@ class EvalData:
     labels: np.ndarray | None = None
 
 
+def by_session_rows(p50_by_setting: dict[SessionSetting, dict[int, float]]) -> list[dict]:
+    """[{"threads", "spinning", "p50_ms": {batch: ms}}] for the record."""
+    return [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
+            for s, p50 in p50_by_setting.items()]
+
+
 @dataclass
 class Candidate:
     recipe: Recipe
@@ -121,8 +127,7 @@ class Candidate:
                 "speedup": {str(b): round(v, 3) for b, v in self.speedup.items()},
                 "speedup_trials": {str(b): v for b, v in self.speedup_trials.items()} or None,
                 "sessions": {str(b): s.to_dict() for b, s in self.settings.items()} or None,
-                "p50_ms_by_session": [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
-                                      for s, p50 in self.p50_by_setting.items()] or None,
+                "p50_ms_by_session": by_session_rows(self.p50_by_setting) or None,
                 "size_bytes": self.path.stat().st_size if self.path and self.path.exists() else None,
                 "error": self.error, "verdict": self.verdict}
 
@@ -595,8 +600,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             "fp32": {"accuracy": search.fp32_accuracy,
                      "p50_ms": {str(b): round(v, 4) for b, v in search.fp32_p50.items()},
                      "sessions": {str(b): s.to_dict() for b, s in search.fp32_settings.items()},
-                     "p50_ms_by_session": [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
-                                           for s, p50 in search.fp32_p50_by_setting.items()],
+                     "p50_ms_by_session": by_session_rows(search.fp32_p50_by_setting),
                      "size_bytes": onnx_path.stat().st_size},
             "accuracy_fallback": sensitivity,
             "budget": {"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,

@@ -150,6 +150,7 @@ class Engine:
                     made[setting] = self._new_session(setting.threads, setting.spinning)
                 self.batch_sessions.append((batch, setting))
                 self._routes.append((batch, made[setting]))
+        self._route_map = dict(self._routes)
         self.providers = self.session.get_providers()
         lost = [p for p in wanted if p not in self.providers]
         if lost and not allow_fallback and providers != "auto":
@@ -196,7 +197,7 @@ class Engine:
         """The session a batch of `rows` runs on (see `batch_sessions`)."""
         if not self._routes:
             return self.session
-        return dict(self._routes)[route_batch([b for b, _ in self._routes], rows)]
+        return self._route_map[route_batch(self._route_map, rows)]
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, model: str | None = None, *,
@@ -396,7 +397,7 @@ class Engine:
 
     def close(self) -> None:
         self.session = None
-        self._routes = []
+        self._routes, self._route_map = [], {}
 
     def __enter__(self) -> "Engine":
         return self
