@@ -141,7 +141,7 @@ class Engine:
         self.optimization = optimization
         self.session = self._new_session(threads, spinning)
         self.batch_sessions: list[tuple[int, SessionSetting]] = []
-        self._routes: list[tuple[int, ort.InferenceSession]] = []
+        self._route_map: dict[int, ort.InferenceSession] = {}  # batch size -> its session
         if batch_sessions:
             made = {SessionSetting(int(threads or 0), bool(spinning)): self.session}
             for batch, setting in sorted((int(b), v) for b, v in batch_sessions.items()):
@@ -149,8 +149,7 @@ class Engine:
                 if setting not in made:
                     made[setting] = self._new_session(setting.threads, setting.spinning)
                 self.batch_sessions.append((batch, setting))
-                self._routes.append((batch, made[setting]))
-        self._route_map = dict(self._routes)
+                self._route_map[batch] = made[setting]
         self.providers = self.session.get_providers()
         lost = [p for p in wanted if p not in self.providers]
         if lost and not allow_fallback and providers != "auto":
@@ -195,7 +194,7 @@ class Engine:
 
     def session_for(self, rows: int) -> ort.InferenceSession:
         """The session a batch of `rows` runs on (see `batch_sessions`)."""
-        if not self._routes:
+        if not self._route_map:
             return self.session
         return self._route_map[route_batch(self._route_map, rows)]
 
@@ -337,7 +336,7 @@ class Engine:
             self.validate(feeds)  # raises with every mismatch named
         names = list(outputs) if outputs else self.output_names
         session = self.session
-        if self._routes:
+        if self._route_map:
             shape = np.shape(next(iter(feeds.values()))) if feeds else ()
             session = self.session_for(shape[0] if shape else 1)
         try:
@@ -397,7 +396,7 @@ class Engine:
 
     def close(self) -> None:
         self.session = None
-        self._routes, self._route_map = [], {}
+        self._route_map = {}
 
     def __enter__(self) -> "Engine":
         return self
