@@ -10,7 +10,10 @@ from edgepipe.errors import LatencyError
 from edgepipe.exporters import ExportConfig, export
 from edgepipe.quantize import EvalData, QuantizeConfig, candidate_recipes, quantize
 from edgepipe.quantize import auto as auto_mod
+from edgepipe.quantize.recipes import Recipe, activation_weight_types
 from edgepipe.runtime import CpuInfo, Engine, measure_interleaved
+from edgepipe.runtime.hardware import read_cpu
+from edgepipe.runtime.spec import make_feeds
 
 VNNI_X86 = CpuInfo("fake Xeon", "x86_64", ["avx2", "avx512f", "avx512_vnni"], 2)
 AVX2_ONLY = CpuInfo("fake AVX2 host", "x86_64", ["avx2", "fma"], 2)
@@ -189,14 +192,36 @@ def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_p
     assert first_step["ranking"][0]["node"] == "/4/Gemm"  # its output carries the outlier channel
     # A folded Relu is compared after applying it: no layer reads as removing noise.
     assert min(r["added_nsr"] for r in first_step["ranking"]) > -0.05
-    assert set(chosen["excluded_nodes"]) >= {"/4/Gemm", "/6/Gemm"}
-    assert "/0/Gemm" not in chosen["excluded_nodes"]  # the harmless layers stay INT8
+    # Exactly the damaged pair returns to FP32: the harmless layers stay INT8 (on a CPU without
+    # VNNI the 7-bit weights pull /2/Gemm into step 2, and the trim puts it back).
+    assert set(chosen["excluded_nodes"]) == {"/4/Gemm", "/6/Gemm"}
     # The verdict is on the unmodified artifact: no instrumentation outputs, agreement re-measured.
     engine = Engine(out)
     assert engine.output_names == Engine(onnx_path).output_names
     x = np.random.default_rng(1).standard_normal((512, 256)).astype(np.float32)
     agree = (engine.run(x)["output"].argmax(-1) == Engine(onnx_path).run(x)["output"].argmax(-1)).mean()
     assert agree >= 0.98
+
+
+@pytest.mark.slow
+def test_fallback_trim_puts_back_the_nodes_the_budget_does_not_need(tmp_path):
+    onnx_path = _outlier_mlp(tmp_path)
+    config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02)
+    eval_data = EvalData(make_feeds(Engine(onnx_path).inputs, batch=512, seed=1))
+    search = auto_mod._Search(onnx_path, config, eval_data, eval_data, tmp_path, lambda message: None)
+    search.sources = [onnx_path]
+    act, weight, reduce_range, _ = activation_weight_types(read_cpu())  # as auto picks them here
+    recipe = Recipe("static", "QDQ", act, weight, reduce_range=reduce_range)
+    too_many = ["/4/Gemm", "/6/Gemm", "/2/Gemm"]  # what a coarse step can leave in FP32
+    start = search.build(recipe.excluding(too_many))
+    assert start.accuracy_drop <= 0.02
+    noise = {"/2/Gemm": 4e-4, "/4/Gemm": 1.0, "/6/Gemm": 0.03}
+    chosen, trim = search.trim(recipe, too_many, noise, start)
+    assert trim["back_in_int8"] == ["/2/Gemm"]  # least noisy first; the damaged pair is needed
+    assert set(chosen.recipe.nodes_to_exclude) == {"/4/Gemm", "/6/Gemm"}
+    assert chosen.accuracy_drop <= 0.02 and chosen.integer_nodes > start.integer_nodes
+    assert [t["back_in_int8"] for t in trim["tried"]] == [True, False, False]
+    assert start.verdict.startswith("superseded")
 
 
 @pytest.fixture(scope="module")
@@ -317,8 +342,6 @@ def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):
     are not rounded to 8 bits on their way out."""
     import onnx
     import onnxruntime as ort
-
-    from edgepipe.quantize.recipes import Recipe
 
     data = zoo["mlp"].dataset
     out = tmp_path / "mlp.qdq.onnx"

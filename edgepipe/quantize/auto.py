@@ -510,6 +510,7 @@ class _Search:
         probe = {k: v[:64] for k, v in self.eval_data.inputs.items()}
         excluded: list[str] = []
         history: list[dict] = []
+        noise: dict[str, float] = {}  # excluded node -> noise it added when it was ranked
         for step in range(max_steps):
             ranking = [r for r in rank_nodes(self.onnx_path, self.ranking_model(current, step), probe, self.work)
                        if r["node"] not in excluded]
@@ -522,16 +523,53 @@ class _Search:
             self.say(f"accuracy fallback step {step + 1}: keeping {', '.join(new)} in FP32 "
                      f"(output SQNR {ranking[0]['sqnr_out_db']} dB)")
             excluded += new
+            noise.update({r["node"]: r["added_nsr"] for r in ranking if r["node"] in new})
             cand = self.build(base.recipe.excluding(excluded))
             if cand.error is not None:
                 break
             if cand.accuracy_drop <= self.config.max_accuracy_drop:
-                self.measure([len(self.candidates) - 1])
+                cand, trim = self.trim(base.recipe, excluded, noise, cand)
+                if trim["tried"]:
+                    history.append(trim)
+                self.measure([self.candidates.index(cand)])
                 self.judge(cand)
                 return (cand if cand.verdict == "ok" and self.confirm(cand) else None), history
             cand.verdict = f"accuracy drop {cand.accuracy_drop:.4f} > {self.config.max_accuracy_drop}"
             current = cand
         return None, history
+
+    def built(self, recipe: Recipe) -> Candidate | None:
+        """The candidate already built for `recipe` (exclusions compared as a set), if any."""
+        key = (replace(recipe, nodes_to_exclude=()), frozenset(recipe.nodes_to_exclude))
+        return next((c for c in self.candidates
+                     if (replace(c.recipe, nodes_to_exclude=()), frozenset(c.recipe.nodes_to_exclude)) == key), None)
+
+    def trim(self, recipe: Recipe, excluded: list[str], noise: dict[str, float], cand: Candidate,
+             max_tries: int = 6) -> tuple[Candidate, dict]:
+        """Steps exclude 1, 2, 4 … nodes at a time, so the set that meets the budget can hold
+        nodes it does not need (on a CPU without VNNI, 7-bit weights make a harmless layer's
+        noise look damaging). Put each excluded node back into INT8, least noisy first, and keep
+        it there when the budget still holds: fewer FP32 nodes, a faster model."""
+        keep = list(excluded)
+        tried, back = [], []
+        for node in sorted(excluded, key=lambda n: noise.get(n, 0.0))[:max_tries]:
+            if len(keep) == 1:
+                break
+            trial = [n for n in keep if n != node]
+            attempt = self.built(recipe.excluding(trial))
+            if attempt is None:
+                self.say(f"accuracy fallback trim: trying {node} back in INT8")
+                attempt = self.build(recipe.excluding(trial))
+            ok = attempt.error is None and attempt.accuracy_drop <= self.config.max_accuracy_drop
+            tried.append({"node": node, "accuracy_drop": attempt.accuracy_drop, "back_in_int8": ok})
+            if ok:
+                cand.verdict = f"superseded: {node} can stay INT8"
+                keep, cand = trial, attempt
+                back.append(node)
+            elif attempt.error is None:
+                attempt.verdict = (f"accuracy drop {attempt.accuracy_drop:.4f} > "
+                                   f"{self.config.max_accuracy_drop}: {node} stays FP32")
+        return cand, {"step": "trim", "tried": tried, "back_in_int8": back, "excluded": keep}
 
 
 def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
