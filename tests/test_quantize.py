@@ -71,6 +71,30 @@ def test_dynamic_conv_is_never_a_candidate():
     assert any("ConvInteger" in s["why"] for s in skipped)
 
 
+def test_dynamic_quantizes_linear_layers_exported_as_gemm(zoo, tmp_path):
+    # torch exports nn.Linear on 2-D input as Gemm, which onnxruntime's dynamic quantizer skips:
+    # without the MatMul rewrite the dynamic recipe quantized nothing in an MLP.
+    import onnx
+
+    src = zoo["mlp"].onnx
+    gemms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm"]
+    assert gemms
+    rewritten = tmp_path / "as_matmul.onnx"
+    assert auto_mod.gemms_as_matmul(src, rewritten) == len(gemms)
+    graph = onnx.load(str(rewritten)).graph
+    assert not any(n.op_type == "Gemm" for n in graph.node)
+    assert {n.name for n in graph.node if n.op_type == "MatMul"} == set(gemms)  # exclusions still apply
+    x = zoo["mlp"].dataset.x_test[:16]
+    (mine,), (ref,) = Engine(rewritten).run(x).values(), Engine(src).run(x).values()
+    np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "dyn.onnx"
+    auto_mod.build(Recipe("dynamic", weight_type="S8"), src, out, None, 0)
+    assert auto_mod.count_integer_nodes(out) >= len(gemms)
+    kept = tmp_path / "dyn_excl.onnx"
+    auto_mod.build(Recipe("dynamic", weight_type="S8", nodes_to_exclude=(gemms[0],)), src, kept, None, 0)
+    assert auto_mod.count_integer_nodes(kept) < auto_mod.count_integer_nodes(out)
+
+
 def test_lstm_gets_dynamic_only():
     recipes, skipped = candidate_recipes({"Gather", "LSTM", "Gemm"}, VNNI_X86)
     assert recipes and all(r.method == "dynamic" for r in recipes)

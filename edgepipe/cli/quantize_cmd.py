@@ -20,7 +20,8 @@ def session_label(sessions: dict | None) -> str:
 
 def candidate_table(record: dict) -> str:
     batches = list(record["fp32"]["p50_ms"])
-    head = (f"{'recipe':46} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
+    w = max([19, *(len(c["recipe"]) for c in record["candidates"])])  # recipe column: the longest name
+    head = (f"{'recipe':{w}} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
             + f" {'session':>8} {'size':>8}  verdict")
     lines = [head, "-" * len(head)]
     for c in record["candidates"]:
@@ -30,11 +31,11 @@ def candidate_table(record: dict) -> str:
         size = f"{c['size_bytes'] / 1e6:.2f}MB" if c["size_bytes"] else "-"
         verdict = c["verdict"] + (f": {c['error']}" if c["error"] else "")
         session = session_label(c.get("sessions"))
-        lines.append(f"{c['recipe']:46} {metric_s:>9} {speed} {session:>8} {size:>8}  {verdict}")
+        lines.append(f"{c['recipe']:{w}} {metric_s:>9} {speed} {session:>8} {size:>8}  {verdict}")
     for s in record["skipped_recipes"]:
-        lines.append(f"{s['recipe']:46} skipped: {s['why']}")
+        lines.append(f"{s['recipe']:{w}} skipped: {s['why']}")
     fp32 = record["fp32"]
-    lines.append(f"{'FP32 (the baseline)':46} {'':9} " + " ".join(f"{fp32['p50_ms'][b]:>6.3f}ms" for b in batches)
+    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} " + " ".join(f"{fp32['p50_ms'][b]:>6.3f}ms" for b in batches)
                  + f" {session_label(fp32.get('sessions')):>8}")
     lines.append(f"timing: {record['timing']}")
     return "\n".join(lines)

@@ -173,6 +173,45 @@ def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
             if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
+def gemms_as_matmul(model_path: Path, out: Path) -> int:
+    """Write `model_path` to `out` with each Gemm that has a constant weight as MatMul (+ Add for
+    the bias), and return how many were rewritten. onnxruntime's dynamic quantizer only handles
+    MatMul, and torch exports nn.Linear on 2-D input as Gemm: without this the dynamic recipe
+    quantizes nothing in an MLP. The MatMul keeps the Gemm's name (exclusion lists still apply)
+    and the Add its output name."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = weight.T if attrs.get("transB", 0) else weight
+        name = f"{node.input[1]}_as_matmul"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}_bias"))
+        rewritten += 1
+    if rewritten:
+        used = {i for n in nodes for i in n.input}
+        kept = [init for init in graph.initializer if init.name in used]
+        del graph.node[:], graph.initializer[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(kept)
+        onnx.save(model, str(out))
+    return rewritten
+
+
 def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | None,
           samples: int) -> None:
     from onnxruntime.quantization import (
@@ -195,6 +234,11 @@ def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | N
                   nodes_to_exclude=[*with_activations(graph, recipe.nodes_to_exclude), *activation_matmuls(graph)] or None,
                   extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     if recipe.method == "dynamic":
+        if "Gemm" in graph_ops:
+            as_matmul = out.with_name(out.stem + ".gemm_as_matmul.onnx")
+            if gemms_as_matmul(model_path, as_matmul):
+                model_path = as_matmul
+                common["op_types_to_quantize"] = sorted(set(op_types) | {"MatMul"})
         quantize_dynamic(str(model_path), str(out), **common)
         return
     if recipe.method == "int4":

@@ -56,7 +56,8 @@ class Recipe:
 
 
 # Ops each method turns into integer kernels in onnxruntime 1.31 (from its quantization registry).
-DYNAMIC_OPS = frozenset({"MatMul", "Conv", "LSTM", "Attention", "Gather", "EmbedLayerNormalization"})
+# Dynamic covers Gemm through a rewrite to MatMul + Add (auto.gemms_as_matmul).
+DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "LSTM", "Attention", "Gather", "EmbedLayerNormalization"})
 STATIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LayerNormalization"})
 
 # Graph op -> methods allowed for it, each with its reason (measured on this project's machine,
