@@ -3,7 +3,7 @@
     python benchmarks/kernel_ceiling.py [--rounds 40] [--threads 1]
 
 The zoo's INT8/FP32 ratios are bounded by what ORT's integer kernels buy on the CPU at hand. This
-times single-op graphs (a MatMul with a constant weight, and an LSTM) in FP32 and in each INT8 form
+times single-op graphs (a MatMul with a constant weight, a 3x3 Conv, an LSTM) in FP32 and in each INT8 form
 edgepipe builds (dynamic, static QDQ U8S8/U8U8, with and without reduce_range), interleaved in one
 process, at the zoo's shapes and at a large GEMM. It prints p50 ms and FP32/INT8 per row, and the
 CPU's integer features, so a missed target can be told apart from a weak recipe.
@@ -34,6 +34,8 @@ from edgepipe.runtime.hardware import read_cpu
 MATMULS = (("mlp-l1 b1", 1, 64, 512), ("mlp-l2 b1", 1, 512, 512),
            ("mlp-l1 b32", 32, 64, 512), ("mlp-l2 b32", 32, 512, 512),
            ("lstm-recurrent b32", 32, 128, 512), ("gemm 256x1024x1024", 256, 1024, 1024))
+# (label, batch, in channels, out channels, height = width): the zoo CNN's second conv at batch 32.
+CONVS = (("cnn-conv2 b32", 32, 32, 64, 8),)
 # (label, batch, seq, input, hidden): the zoo LSTM, and a wider one.
 LSTMS = (("lstm-zoo b1", 1, 24, 32, 128), ("lstm-zoo b32", 32, 24, 32, 128),
          ("lstm-h512 b32", 32, 24, 32, 512))
@@ -51,6 +53,13 @@ def matmul_model(k: int, n: int, rng) -> onnx.ModelProto:
     return _model([helper.make_node("MatMul", ["X", "W"], ["Y"])],
                   [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
                   [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])], [w])
+
+
+def conv_model(cin: int, cout: int, hw: int, rng) -> onnx.ModelProto:
+    w = numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32), "W")
+    return _model([helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])],
+                  [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", cin, hw, hw])],
+                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", cout, hw, hw])], [w])
 
 
 def lstm_model(seq: int, inp: int, hidden: int, rng) -> onnx.ModelProto:
@@ -113,6 +122,11 @@ def main() -> None:
             onnx.save(matmul_model(k, n, rng), path)
             x = np.maximum(rng.standard_normal((m, k)), 0).astype(np.float32)  # post-ReLU activations
             rows.append(time_row(label, variants(path, x, lstm=False), x, m, args.threads, args.rounds))
+        for label, b, cin, cout, hw in CONVS:  # dynamic here is ConvInteger, which auto never proposes
+            path = Path(tmp) / f"conv_{cin}_{cout}.onnx"
+            onnx.save(conv_model(cin, cout, hw, rng), path)
+            x = np.maximum(rng.standard_normal((b, cin, hw, hw)), 0).astype(np.float32)
+            rows.append(time_row(label, variants(path, x, lstm=False), x, b, args.threads, args.rounds))
         for label, b, seq, inp, hidden in LSTMS:
             path = Path(tmp) / f"lstm_{hidden}.onnx"
             onnx.save(lstm_model(seq, inp, hidden, rng), path)
