@@ -206,10 +206,10 @@ def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_p
     monkeypatch.setattr(auto_mod, "candidate_recipes", only)
     onnx_path = _outlier_mlp(tmp_path)
     out = tmp_path / "outlier.int8.onnx"
-    # The subject is the accuracy mechanism, not the speed gate (tested on its own above): with
-    # two of four layers back in FP32 this model is 1.2-1.3x on an AVX2-only CPU, and one noisy
-    # trial there must not decide this test. min_speedup 0.5 still rejects a broken model.
-    config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02, min_speedup=0.5)
+    # With two of four layers back in FP32 this model is only 1.2-1.3x on an AVX2-only CPU, where
+    # one noisy trial once read it below 1.0 (the gate then rightly refused it): time it with
+    # more rounds than the default so a trial's p50 is steadier.
+    config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02, rounds=30)
     record = quantize(onnx_path, out, config).record
     plain = [c for c in record["candidates"] if not c["excluded_nodes"]]
     assert plain and all(c["accuracy_drop"] > 0.02 for c in plain)  # the plain recipes miss it
