@@ -350,7 +350,7 @@ def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
 
     def flattering(self, indices):
         real_measure(self, indices)
-        for i in indices:  # the tiny MLP's INT8 is ~0.7x; this trial reads it as ~2x
+        for i in indices:  # the tiny MLP's INT8 is 0.7-1.0x; this trial reads it as 2-3x
             self.candidates[i].speedup = {b: 3 * s for b, s in self.candidates[i].speedup.items()}
 
     monkeypatch.setattr(auto_mod._Search, "measure", flattering)
@@ -359,7 +359,10 @@ def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
     rows = err.value.record["candidates"]
     confirmed = [r for r in rows if r["speedup_trials"]]
     assert confirmed and all(r["verdict"].startswith("not confirmed") for r in confirmed)
-    assert all(len(r["speedup_trials"]["1"]) == 3 and r["speedup"]["1"] < 1 for r in confirmed)
+    for r in confirmed:  # judged on the median of the flattering trial and two fresh ones
+        trials = r["speedup_trials"]["1"]
+        assert len(trials) == 3 and r["speedup"]["1"] == pytest.approx(float(np.median(trials)), abs=2e-3)
+        assert trials[0] > max(trials[1:])  # the first one, outvoted
     assert not (tmp_path / "q.onnx").exists()
 
 
