@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
+from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
 
-from edgepipe.runtime import Engine, measure_interleaved
+from edgepipe.quantize.calibration import ArrayCalibrationReader
+from edgepipe.runtime import Engine, fingerprint, measure_interleaved
 from edgepipe.runtime.hardware import read_cpu
 
 # (label, M rows, K, N): the zoo MLP's layers at batch 1 and 32, its LSTM's recurrent GEMM, a big GEMM.
@@ -71,14 +66,6 @@ def lstm_model(seq: int, inp: int, hidden: int, rng) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "b", hidden])], [w, r])
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self._it = iter([{"X": x}])
-
-    def get_next(self):
-        return next(self._it, None)
-
-
 def variants(fp32: Path, x: np.ndarray, lstm: bool) -> dict[str, Path]:
     out = {"fp32": fp32}
     for rr in (False, True):
@@ -91,7 +78,7 @@ def variants(fp32: Path, x: np.ndarray, lstm: bool) -> dict[str, Path]:
                                   ("qdq U8S8 rr", QuantType.QUInt8, QuantType.QInt8, True),
                                   ("qdq U8U8", QuantType.QUInt8, QuantType.QUInt8, False)):
         path = fp32.with_name(f"{fp32.stem}.{name.replace(' ', '-')}.onnx")
-        quantize_static(fp32, path, _Reader(x), activation_type=act, weight_type=weight, reduce_range=rr)
+        quantize_static(fp32, path, ArrayCalibrationReader({"X": x}, samples=len(x)), activation_type=act, weight_type=weight, reduce_range=rr)
         out[name] = path
     return out
 
@@ -134,7 +121,7 @@ def main() -> None:
             rows.append(time_row(label, variants(path, x, lstm=True), x, b, args.threads, args.rounds))
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
     Path("benchmarks/results/kernel_ceiling.json").write_text(
-        json.dumps({"cpu": asdict(cpu) | {"vnni": cpu.has_vnni}, "threads": args.threads, "rows": rows}, indent=2))
+        json.dumps({"hardware": fingerprint(), "threads": args.threads, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

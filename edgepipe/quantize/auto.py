@@ -584,9 +584,10 @@ class _Search:
 
     def built(self, recipe: Recipe) -> Candidate | None:
         """The candidate already built for `recipe` (exclusions compared as a set), if any."""
-        key = (replace(recipe, nodes_to_exclude=()), frozenset(recipe.nodes_to_exclude))
-        return next((c for c in self.candidates
-                     if (replace(c.recipe, nodes_to_exclude=()), frozenset(c.recipe.nodes_to_exclude)) == key), None)
+        def key(r: Recipe) -> tuple:
+            return replace(r, nodes_to_exclude=()), frozenset(r.nodes_to_exclude)
+
+        return next((c for c in self.candidates if key(c.recipe) == key(recipe)), None)
 
     def trim(self, recipe: Recipe, excluded: list[str], noise: dict[str, float], cand: Candidate,
              max_tries: int = 6) -> tuple[Candidate, dict]:
