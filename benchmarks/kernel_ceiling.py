@@ -85,7 +85,7 @@ def variants(fp32: Path, x: np.ndarray, lstm: bool) -> dict[str, Path]:
 
 def time_row(label: str, models: dict[str, Path], x: np.ndarray, rows: int, threads: int, rounds: int) -> dict:
     engines = {name: Engine(path, threads=threads) for name, path in models.items()}
-    calls = {name: (lambda e=e: e.session.run(None, {"X": x})) for name, e in engines.items()}
+    calls = {name: e.runner({"X": x}) for name, e in engines.items()}
     stats = measure_interleaved(calls, rows, rounds=rounds)
     fp32 = stats["fp32"].p50_ms
     row = {"case": label, "threads": threads, "fp32_p50_ms": round(fp32, 4),

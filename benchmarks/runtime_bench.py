@@ -14,23 +14,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from edgepipe.runtime import Engine, fingerprint, measure_interleaved
+from edgepipe.runtime import Engine, fingerprint, measure_interleaved, new_session
 from edgepipe.runtime.profiling import profile_model
 
 
 def engine_overhead(model: Path, rounds: int = 200) -> dict:
     engine = Engine(model, providers="cpu", spinning=False)
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    raw = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    raw = new_session(model, spinning=False)  # a second, bare session of the same model
     x = np.zeros((1, 1, 8, 8), np.float32)
     feeds = {"x": x}
     # Engine.run against the Engine's own session.run: two sessions of one model can differ by
     # several microseconds (measured here), which would swamp the wrapper's cost.
     stats = measure_interleaved({"raw": lambda: raw.run(None, feeds),
-                                 "own_session": lambda: engine.session.run(None, feeds),
+                                 "own_session": engine.runner(feeds),
                                  "engine": lambda: engine.run(feeds),
                                  "engine_array": lambda: engine.run(x)}, 1, rounds=rounds, warmup=200)
     # The wrapper alone: Engine.run with onnxruntime's call replaced by a no-op, timed over many

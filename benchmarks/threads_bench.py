@@ -39,8 +39,8 @@ def main() -> None:
             quant = Engine(int8, threads=threads, spinning=spin)
             for batch in (1, 32):
                 feeds = {fp32.inputs[0].name: np.ascontiguousarray(dataset.x_test[:batch])}
-                stats = measure_interleaved({"fp32": lambda: fp32.session.run(None, feeds),
-                                             "int8": lambda: quant.session.run(None, feeds)}, batch, rounds=args.rounds,
+                stats = measure_interleaved({"fp32": fp32.runner(feeds),
+                                             "int8": quant.runner(feeds)}, batch, rounds=args.rounds,
                                              spinning={"fp32", "int8"} if spin else ())
                 row = {"model": name, "threads": threads, "spinning": spin, "batch": batch,
                        "fp32_p50_ms": round(stats["fp32"].p50_ms, 4), "int8_p50_ms": round(stats["int8"].p50_ms, 4),

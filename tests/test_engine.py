@@ -91,7 +91,7 @@ def test_io_binding_on_the_cpu_matches_run_and_chains_ortvalues(zoo):
 
 
 def test_provider_options_are_parsed_checked_and_passed(zoo):
-    from edgepipe.runtime.engine import parse_provider_options, session_providers
+    from edgepipe.runtime.sessions import parse_provider_options, session_providers
 
     assert parse_provider_options(["cuda.device_id=1", "tensorrt.trt_fp16_enable=True", "cuda.arena_extend_strategy=kSameAsRequested"]) == {
         "cuda": {"device_id": "1", "arena_extend_strategy": "kSameAsRequested"}, "tensorrt": {"trt_fp16_enable": "True"}}
@@ -104,7 +104,7 @@ def test_provider_options_are_parsed_checked_and_passed(zoo):
 
 
 def test_placement_lists_nodes_that_left_the_preferred_provider(zoo):
-    from edgepipe.runtime.profiling import placement_report
+    from edgepipe.runtime.placement import placement_report
 
     cpu = Engine(zoo["cnn"].onnx).placement()
     assert cpu["fell_back"] == [] and sum(cpu["nodes_per_provider"].values()) > 3

@@ -106,7 +106,7 @@ def test_demo_end_to_end(tmp_path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
     assert (out / "report.md").read_text().count("| transformer |") == 3
-    from edgepipe.runtime.profiling import route_batch
+    from edgepipe.runtime.sessions import route_batch
 
     for name, model in manifest["models"].items():  # profile timed each model as quantize tuned it
         quant, prof = model["stages"]["quantize"]["record"], model["stages"]["profile"]["record"]

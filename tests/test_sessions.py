@@ -12,7 +12,8 @@ import pytest
 
 from edgepipe.quantize import QuantizeConfig, quantize
 from edgepipe.runtime import Engine, SessionSetting, fastest_per_batch, session_settings
-from edgepipe.runtime.profiling import route_batch, wait_until_idle
+from edgepipe.runtime.sessions import route_batch
+from edgepipe.runtime.timing import wait_until_idle
 
 ONE, TWO, TWO_SPIN = SessionSetting(1, False), SessionSetting(2, False), SessionSetting(2, True)
 

@@ -29,7 +29,7 @@ def profile(
     and threads actually used. --json adds the hardware fingerprint (CPU model, ISA features,
     cores, OS, onnxruntime version and providers)."""
     from edgepipe.runtime import compare_models, profile_model
-    from edgepipe.runtime.engine import parse_provider_options
+    from edgepipe.runtime.sessions import parse_provider_options
 
     provider_options = parse_provider_options(provider_option or [])
 

@@ -43,7 +43,7 @@ def serve(
     The http backend also has GET /healthz, /readyz, /metrics (Prometheus) and finishes in-flight
     requests on shutdown (Ctrl-C); the ray backend uses Ray Serve's own health, metrics and
     graceful shutdown, with the same request format and errors."""
-    from edgepipe.runtime.engine import parse_provider_options
+    from edgepipe.runtime.sessions import parse_provider_options
 
     if backend not in ("http", "ray"):
         from edgepipe.errors import InputError

@@ -28,7 +28,7 @@ from edgepipe.models.training import (
     save_checkpoint,
 )
 from edgepipe.runtime.engine import Engine
-from edgepipe.runtime.profiling import measure_interleaved
+from edgepipe.runtime.timing import measure_interleaved
 
 IMPORTANCES = ("magnitude", "taylor")
 METHODS = ("structured", "unstructured")

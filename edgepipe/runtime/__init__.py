@@ -1,18 +1,17 @@
 """The edgepipe runtime: run exported models with only numpy + onnxruntime (no torch, no onnx)."""
 
-from edgepipe.runtime.engine import Engine, resolve_providers
+from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import CpuInfo, fingerprint, read_cpu
-from edgepipe.runtime.profiling import (
-    LatencyStats,
+from edgepipe.runtime.profiling import compare_models, profile_model
+from edgepipe.runtime.sessions import (
     SessionSetting,
-    compare_models,
     fastest_per_batch,
-    measure,
-    measure_interleaved,
-    profile_model,
+    new_session,
+    resolve_providers,
     session_settings,
 )
 from edgepipe.runtime.spec import InputSpec, make_feeds
+from edgepipe.runtime.timing import LatencyStats, measure, measure_interleaved
 
 __all__ = [
     "CpuInfo",
@@ -26,6 +25,7 @@ __all__ = [
     "make_feeds",
     "measure",
     "measure_interleaved",
+    "new_session",
     "profile_model",
     "read_cpu",
     "resolve_providers",

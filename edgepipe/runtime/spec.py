@@ -131,3 +131,23 @@ def make_feeds(
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def specs_from_session(session, metadata: Mapping[str, str]) -> list[InputSpec]:
+    """Input specs of an ORT session's graph, enriched by the export metadata (value ranges, example dims)."""
+    recorded = {}
+    if METADATA_KEY in metadata:
+        recorded = {s.name: s for s in specs_from_json(metadata[METADATA_KEY])}
+    specs = []
+    for arg in session.get_inputs():
+        dtype = ORT_TO_NUMPY.get(arg.type)
+        if dtype is None:
+            raise InputError(f"model input '{arg.name}' has unsupported type {arg.type}")
+        shape = tuple(d if isinstance(d, int) else (d or f"dim{i}") for i, d in enumerate(arg.shape))
+        extra = recorded.get(arg.name)
+        specs.append(InputSpec(
+            name=arg.name, dtype=str(dtype), shape=shape,
+            low=extra.low if extra else None, high=extra.high if extra else None,
+            example=extra.example if extra else {},
+        ))
+    return specs

@@ -59,12 +59,9 @@ class TritonConfig:
 
 def _io(model: Path) -> tuple[list, list]:
     """(inputs, outputs) as (name, ORT type, shape) from an ORT session: the truth Triton will see."""
-    import onnxruntime as ort
+    from edgepipe.runtime.sessions import new_session
 
-    try:
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise InputError(f"cannot load ONNX model {model}: {str(exc).strip().splitlines()[0]}") from None
+    session = new_session(model)
     return ([(a.name, a.type, list(a.shape)) for a in session.get_inputs()],
             [(a.name, a.type, list(a.shape)) for a in session.get_outputs()])
 

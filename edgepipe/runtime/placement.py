@@ -1,0 +1,75 @@
+"""ONNX Runtime's own profiler: per-node kernel time, which provider ran each node, and the
+per-operator breakdown. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from edgepipe.runtime.sessions import new_session, resolve_providers
+
+
+def profile_events(model, feeds: Mapping[str, np.ndarray], session_providers: list, *,
+                   threads: int | None = None, iterations: int = 30) -> list[dict]:
+    """Run `model` `iterations` times under ONNX Runtime's profiler; its JSON events.
+    `session_providers`: what InferenceSession takes (names, or (name, options) pairs)."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-ops-") as tmp:
+        session = new_session(model, session_providers, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+        for _ in range(iterations):
+            session.run(None, dict(feeds))
+        return json.loads(Path(session.end_profiling()).read_text())
+
+
+def node_times(events: list[dict]) -> dict[str, dict]:
+    """{node name: {"node", "op", "provider", "us"}} from profiler events (kernel time summed)."""
+    by_node: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        args = event.get("args", {})
+        node = event["name"][: -len("_kernel_time")]
+        entry = by_node.setdefault(node, {"node": node, "op": args.get("op_name", "?"),
+                                          "provider": args.get("provider"), "us": 0.0})
+        entry["us"] += event.get("dur", 0)
+    return by_node
+
+
+def placement_report(by_node: dict[str, dict], providers: list[str]) -> dict:
+    """Which provider ran each node. `fell_back`: nodes not on the preferred (first) provider,
+    e.g. the CPU nodes of a CUDA session, with the copies ORT inserted around them."""
+    preferred = providers[0] if providers else None
+    fell_back = [] if preferred in (None, "CPUExecutionProvider") else [
+        {"node": n["node"], "op": n["op"], "provider": n["provider"]}
+        for n in by_node.values() if n["provider"] != preferred]
+    return {"providers": list(providers),
+            "nodes_per_provider": dict(Counter(n["provider"] for n in by_node.values())),
+            "fell_back": fell_back,
+            "memcpy_nodes": sum(n["op"].startswith("Memcpy") for n in by_node.values())}
+
+
+def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="auto",
+                     threads: int | None = None, iterations: int = 30, top: int = 15) -> dict:
+    """Per-operator time from ONNX Runtime's own profiler: by op type and by node, with the
+    provider each node ran in."""
+    names = resolve_providers(providers)[0]
+    by_node = node_times(profile_events(model_path, feeds, names, threads=threads, iterations=iterations))
+    by_op: dict[str, float] = defaultdict(float)
+    for entry in by_node.values():
+        by_op[entry["op"]] += entry["us"]
+    total = sum(by_op.values()) or 1.0
+    ops = sorted(({"op": op, "us_per_run": round(us / iterations, 2), "share": round(us / total, 4)}
+                  for op, us in by_op.items()), key=lambda r: r["us_per_run"], reverse=True)
+    nodes = sorted(by_node.values(), key=lambda r: r["us"], reverse=True)
+    return {
+        "iterations": iterations,
+        "by_op_type": ops,
+        "by_node": [{"node": n["node"], "op": n["op"], "provider": n["provider"],
+                     "us_per_run": round(n["us"] / iterations, 2), "share": round(n["us"] / total, 4)}
+                    for n in nodes[:top]],
+        "nodes_per_provider": placement_report(by_node, names)["nodes_per_provider"],
+    }
