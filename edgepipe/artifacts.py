@@ -7,20 +7,26 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgepipe.errors import InputError
+from edgepipe.reports import Report
 
 
 @dataclass
 class StageResult:
-    """What a stage produced (named artifact paths) and what it measured (plain JSON data)."""
+    """What a stage produced (named artifact paths) and what it measured (its typed report)."""
 
     stage: str
     artifacts: dict[str, Path]
-    record: dict[str, Any] = field(default_factory=dict)
+    report: Report
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The report as plain JSON data, as the manifest stores it."""
+        return self.report.to_dict()
 
 
 @contextlib.contextmanager

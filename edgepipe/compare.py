@@ -101,7 +101,7 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
     that add the most noise."""
     import onnx
 
-    from edgepipe.quantize.sensitivity import after_qdq, channel_nsr, instrumented_copy, run_all
+    from edgepipe.instrument import after_qdq, channel_nsr, instrumented_copy, run_all
 
     graph_a = onnx.load(str(a_path), load_external_data=False).graph
     graph_b = onnx.load(str(b_path), load_external_data=False).graph

@@ -26,9 +26,14 @@ class QuantizationError(EdgepipeError):
 
 
 class GateFailed(EdgepipeError):
-    """A measured value violated its budget. Exit code 1."""
+    """A measured value violated its budget. Exit code 1. `report`: the stage's typed report
+    with everything it measured before it refused (None when the gate is checked afterwards)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: object | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 class ParityError(GateFailed):

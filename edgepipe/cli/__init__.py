@@ -7,6 +7,18 @@ import sys
 import typer
 
 from edgepipe import __version__
+from edgepipe.cli import (
+    compare_cmd,
+    export_cmd,
+    profile_cmd,
+    prune_cmd,
+    quantize_cmd,
+    report_cmd,
+    run_cmd,
+    serve_cmd,
+    train_cmd,
+    triton_cmd,
+)
 from edgepipe.cli._common import state
 
 app = typer.Typer(
@@ -35,18 +47,24 @@ def main_options(
     state.debug = debug
 
 
-from edgepipe.cli import (  # noqa: E402,F401
-    compare_cmd,
-    export_cmd,
-    profile_cmd,
-    prune_cmd,
-    quantize_cmd,
-    report_cmd,
-    run_cmd,
-    serve_cmd,
-    train_cmd,
-    triton_cmd,
+# Every command, registered here and nowhere else (importing a command module registers nothing).
+# Heavy imports (torch, onnx) happen inside each command, so `--help` and `profile` stay light.
+COMMANDS = (
+    ("train", train_cmd.train),
+    ("prune", prune_cmd.prune),
+    ("export", export_cmd.export),
+    ("quantize", quantize_cmd.quantize),
+    ("compare", compare_cmd.compare),
+    ("profile", profile_cmd.profile),
+    ("merge-profiles", profile_cmd.merge_profiles),
+    ("run", run_cmd.run),
+    ("demo", run_cmd.demo),
+    ("report", report_cmd.report),
+    ("serve", serve_cmd.serve),
+    ("triton", triton_cmd.triton),
 )
+for _name, _command in COMMANDS:
+    app.command(_name)(_command)
 
 
 def main() -> None:

@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, load_npz, write_json_out
 
 
-@app.command()
 @handle_errors
 def compare(
     a: Annotated[str, typer.Argument(help="Reference: ONNX model, checkpoint, or file.py:factory.")],

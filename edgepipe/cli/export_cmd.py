@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, load_npz, write_json_out
 
 
-@app.command()
 @handle_errors
 def export(
     source: Annotated[str, typer.Argument(help="Checkpoint from `edgepipe train`, or path/to/file.py:factory.")],

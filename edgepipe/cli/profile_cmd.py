@@ -7,11 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, parse_ints, write_json_out
+from edgepipe.cli.render import latency_table, merged_table, operator_lines, placement_lines
 
 
-@app.command()
 @handle_errors
 def profile(
     model: Annotated[Path, typer.Argument(help="ONNX model to profile.")],
@@ -59,30 +58,14 @@ def profile(
     providers = (record.get("engine") or next(iter(record["models"].values())))["providers"]
     typer.echo(f"provider: {providers[0]}  threads: {threads or 'onnxruntime default'}  "
                f"cpu: {record['hardware']['cpu']['model']}")
-    typer.echo(f"{'model':28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs base':>8}")
-    for label, rows in by_label.items():
-        for stats in rows:
-            ratio = record.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
-            typer.echo(f"{label[:28]:28} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
-                       f"{stats['p99_ms']:>9.4f} {stats['throughput']:>11.1f} "
-                       f"{(f'{ratio:.2f}x' if ratio else '-'):>8}")
-    placement = record.get("placement")
-    if placement:
-        fell = placement["fell_back"]
-        typer.echo(f"placement: {placement['nodes_per_provider']}; {len(fell)} node(s) fell back from "
-                   f"{providers[0]}, {placement['memcpy_nodes']} device copies")
-        for row in fell[:10]:
-            typer.echo(f"  fell back: {row['node'][:40]:40} {row['op']:14} -> {row['provider']}")
+    typer.echo(latency_table(record, by_label))
+    if record.get("placement"):
+        typer.echo("\n".join(placement_lines(record["placement"], providers[0])))
     if record.get("operators"):
-        typer.echo(f"\ntop operators at batch {max(batches)} (onnxruntime profiler):")
-        for row in record["operators"]["by_op_type"][:8]:
-            typer.echo(f"  {row['op']:28} {row['us_per_run']:>10.1f} us/run {row['share']:>7.1%}")
-        for row in record["operators"]["by_node"][:5]:
-            typer.echo(f"  node {row['node'][:40]:40} {row['op']:14} {row['provider']:22} {row['share']:>7.1%}")
+        typer.echo("\n".join(operator_lines(record["operators"], max(batches))))
     write_json_out(json_out, record)
 
 
-@app.command("merge-profiles")
 @handle_errors
 def merge_profiles(
     files: Annotated[list[Path], typer.Argument(help="Profile JSONs written by `edgepipe profile --json` on each device.")],
@@ -105,8 +88,5 @@ def merge_profiles(
         if "latency" not in records[-1] or "hardware" not in records[-1]:
             raise InputError(f"{path} is not an `edgepipe profile --json` result (no latency/hardware)")
     rows = merge(records)
-    typer.echo(f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}")
-    for r in rows:
-        typer.echo(f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
-                   f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}")
+    typer.echo(merged_table(rows))
     write_json_out(json_out, {"rows": rows})

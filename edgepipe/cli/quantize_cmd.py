@@ -7,49 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, load_npz, parse_ints, write_json_out
+from edgepipe.cli.choices import Calibration, QuantizeMode
+from edgepipe.cli.render import candidate_table, quantize_summary
+from edgepipe.errors import GateFailed
 
 
-def session_label(sessions: dict | None) -> str:
-    """{"1": {"threads": 1, "spinning": False}, "32": ...} -> "1t/2t" (one per batch; s: spinning)."""
-    if not sessions:
-        return "-"
-    return "/".join(f"{v['threads']}t" + ("s" if v["spinning"] else "") for v in sessions.values())
-
-
-def candidate_table(record: dict) -> str:
-    batches = list(record["fp32"]["p50_ms"])
-    w = max([19, *(len(c["recipe"]) for c in record["candidates"])])  # recipe column: the longest name
-    head = (f"{'recipe':{w}} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
-            + f" {'session':>8} {'size':>8}  verdict")
-    lines = [head, "-" * len(head)]
-    for c in record["candidates"]:
-        metric = c["accuracy"] if c["accuracy"] is not None else c["agreement"]
-        metric_s = f"{metric:.4f}" if metric is not None else "-"
-        speed = " ".join(f"{c['speedup'].get(b, 0):>7.2f}x" if c["speedup"] else f"{'-':>8}" for b in batches)
-        size = f"{c['size_bytes'] / 1e6:.2f}MB" if c["size_bytes"] else "-"
-        verdict = c["verdict"] + (f": {c['error']}" if c["error"] else "")
-        session = session_label(c.get("sessions"))
-        lines.append(f"{c['recipe']:{w}} {metric_s:>9} {speed} {session:>8} {size:>8}  {verdict}")
-    for s in record["skipped_recipes"]:
-        lines.append(f"{s['recipe']:{w}} skipped: {s['why']}")
-    fp32 = record["fp32"]
-    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} " + " ".join(f"{fp32['p50_ms'][b]:>6.3f}ms" for b in batches)
-                 + f" {session_label(fp32.get('sessions')):>8}")
-    lines.append(f"timing: {record['timing']}")
-    return "\n".join(lines)
-
-
-@app.command()
 @handle_errors
 def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
-    mode: Annotated[str, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = "auto",
+    mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = QuantizeMode.auto,
     data: Annotated[Optional[Path], typer.Option(help="Held-out .npz (inputs by name or x; labels y) to judge accuracy. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration .npz for static recipes (default: --data).")] = None,
-    calibration_method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    calibration_method: Annotated[Calibration, typer.Option(help="How static recipes set activation ranges from the calibration data.")] = Calibration.minmax,
     batch: Annotated[str, typer.Option(help="Batch sizes the model must be faster at, comma-separated.")] = "1,32",
     max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point.")] = 0.01,
     exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
@@ -74,7 +45,7 @@ def quantize(
         eval_data = EvalData(*load_npz(data, names))
     if calibration is not None:
         calib = EvalData(load_npz(calibration, names)[0])
-    config = QuantizeConfig(mode=mode, calibration=calibration_method, batch_sizes=parse_ints(batch, "--batch"),
+    config = QuantizeConfig(mode=mode.value, calibration=calibration_method.value, batch_sizes=parse_ints(batch, "--batch"),
                             max_accuracy_drop=max_accuracy_drop,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
@@ -84,25 +55,10 @@ def quantize(
     try:
         result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
                                 progress=lambda m: typer.echo(f"  {m}", err=True))
-    except Exception as exc:
-        record = getattr(exc, "record", None)
-        if record:
-            typer.echo(candidate_table(record))
-            write_json_out(json_out, record)
+    except GateFailed as exc:
+        if exc.report is not None:
+            typer.echo(candidate_table(exc.report))
+            write_json_out(json_out, exc.report.to_dict())
         raise
-    rec = result.record
-    typer.echo(candidate_table(rec))
-    chosen = rec["chosen"]
-    if rec["transformer_optimizer"].get("tried"):
-        opt = rec["transformer_optimizer"]
-        typer.echo(f"transformer graph fusions: {'kept' if opt['kept'] else 'not kept'} ({opt['why']})")
-    if chosen["excluded_nodes"]:
-        typer.echo(f"kept in FP32 for accuracy: {', '.join(chosen['excluded_nodes'])}")
-    typer.echo(f"chosen: {chosen['recipe']} ({rec['recipe_reason']}); "
-               f"{rec['fp32']['size_bytes'] / 1e6:.2f} MB -> {rec['size_bytes'] / 1e6:.2f} MB -> {output}")
-    if chosen.get("sessions"):
-        per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
-                              for b, v in chosen["sessions"].items())
-        typer.echo(f"fastest session settings: {per_batch} (Engine(..., batch_sessions=...); "
-                   f"Engine.from_run applies them)")
-    write_json_out(json_out, rec)
+    typer.echo(quantize_summary(result.report, output))
+    write_json_out(json_out, result.report.to_dict())

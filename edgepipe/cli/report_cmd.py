@@ -7,11 +7,9 @@ from typing import Annotated
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors
 
 
-@app.command()
 @handle_errors
 def report(
     sources: Annotated[list[Path], typer.Argument(help="Run directories (or their manifest.json) and/or `edgepipe profile --json` files.")],

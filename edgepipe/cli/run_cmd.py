@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors
 
 
@@ -24,7 +23,6 @@ def _run(config, resume: bool) -> None:
     typer.echo("all gates passed")
 
 
-@app.command()
 @handle_errors
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (TOML); see `edgepipe demo` for an example.")],
@@ -42,7 +40,6 @@ def run(
     _run(cfg, resume)
 
 
-@app.command()
 @handle_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),

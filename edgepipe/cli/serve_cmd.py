@@ -7,11 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors
+from edgepipe.cli.choices import ServeBackend
 
 
-@app.command()
 @handle_errors
 def serve(
     model: Annotated[Path, typer.Argument(help="ONNX model, or a run directory (serves its deployed model).")],
@@ -30,9 +29,9 @@ def serve(
              "help latency when --max-batch is 1 and cores are spare.")] = False,
     provider_option: Annotated[Optional[list[str]], typer.Option(
         help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
-    backend: Annotated[str, typer.Option(
+    backend: Annotated[ServeBackend, typer.Option(
         help="http: one process (FastAPI + uvicorn). ray: a Ray Serve deployment with replicas "
-             "or autoscaling, on the Ray cluster at --ray-address (or a new local one).")] = "http",
+             "or autoscaling, on the Ray cluster at --ray-address (or a new local one).")] = ServeBackend.http,
     replicas: Annotated[int, typer.Option(help="ray: fixed number of replicas.")] = 1,
     autoscale: Annotated[Optional[str], typer.Option(
         help="ray: MIN:MAX replicas, scaled by Ray Serve on requests in flight (replaces --replicas).")] = None,
@@ -45,11 +44,7 @@ def serve(
     graceful shutdown, with the same request format and errors."""
     from edgepipe.runtime.sessions import parse_provider_options
 
-    if backend not in ("http", "ray"):
-        from edgepipe.errors import InputError
-
-        raise InputError(f"--backend must be http or ray, got '{backend}'")
-    if backend == "ray":
+    if backend is ServeBackend.ray:
         return _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
                              replicas, autoscale, ray_address, parse_provider_options(provider_option or []))
     try:

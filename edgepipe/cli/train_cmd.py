@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors
 
 
-@app.command()
 @handle_errors
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer.")],

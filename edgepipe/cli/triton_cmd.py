@@ -7,11 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli import app
 from edgepipe.cli._common import handle_errors, parse_ints, write_json_out
 
 
-@app.command()
 @handle_errors
 def triton(
     model: Annotated[Path, typer.Argument(help="ONNX model, or a run directory (exports its deployed model).")],

@@ -17,13 +17,14 @@ import torch
 
 from edgepipe.artifacts import StageResult, atomic_path
 from edgepipe.errors import ConfigError, ExportError, ParityError
+from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
 from edgepipe.parity import ParityCase, ParityReport, diff_outputs
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
 
 EXPORTERS = ("dynamo", "torchscript")
-# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 cannot load (max 13; PITFALLS).
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 cannot load (max 13).
 # Exports are pinned to IR 10, which every onnxruntime since 1.16 loads: artifacts stay
 # deployable on older runtimes on the device.
 MAX_IR_VERSION = 10
@@ -173,7 +174,7 @@ class _Rejected(Exception):
 
 
 def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config: ExportConfig,
-             data: Mapping[str, np.ndarray] | None, seed: int, attempts: list[dict]) -> dict:
+             data: Mapping[str, np.ndarray] | None, seed: int, attempts: list[dict]) -> ExportReport:
     """Export with one exporter into `tmp` and judge it; appends to `attempts`, raises _Rejected."""
     started = time.perf_counter()
     try:
@@ -190,17 +191,11 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
     attempts.append({"exporter": exporter, "ok": bool(report), "parity": report.summary(), "seconds": seconds})
     if not report:
         raise _Rejected
-    return {
-        "exporter": exporter,
-        "attempts": attempts,
-        "parity": report.to_dict(),
-        "opset": max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-        "ir_version": graph.ir_version,
-        "size_bytes": tmp.stat().st_size,
-        "inputs": [s.to_dict() for s in src.inputs],
-        "outputs": src.output_names,
-        "source": src.origin,
-    }
+    return ExportReport(
+        exporter=exporter, attempts=attempts, parity=report.to_dict(),
+        opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+        ir_version=graph.ir_version, size_bytes=tmp.stat().st_size,
+        inputs=[s.to_dict() for s in src.inputs], outputs=list(src.output_names), source=src.origin)
 
 
 @contextmanager
@@ -241,3 +236,11 @@ def export(source: str | Path | ModelSource, out_path: str | Path, config: Expor
     if parity_failures:
         raise ParityError(f"no exporter produced an ONNX model matching PyTorch: {detail}")
     raise ExportError(f"every exporter failed for {src.origin}: {detail}")
+
+
+def export_module(module: torch.nn.Module, specs: Sequence[InputSpec], out_path: Path,
+                  data: Mapping[str, np.ndarray] | None = None) -> Path:
+    """A classifier module (output "logits") to ONNX with TorchScript, parity-checked: how stages
+    that compare torch modules in ONNX Runtime (prune) get their models. Returns the path."""
+    source = ModelSource(module, list(specs), ["logits"], origin=Path(out_path).stem)
+    return export(source, out_path, ExportConfig(exporters=("torchscript",)), data=data).artifacts["onnx"]

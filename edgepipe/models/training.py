@@ -16,6 +16,7 @@ from edgepipe.artifacts import StageResult, atomic_path, require_file
 from edgepipe.errors import ConfigError, InputError
 from edgepipe.models import zoo
 from edgepipe.models.data import Dataset, load_dataset
+from edgepipe.models.report import TrainReport
 from edgepipe.runtime.spec import InputSpec
 
 CHECKPOINT_FORMAT = "edgepipe.checkpoint/1"
@@ -167,4 +168,4 @@ def train(model_name: str, dataset: str | Dataset, out_path: str | Path,
     out = save_checkpoint(out_path, model_name=model_name, model_kwargs=kwargs, model=model,
                           dataset=data, metrics=metrics, train_config=config)
     return StageResult("train", {"checkpoint": out},
-                       {"model": model_name, "dataset": data.info(), **metrics})
+                       TrainReport(model=model_name, dataset=data.info(), **metrics))

@@ -1,4 +1,5 @@
-"""Gates as data: each row reads one measurement from the stage records and checks one budget."""
+"""Gates as data: each row reads one measurement from the stages' typed reports and checks one
+budget."""
 
 from __future__ import annotations
 
@@ -7,63 +8,60 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from edgepipe.pipeline.config import Budgets
+from edgepipe.pipeline.deploy import int8_speedup
 
 
-def _int8_speedup(records: dict, deploy_batches: tuple[int, ...]) -> float | None:
-    """Lowest INT8-vs-FP32 p50 ratio at the deployment batch sizes (interleaved in profile)."""
-    speedups = records.get("profile", {}).get("speedup", {}).get("int8")
-    if not speedups:
-        return None
-    chosen = [v for b, v in speedups.items() if int(b) in deploy_batches] or list(speedups.values())
-    return min(chosen)
+def _chosen(reports: dict):
+    quant = reports.get("quantize")
+    return quant.chosen if quant is not None else None
 
 
-def _final_size_mb(records: dict, _: Any) -> float | None:
+def _final_size_mb(reports: dict, _: Any) -> float | None:
     for stage in ("quantize", "export"):
-        if "size_bytes" in records.get(stage, {}):
-            return records[stage]["size_bytes"] / 1e6
+        size = getattr(reports.get(stage), "size_bytes", None)
+        if size is not None:
+            return size / 1e6
     return None
+
+
+def _total_drop(reports: dict, _: Any) -> float | None:
+    """Trained FP32 accuracy minus the deployed model's (after pruning and quantization)."""
+    trained = getattr(reports.get("train"), "test_accuracy", None)
+    chosen = _chosen(reports)
+    final = chosen.accuracy if chosen is not None else None
+    if final is None:  # FP32 deployed (quantize refused with require_int8 = false)
+        final = getattr(reports.get("prune"), "accuracy_after", None)
+    return None if trained is None or final is None else trained - final
+
+
+def _prune_speedup(reports: dict, _: Any) -> float:
+    # Unstructured pruning records no speedup: a speedup budget on it is a violation, not a pass.
+    speedup = getattr(reports.get("prune"), "speedup", None)
+    return min(speedup.values()) if speedup else 1.0
 
 
 @dataclass(frozen=True)
 class Gate:
     budget: str  # field of Budgets
-    stage: str  # the stage whose record holds the measurement
-    measure: Callable[[dict, tuple[int, ...]], float | None]
+    stage: str  # the stage whose report holds the measurement
+    measure: Callable[[dict, tuple[int, ...]], float | None]  # (reports by stage, deploy batches)
     passes: Callable[[float, float], bool]
     description: str
 
 
-def _total_drop(records: dict, _: Any) -> float | None:
-    """Trained FP32 accuracy minus the deployed model's (after pruning and quantization)."""
-    trained = records.get("train", {}).get("test_accuracy")
-    final = records.get("quantize", {}).get("chosen", {}).get("accuracy")
-    if final is None:  # FP32 deployed (quantize refused with require_int8 = false)
-        final = records.get("prune", {}).get("accuracy_after")
-    return None if trained is None or final is None else trained - final
-
-
-def _prune_speedup(records: dict, _: Any) -> float | None:
-    speedup = records.get("prune", {}).get("speedup")
-    return min(speedup.values()) if speedup else None
-
-
 GATES = (
-    Gate("min_accuracy", "train", lambda r, _: r.get("train", {}).get("test_accuracy"), operator.ge,
+    Gate("min_accuracy", "train", lambda r, _: getattr(r.get("train"), "test_accuracy", None), operator.ge,
          "FP32 held-out accuracy"),
-    Gate("max_accuracy_drop", "quantize",
-         lambda r, _: r.get("quantize", {}).get("chosen", {}).get("accuracy_drop"), operator.le,
+    Gate("max_accuracy_drop", "quantize", lambda r, _: getattr(_chosen(r), "accuracy_drop", None), operator.le,
          "INT8 accuracy drop vs FP32"),
-    Gate("min_int8_speedup", "profile", _int8_speedup, operator.ge,
+    Gate("min_int8_speedup", "profile", lambda r, batches: int8_speedup(r.get("profile"), batches), operator.ge,
          "INT8 vs FP32 p50 speedup at the deployment batch sizes"),
     Gate("max_model_size_mb", "quantize", _final_size_mb, operator.le, "deployed model size (MB)"),
     Gate("max_total_accuracy_drop", "quantize", _total_drop, operator.le,
          "deployed accuracy drop vs the trained FP32 model"),
-    Gate("max_prune_accuracy_drop", "prune", lambda r, _: r.get("prune", {}).get("accuracy_drop"),
+    Gate("max_prune_accuracy_drop", "prune", lambda r, _: getattr(r.get("prune"), "accuracy_drop", None),
          operator.le, "pruned accuracy drop vs unpruned"),
-    # Unstructured pruning records no speedup: a speedup budget on it is a violation, not a pass.
-    Gate("min_prune_speedup", "prune", lambda r, _: _prune_speedup(r, _) or 1.0, operator.ge,
-         "pruned vs unpruned ORT p50 speedup"),
+    Gate("min_prune_speedup", "prune", _prune_speedup, operator.ge, "pruned vs unpruned ORT p50 speedup"),
 )
 
 
@@ -80,7 +78,7 @@ class GateResult:
         return vars(self).copy()
 
 
-def check(records: dict[str, dict], budgets: Budgets, deploy_batches: tuple[int, ...],
+def check(reports: dict[str, Any], budgets: Budgets, deploy_batches: tuple[int, ...],
           stages: tuple[str, ...]) -> list[GateResult]:
     """Evaluate every gate whose budget is set and whose stage ran (or was meant to run)."""
     results = []
@@ -91,9 +89,9 @@ def check(records: dict[str, dict], budgets: Budgets, deploy_batches: tuple[int,
         stage = gate.stage
         if gate.budget == "max_model_size_mb" and "quantize" not in stages:
             stage = "export"
-        if budget is None or stage not in records:
+        if budget is None or stage not in reports:
             continue
-        measured = gate.measure(records, deploy_batches)
+        measured = gate.measure(reports, deploy_batches)
         if measured is None:
             continue
         ok = bool(gate.passes(measured, budget))

@@ -11,6 +11,7 @@ from edgepipe.artifacts import atomic_path
 from edgepipe.errors import InputError
 from edgepipe.pipeline import charts
 from edgepipe.pipeline.report import COLUMNS, build_rows, render_markdown
+from edgepipe.pipeline.stages import model_reports
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
@@ -47,9 +48,9 @@ def _run_figures(manifest: dict) -> list[str]:
     points, throughput, ops = [], {}, []
     per_model_dist = []
     for name, model in manifest.get("models", {}).items():
-        stages = {k: v.get("record") or {} for k, v in model.get("stages", {}).items()}
-        profile = stages.get("profile", {})
-        latency = profile.get("latency", {})
+        reports = model_reports(model)
+        profile = reports.get("profile")
+        latency = profile.latency if profile is not None else {}
         if not latency:
             continue
         largest = max(s["batch"] for s in next(iter(latency.values())))
@@ -59,15 +60,15 @@ def _run_figures(manifest: dict) -> list[str]:
         for label, series in latency.items():
             throughput[f"{name} {label}"] = [(s["batch"], s["throughput"]) for s in series]
         p50 = {label: next(s["p50_ms"] for s in series if s["batch"] == largest) for label, series in latency.items()}
-        quant = stages.get("quantize", {})
-        accuracy = {"fp32": quant.get("fp32", {}).get("accuracy"),
-                    "int8": (quant.get("chosen") or {}).get("accuracy"),
-                    "unpruned": stages.get("train", {}).get("test_accuracy") if "prune" in stages else None}
-        if accuracy["fp32"] is None and "prune" in stages:
-            accuracy["fp32"] = stages["prune"].get("accuracy_after")
+        quant, prune = reports.get("quantize"), reports.get("prune")
+        accuracy = {"fp32": quant.fp32.accuracy if quant else None,
+                    "int8": quant.chosen.accuracy if quant and quant.chosen else None,
+                    "unpruned": reports["train"].test_accuracy if prune and "train" in reports else None}
+        if accuracy["fp32"] is None and prune:
+            accuracy["fp32"] = prune.accuracy_after
         points += [(f"{name} {label}", p50[label], acc) for label, acc in accuracy.items()
                    if acc is not None and label in p50]
-        for row in (profile.get("operators") or {}).get("by_op_type", [])[:6]:
+        for row in (profile.operators or {}).get("by_op_type", [])[:6]:
             ops.append((f"{name}: {row['op']}", row["us_per_run"]))
     figures += per_model_dist
     figures.append(charts.scatter("Accuracy vs p50 latency (largest batch) across stages", points,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from edgepipe import __version__
 from edgepipe.artifacts import sha256, write_json
+from edgepipe.runtime.deployment import MANIFEST_SCHEMA, read_manifest
 from edgepipe.runtime.hardware import fingerprint
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scikit-learn")
@@ -37,8 +37,9 @@ class Manifest:
     def __init__(self, run_dir: Path, config: dict, resume: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / "manifest.json"
-        previous = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+        previous = read_manifest(run_dir) if resume and self.path.exists() else {}
         self.data: dict[str, Any] = {
+            "schema": MANIFEST_SCHEMA,
             "edgepipe": __version__,
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": tool_versions(),

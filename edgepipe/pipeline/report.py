@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from edgepipe.pipeline.stages import model_reports
+
 COLUMNS = ("model", "stage", "parity", "accuracy", "p50/p99 ms", "size", "gate")
 
 
-def _latency(profile: dict, label: str) -> str:
+def _latency(profile, label: str) -> str:
+    if profile is None:
+        return "-"
     cells = []
-    for stats in profile.get("latency", {}).get(label, []):
+    for stats in profile.latency.get(label, []):
         cell = f"b{stats['batch']}: {stats['p50_ms']:.3f}/{stats['p99_ms']:.3f}"
-        speed = profile.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
+        speed = profile.speedup.get(label, {}).get(str(stats["batch"]))
         if speed is None and label == "int8":  # measured, then not deployed: show why
-            speed = profile.get("int8_not_deployed", {}).get("speedup", {}).get(str(stats["batch"]))
+            speed = (profile.int8_not_deployed or {}).get("speedup", {}).get(str(stats["batch"]))
         cells.append(cell + (f" ({speed:.2f}x)" if speed else ""))
-    sessions = profile.get("models", {}).get(label, {}).get("sessions")
+    sessions = profile.models.get(label, {}).get("sessions")
     if cells and sessions:  # the intra-op threads (t) each batch ran with; "s": idle workers spin
         cells.append("[" + " ".join(f"b{b}:{v['threads']}t{'s' if v['spinning'] else ''}"
                                     for b, v in sessions.items()) + "]")
@@ -31,58 +35,57 @@ def _mb(size: int | None) -> str:
     return f"{size / 1e6:.2f} MB" if size else "-"
 
 
+def _row(name: str, stage: str, accuracy: str = "-", latency: str = "-", size: str = "-",
+         parity: str = "-", gate: str = "-") -> dict:
+    return {"model": name, "stage": stage, "parity": parity, "accuracy": accuracy, "p50/p99 ms": latency,
+            "size": size, "gate": gate}
+
+
+def _prune_row(name: str, pr, gate: str) -> dict:
+    speed = pr.speedup or {}
+    latency = "  ".join(f"b{b}: {v['pruned']:.3f} ({speed[b]:.2f}x)" if b in speed else f"b{b}: {v['pruned']:.3f}"
+                        for b, v in pr.p50_ms.items())
+    return _row(name, f"prune ({pr.method}, {pr.params_before:,}->{pr.params_after:,} params)",
+                f"{pr.accuracy_after:.4f} ({-pr.accuracy_drop * 100:+.1f} pt)", latency, gate=gate)
+
+
+def _quantize_row(name: str, q, status: str | None, profile, gate: str) -> dict:
+    chosen = q.chosen if q is not None else None
+    if chosen:
+        accuracy = (f"{chosen.accuracy:.4f} ({-chosen.accuracy_drop * 100:+.1f} pt)" if chosen.accuracy is not None
+                    else f"agree {chosen.agreement or 0:.4f}")
+        label = f"quantize ({chosen.recipe}" + ("; slower in profile: FP32 kept)" if status == "not_deployed" else ")")
+    else:
+        accuracy = "-"
+        label = "quantize (none faster: FP32 kept)" if status == "not_deployed" else "quantize (refused)"
+    return _row(name, label, accuracy, _latency(profile, "int8"), _mb(q.size_bytes if q else None), gate=gate)
+
+
 def build_rows(manifest: dict) -> list[dict]:
     rows = []
     for name, model in manifest.get("models", {}).items():
         stages = model.get("stages", {})
-        rec = {s: e.get("record") or {} for s, e in stages.items()}
-        status = {s: e.get("status") for s, e in stages.items()}
-        profile = rec.get("profile", {})
-        if "train" in rec:
-            rows.append({"model": name, "stage": "train", "parity": "-",
-                         "accuracy": f"{rec['train'].get('test_accuracy', 0):.4f}",
-                         "p50/p99 ms": "-", "size": "-", "gate": _gates(model, "train")})
-        if "prune" in rec and rec["prune"]:
-            pr = rec["prune"]
-            speed = pr.get("speedup") or {}
-            rows.append({"model": name, "stage": f"prune ({pr['method']}, {pr['params_before']:,}->{pr['params_after']:,} params)",
-                         "parity": "-",
-                         "accuracy": f"{pr['accuracy_after']:.4f} ({-pr['accuracy_drop'] * 100:+.1f} pt)",
-                         "p50/p99 ms": "  ".join(f"b{b}: {v['pruned']:.3f} ({speed[b]:.2f}x)" if b in speed
-                                                 else f"b{b}: {v['pruned']:.3f}" for b, v in pr["p50_ms"].items()),
-                         "size": "-", "gate": _gates(model, "prune")})
-        if "export" in rec:
-            exp = rec["export"]
-            fp32_acc = rec.get("quantize", {}).get("fp32", {}).get("accuracy")
-            rows.append({"model": name, "stage": f"export ({exp.get('exporter', '?')})",
-                         "parity": f"ok {exp['parity']['max_abs_diff']:.1e}" if exp.get("parity") else status["export"],
-                         "accuracy": f"{fp32_acc:.4f}" if fp32_acc is not None else "-",
-                         "p50/p99 ms": _latency(profile, "fp32"), "size": _mb(exp.get("size_bytes")),
-                         "gate": _gates(model, "export")})
+        reports = model_reports(model)
+        profile = reports.get("profile")
+        if "train" in reports:
+            rows.append(_row(name, "train", f"{reports['train'].test_accuracy:.4f}", gate=_gates(model, "train")))
+        if "prune" in reports:
+            rows.append(_prune_row(name, reports["prune"], _gates(model, "prune")))
+        if "export" in reports:
+            exp, quant = reports["export"], reports.get("quantize")
+            fp32_acc = quant.fp32.accuracy if quant is not None else None
+            rows.append(_row(name, f"export ({exp.exporter})", f"{fp32_acc:.4f}" if fp32_acc is not None else "-",
+                             _latency(profile, "fp32"), _mb(exp.size_bytes),
+                             parity=f"ok {exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
+                             gate=_gates(model, "export")))
+        elif "export" in stages:  # failed before it measured anything
+            rows.append(_row(name, "export", parity=stages["export"].get("status", "-"), gate=_gates(model, "export")))
         if "quantize" in stages:
-            q = rec["quantize"]
-            chosen = q.get("chosen")
-            if chosen:
-                acc = chosen.get("accuracy")
-                accuracy = f"{acc:.4f} ({-chosen['accuracy_drop'] * 100:+.1f} pt)" if acc is not None else \
-                    f"agree {chosen.get('agreement', 0):.4f}"
-                label = f"quantize ({chosen['recipe']})"
-                if stages["quantize"].get("status") == "not_deployed":
-                    label = f"quantize ({chosen['recipe']}; slower in profile: FP32 kept)"
-            else:
-                deployed = stages["quantize"].get("status") == "not_deployed"
-                accuracy, label = "-", "quantize (none faster: FP32 kept)" if deployed else "quantize (refused)"
-            gate = _gates(model, "quantize")
-            profile_gate = _gates(model, "profile")
-            rows.append({"model": name, "stage": label, "parity": "-", "accuracy": accuracy,
-                         "p50/p99 ms": _latency(profile, "int8"),
-                         "size": _mb(q.get("size_bytes")),
-                         "gate": " ".join(x for x in (gate, profile_gate) if x != "-") or "-"})
-        cumulative = profile.get("cumulative_speedup")
-        if cumulative:
-            rows.append({"model": name, "stage": "cumulative vs unpruned FP32", "parity": "-", "accuracy": "-",
-                         "p50/p99 ms": "  ".join(f"b{b}: {v:.2f}x" for b, v in cumulative.items()),
-                         "size": "-", "gate": "-"})
+            gate = " ".join(x for x in (_gates(model, "quantize"), _gates(model, "profile")) if x != "-") or "-"
+            rows.append(_quantize_row(name, reports.get("quantize"), stages["quantize"].get("status"), profile, gate))
+        if profile is not None and profile.cumulative_speedup:
+            rows.append(_row(name, "cumulative vs unpruned FP32",
+                             latency="  ".join(f"b{b}: {v:.2f}x" for b, v in profile.cumulative_speedup.items())))
     return rows
 
 

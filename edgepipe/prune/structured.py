@@ -11,6 +11,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from edgepipe.models.training import (
     predict,
     save_checkpoint,
 )
+from edgepipe.prune.report import PruneReport
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.timing import measure_interleaved
 
@@ -60,6 +62,10 @@ class PruneConfig:
             raise ConfigError("prune steps must be >= 1 and finetune_epochs >= 0")
         self.protect = tuple(self.protect)
         self.batch_sizes = tuple(self.batch_sizes)
+
+
+# module, input specs, ONNX path to write, held-out inputs -> the ONNX path (parity-checked)
+Exporter = Callable[[nn.Module, list, Path, dict], Path]
 
 
 def classifier_head(model: nn.Module) -> nn.Module:
@@ -171,15 +177,12 @@ def compressed_bytes(model: nn.Module) -> int:
     return len(zlib.compress(buffer.getvalue(), 6))
 
 
-def ort_latency(models: dict[str, nn.Module], data: Dataset, specs, batch_sizes, work: Path) -> dict:
-    """Export each model (TorchScript, parity-checked) and time them interleaved in ORT."""
-    from edgepipe.exporters import ExportConfig, ModelSource, export
-
+def ort_latency(models: dict[str, nn.Module], data: Dataset, specs, batch_sizes, work: Path,
+                exporter: Exporter) -> dict:
+    """Export each model with `exporter` (parity-checked) and time them interleaved in ORT."""
     engines = {}
     for label, model in models.items():
-        source = ModelSource(model.eval(), specs, ["logits"], origin=label)
-        path = export(source, work / f"{label}.onnx", ExportConfig(exporters=("torchscript",)),
-                      data={data.input_name: data.x_test}).artifacts["onnx"]
+        path = exporter(model.eval(), specs, work / f"{label}.onnx", {data.input_name: data.x_test})
         engines[label] = Engine(path, providers="cpu", spinning=False)
     result = {}
     for batch in batch_sizes:
@@ -190,10 +193,12 @@ def ort_latency(models: dict[str, nn.Module], data: Dataset, specs, batch_sizes,
 
 
 def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | None = None, *,
-          dataset: str | Dataset | None = None, log=lambda message: None,
+          exporter: Exporter, dataset: str | Dataset | None = None, log=lambda message: None,
           progress: bool = False) -> StageResult:
     """Stage: prune a trained checkpoint, fine-tune, measure accuracy and ORT latency against the
-    unpruned model, and write a safe checkpoint that rebuilds the pruned shapes."""
+    unpruned model, and write a safe checkpoint that rebuilds the pruned shapes.
+    `exporter(module, input_specs, onnx_path, data) -> onnx_path` makes the ONNX models timed
+    (edgepipe.exporters.export_module in the pipeline and CLI): pruning does not export itself."""
     config = config or PruneConfig()
     started = time.perf_counter()
     if ".py:" in str(checkpoint):
@@ -221,29 +226,23 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
     acc_after = accuracy(predict(model, data.x_test), data.y_test)
     with tempfile.TemporaryDirectory(prefix="edgepipe-prune-") as tmp:
         latency = ort_latency({"unpruned": baseline, "pruned": model}, data, meta["input_specs"],
-                              config.batch_sizes, Path(tmp))
+                              config.batch_sizes, Path(tmp), exporter)
     speedup = {b: round(v["unpruned"] / v["pruned"], 3) for b, v in latency.items()}
-    record = {
-        "method": config.method, "config": asdict(config), "steps": steps,
-        "accuracy_before": acc_before, "accuracy_after": acc_after,
-        "accuracy_drop": acc_before - acc_after,
-        "params_before": params_before, "params_after": params_after,
-        "macs_before": macs_before, "macs_after": macs_after,
-        "p50_ms": latency,
-        "structure": model.structure() if hasattr(model, "structure") else None,
-        "seconds": None,
-    }
+    report = PruneReport(
+        method=config.method, config=asdict(config), steps=steps,
+        accuracy_before=acc_before, accuracy_after=acc_after, accuracy_drop=acc_before - acc_after,
+        params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
+        p50_ms=latency, structure=model.structure() if hasattr(model, "structure") else None)
     if config.method == "structured":
-        record["speedup"] = speedup
+        report.speedup = speedup
     else:  # zeros, not speed: report sparsity and compressed size, never a speedup
-        record |= {"speedup": None, "dense_latency_ratio": speedup, "sparsity": sparsity(model),
-                   "compressed_bytes_before": compressed_bytes(baseline),
-                   "compressed_bytes_after": compressed_bytes(model),
-                   "note": "unstructured pruning makes zeros, not dense speed: ORT runs the same kernels"}
+        report.dense_latency_ratio, report.sparsity = speedup, sparsity(model)
+        report.compressed_bytes_before, report.compressed_bytes_after = compressed_bytes(baseline), compressed_bytes(model)
+        report.note = "unstructured pruning makes zeros, not dense speed: ORT runs the same kernels"
     kwargs = meta["model_kwargs"] | (model.structure() if hasattr(model, "structure") else {})
     out = save_checkpoint(out_path, model_name=meta["model"], model_kwargs=kwargs, model=model,
                           dataset=data, metrics={"test_accuracy": acc_after, "pruning": {
-                              k: record[k] for k in ("method", "params_before", "params_after")}},
+                              "method": report.method, "params_before": params_before, "params_after": params_after}},
                           train_config=None)
-    record["seconds"] = round(time.perf_counter() - started, 2)
-    return StageResult("prune", {"checkpoint": out}, record)
+    report.seconds = round(time.perf_counter() - started, 2)
+    return StageResult("prune", {"checkpoint": out}, report)

@@ -61,7 +61,7 @@ DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "LSTM", "Attention", "Gather"
 STATIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LayerNormalization"})
 
 # Graph op -> methods allowed for it, each with its reason (measured on this project's machine,
-# see shared PITFALLS). A recipe is a candidate when it covers at least one compute op and is
+# see the README). A recipe is a candidate when it covers at least one compute op and is
 # not vetoed by any op in the graph.
 VETOES = {
     # ConvInteger (dynamic Conv) ran 6-9x slower than FP32: CNNs need static QDQ.

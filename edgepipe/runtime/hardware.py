@@ -38,7 +38,7 @@ class CpuInfo:
 
     @property
     def has_vnni(self) -> bool:
-        """INT8 dot-product instructions: U8S8 kernels do not saturate (see PITFALLS: AVX2-only)."""
+        """INT8 dot-product instructions: U8S8 kernels do not saturate (AVX2-only x86 CPUs can)."""
         return bool({"avx512_vnni", "avx_vnni", "amx_int8", "arm_dotprod"} & set(self.features))
 
     @property

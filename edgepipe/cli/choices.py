@@ -1,0 +1,29 @@
+"""Fixed choices of CLI options, as Enums: `--help` lists them and a typo is refused before any work."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class QuantizeMode(str, Enum):
+    auto = "auto"  # every recipe that fits the graph and the CPU
+    dynamic = "dynamic"
+    static = "static"
+    int4 = "int4"
+    fp16 = "fp16"
+
+
+class Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Importance(str, Enum):
+    magnitude = "magnitude"  # L2 norm of the weights
+    taylor = "taylor"  # weight x gradient
+
+
+class ServeBackend(str, Enum):
+    http = "http"
+    ray = "ray"

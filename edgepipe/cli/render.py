@@ -1,0 +1,105 @@
+"""How the CLI prints stage reports and profiles: every table and summary line in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def session_label(sessions: dict | None) -> str:
+    """{"1": {"threads": 1, "spinning": False}, "32": ...} -> "1t/2t" (one per batch; s: spinning)."""
+    if not sessions:
+        return "-"
+    return "/".join(f"{v['threads']}t" + ("s" if v["spinning"] else "") for v in sessions.values())
+
+
+def candidate_table(report) -> str:
+    """Every quantize candidate: accuracy, speedup per batch, session setting, size, verdict."""
+    batches = list(report.fp32.p50_ms)
+    w = max([19, *(len(c.recipe) for c in report.candidates)])  # recipe column: the longest name
+    head = (f"{'recipe':{w}} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
+            + f" {'session':>8} {'size':>8}  verdict")
+    lines = [head, "-" * len(head)]
+    for c in report.candidates:
+        metric = c.accuracy if c.accuracy is not None else c.agreement
+        metric_s = f"{metric:.4f}" if metric is not None else "-"
+        speed = " ".join(f"{c.speedup.get(b, 0):>7.2f}x" if c.speedup else f"{'-':>8}" for b in batches)
+        size = f"{c.size_bytes / 1e6:.2f}MB" if c.size_bytes else "-"
+        verdict = c.verdict + (f": {c.error}" if c.error else "")
+        lines.append(f"{c.recipe:{w}} {metric_s:>9} {speed} {session_label(c.sessions):>8} {size:>8}  {verdict}")
+    for s in report.skipped_recipes:
+        lines.append(f"{s['recipe']:{w}} skipped: {s['why']}")
+    fp32 = report.fp32
+    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} " + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches)
+                 + f" {session_label(fp32.sessions):>8}")
+    lines.append(f"timing: {report.timing}")
+    return "\n".join(lines)
+
+
+def quantize_summary(report, output: Path) -> str:
+    """The candidate table, then what was chosen and how to deploy it."""
+    chosen = report.chosen
+    lines = [candidate_table(report)]
+    opt = report.transformer_optimizer
+    if opt.get("tried"):
+        lines.append(f"transformer graph fusions: {'kept' if opt['kept'] else 'not kept'} ({opt['why']})")
+    if chosen.excluded_nodes:
+        lines.append(f"kept in FP32 for accuracy: {', '.join(chosen.excluded_nodes)}")
+    lines.append(f"chosen: {chosen.recipe} ({report.recipe_reason}); "
+                 f"{report.fp32.size_bytes / 1e6:.2f} MB -> {report.size_bytes / 1e6:.2f} MB -> {output}")
+    if chosen.sessions:
+        per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
+                              for b, v in chosen.sessions.items())
+        lines.append(f"fastest session settings: {per_batch} (Engine(..., batch_sessions=...); "
+                     f"Engine.from_run applies them)")
+    return "\n".join(lines)
+
+
+def prune_summary(report, output: Path) -> str:
+    lines = [f"accuracy {report.accuracy_before:.4f} -> {report.accuracy_after:.4f}; params "
+             f"{report.params_before:,} -> {report.params_after:,}; MACs {report.macs_before:,} -> "
+             f"{report.macs_after:,}"]
+    for b, p50 in report.p50_ms.items():
+        ratio_text = (f"{report.speedup[b]:.2f}x faster" if report.speedup
+                      else f"dense latency ratio {report.dense_latency_ratio[b]:.2f}x (no speedup claimed)")
+        lines.append(f"ORT p50 at batch {b}: {p50['unpruned']:.4f} -> {p50['pruned']:.4f} ms, {ratio_text}")
+    if report.method == "unstructured":
+        lines.append(f"sparsity {report.sparsity:.1%}; compressed state_dict {report.compressed_bytes_before:,} -> "
+                     f"{report.compressed_bytes_after:,} bytes. {report.note}")
+    lines.append(f"-> {output} ({report.seconds} s)")
+    return "\n".join(lines)
+
+
+def latency_table(record: dict, by_label: dict[str, list[dict]]) -> str:
+    """p50/p90/p99 and throughput per model and batch, with the ratio against the baseline."""
+    lines = [f"{'model':28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs base':>8}"]
+    for label, rows in by_label.items():
+        for stats in rows:
+            ratio = record.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
+            lines.append(f"{label[:28]:28} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
+                         f"{stats['p99_ms']:>9.4f} {stats['throughput']:>11.1f} "
+                         f"{(f'{ratio:.2f}x' if ratio else '-'):>8}")
+    return "\n".join(lines)
+
+
+def placement_lines(placement: dict, provider: str) -> list[str]:
+    fell = placement["fell_back"]
+    lines = [f"placement: {placement['nodes_per_provider']}; {len(fell)} node(s) fell back from "
+             f"{provider}, {placement['memcpy_nodes']} device copies"]
+    lines += [f"  fell back: {row['node'][:40]:40} {row['op']:14} -> {row['provider']}" for row in fell[:10]]
+    return lines
+
+
+def operator_lines(operators: dict, batch: int) -> list[str]:
+    lines = [f"\ntop operators at batch {batch} (onnxruntime profiler):"]
+    lines += [f"  {row['op']:28} {row['us_per_run']:>10.1f} us/run {row['share']:>7.1%}"
+              for row in operators["by_op_type"][:8]]
+    lines += [f"  node {row['node'][:40]:40} {row['op']:14} {row['provider']:22} {row['share']:>7.1%}"
+              for row in operators["by_node"][:5]]
+    return lines
+
+
+def merged_table(rows: list[dict]) -> str:
+    lines = [f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
+    lines += [f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
+              f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}" for r in rows]
+    return "\n".join(lines)

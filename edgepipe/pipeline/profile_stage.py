@@ -1,0 +1,84 @@
+"""The pipeline's profile stage: the deployed model(s) timed interleaved against FP32 on this
+machine, each at the session settings quantize measured fastest for it, plus the per-operator
+breakdown and, after pruning, the cumulative speedup over the unpruned FP32 model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgepipe.artifacts import StageResult, write_json
+from edgepipe.pipeline.deploy import int8_rejection
+from edgepipe.reports import Report, optional
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.placement import operator_profile
+from edgepipe.runtime.profiling import compare_models
+from edgepipe.runtime.sessions import parse_sessions, resolve_providers
+from edgepipe.runtime.spec import make_feeds
+
+if TYPE_CHECKING:
+    from edgepipe.pipeline.runner import ModelRun
+
+
+@dataclass
+class ProfileReport(Report):
+    stage: ClassVar[str] = "profile"
+
+    models: dict[str, dict]  # label -> path, size, providers, sessions per batch
+    baseline: str
+    latency: dict[str, list[dict]]  # label -> LatencyStats per batch (median of the trials)
+    speedup: dict[str, dict[str, float]]  # label -> batch -> ratio vs the baseline
+    threads: Any
+    intra_op_spinning: bool
+    trials: int
+    hardware: dict[str, Any]
+    int8_not_deployed: dict | None = optional()  # quantize's INT8 measured too slow here
+    operators: dict | None = optional()
+    cumulative_speedup: dict[str, float] | None = optional()  # deployed vs unpruned FP32
+
+
+def tuned_sessions(run: "ModelRun", models: dict) -> dict:
+    """Each model's fastest session setting per batch size as quantize measured it (FP32's
+    also for the unpruned baseline), unless the profile config pins threads or the provider
+    is not the CPU."""
+    settings = run.settings["profile"]
+    quant = run.reports.get("quantize")
+    on_cpu = resolve_providers(settings.providers)[0][:1] == ["CPUExecutionProvider"]
+    if settings.threads or not on_cpu or quant is None or not quant.fp32.sessions:
+        return {}
+    sessions = {"fp32": parse_sessions(quant.fp32.sessions)}
+    if "unpruned" in models:
+        sessions["unpruned"] = sessions["fp32"]
+    if "int8" in models and quant.deployed_sessions:
+        sessions["int8"] = parse_sessions(quant.deployed_sessions)
+    return sessions
+
+
+def profile_stage(run: "ModelRun") -> StageResult:
+    settings = run.settings["profile"]
+    models = {"fp32": run.path("export")}
+    quant = run.reports.get("quantize")
+    if quant is not None and quant.chosen is not None:
+        models["int8"] = run.path("quantize")
+    if "prune" in run.reports:
+        # The baseline of the chain: the unpruned model through the same export settings, so
+        # the cumulative ratio compares like with like (exporters make different graphs).
+        models["unpruned"] = run.export_to(run.path("unpruned"), run.model.source or run.path("train"))
+    report = ProfileReport.from_dict(compare_models(
+        models, settings.batch_sizes, providers=settings.providers, threads=settings.threads,
+        data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models)))
+    why = int8_rejection(report, run.settings["budgets"], run.settings["quantize"].batch_sizes)
+    if why:
+        report.int8_not_deployed = {"speedup": report.speedup.pop("int8"), "why": why}
+        models.pop("int8")
+    deployed = models.get("int8", models["fp32"])
+    feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), seed=run.config.seed)
+    report.operators = operator_profile(deployed, feeds, providers=settings.providers,
+                                        threads=settings.threads, iterations=20)
+    if "unpruned" in models:  # the chain's result: deployed model vs the unpruned FP32 one
+        final = "int8" if "int8" in models else "fp32"
+        report.cumulative_speedup = {
+            str(b["batch"]): round(u["p50_ms"] / b["p50_ms"], 3)
+            for u, b in zip(report.latency["unpruned"], report.latency[final])}
+    write_json(run.path("profile"), report.to_dict())
+    return StageResult("profile", {"profile": run.path("profile")}, report)

@@ -1,0 +1,55 @@
+"""The quantize stage's settings and the data it judges candidates on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgepipe.errors import ConfigError
+
+MODES = ("auto", "dynamic", "static", "int4", "fp16")
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class QuantizeConfig:
+    mode: str = "auto"  # "auto": every candidate that fits the graph; or only "dynamic"/"static"
+    calibration: str = "minmax"
+    calibration_samples: int = 256
+    batch_sizes: tuple[int, ...] = (1, 32)  # latency is judged at each of these
+    max_accuracy_drop: float = 0.01  # absolute (0.01 = 1 point) vs the FP32 model
+    min_speedup: float = 1.0  # at every batch size; below 1.0 would allow a slower model
+    nodes_to_exclude: tuple[str, ...] = ()
+    op_types_to_exclude: tuple[str, ...] = ()
+    threads: int | None = None
+    # Time each model (FP32 and every candidate) with 1 thread and with all cores and compare
+    # each at its fastest: on a small CPU the setting moves the ratio as much as the recipe, and
+    # not the same way for both. The deployment (Engine.from_run) uses the recorded setting.
+    tune_session: bool = True
+    try_spinning: bool = False  # also all cores with spinning workers (see session_settings)
+    rounds: int = 12  # interleaved latency rounds (x 10 calls) per batch size
+    # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
+    # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".
+    speedup_margin: float = 0.05
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"quantize mode '{self.mode}' unknown; choose {', '.join(MODES)}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration '{self.calibration}' unknown; choose {', '.join(CALIBRATIONS)}")
+        if self.min_speedup < 1.0:
+            raise ConfigError("min_speedup below 1.0 would allow a model slower than FP32")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError("quantize batch_sizes must be positive integers")
+        self.batch_sizes = tuple(self.batch_sizes)
+        self.nodes_to_exclude = tuple(self.nodes_to_exclude)
+        self.op_types_to_exclude = tuple(self.op_types_to_exclude)
+
+
+@dataclass
+class EvalData:
+    """Held-out inputs (name -> array) and, for classifiers, integer labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None

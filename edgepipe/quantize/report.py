@@ -1,0 +1,72 @@
+"""The quantize stage's report: every candidate with its measurements and verdict, the FP32
+baseline, and the one chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edgepipe.reports import Report, optional
+
+
+@dataclass
+class CandidateRow(Report):
+    """One candidate as recorded: its recipe, accuracy, speed per batch size and verdict."""
+
+    recipe: str
+    method: str
+    format: str
+    activation_type: str
+    weight_type: str
+    per_channel: bool
+    calibration: str
+    reduce_range: bool
+    excluded_nodes: list[str]
+    integer_nodes: int
+    built_from: str
+    accuracy: float | None
+    agreement: float | None
+    accuracy_drop: float | None
+    p50_ms: dict[str, float]
+    speedup: dict[str, float]
+    speedup_trials: dict[str, list[float]] | None
+    sessions: dict[str, dict] | None  # the fastest session setting per batch size
+    p50_ms_by_session: list[dict] | None
+    size_bytes: int | None
+    error: str | None
+    verdict: str
+
+
+@dataclass
+class Baseline(Report):
+    """The FP32 model every candidate is timed against."""
+
+    accuracy: float | None
+    p50_ms: dict[str, float]
+    sessions: dict[str, dict]
+    p50_ms_by_session: list[dict]
+    size_bytes: int
+
+
+@dataclass
+class QuantizeReport(Report):
+    stage: ClassVar[str] = "quantize"
+
+    cpu: dict[str, Any]
+    recipe_reason: str
+    preprocess: list[dict]
+    transformer_optimizer: dict[str, Any]
+    skipped_recipes: list[dict]
+    fp32: Baseline
+    accuracy_fallback: list[dict]
+    budget: dict[str, float]
+    timing: str
+    candidates: list[CandidateRow] = field(default_factory=list)
+    chosen: CandidateRow | None = optional()
+    size_bytes: int | None = optional()
+    seconds: float | None = None
+
+    @property
+    def deployed_sessions(self) -> dict[str, dict] | None:
+        """The session settings measured fastest per batch size for the chosen model."""
+        return self.chosen.sessions if self.chosen else None

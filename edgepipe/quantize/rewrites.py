@@ -1,0 +1,160 @@
+"""Graph rewrites around quantization: pre-processing with fallbacks, Gemm -> MatMul, float
+graph outputs, shape annotations stripped, onnxruntime.transformers fusions. Each takes a model
+file and writes one; none judges whether the result is better (the search does)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
+
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})
+
+
+def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
+    """quant_pre_process, then without symbolic shape inference, then the raw model."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = []
+    model_path, work_dir = Path(model_path).resolve(), Path(work_dir).resolve()
+    for label, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
+        out = work_dir / f"pre_{label}.onnx"
+        try:
+            # When symbolic shape inference gives up, ORT saves sym_shape_infer_temp.onnx plus
+            # a uuid-named .data file into the current directory: keep that in work_dir.
+            with contextlib.chdir(work_dir):
+                quant_pre_process(str(model_path), str(out), **kwargs)
+            attempts.append({"step": label, "ok": True})
+            return out, attempts
+        except Exception as exc:
+            attempts.append({"step": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    attempts.append({"step": "raw", "ok": True})
+    return model_path, attempts
+
+
+def with_activations(graph: onnx.GraphProto, excluded) -> list[str]:
+    """`excluded` plus the Relu/Clip right after an excluded node: left quantizable, such an
+    activation would get its own Q/DQ pair and put the FP32 node's output through INT8 anyway."""
+    names = list(excluded)
+    producer = {out: node.name for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in REMOVABLE_ACTIVATIONS and node.input and producer.get(node.input[0]) in names:
+            names.append(node.name)
+    return names
+
+
+def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
+    """MatMuls with no constant operand (attention's Q@K^T, P@V): quantizing them adds two
+    runtime quantize ops and saves no weight bandwidth, so they stay FP32."""
+    constants = {init.name for init in graph.initializer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
+def gemms_as_matmul(model_path: Path, out: Path) -> int:
+    """Write `model_path` to `out` with each Gemm that has a constant weight as MatMul (+ Add for
+    the bias), and return how many were rewritten. onnxruntime's dynamic quantizer only handles
+    MatMul, and torch exports nn.Linear on 2-D input as Gemm: without this the dynamic recipe
+    quantizes nothing in an MLP. The MatMul keeps the Gemm's name (exclusion lists still apply)
+    and the Add its output name."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    rewritten, nodes = 0, []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = weight.T if attrs.get("transB", 0) else weight
+        name = f"{node.input[1]}_as_matmul"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}_bias"))
+        rewritten += 1
+    if rewritten:
+        used = {i for n in nodes for i in n.input}
+        kept = [init for init in graph.initializer if init.name in used]
+        del graph.node[:], graph.initializer[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(kept)
+        onnx.save(model, str(out))
+    return rewritten
+
+
+def float_graph_outputs(path: Path) -> list[str]:
+    """Drop the Q -> DQ pair between a compute node and a graph output: rounding the logits to
+    8 bits helps nobody, and without it ORT fuses the node into a QGemm/QLinear kernel with a
+    float output and no DequantizeLinear after it (MLP b32: 1.90x -> 1.98x vs FP32, same
+    accuracy). Rewrites `path` in place; returns the nodes that now write a graph output."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    changed = []
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in outputs]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or consumers.get(q.output[0]) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or source.op_type not in COMPUTE_OPS or consumers.get(q.input[0]) != 1 \
+                or q.input[0] in outputs:
+            continue
+        source.output[0] = dq.output[0]
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        changed.append(source.name)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
+def strip_value_info(model_path: Path, out: Path) -> Path:
+    """The raw model without intermediate shape annotations: exporters' stale value_info makes
+    ONNX shape inference inside quantization fail ("Inferred shape and existing shape differ")."""
+    model = onnx.load(str(model_path))
+    del model.graph.value_info[:]
+    onnx.save(model, str(out))
+    return out
+
+
+def transformer_fusions(model_path: Path, out: Path) -> list[str]:
+    """onnxruntime.transformers graph fusions (BERT-like patterns) of `model_path` into `out`;
+    returns the op types the fusions added. Whether to keep them is measured by the caller."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet():
+        optimized = optimize_model(str(model_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        optimized.save_model_to_file(str(out), use_external_data_format=False)
+    before = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    return sorted({n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node} - before)
+
+
+@contextlib.contextmanager
+def _quiet():
+    import logging
+
+    level = logging.root.level
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        logging.root.setLevel(level)

@@ -1,0 +1,235 @@
+"""The timing search: build candidates, time them interleaved with FP32 at every session
+setting, judge each, and confirm an accepted one in fresh trials before it can ship."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgepipe.errors import QuantizationError
+from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
+from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.evaluation import evaluate
+from edgepipe.quantize.recipes import Recipe
+from edgepipe.quantize.report import Baseline, CandidateRow
+from edgepipe.quantize.verdict import FAILED, OK, Verdict
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
+from edgepipe.runtime.spec import make_feeds
+from edgepipe.runtime.timing import measure_interleaved
+
+
+def by_session_rows(p50_by_setting: dict[SessionSetting, dict[int, float]]) -> list[dict]:
+    """[{"threads", "spinning", "p50_ms": {batch: ms}}] for the record."""
+    return [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
+            for s, p50 in p50_by_setting.items()]
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    path: Path | None = None
+    error: str | None = None
+    integer_nodes: int = 0
+    accuracy: float | None = None
+    agreement: float | None = None
+    accuracy_drop: float | None = None
+    built_from: str = ""
+    p50_ms: dict[int, float] = field(default_factory=dict)
+    speedup: dict[int, float] = field(default_factory=dict)
+    speedup_trials: dict[int, list[float]] = field(default_factory=dict)  # when confirmed
+    settings: dict[int, SessionSetting] = field(default_factory=dict)  # fastest per batch size
+    p50_by_setting: dict[SessionSetting, dict[int, float]] = field(default_factory=dict)
+    verdict: Verdict = field(default_factory=Verdict)
+
+    @property
+    def score(self) -> float:
+        """Geometric-mean speedup over the configured batch sizes."""
+        values = list(self.speedup.values())
+        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 0.0
+
+    def row(self) -> CandidateRow:
+        r = self.recipe
+        return CandidateRow(
+            recipe=r.name, method=r.method, format=r.format, activation_type=r.activation_type,
+            weight_type=r.weight_type, per_channel=r.per_channel, calibration=r.calibration,
+            reduce_range=r.reduce_range, excluded_nodes=list(r.nodes_to_exclude),
+            integer_nodes=self.integer_nodes, built_from=self.built_from, accuracy=self.accuracy,
+            agreement=self.agreement, accuracy_drop=self.accuracy_drop,
+            p50_ms={str(b): round(v, 4) for b, v in self.p50_ms.items()},
+            speedup={str(b): round(v, 3) for b, v in self.speedup.items()},
+            speedup_trials={str(b): v for b, v in self.speedup_trials.items()} or None,
+            sessions={str(b): s.to_dict() for b, s in self.settings.items()} or None,
+            p50_ms_by_session=by_session_rows(self.p50_by_setting) or None,
+            size_bytes=self.path.stat().st_size if self.path and self.path.exists() else None,
+            error=self.error, verdict=str(self.verdict))
+
+
+class Search:
+    """One quantize run: the FP32 reference, the data, and every candidate tried."""
+
+    def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
+                 calibration: EvalData, work: Path, say: Callable[[str], None]):
+        self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
+        self.work, self.say = work, say
+        self.fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
+        self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
+        self.settings = (session_settings(config.threads, spinning=config.try_spinning) if config.tune_session
+                         else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        self.fp32_settings: dict[int, SessionSetting] = {}
+        self.fp32_p50: dict[int, float] = {}
+        self.fp32_p50_by_setting: dict[SessionSetting, dict[int, float]] = {}
+        self.timers: dict[object, dict[SessionSetting, Engine]] = {}  # model key -> a session per setting
+        self.candidates: list[Candidate] = []
+        self.engines: dict[int, Engine] = {}
+        self.sources: list[Path] = []
+
+    # --- judging -------------------------------------------------------------------------
+    @property
+    def needed(self) -> float:
+        """The speedup a candidate must show at every batch size to count as faster."""
+        return self.config.min_speedup * (1 + self.config.speedup_margin)
+
+    def accurate(self, cand: Candidate) -> bool:
+        return cand.error is None and cand.accuracy_drop <= self.config.max_accuracy_drop
+
+    def accuracy_verdict(self, cand: Candidate, detail: str = "") -> Verdict:
+        return Verdict.accuracy(cand.accuracy_drop, self.config.max_accuracy_drop, detail)
+
+    def fast_enough(self, cand: Candidate) -> bool:
+        return bool(cand.speedup) and all(s >= self.needed for s in cand.speedup.values())
+
+    def judge(self, cand: Candidate) -> None:
+        slow = {b: s for b, s in cand.speedup.items() if s < self.needed}
+        if not self.accurate(cand):
+            cand.verdict = self.accuracy_verdict(cand)
+        elif slow:
+            cand.verdict = Verdict.too_slow(slow, self.needed)
+        else:
+            cand.verdict = Verdict(OK)
+
+    def baseline(self) -> Baseline:
+        return Baseline(accuracy=self.fp32_accuracy,
+                        p50_ms={str(b): round(v, 4) for b, v in self.fp32_p50.items()},
+                        sessions={str(b): s.to_dict() for b, s in self.fp32_settings.items()},
+                        p50_ms_by_session=by_session_rows(self.fp32_p50_by_setting),
+                        size_bytes=self.onnx_path.stat().st_size)
+
+    # --- building ------------------------------------------------------------------------
+    def build(self, recipe: Recipe) -> Candidate:
+        """Build and check accuracy (latency comes later, for all candidates together)."""
+        cand = Candidate(recipe, path=self.work / f"cand{len(self.candidates)}.onnx")
+        index = len(self.candidates)
+        self.candidates.append(cand)
+        self.say(f"building {recipe.name}")
+        try:
+            cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
+                                                  self.config.calibration_samples)
+            cand.integer_nodes = count_integer_nodes(cand.path)
+            if cand.integer_nodes == 0:
+                raise QuantizationError("quantized no node")
+            engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False)
+            _, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
+        except Exception as exc:
+            cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            cand.verdict = Verdict(FAILED)
+            return cand
+        cand.accuracy_drop = (self.fp32_accuracy - cand.accuracy if self.fp32_accuracy is not None
+                              else 1.0 - cand.agreement)
+        self.engines[index] = engine
+        return cand
+
+    def built(self, recipe: Recipe) -> Candidate | None:
+        """The candidate already built for `recipe` (exclusions compared as a set), if any."""
+        def key(r: Recipe) -> tuple:
+            return replace(r, nodes_to_exclude=()), frozenset(r.nodes_to_exclude)
+
+        return next((c for c in self.candidates if key(c.recipe) == key(recipe)), None)
+
+    # --- timing --------------------------------------------------------------------------
+    def timing_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """`batch` held-out rows, or generated inputs when there are fewer."""
+        feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in self.eval_data.inputs.items()}
+        if min(len(v) for v in feeds.values()) < batch:
+            feeds = make_feeds(self.fp32.inputs, batch=batch, seed=2)
+        return feeds
+
+    def sessions(self, key, path: Path) -> dict[SessionSetting, Engine]:
+        if key not in self.timers:
+            self.timers[key] = {s: Engine(path, providers="cpu", **s.engine_options()) for s in self.settings}
+        return self.timers[key]
+
+    def measure(self, indices: list[int]) -> None:
+        """Time candidates `indices` interleaved with FP32 at every configured batch size and
+        session setting; each model is then judged at its own fastest setting per batch size, so
+        neither side is handicapped by a setting that suits only the other."""
+        models = {"fp32": self.sessions("fp32", self.fp32.path)}
+        models |= {i: self.sessions(i, self.candidates[i].path) for i in indices}
+        p50: dict = {key: {} for key in models}  # key -> batch -> setting -> ms
+        for batch in self.config.batch_sizes:
+            feeds = self.timing_feeds(batch)
+            fns = {(key, s): e.runner(feeds) for key, engines in models.items() for s, e in engines.items()}
+            stats = measure_interleaved(fns, batch, rounds=self.config.rounds,
+                                        spinning={key for key in fns if key[1].spinning})
+            for (key, s), st in stats.items():
+                p50[key].setdefault(batch, {})[s] = st.p50_ms
+
+        def by_setting(key) -> dict[SessionSetting, dict[int, float]]:
+            return {s: {b: p50[key][b][s] for b in p50[key]} for s in self.settings}
+
+        self.fp32_settings = fastest_per_batch(p50["fp32"])
+        self.fp32_p50 = {b: p50["fp32"][b][s] for b, s in self.fp32_settings.items()}
+        self.fp32_p50_by_setting = by_setting("fp32")
+        for i in indices:
+            cand = self.candidates[i]
+            cand.settings = fastest_per_batch(p50[i])
+            cand.p50_by_setting = by_setting(i)
+            cand.p50_ms = {b: p50[i][b][s] for b, s in cand.settings.items()}
+            cand.speedup = {b: self.fp32_p50[b] / cand.p50_ms[b] for b in cand.p50_ms}
+
+    def confirm(self, cand: Candidate, trials: int = 2) -> bool:
+        """Re-time an accepted candidate against FP32 in `trials` more trials, each with fresh
+        sessions, and judge it on the median trial per batch size. One trial can mislead: on 2
+        cores a session pair sometimes lands in a slow thread hand-off state for its whole life
+        (a 0.72x model once read >= 1.05x), and a slower model must never ship: the median must
+        clear the margin and no trial may read below min_speedup."""
+        seen = {b: [s] for b, s in cand.speedup.items()}
+        for _ in range(trials):
+            fp32 = Engine(self.fp32.path, providers="cpu", batch_sessions=self.fp32_settings)
+            mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings)
+            for batch in self.config.batch_sizes:
+                feeds = self.timing_feeds(batch)
+                spinning = {k for k, s in (("fp32", self.fp32_settings[batch]), ("cand", cand.settings[batch]))
+                            if s.spinning}
+                stats = measure_interleaved({"fp32": fp32.runner(feeds), "cand": mine.runner(feeds)},
+                                            batch, rounds=self.config.rounds, spinning=spinning)
+                seen[batch].append(stats["fp32"].p50_ms / stats["cand"].p50_ms)
+        cand.speedup = {b: float(np.median(v)) for b, v in seen.items()}
+        cand.speedup_trials = {b: [round(x, 3) for x in v] for b, v in seen.items()}
+        cand.p50_ms = {b: self.fp32_p50[b] / cand.speedup[b] for b in cand.speedup}
+        self.judge(cand)
+        slower = {b: min(v) for b, v in seen.items() if min(v) < self.config.min_speedup}
+        if cand.verdict and slower:  # no trial may have measured it slower than FP32
+            cand.verdict = Verdict.slower_in_a_trial(slower, self.config.min_speedup)
+        if not cand.verdict:
+            cand.verdict = cand.verdict.unconfirmed(trials)
+        return bool(cand.verdict)
+
+    def time_fused(self, fused: Path) -> tuple[bool, float]:
+        """Whether the transformer-fused FP32 model matches the original and is measurably faster
+        at the largest batch size: (keep, its speedup)."""
+        engine = Engine(fused, providers="cpu", threads=self.config.threads, spinning=False)
+        got, _, _ = evaluate(engine, self.eval_data)
+        if not np.allclose(got, self.reference, atol=1e-3, rtol=1e-3):
+            raise QuantizationError("fused model's outputs differ from the original")
+        batch = max(self.config.batch_sizes)
+        feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in self.eval_data.inputs.items()}
+        stats = measure_interleaved({"fp32": self.fp32.runner(feeds), "fused": engine.runner(feeds)}, batch,
+                                    rounds=self.config.rounds)
+        speedup = stats["fp32"].p50_ms / stats["fused"].p50_ms
+        return speedup >= 1 + self.config.speedup_margin, speedup

@@ -1,0 +1,140 @@
+"""The quantize stage: build candidate INT8 models, measure each on this CPU, keep the fastest
+one inside the accuracy budget — never one slower than the FP32 input."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import onnx
+
+from edgepipe.artifacts import StageResult, atomic_path, require_file
+from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
+from edgepipe.quantize.builders import largest_matmul_weight
+from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.fallback import accuracy_fallback
+from edgepipe.quantize.recipes import Recipe, candidate_recipes
+from edgepipe.quantize.report import QuantizeReport
+from edgepipe.quantize.rewrites import (
+    TRANSFORMER_OPS,
+    preprocess,
+    strip_value_info,
+    transformer_fusions,
+)
+from edgepipe.quantize.search import Search
+from edgepipe.quantize.verdict import CHOSEN, Verdict
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.hardware import CpuInfo, read_cpu
+from edgepipe.runtime.spec import make_feeds
+
+
+def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Recipe], list[dict], set[str]]:
+    """The recipes to try on this graph and CPU, those skipped (why), and the graph's op types."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph_ops = {n.op_type for n in graph.node}
+    recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
+                                         allow_dynamic=config.mode in ("auto", "dynamic"),
+                                         allow_static=config.mode in ("auto", "static"),
+                                         largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode)
+    recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
+               for r in recipes]
+    if not recipes:
+        raise QuantizationError(f"no quantization recipe applies to {onnx_path.name} (ops: "
+                                f"{', '.join(sorted(graph_ops))}): "
+                                + "; ".join(f"{s['recipe']}: {s['why']}" for s in skipped))
+    return recipes, skipped, graph_ops
+
+
+def fused_source(search: Search) -> tuple[Path, dict]:
+    """The FP32 model to quantize: onnxruntime.transformers' fusions when the fused model matches
+    the original and is measurably faster (it often is not), else the model as given."""
+    out = search.work / "transformer_optimized.onnx"
+    try:
+        fused_ops = transformer_fusions(search.onnx_path, out)
+        kept, speedup = search.time_fused(out)
+    except QuantizationError as exc:
+        return search.onnx_path, {"tried": True, "kept": False, "why": str(exc)}
+    except Exception as exc:  # the optimizer raises many types on graphs it does not expect
+        return search.onnx_path, {"tried": True, "kept": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    record = {"tried": True, "kept": kept, "fused_ops": fused_ops, "speedup_fp32": round(speedup, 3),
+              "why": "faster" if kept else "not measurably faster"}
+    return (out if kept else search.onnx_path), record
+
+
+def refusal(search: Search, report: QuantizeReport) -> GateFailed:
+    """The error for 'no candidate qualifies', naming the one that came closest: the fastest
+    accurate one when there is one (it missed on speed), else the fastest one (it missed on
+    accuracy). It carries the report with every candidate."""
+    measured = [c for c in search.candidates if c.speedup]
+    accurate = [c for c in measured if search.accurate(c)]
+    best = max(accurate or measured, key=lambda c: c.score)
+    error_cls = LatencyError if accurate else AccuracyError
+    return error_cls(f"no quantized candidate is both faster than FP32 and within the accuracy budget "
+                     f"(drop <= {search.config.max_accuracy_drop}); best was {best.recipe.name}: "
+                     f"{best.verdict}. Keep the FP32 model or relax the budget", report=report)
+
+
+def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
+             eval_data: EvalData | None = None, calibration: EvalData | None = None,
+             cpu: CpuInfo | None = None, progress=None) -> StageResult:
+    """Stage: FP32 ONNX -> the fastest INT8 model within the accuracy budget, with the table of
+    every candidate. Raises LatencyError/AccuracyError (exit 1) when no candidate qualifies;
+    the error's `report` holds every candidate."""
+    config = config or QuantizeConfig()
+    onnx_path = require_file(onnx_path, "ONNX model")
+    cpu = cpu or read_cpu()
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    if eval_data is None:  # no held-out data: judge agreement with FP32 on seeded inputs
+        eval_data = EvalData(make_feeds(Engine(onnx_path, providers="cpu").inputs, batch=512, seed=1))
+    recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
+    with tempfile.TemporaryDirectory(prefix="edgepipe-quant-") as tmp:
+        search = Search(onnx_path, config, eval_data, calibration or eval_data, Path(tmp), say)
+        source, optimizer_record = onnx_path, {"tried": False}
+        if graph_ops & TRANSFORMER_OPS and config.mode != "fp16":
+            say("trying onnxruntime.transformers graph fusions")
+            source, optimizer_record = fused_source(search)
+        model_in, pre_attempts = preprocess(source, search.work)
+        # Fallbacks per candidate: the pre-processed model (weights constant-folded), the same
+        # without exporter/shape-inference value_info, then the raw model without it.
+        search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, search.work / "pre_stripped.onnx"),
+                                             strip_value_info(source, search.work / "raw_stripped.onnx")]))
+        for recipe in recipes:
+            search.build(recipe)
+        if not search.engines:
+            raise QuantizationError("every quantization recipe failed: " + "; ".join(
+                f"{c.recipe.name}: {c.error}" for c in search.candidates))
+        say(f"measuring {len(search.engines)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
+        search.measure(sorted(search.engines))
+        for i in search.engines:
+            search.judge(search.candidates[i])
+        accepted = sorted((c for c in search.candidates if c.verdict), key=lambda c: c.score, reverse=True)
+        chosen = next((c for c in accepted if search.confirm(c)), None)
+        fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
+        if chosen is None:
+            chosen, fallback_steps = accuracy_fallback(search)
+        report = QuantizeReport(
+            cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
+            recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
+            preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
+            fp32=search.baseline(), accuracy_fallback=fallback_steps,
+            budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
+                    "speedup_margin": config.speedup_margin},
+            timing=("interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
+                    + "); each model judged at its fastest per batch size (recorded in 'sessions')"))
+        if chosen is None:
+            report.candidates = [c.row() for c in search.candidates]
+            report.seconds = round(time.perf_counter() - started, 2)
+            raise refusal(search, report)
+        chosen.verdict = Verdict(CHOSEN)
+        out_path = Path(out_path)
+        with atomic_path(out_path) as tmp_out:
+            shutil.copyfile(chosen.path, tmp_out)
+        report.candidates = [c.row() for c in search.candidates]
+        report.chosen = chosen.row()
+        report.size_bytes = out_path.stat().st_size
+        report.seconds = round(time.perf_counter() - started, 2)
+    return StageResult("quantize", {"onnx": out_path}, report)
