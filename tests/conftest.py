@@ -1,4 +1,5 @@
-"""Shared fixtures: the zoo trained briefly and exported once per test session."""
+"""Shared fixtures: the zoo trained briefly and exported once per test session, and the test
+tiers: a test that needs a trained model (or a pipeline run) is `slow` by its fixtures."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Fixtures that train or run a pipeline: every test using one (directly or through another
+# fixture) is marked slow, so `make test-fast` (-m "not slow") never trains.
+TRAINING_FIXTURES = {"zoo", "run_dir", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 ZOO_EPOCHS = {"mlp": 6, "cnn": 6, "lstm": 5, "transformer": 4}
 

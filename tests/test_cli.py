@@ -8,10 +8,25 @@ import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize("command", ["train", "export", "quantize", "profile", "run", "demo"])
+def test_every_registered_command_is_tested_for_help():
+    from edgepipe.cli import COMMANDS, app
+
+    registered = {c.name for c in app.registered_commands}
+    assert registered == {name for name, _ in COMMANDS} == set(ALL_COMMANDS)
+
+
+ALL_COMMANDS = ["train", "prune", "export", "quantize", "compare", "profile", "merge-profiles", "run", "demo",
+                "report", "serve", "triton"]
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
 def test_help_explains_each_command(cli, command):
+    from edgepipe.cli import COMMANDS
+
+    doc = dict(COMMANDS)[command].__doc__
     result = cli(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output and len(result.output) > 300
+    assert " ".join(doc.split()[:6]) in " ".join(result.output.split())  # its docstring explains it
 
 
 @pytest.mark.parametrize("args, message", [
@@ -45,6 +60,7 @@ def test_debug_flag_shows_the_traceback(cli, tmp_path):
     assert result.exit_code != 0 and result.exception is not None
 
 
+@pytest.mark.slow  # trains and searches
 def test_train_export_quantize_profile_from_the_cli(cli, tmp_path):
     run = tmp_path / "run"
     result = cli("train", "--model", "mlp", "--epochs", "3", "-o", run)
@@ -62,10 +78,11 @@ def test_train_export_quantize_profile_from_the_cli(cli, tmp_path):
     np.savez(run / "held.npz", x=data.x_test, y=data.y_test)
     result = cli("quantize", run / "model.onnx", "-o", run / "model.int8.onnx", "--data", run / "held.npz",
                  "--batch", "32", "--json", run / "quant.json")
-    assert result.exit_code in (0, 1), result.output
+    # The digits MLP at batch 32 is 1.6-1.8x faster in INT8 on AVX2-only CPUs, 2.5x+ with VNNI.
+    assert result.exit_code == 0, result.output
     record = json.loads((run / "quant.json").read_text())
-    assert "recipe" in result.output and record["candidates"]
-    assert (run / "model.int8.onnx").exists() == (result.exit_code == 0)
+    assert "chosen: " in result.output and record["chosen"]["verdict"] == "chosen"
+    assert record["chosen"] in record["candidates"] and (run / "model.int8.onnx").exists()
 
     result = cli("profile", run / "model.onnx", "--batch", "1,8", "--seconds", "0.05", "--json", run / "p.json")
     assert result.exit_code == 0, result.output

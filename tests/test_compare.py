@@ -48,7 +48,8 @@ def test_checkpoint_against_its_export_uses_held_out_data(zoo):
 
 
 def test_fp32_against_its_qdq_version(zoo, tmp_path):
-    from edgepipe.quantize.auto import EvalData, build
+    from edgepipe.quantize import EvalData
+    from edgepipe.quantize.builders import build
     from edgepipe.quantize.recipes import candidate_recipes
     from edgepipe.runtime import CpuInfo
 

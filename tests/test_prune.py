@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from edgepipe.errors import InputError
-from edgepipe.exporters import export
+from edgepipe.exporters import export, export_module
 from edgepipe.models import load_checkpoint
 from edgepipe.models.training import accuracy, predict
-from edgepipe.prune import PruneConfig, prune
+from edgepipe.prune import PruneConfig
+from edgepipe.prune import prune as prune_stage
 from edgepipe.runtime import Engine
+
+
+def prune(checkpoint, out, config=None, **kwargs):
+    """The prune stage with the exporter the pipeline and CLI give it."""
+    return prune_stage(checkpoint, out, config, exporter=export_module, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from edgepipe.errors import LatencyError
+from edgepipe.errors import AccuracyError, LatencyError
 from edgepipe.exporters import ExportConfig, export
-from edgepipe.quantize import EvalData, QuantizeConfig, candidate_recipes, quantize
-from edgepipe.quantize import auto as auto_mod
+from edgepipe.quantize import (
+    EvalData,
+    QuantizeConfig,
+    builders,
+    candidate_recipes,
+    quantize,
+    rewrites,
+)
+from edgepipe.quantize import search as search_mod
+from edgepipe.quantize import stage as stage_mod
+from edgepipe.quantize.fallback import trim
 from edgepipe.quantize.recipes import Recipe, activation_weight_types
 from edgepipe.runtime import CpuInfo, Engine, measure_interleaved
 from edgepipe.runtime.hardware import read_cpu
@@ -80,7 +89,7 @@ def test_dynamic_quantizes_linear_layers_exported_as_gemm(zoo, tmp_path):
     gemms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm"]
     assert gemms
     rewritten = tmp_path / "as_matmul.onnx"
-    assert auto_mod.gemms_as_matmul(src, rewritten) == len(gemms)
+    assert rewrites.gemms_as_matmul(src, rewritten) == len(gemms)
     graph = onnx.load(str(rewritten)).graph
     assert not any(n.op_type == "Gemm" for n in graph.node)
     assert {n.name for n in graph.node if n.op_type == "MatMul"} == set(gemms)  # exclusions still apply
@@ -88,11 +97,11 @@ def test_dynamic_quantizes_linear_layers_exported_as_gemm(zoo, tmp_path):
     (mine,), (ref,) = Engine(rewritten).run(x).values(), Engine(src).run(x).values()
     np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
     out = tmp_path / "dyn.onnx"
-    auto_mod.build(Recipe("dynamic", weight_type="S8"), src, out, None, 0)
-    assert auto_mod.count_integer_nodes(out) >= len(gemms)
+    builders.build(Recipe("dynamic", weight_type="S8"), src, out, None, 0)
+    assert builders.count_integer_nodes(out) >= len(gemms)
     kept = tmp_path / "dyn_excl.onnx"
-    auto_mod.build(Recipe("dynamic", weight_type="S8", nodes_to_exclude=(gemms[0],)), src, kept, None, 0)
-    assert auto_mod.count_integer_nodes(kept) < auto_mod.count_integer_nodes(out)
+    builders.build(Recipe("dynamic", weight_type="S8", nodes_to_exclude=(gemms[0],)), src, kept, None, 0)
+    assert builders.count_integer_nodes(kept) < builders.count_integer_nodes(out)
 
 
 def test_lstm_gets_dynamic_only():
@@ -118,7 +127,7 @@ def test_quantize_without_vnni_uses_reduce_range(zoo, tmp_path):
                           eval_data=eval_data, calibration=calibration, cpu=AVX2_ONLY)
         record = result.record
     except LatencyError as exc:  # on this (VNNI) machine 7-bit kernels may not pay off: still recorded
-        record = exc.record
+        record = exc.report.to_dict()
     assert record["cpu"]["vnni"] is False
     assert "reduce_range" in record["recipe_reason"]
     assert all(c["reduce_range"] for c in record["candidates"])
@@ -140,7 +149,7 @@ def test_refuses_when_every_recipe_is_slower(tmp_path):
     assert "no quantized candidate is both faster than FP32" in str(err.value)
     assert "best was" in str(err.value)
     assert not out.exists()
-    measured = [c for c in err.value.record["candidates"] if c["speedup"]]
+    measured = [c for c in err.value.report.to_dict()["candidates"] if c["speedup"]]
     assert measured and all(c["verdict"] != "ok" for c in measured)
 
 
@@ -151,14 +160,14 @@ def test_preprocess_falls_back_and_records_each_failure(zoo, tmp_path, monkeypat
         raise AssertionError("symbolic shape inference failed (_infer_Reshape)")
 
     monkeypatch.setattr(shape_inference, "quant_pre_process", broken)
-    model_in, attempts = auto_mod.preprocess(zoo["mlp"].onnx, tmp_path)
+    model_in, attempts = rewrites.preprocess(zoo["mlp"].onnx, tmp_path)
     assert model_in == zoo["mlp"].onnx
     assert [a["step"] for a in attempts] == ["full", "skip_symbolic_shape", "raw"]
     assert "_infer_Reshape" in attempts[0]["error"]
 
 
 def test_candidate_build_falls_back_to_the_raw_model(zoo, tmp_path, monkeypatch):
-    real_build = auto_mod.build
+    real_build = builders.build
     tried = []
 
     def flaky(recipe, model_path, out, calibration, samples):
@@ -167,12 +176,12 @@ def test_candidate_build_falls_back_to_the_raw_model(zoo, tmp_path, monkeypatch)
             raise RuntimeError("[ShapeInferenceError] Inferred shape and existing shape differ")
         return real_build(recipe, model_path, out, calibration, samples)
 
-    monkeypatch.setattr(auto_mod, "build", flaky)
+    monkeypatch.setattr(builders, "build", flaky)
     recipe = candidate_recipes({"LSTM"}, VNNI_X86)[0][0]
-    model_in, _ = auto_mod.preprocess(zoo["lstm"].onnx, tmp_path)
-    stripped = auto_mod.strip_value_info(model_in, tmp_path / "stripped.onnx")
-    used = auto_mod.build_with_fallback(recipe, [model_in, stripped], tmp_path / "q.onnx", None, 0)
-    assert used == "stripped.onnx" and auto_mod.count_integer_nodes(tmp_path / "q.onnx") > 0
+    model_in, _ = rewrites.preprocess(zoo["lstm"].onnx, tmp_path)
+    stripped = rewrites.strip_value_info(model_in, tmp_path / "stripped.onnx")
+    used = builders.build_with_fallback(recipe, [model_in, stripped], tmp_path / "q.onnx", None, 0)
+    assert used == "stripped.onnx" and builders.count_integer_nodes(tmp_path / "q.onnx") > 0
 
 
 def _outlier_mlp(tmp_path):
@@ -197,13 +206,13 @@ def _outlier_mlp(tmp_path):
 def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_path, monkeypatch, fmt):
     # Which static format is fastest varies from run to run; each must rank by the same tensors
     # (QOperator renames them all, so it is ranked on its QDQ twin; CI once ranked only /6/Gemm).
-    real = auto_mod.candidate_recipes
+    real = stage_mod.candidate_recipes
 
     def only(*args, **kwargs):
         kept, skipped = real(*args, **kwargs)
         return [r for r in kept if r.method == "static" and r.format == fmt], skipped
 
-    monkeypatch.setattr(auto_mod, "candidate_recipes", only)
+    monkeypatch.setattr(stage_mod, "candidate_recipes", only)
     onnx_path = _outlier_mlp(tmp_path)
     out = tmp_path / "outlier.int8.onnx"
     # With two of four layers back in FP32 this model is only 1.2-1.3x on an AVX2-only CPU, where
@@ -235,7 +244,7 @@ def test_fallback_trim_puts_back_the_nodes_the_budget_does_not_need(tmp_path):
     onnx_path = _outlier_mlp(tmp_path)
     config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02)
     eval_data = EvalData(make_feeds(Engine(onnx_path).inputs, batch=512, seed=1))
-    search = auto_mod._Search(onnx_path, config, eval_data, eval_data, tmp_path, lambda message: None)
+    search = search_mod.Search(onnx_path, config, eval_data, eval_data, tmp_path, lambda message: None)
     search.sources = [onnx_path]
     act, weight, reduce_range, _ = activation_weight_types(read_cpu())  # as auto picks them here
     recipe = Recipe("static", "QDQ", act, weight, reduce_range=reduce_range)
@@ -243,12 +252,12 @@ def test_fallback_trim_puts_back_the_nodes_the_budget_does_not_need(tmp_path):
     start = search.build(recipe.excluding(too_many))
     assert start.accuracy_drop <= 0.02
     noise = {"/2/Gemm": 4e-4, "/4/Gemm": 1.0, "/6/Gemm": 0.03}
-    chosen, trim = search.trim(recipe, too_many, noise, start)
-    assert trim["back_in_int8"] == ["/2/Gemm"]  # least noisy first; the damaged pair is needed
+    chosen, trimmed = trim(search, recipe, too_many, noise, start)
+    assert trimmed["back_in_int8"] == ["/2/Gemm"]  # least noisy first; the damaged pair is needed
     assert set(chosen.recipe.nodes_to_exclude) == {"/4/Gemm", "/6/Gemm"}
     assert chosen.accuracy_drop <= 0.02 and chosen.integer_nodes > start.integer_nodes
-    assert [t["back_in_int8"] for t in trim["tried"]] == [True, False, False]
-    assert start.verdict.startswith("superseded")
+    assert [t["back_in_int8"] for t in trimmed["tried"]] == [True, False, False]
+    assert str(start.verdict).startswith("superseded") and not start.verdict
 
 
 @pytest.fixture(scope="module")
@@ -258,10 +267,18 @@ def transformer_data(zoo):
 
 
 def _record(call):
+    """The quantize record, chosen or refused. A refusal must be a speed or accuracy verdict
+    that names a candidate of the table and carries the full report; a chosen model must be
+    the one row marked chosen."""
     try:
-        return call().record
-    except LatencyError as exc:  # measured and refused: the record is still complete
-        return exc.record
+        record = call().record
+    except (LatencyError, AccuracyError) as exc:
+        record = exc.report.to_dict()
+        assert any(f"best was {c['recipe']}: " in str(exc) for c in record["candidates"]), str(exc)
+        assert "chosen" not in record and not any(c["verdict"] == "chosen" for c in record["candidates"])
+        return record
+    assert [c for c in record["candidates"] if c["verdict"] == "chosen"] == [record["chosen"]]
+    return record
 
 
 @pytest.mark.slow
@@ -288,7 +305,7 @@ def test_int4_weight_only_uses_matmulnbits(zoo, transformer_data, tmp_path):
 
 
 def test_fp16_keeps_float32_io(zoo, tmp_path):
-    from edgepipe.quantize.auto import build
+    from edgepipe.quantize.builders import build
 
     out = tmp_path / "fp16.onnx"
     build(candidate_recipes(set(), VNNI_X86, mode="fp16")[0][0], zoo["mlp"].onnx, out, None, 0)
@@ -302,7 +319,7 @@ def test_fp16_keeps_float32_io(zoo, tmp_path):
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_calibration_methods_build(zoo, tmp_path, method):
-    from edgepipe.quantize.auto import build, count_integer_nodes
+    from edgepipe.quantize.builders import build, count_integer_nodes
 
     recipe = [r for r in candidate_recipes({"Conv", "Gemm"}, VNNI_X86, calibration=method)[0]
               if r.format == "QDQ"][0]
@@ -338,7 +355,7 @@ def test_preprocess_leaves_nothing_in_the_working_directory(zoo, tmp_path, monke
     monkeypatch.chdir(cwd)
     work = tmp_path / "work"
     work.mkdir()
-    _, attempts = auto_mod.preprocess(zoo["transformer"].onnx, work)
+    _, attempts = rewrites.preprocess(zoo["transformer"].onnx, work)
     assert attempts[0]["step"] == "full" and not attempts[0]["ok"], attempts  # the path that writes
     assert list(cwd.iterdir()) == []
 
@@ -346,17 +363,17 @@ def test_preprocess_leaves_nothing_in_the_working_directory(zoo, tmp_path, monke
 def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
     """One trial that flatters a slower candidate (as a slow FP32 session pair can) must not
     ship it: accepted candidates are re-timed with fresh sessions and judged on the median."""
-    real_measure = auto_mod._Search.measure
+    real_measure = search_mod.Search.measure
 
     def flattering(self, indices):
         real_measure(self, indices)
         for i in indices:  # the tiny MLP's INT8 is 0.7-1.0x; this trial reads it as 2-3x
             self.candidates[i].speedup = {b: 3 * s for b, s in self.candidates[i].speedup.items()}
 
-    monkeypatch.setattr(auto_mod._Search, "measure", flattering)
+    monkeypatch.setattr(search_mod.Search, "measure", flattering)
     with pytest.raises(LatencyError) as err:
         quantize(_tiny_mlp(tmp_path), tmp_path / "q.onnx", QuantizeConfig(batch_sizes=(1,)))
-    rows = err.value.record["candidates"]
+    rows = err.value.report.to_dict()["candidates"]
     confirmed = [r for r in rows if r["speedup_trials"]]
     assert confirmed and all(r["verdict"].startswith("not confirmed") for r in confirmed)
     for r in confirmed:  # judged on the median of the flattering trial and two fresh ones
@@ -375,7 +392,7 @@ def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):
 
     data = zoo["mlp"].dataset
     out = tmp_path / "mlp.qdq.onnx"
-    auto_mod.build(Recipe("static", format="QDQ", activation_type="U8", weight_type="S8"), zoo["mlp"].onnx, out,
+    builders.build(Recipe("static", format="QDQ", activation_type="U8", weight_type="S8"), zoo["mlp"].onnx, out,
                    EvalData({"x": data.x_train[:128]}), 128)
     assert "Relu" not in {n.op_type for n in onnx.load(out).graph.node}
     options = ort.SessionOptions()

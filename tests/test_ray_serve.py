@@ -32,8 +32,10 @@ def test_deployment_options_are_accepted_by_ray(zoo):
     assert auto["num_replicas"] == "auto"
     assert auto["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
                                           "target_ongoing_requests": 8}
-    app = build_app(zoo["mlp"].onnx, RayServeConfig(autoscaling=(1, 4)))  # Ray validates the options
-    assert app is not None
+    app = build_app(zoo["mlp"].onnx, RayServeConfig(autoscaling=(1, 4), max_batch=16))  # Ray validates them
+    deployment = app._bound_deployment  # what Ray will deploy: our options and engine arguments
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment.init_args[0] == str(zoo["mlp"].onnx.resolve()) and deployment.init_args[1] == 16
     with pytest.raises(ConfigError, match="MIN:MAX"):
         RayServeConfig(autoscaling=(3, 2)).deployment_options()
     with pytest.raises(ConfigError, match="replicas"):

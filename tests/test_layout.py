@@ -1,0 +1,117 @@
+"""The package's shape: no import circle inside edgepipe (imports inside functions count too),
+no oversized module, and the pipeline's post-stage artifact check. No model is trained."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgepipe.artifacts import StageResult
+from edgepipe.errors import InternalError
+from edgepipe.pipeline.checks import check_artifacts
+from edgepipe.reports import Report
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edgepipe"
+MAX_MODULE_LINES = 300
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> edgepipe modules it imports anywhere in its body (module level or in functions);
+    `if TYPE_CHECKING:` blocks are left out: they never run."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+            block.body = []
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle_inside_edgepipe():
+    graph = import_graph()
+    assert "edgepipe.runtime.profiling" in graph["edgepipe.pipeline.profile_stage"]  # the graph sees imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_hidden_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_oversized():
+    sizes = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert not {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES}
+
+
+def test_the_runtime_imports_nothing_outside_itself_but_errors():
+    graph = import_graph()
+    outside = {d for m, deps in graph.items() if m.startswith("edgepipe.runtime") for d in deps
+               if not d.startswith("edgepipe.runtime") and d not in ("edgepipe.errors", "edgepipe")}
+    assert not outside
+
+
+def _tiny_onnx(path: Path, input_name: str = "x") -> Path:
+    graph = helper.make_graph([helper.make_node("Relu", [input_name], ["y"])], "g",
+                              [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_every_artifact_a_stage_claims_is_checked(tmp_path):
+    good = _tiny_onnx(tmp_path / "m.onnx")
+    check_artifacts(StageResult("export", {"onnx": good}, Report()), (["x"], ["y"]))
+    with pytest.raises(InternalError, match=r"stage 'export' wrote onnx artifact .* has inputs \['x'\]"):
+        check_artifacts(StageResult("export", {"onnx": good}, Report()), (["ids"], ["y"]))
+    with pytest.raises(InternalError, match="is missing or empty"):
+        check_artifacts(StageResult("quantize", {"onnx": tmp_path / "none.onnx"}, Report()))
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(InternalError, match="does not load in onnxruntime"):
+        check_artifacts(StageResult("quantize", {"onnx": tmp_path / "bad.onnx"}, Report()))
+    (tmp_path / "p.json").write_text("{not json")
+    with pytest.raises(InternalError, match="is not JSON"):
+        check_artifacts(StageResult("profile", {"profile": tmp_path / "p.json"}, Report()))
+    np.save(tmp_path / "c.npy", np.zeros(3))
+    (tmp_path / "c.pt").write_bytes((tmp_path / "c.npy").read_bytes())
+    with pytest.raises(InternalError, match="not a torch checkpoint"):
+        check_artifacts(StageResult("train", {"checkpoint": tmp_path / "c.pt"}, Report()))
