@@ -77,6 +77,21 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
                      f"{best.verdict}. Keep the FP32 model or relax the budget", report=report)
 
 
+def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],
+                   pre_attempts: list[dict], optimizer_record: dict, fallback_steps: list[dict]) -> QuantizeReport:
+    """Everything the search measured, before the candidates' rows and the choice are added."""
+    config = search.config
+    return QuantizeReport(
+        cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
+        recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
+        preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
+        fp32=search.baseline(), accuracy_fallback=fallback_steps,
+        budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
+                "speedup_margin": config.speedup_margin},
+        timing=("interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
+                + "); each model judged at its fastest per batch size (recorded in 'sessions')"))
+
+
 def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
              eval_data: EvalData | None = None, calibration: EvalData | None = None,
              cpu: CpuInfo | None = None, progress=None) -> StageResult:
@@ -116,15 +131,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
         if chosen is None:
             chosen, fallback_steps = accuracy_fallback(search)
-        report = QuantizeReport(
-            cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
-            recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
-            preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
-            fp32=search.baseline(), accuracy_fallback=fallback_steps,
-            budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
-                    "speedup_margin": config.speedup_margin},
-            timing=("interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
-                    + "); each model judged at its fastest per batch size (recorded in 'sessions')"))
+        report = initial_report(search, cpu, recipes, skipped, pre_attempts, optimizer_record, fallback_steps)
         if chosen is None:
             report.candidates = [c.row() for c in search.candidates]
             report.seconds = round(time.perf_counter() - started, 2)

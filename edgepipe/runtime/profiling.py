@@ -120,23 +120,15 @@ def compare_models(
                               batch_sessions=(sessions or {}).get(label))
                 for label, path in models.items()}
 
-    engines = fresh()
-    baseline = next(iter(engines))
-    per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in engines} for b in batch_sizes}
+    per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in models} for b in batch_sizes}
     for trial in range(max(1, trials)):
-        if trial:
-            engines = fresh()
+        engines = fresh()
         for batch in batch_sizes:
-            feeds = make_feeds(engines[baseline].inputs, batch=batch, seed=seed)
-            if data and all(name in data and len(data[name]) >= batch for name in feeds):
-                feeds = {name: np.ascontiguousarray(data[name][:batch]) for name in feeds}
-            for engine in engines.values():
-                engine.validate(feeds)
-            fns = {label: e.runner(feeds) for label, e in engines.items()}
-            stats = measure_interleaved(fns, batch, rounds=max(5, rounds // max(1, trials)),
-                                        spinning={label for label in fns if chosen[label][batch].spinning})
+            stats = _time_batch(engines, batch, data, seed, rounds=max(5, rounds // max(1, trials)),
+                                spinning={label for label in engines if chosen[label][batch].spinning})
             for label, st in stats.items():
                 per_trial[batch][label].append(st)
+    baseline = next(iter(models))
     latency, speedup = median_trials(per_trial, baseline)
     return {
         "models": {label: {"path": str(path), "size_bytes": Path(path).stat().st_size,
@@ -169,3 +161,15 @@ def median_trials(per_trial: Mapping[int, Mapping[str, list[LatencyStats]]],
             if label != baseline:
                 speedup[label][str(batch)] = round(median[baseline].p50_ms / st.p50_ms, 3)
     return latency, speedup
+
+
+def _time_batch(engines: Mapping[str, Engine], batch: int, data: Mapping[str, np.ndarray] | None, seed: int,
+                rounds: int, spinning: set[str]) -> dict[str, LatencyStats]:
+    """One trial at one batch size: real rows from `data` when it has enough, else generated."""
+    feeds = make_feeds(next(iter(engines.values())).inputs, batch=batch, seed=seed)
+    if data and all(name in data and len(data[name]) >= batch for name in feeds):
+        feeds = {name: np.ascontiguousarray(data[name][:batch]) for name in feeds}
+    for engine in engines.values():
+        engine.validate(feeds)
+    return measure_interleaved({label: e.runner(feeds) for label, e in engines.items()}, batch,
+                               rounds=rounds, spinning=spinning)

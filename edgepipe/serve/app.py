@@ -47,6 +47,8 @@ class ServingApp:
 
 def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
                timeout_s: float = 5.0, max_body_bytes: int = 8 << 20) -> ServingApp:
+    # One function on purpose (84 lines): the route handlers are closures over this app's own
+    # metrics registry, batcher and readiness state, so two apps in one process never share them.
     registry = CollectorRegistry()
     requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=registry)
     latency = Histogram("edgepipe_request_seconds", "Request latency", registry=registry,
