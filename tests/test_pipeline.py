@@ -138,10 +138,10 @@ def test_train_prune_export_quantize_reports_each_step_and_the_cumulative_result
 def test_profile_deploys_fp32_when_int8_measures_slower_and_int8_is_optional(tmp_path, monkeypatch):
     """Quantize's timing and profile's can disagree; profile decides. With require_int8 = false
     a slower INT8 model is not deployed (and nothing fails); with require_int8 = true the gate fails."""
-    import edgepipe.runtime.profiling as profiling
+    import edgepipe.pipeline.profile_stage as profile_stage
     from edgepipe.runtime import Engine
 
-    real = profiling.compare_models
+    real = profile_stage.compare_models
 
     def int8_slower(models, *args, **kwargs):
         record = real(models, *args, **kwargs)
@@ -149,7 +149,7 @@ def test_profile_deploys_fp32_when_int8_measures_slower_and_int8_is_optional(tmp
             record["speedup"]["int8"] = {b: 0.8 for b in record["speedup"]["int8"]}
         return record
 
-    monkeypatch.setattr(profiling, "compare_models", int8_slower)
+    monkeypatch.setattr(profile_stage, "compare_models", int8_slower)
     text = textwrap.dedent("""
         out_dir = "run"
         stages = ["train", "export", "quantize", "profile"]

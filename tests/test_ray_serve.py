@@ -46,7 +46,7 @@ def test_cli_refuses_bad_backend_options(zoo, cli):
     result = cli("serve", zoo["mlp"].onnx, "--backend", "ray", "--autoscale", "4")
     assert result.exit_code == 2 and "MIN:MAX" in result.output
     result = cli("serve", zoo["mlp"].onnx, "--backend", "kubernetes")
-    assert result.exit_code == 2 and "http or ray" in result.output
+    assert result.exit_code == 2 and "'kubernetes' is not one of 'http', 'ray'" in result.output
 
 
 @pytest.mark.slow

@@ -14,9 +14,11 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from edgepipe.artifacts import StageResult, atomic_path, require_file, sha256
 from edgepipe.errors import ConfigError, InputError
+from edgepipe.reports import Report
 
 # onnxruntime type strings -> Triton data types (model_config.proto, enum DataType).
 TRITON_TYPES = {
@@ -160,6 +162,22 @@ def validate_config(text: str, model: str | Path) -> dict:
     return json_format.MessageToDict(parsed, preserving_proto_field_name=True)
 
 
+@dataclass
+class TritonReport(Report):
+    """What `edgepipe triton` wrote into a model repository."""
+
+    stage: ClassVar[str] = "triton"
+
+    repository: str
+    model_name: str
+    version: int
+    source: str
+    sha256: str
+    config: dict[str, Any]
+    validated_with: str | None
+    parsed: dict | None  # the config as Triton's own schema read it
+
+
 def export_triton(model: str | Path, repo: str | Path, config: TritonConfig | None = None,
                   validate: bool = True) -> StageResult:
     """Write `repo/<name>/config.pbtxt` and `repo/<name>/<version>/model.onnx` (atomically)."""
@@ -173,8 +191,9 @@ def export_triton(model: str | Path, repo: str | Path, config: TritonConfig | No
         shutil.copyfile(model, tmp)
     with atomic_path(folder / "config.pbtxt") as tmp:
         tmp.write_text(text)
-    record = {"repository": str(repo), "model_name": config.name, "version": config.version,
-              "source": str(model), "sha256": sha256(target), "config": asdict(config),
-              "validated_with": "tritonclient model_config_pb2 (inference.ModelConfig)" if validate else None,
-              "parsed": parsed}
-    return StageResult("triton", {"config": folder / "config.pbtxt", "onnx": target}, record)
+    report = TritonReport(
+        repository=str(repo), model_name=config.name, version=config.version, source=str(model),
+        sha256=sha256(target), config=asdict(config),
+        validated_with="tritonclient model_config_pb2 (inference.ModelConfig)" if validate else None,
+        parsed=parsed)
+    return StageResult("triton", {"config": folder / "config.pbtxt", "onnx": target}, report)
