@@ -219,10 +219,21 @@ def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_p
     # one noisy trial once read it below 1.0 (the gate then rightly refused it): time it with
     # more rounds than the default so a trial's p50 is steadier.
     config = QuantizeConfig(mode="static", batch_sizes=(32,), max_accuracy_drop=0.02, rounds=30)
-    record = quantize(onnx_path, out, config).record
+    try:
+        record = quantize(onnx_path, out, config).record
+        chosen = record["chosen"]
+    except LatencyError as exc:
+        # Under a busy full suite this 1.2-1.3x model has read 0.92x in all three trials: the
+        # speed gate then rightly refuses it. What this test is about, which nodes go back to
+        # FP32, is judged on the fallback's final candidate either way; a refusal must be for
+        # speed alone, never for accuracy.
+        record = exc.report.to_dict()
+        final = [c for c in record["candidates"] if c["excluded_nodes"] and c["accuracy_drop"] <= 0.02
+                 and not c["verdict"].startswith("superseded")]
+        assert len(final) == 1 and "accuracy" not in final[0]["verdict"], record["candidates"]
+        chosen = final[0]
     plain = [c for c in record["candidates"] if not c["excluded_nodes"]]
     assert plain and all(c["accuracy_drop"] > 0.02 for c in plain)  # the plain recipes miss it
-    chosen = record["chosen"]
     assert chosen["excluded_nodes"] and chosen["accuracy_drop"] <= 0.02
     first_step = record["accuracy_fallback"][0]
     assert first_step["ranking"][0]["node"] == "/4/Gemm"  # its output carries the outlier channel
@@ -231,6 +242,9 @@ def test_accuracy_fallback_excludes_the_damaging_node_and_meets_the_budget(tmp_p
     # Exactly the damaged pair returns to FP32: the harmless layers stay INT8 (on a CPU without
     # VNNI the 7-bit weights pull /2/Gemm into step 2, and the trim puts it back).
     assert set(chosen["excluded_nodes"]) == {"/4/Gemm", "/6/Gemm"}
+    if "chosen" not in record:
+        assert not out.exists()  # refused: nothing written
+        return
     # The verdict is on the unmodified artifact: no instrumentation outputs, agreement re-measured.
     engine = Engine(out)
     assert engine.output_names == Engine(onnx_path).output_names
