@@ -67,9 +67,14 @@ def sha256(path: str | os.PathLike) -> str:
 
 def read_npz(path: str | os.PathLike, what: str = "data file"):
     """np.load an .npz without pickles, or raise InputError saying what is wrong."""
+    import zipfile
+
     import numpy as np
 
     path = require_file(path, what)
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{what} {path} is not an .npz archive (numpy.savez writes one, with an array "
+                         "per input name)")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -83,4 +88,21 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
         raise InputError(f"{what} not found: {path}")
     if not path.is_file():
         raise InputError(f"{what} is not a file: {path}")
+    return path
+
+
+def require_writable(path: str | os.PathLike, what: str = "output", folder: bool = False) -> Path:
+    """Create the folder that will hold `path` (or `path` itself with folder=True) and check that
+    a file can be written there, or raise InputError saying why: before any work is done."""
+    path = Path(path)
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise InputError(f"cannot write {what} {path}: it is a folder")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".edgepipe-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path}: {exc.strerror or exc} ({exc.filename or target})") from None
     return path

@@ -7,7 +7,6 @@ intermediate tensor made an output), which changes what ORT fuses, so it only sa
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -18,6 +17,7 @@ from edgepipe.errors import InputError
 from edgepipe.parity import OutputDiff, diff_outputs
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.spec import InputSpec, make_feeds
+from edgepipe.runtime.workdirs import work_dir
 
 LOCALIZE_NOTE = ("localization ran instrumented copies (all intermediates as outputs), which changes "
                  "what onnxruntime fuses; the verdict above is from the unmodified models")
@@ -111,7 +111,7 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
              if n.output and n.output[0] in tensors_b]
     if not pairs:
         return None, []
-    with tempfile.TemporaryDirectory(prefix="edgepipe-compare-") as tmp:
+    with work_dir("compare") as tmp:
         ref = run_all(instrumented_copy(a_path, [a for _, a, _ in pairs], Path(tmp)), feeds)
         got = run_all(instrumented_copy(b_path, sorted({b for _, _, b in pairs}), Path(tmp)), feeds)
     found: list[Divergence] = []
@@ -136,6 +136,8 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
 def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, batch: int = 16,
             atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True,
             per_output: Mapping[str, tuple[float, float]] | None = None) -> CompareReport:
+    if batch < 1:
+        raise InputError(f"batch must be at least 1 row, got {batch}")
     side_a, side_b = load_side(a), load_side(b)
     names_a, names_b = [s.name for s in side_a.inputs], [s.name for s in side_b.inputs]
     if names_a != names_b:
@@ -147,6 +149,9 @@ def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, bat
         feeds, source = {k: v[:max(batch, 256)] for k, v in held.items()}, "the checkpoint's held-out split"
     else:
         feeds, source = make_feeds(side_a.inputs, batch=batch, seed=seed), f"generated (seed {seed})"
+    rows = min((len(v) for v in feeds.values()), default=0)
+    if rows == 0:
+        raise InputError(f"no rows to compare ({source} has 0): parity on nothing proves nothing")
     out_a, out_b = side_a.run(feeds), side_b.run(feeds)
     missing = [n for n in out_a if n not in out_b]
     if missing and len(out_a) == len(out_b):  # same arity, other names: compare in order

@@ -87,10 +87,13 @@ def test_manifest_records_hashes_versions_and_resume_reuses(tmp_path):
 
 
 def test_bad_input_in_a_stage_names_the_stage(tmp_path, cli):
-    text = 'out_dir = "run"\nstages = ["export"]\n[[models]]\nname = "mine"\nsource = "missing.py:build"\n'
+    (tmp_path / "broken.py").write_text("def build():\n    raise FileNotFoundError('weights.pt')\n")
+    text = 'out_dir = "run"\nstages = ["export"]\n[[models]]\nname = "mine"\nsource = "broken.py:build"\n'
     result = cli("run", write_config(tmp_path, text))
     assert result.exit_code == 2
-    assert "stage 'export' of model 'mine' failed" in result.output and "model file not found" in result.output
+    assert "stage 'export' of model 'mine' failed" in result.output and "raised FileNotFoundError" in result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "error"  # never left "running"
 
 
 @pytest.mark.slow

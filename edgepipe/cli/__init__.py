@@ -67,7 +67,16 @@ for _name, _command in COMMANDS:
     app.command(_name)(_command)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM ends the command like Ctrl-C does: every `with` block unwinds, so scratch folders
+    and half-written artifacts are removed (exit code 128 + signal, as shells report it)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="edgepipe")
 
 

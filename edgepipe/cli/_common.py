@@ -32,11 +32,29 @@ def handle_errors(fn: Callable) -> Callable:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a file the user named cannot be read or written
+            if state.debug:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def check_outputs(*paths: Path | None, folders: tuple[Path | None, ...] = ()) -> None:
+    """Refuse, before any work, output files (or folders) that cannot be written."""
+    from edgepipe.artifacts import require_writable
+
+    for path in paths:
+        if path is not None:
+            require_writable(path)
+    for folder in folders:
+        if folder is not None:
+            require_writable(folder, folder=True)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -62,6 +80,10 @@ def load_npz(path: Path, input_names: list[str]) -> tuple[dict[str, np.ndarray],
         raise InputError(f"{path} has arrays {', '.join(data.files)}; expected the model's inputs "
                          f"({', '.join(input_names)}) or 'x' for a single-input model")
     labels = data["y"] if "y" in data.files else None
+    if labels is None:
+        others = [k for k in data.files if k not in input_names and k != "x"]
+        typer.echo(f"note: {path} has no labels 'y'" + (f" (it has {', '.join(others)})" if others else "")
+                   + ": judging top-1 agreement with FP32, not accuracy", err=True)
     return inputs, labels
 
 

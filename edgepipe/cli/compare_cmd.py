@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, load_npz, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, load_npz, write_json_out
+from edgepipe.cli.render import compare_summary
 
 
 @handle_errors
@@ -26,6 +27,7 @@ def compare(
     cosine similarity, SQNR and top-1 agreement per output, against atol + rtol*|A|. On a
     violation (exit 1), run instrumented copies of both ONNX graphs to name the first node whose
     output diverges and the nodes that add the most noise, FP32 vs QDQ included."""
+    check_outputs(json_out)
     from edgepipe.compare import compare as compare_models
     from edgepipe.errors import ParityError
 
@@ -46,21 +48,7 @@ def compare(
             raise InputError(f"--tol '{item}' must be NAME=ATOL[:RTOL], e.g. logits=1e-2:1e-2") from None
     report = compare_models(a, b, data=feeds, batch=batch, atol=atol, rtol=rtol, do_localize=localize,
                             per_output=per_output)
-    typer.echo(f"inputs: {report.inputs}; tolerance |B-A| <= {atol:g} + {rtol:g}*|A|")
-    typer.echo(f"{'output':16} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cosine':>9} {'SQNR dB':>8} {'top-1':>7}  verdict")
-    for o in report.outputs:
-        top1 = f"{o.top1_agreement:.4f}" if o.top1_agreement is not None else "-"
-        cos = f"{o.cosine:.6f}" if o.cosine is not None else "-"
-        sqnr = f"{o.sqnr_db:.1f}" if o.sqnr_db is not None else "-"
-        typer.echo(f"{o.name[:16]:16} {o.max_abs_diff:>10.3g} {o.max_rel_diff:>10.3g} {o.mean_abs_diff:>10.3g} "
-                   f"{cos:>9} {sqnr:>8} {top1:>7}  {'ok' if o.ok else 'VIOLATED'}{' (' + o.note + ')' if o.note else ''}")
-    if report.first_divergence:
-        d = report.first_divergence
-        typer.echo(f"first divergence: node '{d.node}' ({d.op}), tensor '{d.tensor}', max abs diff {d.max_abs_diff:.3g}")
-        for off in report.offenders:
-            typer.echo(f"  adds noise: '{off.node}' ({off.op}) channel-averaged NSR +{off.added_nsr:.3g}")
-    if report.localized:
-        typer.echo(f"note: {report.localized}")
+    typer.echo(compare_summary(report))
     write_json_out(json_out, report.to_dict())
     if not report:
         raise ParityError(f"{b} differs from {a} beyond atol {atol:g} / rtol {rtol:g}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, load_npz, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, load_npz, write_json_out
 
 
 @handle_errors
@@ -26,6 +26,7 @@ def export(
     """Export a PyTorch model to ONNX. The dynamo exporter is tried first, then TorchScript; the
     first whose model matches PyTorch in ONNX Runtime (batch 1 and 7, two lengths of every other
     dynamic dim) wins. A parity violation fails with exit 1 and the max abs/rel diff per output."""
+    check_outputs(output, json_out)
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
 

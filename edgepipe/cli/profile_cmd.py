@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, parse_ints, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, parse_ints, write_json_out
 from edgepipe.cli.render import latency_table, merged_table, operator_lines, placement_lines
 
 
@@ -20,6 +20,8 @@ def profile(
     threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: onnxruntime's, one per core).")] = None,
     provider_option: Annotated[Optional[list[str]], typer.Option(
         help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
+    dim: Annotated[Optional[list[str]], typer.Option(
+        help="Size of a named dynamic dim, NAME=SIZE (repeatable), e.g. seq=128. Default: the export's example size (else 16); the size used is printed and recorded.")] = None,
     ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
@@ -27,8 +29,10 @@ def profile(
     """Print p50/p90/p99 latency and throughput per batch size after warm-up, with the provider
     and threads actually used. --json adds the hardware fingerprint (CPU model, ISA features,
     cores, OS, onnxruntime version and providers)."""
+    check_outputs(json_out)
     from edgepipe.runtime import compare_models, profile_model
     from edgepipe.runtime.sessions import parse_provider_options
+    from edgepipe.runtime.spec import parse_dims
 
     provider_options = parse_provider_options(provider_option or [])
 
@@ -42,12 +46,12 @@ def profile(
         models = {model.name: model, **{p.name: p for p in compare}}
         if len(models) != 1 + len(compare):
             models = {str(model): model, **{str(p): p for p in compare}}
-        record = compare_models(models, batches, providers=provider, threads=sweep[0],
+        record = compare_models(models, batches, providers=provider, threads=sweep[0], dims=parse_dims(dim or []),
                                 provider_options=provider_options)
         by_label = record["latency"]
     else:
         record = profile_model(model, batches, providers=provider, thread_sweep=sweep, min_time_s=seconds,
-                               operators=ops, provider_options=provider_options)
+                               operators=ops, provider_options=provider_options, dims=parse_dims(dim or []))
         runs = record["thread_sweep"] or [{"threads": sweep[0] or "default", "latency": record["latency"]}]
         by_label = {f"{model.name} t={run['threads']}" if len(runs) > 1 else model.name: run["latency"]
                     for run in runs}
@@ -56,6 +60,9 @@ def profile(
                    f"{cold['first_inference_ms']:.2f} ms; peak RSS {record['peak_rss_mb']} MB; "
                    f"file {record['size_bytes'] / 1e6:.2f} MB")
     providers = (record.get("engine") or next(iter(record["models"].values())))["providers"]
+    if record.get("dims"):
+        typer.echo("dynamic dims: " + ", ".join(f"{k}={v}" for k, v in record["dims"].items())
+                   + ("" if dim else " (the export's example sizes; set them with --dim NAME=SIZE)"))
     typer.echo(f"provider: {providers[0]}  threads: {threads or 'onnxruntime default'}  "
                f"cpu: {record['hardware']['cpu']['model']}")
     typer.echo(latency_table(record, by_label))
@@ -72,6 +79,7 @@ def merge_profiles(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the merged rows here.")] = None,
 ) -> None:
     """Merge profile results from several devices into one comparison table."""
+    check_outputs(json_out)
     import json
 
     from edgepipe.errors import InputError

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, parse_ints, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, parse_ints, write_json_out
 from edgepipe.cli.choices import Importance
 from edgepipe.cli.render import prune_summary
 
@@ -32,6 +32,7 @@ def prune(
     """Prune a trained model with Torch-Pruning (channels and neurons; heads and FFN width of
     Transformers), fine-tune after each step, then compare accuracy, params, MACs and ONNX
     Runtime latency with the unpruned model. The pruned checkpoint loads with weights_only=True."""
+    check_outputs(output, json_out)
     from edgepipe.prune import PruneConfig
     from edgepipe.prune import prune as prune_stage
 

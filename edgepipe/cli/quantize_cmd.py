@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, load_npz, parse_ints, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, load_npz, parse_ints, write_json_out
 from edgepipe.cli.choices import Calibration, QuantizeMode
 from edgepipe.cli.render import candidate_table, quantize_summary
 from edgepipe.errors import GateFailed
@@ -35,6 +35,7 @@ def quantize(
     accuracy; the fastest within budget is written. When the fastest misses only the accuracy
     budget, its most damaging nodes (by added noise) go back to FP32 step by step. If none is
     clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1."""
+    check_outputs(output, json_out)
     from edgepipe.quantize import EvalData, QuantizeConfig
     from edgepipe.quantize import quantize as quantize_stage
     from edgepipe.runtime import Engine

@@ -32,6 +32,8 @@ def candidate_table(report) -> str:
     lines.append(f"{'FP32 (the baseline)':{w}} {'':9} " + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches)
                  + f" {session_label(fp32.sessions):>8}")
     lines.append(f"timing: {report.timing}")
+    if report.judged_on:
+        lines.append(f"accuracy: {report.judged_on}")
     return "\n".join(lines)
 
 
@@ -102,4 +104,26 @@ def merged_table(rows: list[dict]) -> str:
     lines = [f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
     lines += [f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
               f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}" for r in rows]
+    return "\n".join(lines)
+
+
+def compare_summary(report) -> str:
+    """Per-output error metrics of `compare`, and where two graphs start to diverge."""
+    lines = [f"inputs: {report.inputs}; tolerance |B-A| <= {report.atol:g} + {report.rtol:g}*|A|",
+             f"{'output':16} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cosine':>9} {'SQNR dB':>8} "
+             f"{'top-1':>7}  verdict"]
+    for o in report.outputs:
+        top1 = f"{o.top1_agreement:.4f}" if o.top1_agreement is not None else "-"
+        cos = f"{o.cosine:.6f}" if o.cosine is not None else "-"
+        sqnr = f"{o.sqnr_db:.1f}" if o.sqnr_db is not None else "-"
+        lines.append(f"{o.name[:16]:16} {o.max_abs_diff:>10.3g} {o.max_rel_diff:>10.3g} {o.mean_abs_diff:>10.3g} "
+                     f"{cos:>9} {sqnr:>8} {top1:>7}  {'ok' if o.ok else 'VIOLATED'}"
+                     + (f" ({o.note})" if o.note else ""))
+    if report.first_divergence:
+        d = report.first_divergence
+        lines.append(f"first divergence: node '{d.node}' ({d.op}), tensor '{d.tensor}', max abs diff {d.max_abs_diff:.3g}")
+        lines += [f"  adds noise: '{off.node}' ({off.op}) channel-averaged NSR +{off.added_nsr:.3g}"
+                  for off in report.offenders]
+    if report.localized:
+        lines.append(f"note: {report.localized}")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgepipe.cli._common import handle_errors
+from edgepipe.cli._common import check_outputs, handle_errors
 
 
 @handle_errors
@@ -19,6 +19,7 @@ def report(
     """Write a Markdown report and a self-contained HTML page (inline SVG charts: latency
     distributions per stage, accuracy vs latency across stages, throughput vs batch, time per
     operator). `edgepipe run` writes one into every run directory."""
+    check_outputs(folders=(out,))
     from edgepipe.pipeline.html_report import write
 
     md_path, html_path = write(sources, out, name)

@@ -43,10 +43,24 @@ def serve(
     requests on shutdown (Ctrl-C); the ray backend uses Ray Serve's own health, metrics and
     graceful shutdown, with the same request format and errors."""
     from edgepipe.runtime.sessions import parse_provider_options
+    from edgepipe.serve.batcher import check_limits
 
+    check_limits(max_batch, max_delay_ms, max_queue, timeout)
+    if threads is not None and threads < 1:
+        from edgepipe.errors import ConfigError
+
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     if backend is ServeBackend.ray:
         return _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
                              replicas, autoscale, ray_address, parse_provider_options(provider_option or []))
+    _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, timeout,
+                {"providers": provider, "threads": threads, "spinning": spin,
+                 "provider_options": parse_provider_options(provider_option or [])})
+
+
+def _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, timeout, options) -> None:
+    from edgepipe.serve.batcher import ensure_port_free
+
     try:
         import uvicorn
 
@@ -57,8 +71,7 @@ def serve(
         raise InputError(f"serving needs the serve extra ({exc.name} missing): pip install 'edgepipe[serve]'") from None
     from edgepipe.runtime import Engine
 
-    options = {"providers": provider, "threads": threads, "spinning": spin,
-               "provider_options": parse_provider_options(provider_option or [])}
+    ensure_port_free(host, port)
     engine = Engine.from_run(model, name, **options) if model.is_dir() else Engine(model, **options)
     typer.echo(f"serving {engine.path} on http://{host}:{port} ({engine.providers[0]}, max batch {max_batch})")
     if engine.providers[0] != "CPUExecutionProvider":

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors
+from edgepipe.cli._common import check_outputs, handle_errors
 
 
 @handle_errors
@@ -22,6 +22,7 @@ def train(
 ) -> None:
     """Train a zoo model with Adam (seeded) and write a safe checkpoint (config + state_dict,
     loadable with torch.load(weights_only=True)). Reports held-out accuracy."""
+    check_outputs(output if output.suffix in (".pt", ".pth") else output / "checkpoint.pt")
     from edgepipe.models.training import TrainConfig
     from edgepipe.models.training import train as train_stage
     from edgepipe.models.zoo import DEFAULT_DATASET, ZOO

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import handle_errors, parse_ints, write_json_out
+from edgepipe.cli._common import check_outputs, handle_errors, parse_ints, write_json_out
 
 
 @handle_errors
@@ -32,6 +32,7 @@ def triton(
     OUT/<name>/<version>/model.onnx. The config is parsed with Triton's own protobuf schema and
     checked against the model's real input/output names, types and dims before anything is
     written. Serve it with: tritonserver --model-repository OUT"""
+    check_outputs(json_out, folders=(out,))
     from edgepipe.runtime import Engine
     from edgepipe.serve.triton import TritonConfig, export_triton
 

@@ -169,6 +169,17 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
     return model
 
 
+def error_line(exc: Exception) -> str:
+    """The one line of an exporter's error worth showing: its own error line, not the first line
+    of tens of lines of log, nor a trailing "Next steps:" heading."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if ("Error" in line or "error:" in line or "Unsupported" in line) and not line.endswith(":"):
+            return line
+    meaningful = [line for line in lines if not line.endswith(":")]
+    return (meaningful or lines or [type(exc).__name__])[0]
+
+
 class _Rejected(Exception):
     """An export attempt failed or missed parity; the next exporter is tried."""
 
@@ -182,7 +193,7 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
             (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
         graph = finalize_graph(tmp, src, exporter)
     except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = error_line(exc)
         attempts.append({"exporter": exporter, "ok": False, "error": f"{type(exc).__name__}: {message[:300]}",
                          "seconds": round(time.perf_counter() - started, 2)})
         raise _Rejected from exc

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from edgepipe.errors import InputError
@@ -83,9 +84,12 @@ def load_source(ref: str | Path | nn.Module, inputs: Sequence[Any] | None = None
     if isinstance(ref, nn.Module):
         if not inputs:
             raise InputError("exporting a live module needs its input specs")
-        return ModelSource(ref.eval(), _as_specs(inputs, "inputs"), list(output_names or ["output"]),
-                           origin=type(ref).__name__)
+        return with_flat_outputs(ModelSource(ref.eval(), _as_specs(inputs, "inputs"), list(output_names or []),
+                                             origin=type(ref).__name__))
     text = str(ref)
+    if text.endswith(".py"):
+        raise InputError(f"{text} is Python source: name the function that builds the model, "
+                         f"e.g. {text}:build")
     if ":" in Path(text).name and text.split(":")[0].endswith(".py"):
         result, path, factory_name = load_factory(text)
         model, declared, declared_outputs = result, None, None
@@ -105,10 +109,73 @@ def load_source(ref: str | Path | nn.Module, inputs: Sequence[Any] | None = None
         if len(specs) > len(sig_params) and not any(
                 p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
             raise InputError(f"{text}: {len(specs)} inputs declared but forward() takes {len(sig_params)}")
-        names = list(output_names or declared_outputs or ["output"])
-        return ModelSource(model.eval(), specs, names, origin=f"{path}:{factory_name}")
+        return with_flat_outputs(ModelSource(model.eval(), specs, list(output_names or declared_outputs or []),
+                                             origin=f"{path}:{factory_name}"))
     from edgepipe.models.training import load_checkpoint
 
     model, meta = load_checkpoint(text)
     specs = _as_specs(inputs, text) if inputs else meta["input_specs"]
     return ModelSource(model, specs, list(output_names or ["logits"]), origin=text, meta=meta)
+
+
+def state_digest(model: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, dtypes, shapes, values): what a
+    factory really built, whatever files it read its weights from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+class FlatOutputs(nn.Module):
+    """Wraps a model whose forward returns a dict, a ModelOutput (Hugging Face) or a tuple so it
+    returns a tuple of tensors in `keys` order: what ONNX exporters and parity checks take."""
+
+    def __init__(self, model: nn.Module, keys: list):
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, *args):
+        out = self.model(*args)
+        return tuple(out[k] for k in self.keys)
+
+
+def with_flat_outputs(source: ModelSource) -> ModelSource:
+    """Run the model once on example inputs and name its outputs: a tensor keeps the declared name
+    (default "output"); a dict or ModelOutput gives its tensor-valued keys; a tuple gives the
+    declared names or output_0, output_1 … Non-tensor values (None, nested caches) are left out."""
+    from collections.abc import Mapping
+
+    from edgepipe.runtime.spec import make_feeds
+
+    feeds = make_feeds(source.inputs, batch=2)
+    with torch.no_grad():
+        try:
+            out = source.model(*[torch.from_numpy(feeds[s.name]) for s in source.inputs])
+        except Exception as exc:
+            raise InputError(f"{source.origin}: forward() failed on example inputs "
+                             f"({', '.join(s.describe() for s in source.inputs)}): {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, torch.Tensor):
+        source.output_names = source.output_names[:1] or ["output"]
+        return source
+    if isinstance(out, Mapping):
+        keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        names = [str(k) for k in keys]
+    elif isinstance(out, (tuple, list)):
+        keys = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+        names = [f"output_{i}" for i in keys]
+    else:
+        raise InputError(f"{source.origin}: forward() returned {type(out).__name__}; edgepipe exports "
+                         "tensors, tuples of tensors, dicts of tensors or Hugging Face ModelOutputs")
+    if not keys:
+        raise InputError(f"{source.origin}: forward() returned no tensor")
+    if source.output_names and len(source.output_names) != len(keys):
+        raise InputError(f"{source.origin}: {len(source.output_names)} output name(s) declared "
+                         f"({', '.join(source.output_names)}) but forward() returns {len(keys)} tensor(s): {', '.join(names)}")
+    source.model = FlatOutputs(source.model, keys).eval()
+    source.output_names = source.output_names or names
+    return source

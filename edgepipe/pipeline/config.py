@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,17 +67,47 @@ class PipelineConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def describe_type(hint: Any) -> str:
+    """What a TOML value of type `hint` must look like, in words."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint):
+        return describe_type(args[0]) + " (or leave the key out)"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return names.get(hint, str(hint))
+
+
+def check_value(key: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    """(`value` as `hint`, None), or (None, why) naming the key, the value and what is expected.
+    Strict: "12" is not an integer and true is not a number."""
+    from pydantic import TypeAdapter, ValidationError
+
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+        return TypeAdapter(hint).validate_python(value, strict=True), None
+    except ValidationError:
+        return None, f"{key} = {value!r} is not {describe_type(hint)}"
+
+
 def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate dataclass `cls` from a TOML table, rejecting unknown keys by name."""
+    """Instantiate dataclass `cls` from a TOML table: unknown keys, values of the wrong type and
+    values out of range are all refused here, before any work, each naming its key."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [{where}]; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    values, problems = {}, []
+    for key, value in data.items():
+        values[key], problem = check_value(key, value, hints[key])
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(f"[{where}] " + "; ".join(problems))
     try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls(**values)
     except ConfigError as exc:
-        raise ConfigError(f"[{where}] {exc}") from None
-    except TypeError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
 
 
@@ -110,53 +141,89 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
+TOP_LEVEL = {"out_dir": str, "seed": int, "stages": tuple[str, ...], "models": tuple[dict, ...]}
+MODEL_KEYS = {"name": str, "dataset": str, "source": str, "inputs": tuple[str, ...]}
+SECTIONS = ("train", "prune", "export", "quantize", "profile", "budgets")
+
+
+def _checked(table: dict[str, Any], types: dict[str, Any], where: str) -> dict[str, Any]:
+    """`table`'s keys of `types` checked for type; every problem named at once."""
+    checked, problems = {}, []
+    for key, hint in types.items():
+        if key in table:
+            checked[key], problem = check_value(key, table[key], hint)
+            problems += [problem] if problem else []
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return checked
+
+
+def _resolve_path(key: str, value: str, base_dir: Path, where: str) -> str:
+    """A file path in the config, relative to the config file; it must exist."""
+    if not (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
+        return value  # a bundled dataset's name
+    file_part, sep, factory = value.partition(":") if ".py:" in value else (value, "", "")
+    path = Path(file_part) if Path(file_part).is_absolute() else base_dir / file_part
+    if not path.is_file():
+        raise ConfigError(f"{where}: {key} = {value!r}: file not found ({path}; paths are relative to the "
+                          "config file)")
+    return str(path) + sep + factory
+
+
+def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, seed: int) -> ModelConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"[[models]] entry {i + 1} must be a table, got {entry!r}")
+    entry = dict(entry)
+    if "name" not in entry:
+        raise ConfigError(f"[[models]] entry {i + 1} has no name")
+    where = f"[[models]] '{entry['name']}'"
+    sections = {k: _merge(shared[k], entry.pop(k, {})) for k in shared}
+    extra = sorted(set(entry) - set(MODEL_KEYS))
+    if extra:
+        raise ConfigError(f"unknown key(s) {', '.join(extra)} in {where}; known: {', '.join(MODEL_KEYS)}")
+    entry = _checked(entry, MODEL_KEYS, where)
+    for key in ("dataset", "source"):
+        if entry.get(key):
+            entry[key] = _resolve_path(key, entry[key], base_dir, where)
+    model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
+                        inputs=list(entry.get("inputs", ())), sections=sections)
+    if model.source is None and "train" in stages:
+        from edgepipe.models.zoo import DEFAULT_DATASET, ZOO
+
+        if model.name not in ZOO:
+            raise ConfigError(f"model '{model.name}' is not in the zoo ({', '.join(ZOO)}); "
+                              "give it a `source` (checkpoint or file.py:factory)")
+        model.dataset = model.dataset or DEFAULT_DATASET[model.name]
+    stage_configs(model, seed)  # validate every section now, not mid-run
+    return model
+
+
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfig:
-    known = {"out_dir", "seed", "stages", "models", "train", "prune", "export", "quantize", "profile",
-             "budgets"}
+    """A validated PipelineConfig: every key, type, range and file path is checked here, before
+    any stage runs; each error names its key, its value and what is expected."""
+    known = {*TOP_LEVEL, *SECTIONS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    stages = tuple(data.get("stages", STAGES))
+    top = _checked(data, TOP_LEVEL, "config")
+    for section in SECTIONS:
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"config: [{section}] must be a table, got {data[section]!r}")
+    stages = top.get("stages", STAGES)
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
-    models_data = data.get("models")
-    if not models_data:
+    if not top.get("models"):
         raise ConfigError("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
-    shared = {k: data.get(k, {}) for k in ("train", "prune", "export", "quantize", "profile", "budgets")}
-    models = []
-    for i, entry in enumerate(models_data):
-        entry = dict(entry)
-        if "name" not in entry:
-            raise ConfigError(f"[[models]] entry {i + 1} has no name")
-        sections = {k: _merge(shared[k], entry.pop(k, {})) for k in shared}
-        allowed = {"name", "dataset", "source", "inputs"}
-        extra = sorted(set(entry) - allowed)
-        if extra:
-            raise ConfigError(f"unknown key(s) {', '.join(extra)} in [[models]] '{entry['name']}'")
-        for key in ("dataset", "source"):
-            value = entry.get(key)
-            if value and (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
-                path = Path(value.split(":")[0])
-                if not path.is_absolute():
-                    entry[key] = str(base_dir / value)
-        model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
-                            inputs=list(entry.get("inputs", [])), sections=sections)
-        if model.source is None and "train" in stages:
-            from edgepipe.models.zoo import DEFAULT_DATASET, ZOO
-
-            if model.name not in ZOO:
-                raise ConfigError(f"model '{model.name}' is not in the zoo ({', '.join(ZOO)}); "
-                                  "give it a `source` (checkpoint or file.py:factory)")
-            model.dataset = model.dataset or DEFAULT_DATASET[model.name]
-        stage_configs(model, int(data.get("seed", 0)))  # validate every section now, not mid-run
-        models.append(model)
+    shared = {k: data.get(k, {}) for k in SECTIONS}
+    seed = top.get("seed", 0)
+    models = [_model(i, entry, shared, base_dir, stages, seed) for i, entry in enumerate(top["models"])]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}")
-    out_dir = Path(data.get("out_dir", "runs/edgepipe"))
+    out_dir = Path(top.get("out_dir", "runs/edgepipe"))
     return PipelineConfig(out_dir=out_dir if out_dir.is_absolute() else base_dir / out_dir,
-                          stages=stages, models=models, seed=int(data.get("seed", 0)), raw=data)
+                          stages=stages, models=models, seed=seed, raw=data)
 
 
 def load(path: str | Path) -> PipelineConfig:

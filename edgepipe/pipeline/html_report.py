@@ -28,8 +28,9 @@ def load(path: Path) -> tuple[str, dict]:
         raise InputError(f"no run directory or JSON at {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not JSON ({type(exc).__name__}): give a run directory, its "
+                         "manifest.json or an `edgepipe profile --json` file") from None
     if "models" in data and "versions" in data:
         return "run", data
     if "latency" in data and "hardware" in data:

@@ -32,6 +32,7 @@ class ProfileReport(Report):
     intra_op_spinning: bool
     trials: int
     hardware: dict[str, Any]
+    dims: dict[str, int] = optional()  # the size of each dynamic dim the models were timed at
     int8_not_deployed: dict | None = optional()  # quantize's INT8 measured too slow here
     operators: dict | None = optional()
     cumulative_speedup: dict[str, float] | None = optional()  # deployed vs unpruned FP32
@@ -63,7 +64,7 @@ def profile_stage(run: "ModelRun") -> StageResult:
     if "prune" in run.reports:
         # The baseline of the chain: the unpruned model through the same export settings, so
         # the cumulative ratio compares like with like (exporters make different graphs).
-        models["unpruned"] = run.export_to(run.path("unpruned"), run.model.source or run.path("train"))
+        models["unpruned"] = run.export_to(run.path("unpruned"), run.source() if run.model.source else run.path("train"))
     report = ProfileReport.from_dict(compare_models(
         models, settings.batch_sizes, providers=settings.providers, threads=settings.threads,
         data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models)))

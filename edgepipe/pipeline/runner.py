@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepipe.artifacts import StageResult
+from edgepipe.artifacts import StageResult, read_npz, require_writable, sha256
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.checks import check_artifacts, onnx_io
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
-from edgepipe.pipeline.manifest import Manifest, file_entry
+from edgepipe.pipeline.manifest import Manifest, file_entry, tool_versions
 from edgepipe.pipeline.report import build_rows, render_table
 from edgepipe.pipeline.stages import STAGES, artifact_name, load_report, reads_paths
 from edgepipe.reports import Report
@@ -51,21 +51,73 @@ class ModelRun:
         self.reports: dict[str, Report] = {}
         self.gate_results: list[gates_mod.GateResult] = []
         self._dataset = None
+        self._source = None
+        self._fingerprint: dict | None = None
 
     def path(self, stage: str) -> Path:
         return self.dir / artifact_name(stage)
 
     @property
     def dataset(self):
+        """The model's data: a Dataset (x, y; what training takes), or for a model given as a
+        source, an .npz keyed by its input names (NamedInputs). How its held-out rows were
+        chosen is logged and recorded."""
         if self._dataset is None and self.model.dataset:
-            from edgepipe.models.data import load_dataset
+            from edgepipe.models.data import load_dataset, named_inputs_npz
 
-            self._dataset = load_dataset(self.model.dataset, seed=self.config.seed)
+            path = Path(self.model.dataset)
+            names = [s.name for s in self.source().inputs] if self.model.source else []
+            if names and path.suffix == ".npz" and path.is_file() and set(names) <= set(read_npz(path).files):
+                self._dataset = named_inputs_npz(path, names, seed=self.config.seed)
+            else:
+                self._dataset = load_dataset(self.model.dataset, seed=self.config.seed)
+            if self._dataset.split != "bundled split":
+                self.log(f"[{self.model.name}] data: {self._dataset.split}")
         return self._dataset
 
-    def held_out(self) -> dict | None:
+    def eval_sets(self):
+        """(held-out EvalData with labels when there are any, calibration EvalData), or (None, None)."""
+        from edgepipe.models.data import NamedInputs
+        from edgepipe.quantize import EvalData
+
         data = self.dataset
-        return {data.input_name: data.x_test} if data is not None else None
+        if data is None:
+            return None, None
+        if isinstance(data, NamedInputs):
+            return EvalData(data.test, data.labels), EvalData(data.calibration)
+        return EvalData({data.input_name: data.x_test}, data.y_test), EvalData({data.input_name: data.x_train})
+
+    def source(self):
+        """The model source (`file.py:factory` or checkpoint), loaded once per run."""
+        if self._source is None:
+            from edgepipe.exporters import load_source
+
+            self._source = load_source(self.model.source, self.model.inputs or None)
+        return self._source
+
+    def fingerprint(self) -> dict:
+        """What every stage's result depends on besides its config and its input files: the
+        weights the model really has (a factory's built state, not only its .py file, which may
+        load them from anywhere), the data file's content, the declared inputs and the versions
+        of the tools. A change in any of them means no stage is reused."""
+        if self._fingerprint is None:
+            source = self.model.source
+            weights = None
+            if source and ".py:" in source:
+                from edgepipe.exporters.source import state_digest
+
+                weights = "state " + state_digest(self.source().model)
+            elif source and Path(source).is_file():
+                weights = "file " + sha256(Path(source))
+            dataset = self.model.dataset
+            data = "file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else dataset
+            self._fingerprint = {"weights": weights, "data": data, "inputs": list(self.model.inputs),
+                                 "versions": tool_versions()}
+        return self._fingerprint
+
+    def held_out(self) -> dict | None:
+        held_out, _ = self.eval_sets()
+        return held_out.inputs if held_out is not None else None
 
     def export(self, source, out: Path, inputs=None) -> StageResult:
         """Export with this run's export settings and held-out data (the export stage, and the
@@ -74,6 +126,13 @@ class ModelRun:
 
         return export(source, out, self.settings["export"], inputs=inputs, data=self.held_out(),
                       seed=self.config.seed)
+
+    def export_source(self):
+        """What the export stage exports: the pruned checkpoint, the user's source (loaded once,
+        as fingerprinted) or the trained checkpoint."""
+        if "prune" in self.reports:
+            return self.path("prune")
+        return self.source() if self.model.source else self.path("train")
 
     def export_to(self, out: Path, source) -> Path:
         return self.export(source, out).artifacts["onnx"]
@@ -98,8 +157,11 @@ class ModelRun:
             if stage == "quantize" and "export" not in self.reports:
                 continue
             section = STAGES[stage].config
-            digest = self.config.digest(self.model.name, stage, vars(self.settings.get(section, {})),
-                                        self.model.dataset, self.model.source)
+            try:
+                digest = self.config.digest(self.model.name, stage, vars(self.settings.get(section, {})),
+                                            self.model.dataset, self.model.source, self.fingerprint())
+            except EdgepipeError as exc:  # the source or data cannot be read: this stage's error
+                raise StageFailed(stage, self.model.name, completed, exc) from exc
             inputs = reads_paths(self, stage)
             if self.reuse(stage, digest, inputs):
                 completed.append(stage)
@@ -189,7 +251,7 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False,
                  log: Callable[[str], None] = lambda message: None) -> RunResult:
     """Run every model of `config`; gate failures are collected (RunResult.failed_gates), input
     errors raise StageFailed naming the stage and what already ran."""
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    require_writable(config.out_dir, "run directory", folder=True)
     manifest = Manifest(config.out_dir, config.raw, resume=resume)
     runs = []
     try:
@@ -197,8 +259,9 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False,
             run = ModelRun(model, config, manifest, log, resume)
             run.run()
             runs.append(run)
-    except EdgepipeError:
-        manifest.finish("error")
+    except BaseException as exc:  # never leave the manifest saying "running"
+        manifest.finish("error" if isinstance(exc, EdgepipeError) else
+                        "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "crashed")
         raise
     failed = [g.to_dict() | {"model": run.model.name} for run in runs for g in run.gate_results if not g.ok]
     manifest.finish("failed" if failed else "passed")

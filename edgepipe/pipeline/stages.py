@@ -34,18 +34,13 @@ def prune_stage(run: "ModelRun") -> StageResult:
 
 
 def export_stage(run: "ModelRun") -> StageResult:
-    source = run.path("prune") if "prune" in run.reports else (run.model.source or run.path("train"))
-    return run.export(source, run.path("export"), inputs=run.model.inputs or None)
+    return run.export(run.export_source(), run.path("export"), inputs=run.model.inputs or None)
 
 
 def quantize_stage(run: "ModelRun") -> StageResult:
-    from edgepipe.quantize import EvalData, quantize
+    from edgepipe.quantize import quantize
 
-    data = run.dataset
-    eval_data = calibration = None
-    if data is not None:
-        eval_data = EvalData({data.input_name: data.x_test}, data.y_test)
-        calibration = EvalData({data.input_name: data.x_train})
+    eval_data, calibration = run.eval_sets()
     return quantize(run.path("export"), run.path("quantize"), run.settings["quantize"],
                     eval_data=eval_data, calibration=calibration, progress=run.log)
 

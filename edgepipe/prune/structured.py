@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import tempfile
 import time
 import warnings
 import zlib
@@ -31,6 +30,7 @@ from edgepipe.models.training import (
 from edgepipe.prune.report import PruneReport
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.timing import measure_interleaved
+from edgepipe.runtime.workdirs import work_dir
 
 IMPORTANCES = ("magnitude", "taylor")
 METHODS = ("structured", "unstructured")
@@ -224,7 +224,7 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
                          "(the classifier head, embeddings and protected layers are kept); "
                          "nothing was pruned")
     acc_after = accuracy(predict(model, data.x_test), data.y_test)
-    with tempfile.TemporaryDirectory(prefix="edgepipe-prune-") as tmp:
+    with work_dir("prune") as tmp:
         latency = ort_latency({"unpruned": baseline, "pruned": model}, data, meta["input_specs"],
                               config.batch_sizes, Path(tmp), exporter)
     speedup = {b: round(v["unpruned"] / v["pruned"], 3) for b, v in latency.items()}

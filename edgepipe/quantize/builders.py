@@ -17,6 +17,7 @@ from edgepipe.quantize.rewrites import (
     activation_matmuls,
     float_graph_outputs,
     gemms_as_matmul,
+    quiet_logs,
     with_activations,
 )
 
@@ -95,7 +96,8 @@ BUILDERS: dict[str, Callable[..., None]] = {"dynamic": _dynamic, "static": _stat
 
 def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | None, samples: int) -> None:
     """Write `recipe` applied to `model_path` to `out`."""
-    BUILDERS[recipe.method](recipe, Path(model_path), Path(out), calibration, samples)
+    with quiet_logs():  # onnxruntime.quantization logs shape-inference warnings meant for its developers
+        BUILDERS[recipe.method](recipe, Path(model_path), Path(out), calibration, samples)
 
 
 def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,

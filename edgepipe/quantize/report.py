@@ -61,6 +61,7 @@ class QuantizeReport(Report):
     accuracy_fallback: list[dict]
     budget: dict[str, float]
     timing: str
+    judged_on: str | None = optional()  # what accuracy_drop measures, and on how many rows
     candidates: list[CandidateRow] = field(default_factory=list)
     chosen: CandidateRow | None = optional()
     size_bytes: int | None = optional()

@@ -26,7 +26,7 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
         try:
             # When symbolic shape inference gives up, ORT saves sym_shape_infer_temp.onnx plus
             # a uuid-named .data file into the current directory: keep that in work_dir.
-            with contextlib.chdir(work_dir):
+            with contextlib.chdir(work_dir), quiet_logs():  # its shape warnings are not the user's
                 quant_pre_process(str(model_path), str(out), **kwargs)
             attempts.append({"step": label, "ok": True})
             return out, attempts
@@ -140,7 +140,7 @@ def transformer_fusions(model_path: Path, out: Path) -> list[str]:
     returns the op types the fusions added. Whether to keep them is measured by the caller."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet():
+    with quiet_logs():
         optimized = optimize_model(str(model_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
         optimized.save_model_to_file(str(out), use_external_data_format=False)
     before = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
@@ -148,7 +148,7 @@ def transformer_fusions(model_path: Path, out: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_logs():
     import logging
 
     level = logging.root.level

@@ -8,6 +8,7 @@ from typing import Mapping
 
 PENDING, FAILED, OK, CHOSEN = "pending", "failed", "ok", "chosen"
 ACCURACY, SPEED, SLOWER_TRIAL, SUPERSEDED = "accuracy", "speed", "slower_trial", "superseded"
+NOT_RETIMED = "not_retimed"  # accepted in its first trial, which was no faster than the chosen's median
 
 
 def per_batch(values: Mapping[int, float]) -> str:
@@ -55,6 +56,7 @@ class Verdict:
             SPEED: f"not clearly faster (needs >= {self.threshold or 0.0:.2f}x) at batch {self.detail}",
             SLOWER_TRIAL: f"slower than FP32 in one trial at batch {self.detail}",
             SUPERSEDED: f"superseded: {self.detail} can stay INT8",
+            NOT_RETIMED: "ok in one trial, not re-timed: no faster there than the chosen one's median",
         }[self.kind]
         if self.unconfirmed_after:
             text = f"not confirmed in {self.unconfirmed_after} more trials: {text}"

@@ -66,7 +66,8 @@ class Engine:
             raise InputError(
                 f"execution provider(s) {', '.join(missing)} not available "
                 f"(available: {', '.join(ort.get_available_providers())}); "
-                "pass allow_fallback=True / --allow-fallback to run on the others"
+                "on the CLI choose an available one with --provider (e.g. --provider cpu); in Python "
+                "pass allow_fallback=True to run on the others"
             )
         source = model if isinstance(model, bytes) else str(self.path)
         self._session_providers = session_providers(wanted, provider_options)
@@ -82,7 +83,8 @@ class Engine:
         if lost and not allow_fallback and providers != "auto":
             raise InputError(
                 f"onnxruntime could not initialise {', '.join(lost)} (running on "
-                f"{', '.join(self.providers)}); check the CUDA/cuDNN install or pass allow_fallback=True"
+                f"{', '.join(self.providers)}); check the CUDA/cuDNN install, or choose --provider cpu (in Python: "
+                "allow_fallback=True)"
             )
         self.threads = threads
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -4,7 +4,6 @@ per-operator breakdown. Torch-free."""
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Mapping
@@ -12,13 +11,14 @@ from typing import Mapping
 import numpy as np
 
 from edgepipe.runtime.sessions import new_session, resolve_providers
+from edgepipe.runtime.workdirs import work_dir
 
 
 def profile_events(model, feeds: Mapping[str, np.ndarray], session_providers: list, *,
                    threads: int | None = None, iterations: int = 30) -> list[dict]:
     """Run `model` `iterations` times under ONNX Runtime's profiler; its JSON events.
     `session_providers`: what InferenceSession takes (names, or (name, options) pairs)."""
-    with tempfile.TemporaryDirectory(prefix="edgepipe-ops-") as tmp:
+    with work_dir("ops") as tmp:
         session = new_session(model, session_providers, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
         for _ in range(iterations):
             session.run(None, dict(feeds))

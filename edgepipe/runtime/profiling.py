@@ -13,7 +13,7 @@ from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import fingerprint
 from edgepipe.runtime.placement import operator_profile
 from edgepipe.runtime.sessions import SessionSetting, route_batch
-from edgepipe.runtime.spec import make_feeds
+from edgepipe.runtime.spec import dynamic_sizes, make_feeds
 from edgepipe.runtime.timing import LatencyStats, measure, measure_interleaved, peak_rss_mb
 
 
@@ -43,6 +43,7 @@ def profile_model(
         t0 = time.perf_counter()
         engine = Engine(model_path, providers=providers, threads=thread_count, provider_options=provider_options)
         created = time.perf_counter()
+        sizes = dynamic_sizes(engine.inputs, dims)  # refuses a --dim the model does not have
         first_feeds = make_feeds(engine.inputs, batch=1, dims=dims, seed=seed)
         engine.runner(first_feeds)()
         if cold is None:  # the first session of this process: closest to a real cold start
@@ -58,6 +59,7 @@ def profile_model(
         runs.append({"threads": thread_count or "ort-default", "latency": latency})
     record = {
         "model": str(model_path),
+        "dims": sizes,
         "size_bytes": Path(model_path).stat().st_size,
         "engine": engine.describe(),
         "cold_start": cold,
@@ -98,6 +100,7 @@ def compare_models(
     seed: int = 0,
     provider_options: Mapping[str, Mapping] | None = None,
     sessions: Mapping[str, Mapping[int, SessionSetting]] | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
     reported against the first. `data` supplies real input rows; else inputs are generated.
@@ -124,7 +127,7 @@ def compare_models(
     for trial in range(max(1, trials)):
         engines = fresh()
         for batch in batch_sizes:
-            stats = _time_batch(engines, batch, data, seed, rounds=max(5, rounds // max(1, trials)),
+            stats = _time_batch(engines, batch, data, seed, dims, rounds=max(5, rounds // max(1, trials)),
                                 spinning={label for label in engines if chosen[label][batch].spinning})
             for label, st in stats.items():
                 per_trial[batch][label].append(st)
@@ -137,6 +140,7 @@ def compare_models(
                                         for b, st in chosen[label].items()}}
                    for label, path in models.items()},
         "baseline": baseline,
+        "dims": dynamic_sizes(engines[baseline].inputs, dims),
         "latency": latency,
         "speedup": speedup,
         "threads": threads or "ort-default",
@@ -164,9 +168,9 @@ def median_trials(per_trial: Mapping[int, Mapping[str, list[LatencyStats]]],
 
 
 def _time_batch(engines: Mapping[str, Engine], batch: int, data: Mapping[str, np.ndarray] | None, seed: int,
-                rounds: int, spinning: set[str]) -> dict[str, LatencyStats]:
+                dims: Mapping[str, int] | None, rounds: int, spinning: set[str]) -> dict[str, LatencyStats]:
     """One trial at one batch size: real rows from `data` when it has enough, else generated."""
-    feeds = make_feeds(next(iter(engines.values())).inputs, batch=batch, seed=seed)
+    feeds = make_feeds(next(iter(engines.values())).inputs, batch=batch, dims=dims, seed=seed)
     if data and all(name in data and len(data[name]) >= batch for name in feeds):
         feeds = {name: np.ascontiguousarray(data[name][:batch]) for name in feeds}
     for engine in engines.values():

@@ -103,6 +103,33 @@ def specs_from_json(text: str) -> list[InputSpec]:
     return [InputSpec.from_dict(item) for item in json.loads(text)]
 
 
+def dynamic_sizes(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = None) -> dict[str, int]:
+    """The size each named dynamic dim other than "batch" gets: `dims`, else the export's example
+    size, else 16. Profiles record these: a latency means nothing without its sequence length."""
+    dims = dict(dims or {})
+    sizes: dict[str, int] = {}
+    for spec in specs:
+        for name in spec.dynamic_dims.values():
+            if name != "batch" and name not in sizes:
+                sizes[name] = int(dims.get(name, spec.example.get(name, 16)))
+    unknown = sorted(set(dims) - set(sizes) - {"batch"})
+    if unknown:
+        raise InputError(f"no dynamic dim named {', '.join(unknown)}; the model's are "
+                         f"{', '.join(sizes) or 'none besides batch'}")
+    return sizes
+
+
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    """["seq=128"] -> {"seq": 128}."""
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"--dim '{item}' must be NAME=SIZE with a positive size, e.g. seq=128")
+        dims[name.strip()] = int(value)
+    return dims
+
+
 def make_feeds(
     specs: Sequence[InputSpec],
     batch: int,

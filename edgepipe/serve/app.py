@@ -9,8 +9,8 @@ import json
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +24,30 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.engine import Engine
 from edgepipe.serve.batcher import DynamicBatcher, Overloaded
 from edgepipe.serve.codec import NPY, encode_outputs, parse_body
+
+_ARRAY = {"type": "array", "description": "nested list, shaped as the model input (batch first)"}
+PREDICT_OPENAPI = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["inputs"],
+            "properties": {"inputs": {"type": "object", "additionalProperties": _ARRAY,
+                                      "description": "input name -> array (GET /readyz lists names, dtypes, shapes)"}},
+        }},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "one .npy array (numpy.save), single-input models only"}},
+    }},
+    "responses": {
+        "200": {"description": "the model's outputs", "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                "outputs": {"type": "object", "additionalProperties": _ARRAY}}}},
+            NPY: {"schema": {"type": "string", "format": "binary",
+                             "description": "with Accept: application/x-npy, single-output models"}}}},
+        "413": {"description": "body too large"},
+        "422": {"description": "inputs that do not fit the model: the error names each problem"},
+        "503": {"description": "queue full or shutting down (Retry-After)"},
+        "504": {"description": "no result within the timeout"},
+    },
+}
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -47,7 +71,7 @@ class ServingApp:
 
 def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
                timeout_s: float = 5.0, max_body_bytes: int = 8 << 20) -> ServingApp:
-    # One function on purpose (84 lines): the route handlers are closures over this app's own
+    # One function on purpose (~100 lines): the route handlers are closures over this app's own
     # metrics registry, batcher and readiness state, so two apps in one process never share them.
     registry = CollectorRegistry()
     requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=registry)
@@ -125,10 +149,19 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         return {"status": "ready", "model": str(engine.path), "providers": engine.providers,
                 "inputs": [s.to_dict() for s in engine.inputs]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text format)",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics():
         depth.set(batcher.depth)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/predict", summary="Run the model on one request (merged with others into a batch)",
+              response_class=Response, openapi_extra=PREDICT_OPENAPI)
+    async def predict_route(request: Request):
+        # Documents the route (and makes GET answer 405); POSTs are answered by ServingApp itself.
+        status, body, media_type, extra = await answer(dict(request.scope["headers"]), request.receive)
+        return Response(body, status_code=status, media_type=media_type.decode(),
+                        headers={k.decode(): v.decode() for k, v in extra})
 
     return ServingApp(app, predict)
 

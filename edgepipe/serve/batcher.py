@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepipe.errors import EdgepipeError
+from edgepipe.errors import ConfigError, EdgepipeError, InputError
 from edgepipe.runtime.engine import Engine
 
 
@@ -56,9 +56,35 @@ def _expire(future: asyncio.Future) -> None:
         future.set_exception(asyncio.TimeoutError())
 
 
+def check_limits(max_batch: int, max_delay_ms: float, max_queue: int, timeout_s: float) -> None:
+    """Refuse serving limits no request could pass (max batch 0 answers every request with 422)."""
+    problems = [f"{name} must be {rule}, got {value:g}" for name, value, ok, rule in (
+        ("max batch", max_batch, max_batch >= 1, ">= 1"), ("max delay (ms)", max_delay_ms, max_delay_ms >= 0, ">= 0"),
+        ("max queue", max_queue, max_queue >= 1, ">= 1"), ("timeout (s)", timeout_s, timeout_s > 0, "> 0")) if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def ensure_port_free(host: str, port: int) -> None:
+    """Bind (host, port) once before loading anything: a port in use is one clear line."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port must be 1..65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                         "choose another --port (or --host)") from None
+
+
 class DynamicBatcher:
     def __init__(self, engine: Engine, max_batch: int = 32, max_delay_ms: float = 2.0,
                  max_queue: int = 256, timeout_s: float = 5.0, on_batch=None):
+        check_limits(max_batch, max_delay_ms, max_queue, timeout_s)
         self.engine, self.max_batch, self.max_delay = engine, max_batch, max_delay_ms / 1000
         self.timeout_s, self.on_batch = timeout_s, on_batch or (lambda size: None)
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max_queue)

@@ -85,17 +85,18 @@ def parse_body(engine: Engine, body: bytes, content_type: str) -> dict[str, np.n
         data = data.get("inputs", data) if isinstance(data, dict) else None
         if not isinstance(data, dict):
             raise InputError("JSON body must be an object: {\"inputs\": {\"<name>\": [...]}}")
+        missing = [s for s in engine.inputs if s.name not in data]
+        unknown = sorted(set(data) - {s.name for s in engine.inputs})
+        if missing or unknown:
+            raise InputError("; ".join(
+                [f"unknown input(s) {', '.join(map(repr, unknown))}"] * bool(unknown)
+                + [f"missing input '{s.name}' (expected {s.describe()})" for s in missing]))
         feeds = {}
         for spec in engine.inputs:
-            if spec.name not in data:
-                raise InputError(f"missing input '{spec.name}' (expected {spec.describe()})")
             try:
                 feeds[spec.name] = np.asarray(data[spec.name], dtype=spec.np_dtype)
             except (ValueError, TypeError):
                 raise InputError(f"input '{spec.name}' is not a rectangular array of {spec.dtype}") from None
-        extra = sorted(set(data) - set(feeds))
-        if extra:
-            raise InputError(f"unknown input(s) {', '.join(extra)}")
     for name, array in feeds.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"input '{name}' contains NaN or infinity")

@@ -1,0 +1,5 @@
+"""`python -m edgepipe …` runs the command line, like the `edgepipe` script."""
+
+from edgepipe.cli import main
+
+main()

@@ -1,0 +1,384 @@
+"""Runs that can be trusted: resume that cannot reuse stale results, config errors before any
+work, one-line failures on every path, and the choice the quantize table shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from edgepipe.errors import ConfigError, InputError
+from edgepipe.pipeline import config as config_mod
+from edgepipe.pipeline import run_pipeline
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from pathlib import Path
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        model.load_state_dict(torch.load(Path(__file__).with_name("weights.pt"), weights_only=True))
+        return model, ["x:float32:batch,6"], ["logits"]
+""")
+
+
+def factory_dir(tmp_path: Path) -> Path:
+    """A user's model: a factory whose weights live in weights.pt beside it (not in the .py)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "model.py").write_text(FACTORY)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((200, 6)).astype(np.float32),
+             y=rng.integers(0, 3, 200))
+    return tmp_path
+
+
+def export_config(tmp_path: Path, atol: float = 1e-4) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(textwrap.dedent(f"""
+        out_dir = "run"
+        stages = ["export"]
+        [export]
+        exporters = ["torchscript"]
+        atol = {atol}
+        [[models]]
+        name = "mine"
+        source = "model.py:build"
+        dataset = "data.npz"
+    """))
+    return path
+
+
+def resumed(config: Path) -> list[str]:
+    logs: list[str] = []
+    run_pipeline(config_mod.load(config), resume=True, log=logs.append)
+    return logs
+
+
+def test_resume_redoes_a_stage_when_the_weights_a_factory_loads_change(tmp_path):
+    from edgepipe.runtime import Engine
+
+    config = export_config(factory_dir(tmp_path))
+    run_pipeline(config_mod.load(config))
+    assert any("export: reused" in line for line in resumed(config))  # nothing changed: reused
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    weights["2.weight"] = -weights["2.weight"]  # the sign of the last layer flipped; model.py unchanged
+    weights["2.bias"] = -weights["2.bias"]
+    torch.save(weights, tmp_path / "weights.pt")
+    assert not any("export: reused" in line for line in resumed(config))
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    model.load_state_dict(weights)
+    expected = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(Engine(tmp_path / "run/mine/model.onnx").run(x)["logits"], expected, atol=1e-4)
+
+
+def test_resume_redoes_a_stage_when_the_data_or_the_config_changes(tmp_path):
+    config = export_config(factory_dir(tmp_path))
+    run_pipeline(config_mod.load(config))
+    data = dict(np.load(tmp_path / "data.npz"))
+    np.savez(tmp_path / "data.npz", x=data["x"], y=(data["y"] + 1) % 3)  # every label shifted
+    assert not any("export: reused" in line for line in resumed(config))
+    assert any("export: reused" in line for line in resumed(config))
+    export_config(tmp_path, atol=2e-4)
+    assert not any("export: reused" in line for line in resumed(config))
+
+
+def test_a_fingerprint_holds_the_model_weights_data_and_versions(tmp_path):
+    from edgepipe.pipeline.manifest import Manifest
+    from edgepipe.pipeline.runner import ModelRun
+
+    config = config_mod.load(export_config(factory_dir(tmp_path)))
+    run = ModelRun(config.models[0], config, Manifest(tmp_path / "m", {}), lambda m: None, False)
+    fingerprint = run.fingerprint()
+    assert fingerprint["weights"].startswith("state ") and fingerprint["data"].startswith("file ")
+    assert fingerprint["versions"]["torch"] and fingerprint["versions"]["onnxruntime"]
+
+
+@pytest.mark.parametrize("top, section, message", [
+    ("", '[budgets]\nmax_model_size_mb = "1MB"', "max_model_size_mb = '1MB' is not a number"),
+    ('seed = "zero"', "", "seed = 'zero' is not an integer"),
+    ("out_dir = 5", "", "out_dir = 5 is not a string"),
+    ("", '[export]\natol = "tight"', "atol = 'tight' is not a number"),
+    ("", "[quantize]\nbatch_sizes = 32", "batch_sizes = 32 is not a list of integers"),
+    ("", '[profile]\nthreads = "2"', "threads = '2' is not an integer (or leave the key out)"),
+    ("", "[train]\nepochs = true", "epochs = True is not an integer"),
+])
+def test_config_values_of_the_wrong_type_are_refused_before_any_work(tmp_path, cli, top, section, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'{top}\nstages = ["train"]\nout_dir = "runs"\n{section}\n[[models]]\nname = "mlp"\n'
+                    if "out_dir" not in top else f'{top}\nstages = ["train"]\n{section}\n[[models]]\nname = "mlp"\n')
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_mod.load(path)
+    started = time.perf_counter()
+    result = cli("run", path)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert time.perf_counter() - started < 5  # refused at load: nothing trained
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_source_or_data_file_is_a_config_error_relative_to_the_config(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "p.toml"
+    path.write_text('stages = ["export"]\n[[models]]\nname = "m"\nsource = "missing.py:build"\n')
+    with pytest.raises(ConfigError, match=r"source = 'missing.py:build': file not found \(.*sub/missing.py; "
+                                          "paths are relative to the config file"):
+        config_mod.load(path)
+
+
+def _file_blocking(tmp_path: Path) -> Path:
+    """A path whose folder cannot be created: its parent is a regular file."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    return blocker / "out"
+
+
+def _tiny_onnx(path: Path, dynamic_seq: bool = False) -> Path:
+    if dynamic_seq:
+        nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+                 helper.make_node("ReduceSum", ["f"], ["logits"], keepdims=0)]
+        inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [])]
+    else:
+        nodes = [helper.make_node("Relu", ["x"], ["logits"])]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])]
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("args", [
+    ["quantize", "{onnx}", "-o", "{blocked}/m.int8.onnx"],
+    ["profile", "{onnx}", "--json", "{blocked}/p.json", "--seconds", "0.01"],
+    ["report", "{onnx}", "--out", "{blocked}"],
+    ["train", "--model", "mlp", "-o", "{blocked}"],
+    ["export", "{tmp}/model.py:build", "-o", "{blocked}/m.onnx"],
+    ["run", "{tmp}/p.toml", "--out", "{blocked}"],
+    ["compare", "{onnx}", "{onnx}", "--json", "{blocked}/c.json"],
+])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, cli, args):
+    factory_dir(tmp_path)
+    export_config(tmp_path)
+    fmt = {"onnx": _tiny_onnx(tmp_path / "m.onnx"), "blocked": _file_blocking(tmp_path), "tmp": tmp_path}
+    started = time.perf_counter()
+    result = cli(*[a.format(**fmt) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "error: cannot write" in result.output and "Traceback" not in result.output
+    assert time.perf_counter() - started < 10  # before quantize searches or train trains
+
+
+class Output(OrderedDict):
+    """What a Hugging Face model returns (ModelOutput is an OrderedDict of its set fields)."""
+
+
+class DictModel(torch.nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.fc = kind, torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        logits, hidden = self.fc(x), torch.relu(x)
+        if self.kind == "dict":
+            return {"logits": logits, "hidden": hidden, "aux": None}
+        if self.kind == "model_output":
+            return Output(logits=logits, hidden=hidden)
+        return logits, hidden
+
+
+@pytest.mark.parametrize("kind, names", [("dict", ["logits", "hidden"]), ("model_output", ["logits", "hidden"]),
+                                         ("tuple", ["output_0", "output_1"])])
+def test_models_returning_dicts_model_outputs_or_tuples_export_with_named_outputs(tmp_path, kind, names):
+    from edgepipe.exporters import ExportConfig, export
+    from edgepipe.runtime import Engine
+
+    torch.manual_seed(0)
+    model = DictModel(kind)
+    result = export(model, tmp_path / "m.onnx", ExportConfig(), inputs=["x:float32:batch,4"])
+    assert result.report.outputs == names and result.report.parity["ok"]
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    got = Engine(tmp_path / "m.onnx").run(x)
+    np.testing.assert_allclose(got[names[0]], model.fc(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "{bad_onnx}"], "is not JSON"),
+    (["export", "{tmp}/model.py", "-o", "{tmp}/o.onnx"], "is Python source: name the function that builds the model"),
+    (["quantize", "{onnx}", "-o", "{tmp}/q.onnx", "--data", "{bad_onnx}"], "is not an .npz archive"),
+    (["compare", "{onnx}", "{onnx}", "--batch", "0"], "batch must be at least 1 row"),
+    (["compare", "{onnx}", "{onnx}", "--data", "{empty}"], "no rows to compare"),
+    (["profile", "{seq_onnx}", "--dim", "length=8", "--seconds", "0.01"], "no dynamic dim named length"),
+    (["profile", "{seq_onnx}", "--dim", "seq=0"], "must be NAME=SIZE with a positive size"),
+    (["serve", "{onnx}", "--max-batch", "0"], "max batch must be >= 1, got 0"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, cli, args, message):
+    (tmp_path / "model.py").write_text(FACTORY)
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(_tiny_onnx(tmp_path / "m.onnx").read_bytes()[:40])
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 4), np.float32))
+    fmt = {"tmp": tmp_path, "onnx": tmp_path / "m.onnx", "bad_onnx": bad, "empty": tmp_path / "empty.npz",
+           "seq_onnx": _tiny_onnx(tmp_path / "seq.onnx", dynamic_seq=True)}
+    result = cli(*[a.format(**fmt) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_profile_prints_and_records_the_size_of_every_dynamic_dim(tmp_path, cli):
+    model = _tiny_onnx(tmp_path / "seq.onnx", dynamic_seq=True)
+    result = cli("profile", model, "--batch", "1", "--seconds", "0.01", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "dynamic dims: seq=16 (the export's example sizes" in result.output
+    result = cli("profile", model, "--batch", "1", "--seconds", "0.01", "--dim", "seq=128", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0 and "dynamic dims: seq=128" in result.output
+    assert json.loads((tmp_path / "p.json").read_text())["dims"] == {"seq": 128}
+
+
+def test_held_out_data_without_labels_says_it_judges_agreement(tmp_path, capsys):
+    from edgepipe.cli._common import load_npz
+
+    np.savez(tmp_path / "held.npz", x=np.zeros((4, 4), np.float32), labels=np.zeros(4))
+    inputs, labels = load_npz(tmp_path / "held.npz", ["x"])
+    assert labels is None and list(inputs) == ["x"]
+    assert "has no labels 'y' (it has labels): judging top-1 agreement with FP32" in capsys.readouterr().err
+
+
+def test_an_automatic_split_is_said_and_recorded(tmp_path):
+    from edgepipe.models.data import from_npz
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((50, 6)).astype(np.float32), y=rng.integers(0, 3, 50))
+    data = from_npz(tmp_path / "d.npz")
+    assert "a seeded 80/20 split of its 50 rows" in data.split and data.info()["split"] == data.split
+
+
+def test_a_port_in_use_is_one_line_before_loading_the_model(tmp_path, cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", _tiny_onnx(tmp_path / "m.onnx"), "--port", port)
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "serving" not in result.output
+
+
+def test_the_choice_is_the_fastest_by_the_figures_the_table_shows():
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Candidate
+    from edgepipe.quantize.stage import choose
+    from edgepipe.quantize.verdict import OK, Verdict
+
+    class Trials:
+        """confirm() re-times a candidate: its median over three trials replaces the first."""
+        medians = {"a": 1.50, "b": 1.70, "c": 1.30}
+
+        def confirm(self, cand, trials=2):
+            cand.speedup = {32: self.medians[cand.recipe.weight_type]}
+            return True
+
+    first = {"a": 2.0, "b": 1.9, "c": 1.4}  # a's first trial flattered it
+    cands = [Candidate(Recipe("dynamic", weight_type=k), speedup={32: v}, verdict=Verdict(OK)) for k, v in first.items()]
+    chosen = choose(Trials(), cands)
+    assert chosen.recipe.weight_type == "b"
+    shown = {c.recipe.weight_type: c.speedup[32] for c in cands}
+    assert all(v <= shown["b"] for v in shown.values())  # no row shows a faster accepted candidate
+    assert str(cands[2].verdict).startswith("ok in one trial, not re-timed")
+
+
+def _wait_for(pattern: str, root: Path, deadline_s: float = 60) -> Path:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        found = list(root.glob(pattern))
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern} never appeared under {root}")
+
+
+def _quantize_process(tmp_path: Path) -> subprocess.Popen:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    from edgepipe.exporters import ExportConfig, export
+
+    export(model, tmp_path / "m.onnx", ExportConfig(exporters=("torchscript",)), inputs=["x:float32:batch,256"])
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = os.environ | {"TMPDIR": str(scratch)}
+    return subprocess.Popen([sys.executable, "-m", "edgepipe", "quantize", str(tmp_path / "m.onnx"), "-o",
+                             str(tmp_path / "q.onnx")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_quantize_leaves_no_scratch_folder_and_no_traceback(tmp_path):
+    proc = _quantize_process(tmp_path)
+    work = _wait_for("edgepipe-quant-*", tmp_path / "tmp")
+    assert f"-{proc.pid}-" in work.name
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert not list((tmp_path / "tmp").glob("edgepipe-*")) and not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.slow
+def test_what_a_kill_9_left_is_removed_by_the_next_run(tmp_path):
+    from edgepipe.runtime.workdirs import sweep_stale
+
+    proc = _quantize_process(tmp_path)
+    work = _wait_for("edgepipe-quant-*", tmp_path / "tmp")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert work.exists()  # SIGKILL: nothing could clean up
+    assert sweep_stale(tmp_path / "tmp") == [work] and not work.exists()
+
+
+def test_openapi_documents_predict_and_metrics_get_is_405_and_a_misnamed_input_is_named(tmp_path):
+    import httpx
+    from test_serve import LoopbackServer
+
+    from edgepipe.runtime import Engine
+    from edgepipe.serve.app import create_app
+
+    with LoopbackServer(create_app(Engine(_tiny_onnx(tmp_path / "m.onnx")))) as server:
+        spec = httpx.get(server.url + "/openapi.json").json()
+        post = spec["paths"]["/v1/predict"]["post"]
+        assert set(post["requestBody"]["content"]) == {"application/json", "application/x-npy"}
+        assert "inputs" in post["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        assert httpx.get(server.url + "/v1/predict").status_code == 405
+        wrong = httpx.post(server.url + "/v1/predict", json={"inputs": {"image": [[1.0, 2.0, 3.0, 4.0]]}})
+        assert wrong.status_code == 422 and "unknown input(s) 'image'" in wrong.json()["error"]
+        assert "missing input 'x'" in wrong.json()["error"]
+        right = httpx.post(server.url + "/v1/predict", json={"inputs": {"x": [[-1.0, 2.0, 3.0, 4.0]]}})
+        assert right.status_code == 200 and right.json()["outputs"]["logits"] == [[0.0, 2.0, 3.0, 4.0]]
+
+
+def test_a_provider_error_suggests_only_options_that_exist(tmp_path):
+    from edgepipe.runtime import Engine
+
+    with pytest.raises(InputError) as err:
+        Engine(_tiny_onnx(tmp_path / "m.onnx"), providers=["cuda", "cpu"])
+    assert "--allow-fallback" not in str(err.value) and "--provider cpu" in str(err.value)
+
+
+def test_an_exporter_error_is_shown_by_its_error_line_not_its_log():
+    from edgepipe.exporters.onnx_export import error_line
+
+    log = "\n".join(["[torch.onnx] Obtain model graph ...", "  line of log"] * 20
+                    + ["torch._dynamo.exc.Unsupported: data-dependent branching", "", "Next steps:"])
+    assert error_line(RuntimeError(log)) == "torch._dynamo.exc.Unsupported: data-dependent branching"
+    assert error_line(RuntimeError("Next steps:")) == "Next steps:"
+    assert error_line(ValueError("")) == "ValueError"
