@@ -382,3 +382,103 @@ def test_an_exporter_error_is_shown_by_its_error_line_not_its_log():
     assert error_line(RuntimeError(log)) == "torch._dynamo.exc.Unsupported: data-dependent branching"
     assert error_line(RuntimeError("Next steps:")) == "Next steps:"
     assert error_line(ValueError("")) == "ValueError"
+
+
+TWO_INPUTS = textwrap.dedent("""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(4, 64)
+            self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                            torch.nn.Linear(64, 3))
+
+        def forward(self, image, extra):
+            return self.head(self.a(image) + self.b(extra))
+
+    def build():
+        torch.manual_seed(0)
+        return Net(), ["image:float32:batch,8", "extra:float32:batch,4"], ["logits"]
+""")
+
+
+def two_input_pipeline(tmp_path: Path, stages: str = '["export", "quantize"]') -> Path:
+    (tmp_path / "net.py").write_text(TWO_INPUTS)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "held.npz", image=rng.standard_normal((400, 8)).astype(np.float32),
+             extra=rng.standard_normal((400, 4)).astype(np.float32), y=rng.integers(0, 3, 400))
+    path = tmp_path / "p.toml"
+    path.write_text(textwrap.dedent(f"""
+        out_dir = "run"
+        stages = {stages}
+        [export]
+        exporters = ["torchscript"]
+        [quantize]
+        batch_sizes = [32]
+        rounds = 4
+        [budgets]
+        require_int8 = false
+        max_accuracy_drop = 1.0
+        [[models]]
+        name = "two"
+        source = "net.py:build"
+        dataset = "held.npz"
+    """))
+    return path
+
+
+@pytest.mark.slow
+def test_a_multi_input_model_is_judged_on_held_out_data_keyed_by_its_input_names(tmp_path):
+    logs: list[str] = []
+    result = run_pipeline(config_mod.load(two_input_pipeline(tmp_path)), log=logs.append)
+    assert any("a seeded 80/20 split of held.npz's 400 rows" in line for line in logs)
+    stages = result.manifest["models"]["two"]["stages"]
+    assert stages["export"]["status"] == "ok"
+    record = stages["quantize"]["record"]
+    assert record["judged_on"] == "accuracy against labels on 80 held-out rows"
+    assert record["fp32"]["accuracy"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_pipeline_killed_mid_quantize_resumes_without_stale_results_or_stray_files(tmp_path, sig):
+    config = two_input_pipeline(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = os.environ | {"TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe", "run", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for("edgepipe-quant-*/cand0.onnx", scratch)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert "quantize" not in manifest["models"]["two"]["stages"]  # nothing half-done is recorded
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 128 + sig and manifest["status"] == "interrupted"
+        assert not list(scratch.glob("edgepipe-*"))
+    resume = subprocess.run([sys.executable, "-m", "edgepipe", "run", str(config), "--resume"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 0, resume.stderr[-2000:]
+    assert "export: reused" in resume.stderr and "quantize …" in resume.stderr
+    assert not list(scratch.glob("edgepipe-*"))  # the killed run's scratch folder is swept too
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_onnxruntime_warnings_meant_for_its_developers_stay_quiet(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from edgepipe.quantize import builders
+    from edgepipe.quantize.recipes import Recipe
+
+    def chatty(recipe, model_path, out, calibration, samples):
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").warning(
+            "unsupported broadcast between Min(512, seq) seq")
+        out.write_bytes(b"")
+
+    monkeypatch.setitem(builders.BUILDERS, "dynamic", chatty)
+    builders.build(Recipe("dynamic"), tmp_path / "in.onnx", tmp_path / "out.onnx", None, 0)
+    logging.getLogger("edgepipe.test").warning("still shown")  # logging is restored afterwards
+    messages = [r.getMessage() for r in caplog.records]
+    assert "still shown" in messages and not any("unsupported broadcast" in m for m in messages)
