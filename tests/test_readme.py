@@ -38,3 +38,19 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "recipe='static" in printed or "recipe='dynamic" in printed  # the typed chosen row
     assert (tmp_path / "runs/cnn/model.int8.onnx").exists() and (tmp_path / "runs/mine/manifest.json").exists()
     assert "mlp" in printed and "export (" in printed  # the run table
+
+
+def test_the_readme_pipeline_is_the_example_file():
+    text = README.read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    assert block == (README.parent / "examples" / "pipeline.toml").read_text()
+
+
+@pytest.mark.slow
+def test_the_example_pipeline_passes_as_written_from_another_directory(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    result = cli("run", README.parent / "examples" / "pipeline.toml", "--out", tmp_path / "mine")
+    assert result.exit_code == 0, result.output[-2500:]
+    assert "all gates passed" in result.output
+    for row in ("cnn ", "text ", "export (", "quantize ("):
+        assert row in result.output
