@@ -93,6 +93,22 @@ def _profile_figures(record: dict) -> list[str]:
     return [f for f in figures if f]
 
 
+def operators_markdown(operators: dict | None, title: str = "Time per operator type") -> str:
+    """The per-operator breakdown (`--ops`) as a Markdown table, or nothing without one."""
+    if not operators:
+        return ""
+    rows = "".join(f"| {r['op']} | {r['us_per_run']:.1f} | {r['share']:.1%} |\n" for r in operators["by_op_type"])
+    return f"\n## {title}\n\n| op type | us per run | share |\n|---|---|---|\n{rows}"
+
+
+def _operators_table(operators: dict | None) -> str:
+    if not operators:
+        return ""
+    return "<h3>Time per operator type</h3>" + _table(
+        ["op type", "us per run", "share"],
+        [[r["op"], f"{r['us_per_run']:.1f}", f"{r['share']:.1%}"] for r in operators["by_op_type"]])
+
+
 def _device(hardware: dict) -> str:
     cpu = hardware.get("cpu", {})
     return (f"{cpu.get('model')} ({', '.join(cpu.get('features', []))}), {cpu.get('logical_cores')} logical "
@@ -107,7 +123,10 @@ def build(paths: list[Path]) -> tuple[str, str]:
         if kind == "run":
             rows = build_rows(data)
             status = data.get("status")
-            md_parts.append(render_markdown(rows, data))
+            md_parts.append(render_markdown(rows, data) + "".join(
+                operators_markdown(getattr(model_reports(m).get("profile"), "operators", None),
+                                   f"{name}: time per operator type (deployed model)")
+                for name, m in data.get("models", {}).items()))
             failed = [f"{m}: {g['message']}" for m, model in data["models"].items()
                       for g in model.get("gates", []) if not g["ok"]]
             html_parts.append(
@@ -122,12 +141,13 @@ def build(paths: list[Path]) -> tuple[str, str]:
             md_parts.append(f"# Profile: {data['model']}\n\n{_device(data['hardware'])}\n\n| batch | p50 ms | p99 ms | "
                             "samples/s |\n|---|---|---|---|\n" + "".join(
                                 f"| {s['batch']} | {s['p50_ms']:.4f} | {s['p99_ms']:.4f} | {s['throughput']:.1f} |\n"
-                                for s in lat))
+                                for s in lat) + operators_markdown(data.get("operators")))
             html_parts.append(
                 f"<h2>Profile {escape(data['model'])}</h2><p class='note'>{escape(_device(data['hardware']))}</p>"
                 + _table(["batch", "p50 ms", "p90 ms", "p99 ms", "max ms", "samples/s"],
                          [[s["batch"], f"{s['p50_ms']:.4f}", f"{s['p90_ms']:.4f}", f"{s['p99_ms']:.4f}",
                            f"{s['max_ms']:.4f}", f"{s['throughput']:.1f}"] for s in lat])
+                + _operators_table(data.get("operators"))
                 + "".join(_profile_figures(data)))
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe report</title>"
             f"<style>{CSS}</style></head><body><h1>edgepipe report</h1>{''.join(html_parts)}</body></html>")
