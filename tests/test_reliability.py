@@ -433,6 +433,7 @@ def test_a_multi_input_model_is_judged_on_held_out_data_keyed_by_its_input_names
     logs: list[str] = []
     result = run_pipeline(config_mod.load(two_input_pipeline(tmp_path)), log=logs.append)
     assert any("a seeded 80/20 split of held.npz's 400 rows" in line for line in logs)
+    assert "a seeded 80/20 split" in result.manifest["models"]["two"]["data"]["split"]
     stages = result.manifest["models"]["two"]["stages"]
     assert stages["export"]["status"] == "ok"
     record = stages["quantize"]["record"]

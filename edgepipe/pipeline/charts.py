@@ -58,7 +58,8 @@ def hbars(title: str, rows: list[tuple[str, float]], unit: str) -> str:
     ax = fig.add_subplot()
     labels = [_wrap(label) for label, _ in rows][::-1]
     values = [value for _, value in rows][::-1]
-    bars = ax.barh(labels, values, color=[color_for(label) for label, _ in rows][::-1])
+    # one colour per model ("cnn: Conv" -> cnn), so a model's operators read as a group
+    bars = ax.barh(labels, values, color=[color_for(label.split(":")[0]) for label, _ in rows][::-1])
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
     ax.set_xlabel(unit)
     ax.margins(x=0.15)
@@ -116,6 +117,9 @@ def lines(title: str, series: dict[str, list[tuple[float, float]]], x_label: str
         ax.plot(xs, ys, marker=MARKERS[models.index(name.split()[0]) % len(MARKERS)], color=color_for(name),
                 label=name, linestyle="--" if "unpruned" in name.lower() else "-")
     ax.set_xscale("log", base=2)
+    ticks = sorted({x for pts in series.values() for x, _ in pts})
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the batch sizes measured, not powers of 2
+    ax.minorticks_off()
     ax.set_yscale("log")
     ax.set_xlabel(f"{x_label} (log)")
     ax.set_ylabel(f"{y_label} (log)")

@@ -60,6 +60,11 @@ class Manifest:
         self.data["models"].setdefault(model, {"stages": {}, "gates": []})["stages"][stage] = entry
         self.save()
 
+    def record_data(self, model: str, data: dict) -> None:
+        """Which data the model was judged on, and how its held-out rows were chosen."""
+        self.data["models"].setdefault(model, {"stages": {}, "gates": []})["data"] = data
+        self.save()
+
     def record_gates(self, model: str, gates: list[dict]) -> None:
         self.data["models"].setdefault(model, {"stages": {}, "gates": []})["gates"] = gates
         self.save()

@@ -73,6 +73,7 @@ class ModelRun:
                 self._dataset = load_dataset(self.model.dataset, seed=self.config.seed)
             if self._dataset.split != "bundled split":
                 self.log(f"[{self.model.name}] data: {self._dataset.split}")
+            self.manifest.record_data(self.model.name, {"dataset": self.model.dataset, "split": self._dataset.split})
         return self._dataset
 
     def eval_sets(self):
