@@ -211,6 +211,7 @@ def test_models_returning_dicts_model_outputs_or_tuples_export_with_named_output
     model = DictModel(kind)
     result = export(model, tmp_path / "m.onnx", ExportConfig(), inputs=["x:float32:batch,4"])
     assert result.report.outputs == names and result.report.parity["ok"]
+    assert result.report.exporter == "dynamo"  # the wrapper keeps the dynamo exporter usable
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     got = Engine(tmp_path / "m.onnx").run(x)
     np.testing.assert_allclose(got[names[0]], model.fc(torch.from_numpy(x)).detach().numpy(), atol=1e-5)

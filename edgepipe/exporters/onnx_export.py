@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import time
@@ -119,6 +120,9 @@ def _dynamo_export(source: ModelSource, example: tuple, path: Path, opset: int |
     dynamic_shapes = tuple(
         {axis: dims.setdefault(name, Dim(name, min=1)) for axis, name in s.dynamic_dims.items()} or None
         for s in source.inputs)
+    params = inspect.signature(source.model.forward).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(*args): the inputs are one packed arg
+        dynamic_shapes = (dynamic_shapes,)
     program = torch.onnx.export(
         source.model, example, dynamo=True, input_names=[s.name for s in source.inputs],
         output_names=source.output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
