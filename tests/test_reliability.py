@@ -382,6 +382,12 @@ def test_an_exporter_error_is_shown_by_its_error_line_not_its_log():
                     + ["torch._dynamo.exc.Unsupported: data-dependent branching", "", "Next steps:"])
     assert error_line(RuntimeError(log)) == "torch._dynamo.exc.Unsupported: data-dependent branching"
     assert error_line(RuntimeError("Next steps:")) == "Next steps:"
+    torch_onnx = ("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m. Next steps:\n"
+                  "- Modify the model code for `torch.export.export` to succeed.\n\n## Exception summary\n\n"
+                  "<class 'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>: Could not guard\n"
+                  "The following call raised this error:\n  File \"m.py\", line 6, in forward\n    if x.sum() > 0:\n")
+    assert error_line(RuntimeError(torch_onnx)) == ("GuardOnDataDependentSymNode: Could not guard "
+                                                     "[File \"m.py\", line 6, in forward if x.sum() > 0:]")
     assert error_line(ValueError("")) == "ValueError"
 
 
@@ -484,3 +490,32 @@ def test_onnxruntime_warnings_meant_for_its_developers_stay_quiet(tmp_path, capl
     logging.getLogger("edgepipe.test").warning("still shown")  # logging is restored afterwards
     messages = [r.getMessage() for r in caplog.records]
     assert "still shown" in messages and not any("unsupported broadcast" in m for m in messages)
+
+
+DATA_DEPENDENT = textwrap.dedent("""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on the data: dynamo cannot export it, TorchScript bakes one side
+                return self.fc(x)
+            return self.fc(-x)
+
+    def build():
+        return M(), ["x:float32:batch,4"]
+""")
+
+
+def test_a_failed_export_is_one_line_naming_the_cause_and_the_model_code(tmp_path):
+    (tmp_path / "dd.py").write_text(DATA_DEPENDENT)
+    result = subprocess.run([sys.executable, "-m", "edgepipe", "export", f"{tmp_path}/dd.py:build", "-o",
+                             str(tmp_path / "dd.onnx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1  # torchscript exported it, but parity caught the baked branch
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines  # no torch log lines around it
+    assert "GuardOnDataDependentSymNode" in lines[0] and "line 10, in forward" in lines[0]
+    assert "parity violated" in lines[0] and not (tmp_path / "dd.onnx").exists()

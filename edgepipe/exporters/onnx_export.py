@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import io
-import logging
+import re
 import time
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -20,6 +20,7 @@ from edgepipe.artifacts import StageResult, atomic_path
 from edgepipe.errors import ConfigError, ExportError, ParityError
 from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
+from edgepipe.logs import quiet_logs
 from edgepipe.parity import ParityCase, ParityReport, diff_outputs
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
@@ -174,9 +175,19 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
 
 
 def error_line(exc: Exception) -> str:
-    """The one line of an exporter's error worth showing: its own error line, not the first line
-    of tens of lines of log, nor a trailing "Next steps:" heading."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The one line of an exporter's error worth showing: torch.onnx's exception summary (with
+    the line of the model's code that raised it) rather than its "Next steps:" advice or the
+    first of tens of lines of log."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    summary = next((line for line in lines if line.startswith("<class '")), None)
+    if summary:
+        summary = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:", r"\1:", summary)
+        if "The following call raised this error:" in lines:
+            at = lines.index("The following call raised this error:")
+            where = " ".join(lines[at + 1:at + 3])
+            summary += f" [{where}]" if where.startswith("File ") else ""
+        return summary
     for line in lines:
         if ("Error" in line or "error:" in line or "Unsupported" in line) and not line.endswith(":"):
             return line
@@ -217,15 +228,9 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
 def _quiet_exporters():
     """The exporters print progress, warnings and log lines (e.g. 'torchvision is not installed');
     the stage reports what matters itself."""
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_onnx_log.setLevel(level)
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), quiet_logs():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def export(source: str | Path | ModelSource, out_path: str | Path, config: ExportConfig | None = None,

@@ -112,8 +112,8 @@ class ModelRun:
                 weights = "file " + sha256(Path(source))
             dataset = self.model.dataset
             data = "file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else dataset
-            self._fingerprint = {"weights": weights, "data": data, "inputs": list(self.model.inputs),
-                                 "versions": tool_versions()}
+            inputs = [s.to_dict() for s in self.source().inputs] if source else list(self.model.inputs)
+            self._fingerprint = {"weights": weights, "data": data, "inputs": inputs, "versions": tool_versions()}
         return self._fingerprint
 
     def held_out(self) -> dict | None:

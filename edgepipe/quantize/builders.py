@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from edgepipe.errors import InternalError, QuantizationError
+from edgepipe.logs import quiet_logs
 from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe
@@ -17,7 +18,6 @@ from edgepipe.quantize.rewrites import (
     activation_matmuls,
     float_graph_outputs,
     gemms_as_matmul,
-    quiet_logs,
     with_activations,
 )
 

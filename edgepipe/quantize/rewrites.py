@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgepipe.logs import quiet_logs
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
 
 TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})
@@ -145,16 +146,3 @@ def transformer_fusions(model_path: Path, out: Path) -> list[str]:
         optimized.save_model_to_file(str(out), use_external_data_format=False)
     before = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
     return sorted({n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node} - before)
-
-
-@contextlib.contextmanager
-def quiet_logs():
-    import logging
-
-    level = logging.root.level
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-        logging.root.setLevel(level)
