@@ -34,10 +34,13 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
         name = "mlp"
     """))
     exec(compile(block, str(README), "exec"), {})
+    (runtime,) = [b for b in python_blocks() if "from edgepipe.runtime import Engine" in b and "provider_options" not in b]
+    exec(compile(runtime, str(README), "exec"), {})  # the runtime block, on the model the API block made
     printed = capsys.readouterr().out
     assert "recipe='static" in printed or "recipe='dynamic" in printed  # the typed chosen row
-    assert (tmp_path / "runs/cnn/model.int8.onnx").exists() and (tmp_path / "runs/mine/manifest.json").exists()
+    assert (tmp_path / "runs/mlp/model.int8.onnx").exists() and (tmp_path / "runs/mine/manifest.json").exists()
     assert "mlp" in printed and "export (" in printed  # the run table
+    assert "CPUExecutionProvider" in printed and "'x' float32[batch, 1, 8, 8]" in printed  # the runtime block
 
 
 def test_the_readme_pipeline_is_the_example_file():
@@ -54,3 +57,31 @@ def test_the_example_pipeline_passes_as_written_from_another_directory(tmp_path,
     assert "all gates passed" in result.output
     for row in ("cnn ", "text ", "export (", "quantize ("):
         assert row in result.output
+
+
+def bash_block(marker: str) -> str:
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if marker in b]
+    return block
+
+
+def cli_walkthrough() -> str:
+    """The CLI walkthrough, then the serving and Triton blocks, which run in its folder."""
+    return "\n".join(bash_block(m) for m in ("my_net.py <<", "edgepipe serve runs/pipeline", "edgepipe triton "))
+
+
+@pytest.mark.slow
+def test_the_cli_walkthrough_runs_as_written_in_an_empty_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", cli_walkthrough()], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    for made in ("runs/mlp/model.int8.onnx", "runs/mlp/pruned.pt", "net.onnx", "dev1.json",
+                 "runs/pipeline/manifest.json", "reports/report.html"):
+        assert (tmp_path / made).exists(), made
+    assert "reused from previous run" in result.stderr  # the --resume line
+    assert '{"outputs":{"logits":[[' in result.stdout  # the served model answered the curl
+    assert (tmp_path / "model_repository/mlp/config.pbtxt").exists()
