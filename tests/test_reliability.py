@@ -519,3 +519,46 @@ def test_a_failed_export_is_one_line_naming_the_cause_and_the_model_code(tmp_pat
     assert len(lines) == 1, lines  # no torch log lines around it
     assert "GuardOnDataDependentSymNode" in lines[0] and "line 10, in forward" in lines[0]
     assert "parity violated" in lines[0] and not (tmp_path / "dd.onnx").exists()
+
+
+TOKENS = textwrap.dedent("""
+    import torch
+
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).mean(1))
+
+    def build():
+        torch.manual_seed(0)
+        return Bag(), ["ids:int64:batch,seq:0..50"], ["logits"]
+""")
+
+
+@pytest.mark.parametrize("dims, expected", [("{ seq = 12 }", {"seq": 12}), ("{}", {"seq": 16})])
+def test_the_pipeline_profiles_at_the_dims_it_is_given_and_records_them(tmp_path, dims, expected):
+    (tmp_path / "bag.py").write_text(TOKENS)
+    (tmp_path / "p.toml").write_text(textwrap.dedent(f"""
+        out_dir = "run"
+        stages = ["export", "profile"]
+        [export]
+        exporters = ["torchscript"]
+        [profile]
+        batch_sizes = [1, 2]
+        rounds = 5
+        dims = {dims}
+        [[models]]
+        name = "bag"
+        source = "bag.py:build"
+    """))
+    result = run_pipeline(config_mod.load(tmp_path / "p.toml"))
+    assert result.manifest["models"]["bag"]["stages"]["profile"]["record"]["dims"] == expected
+
+
+def test_profile_dims_of_the_wrong_type_are_a_config_error(tmp_path):
+    (tmp_path / "p.toml").write_text('stages = ["train"]\n[profile]\ndims = { seq = "long" }\n[[models]]\nname = "mlp"\n')
+    with pytest.raises(ConfigError, match=r"dims = \{'seq': 'long'\} is not a table of integers"):
+        config_mod.load(tmp_path / "p.toml")

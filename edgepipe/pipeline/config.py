@@ -24,6 +24,7 @@ class ProfileConfig:
     providers: str = "auto"
     threads: int | None = None
     rounds: int = 20  # interleaved rounds (x 10 calls) per batch size
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of named dynamic dims, e.g. {seq = 128}
 
     def __post_init__(self):
         self.batch_sizes = tuple(self.batch_sizes)
@@ -73,6 +74,8 @@ def describe_type(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if type(None) in typing.get_args(hint):
         return describe_type(args[0]) + " (or leave the key out)"
+    if typing.get_origin(hint) is dict:
+        return f"a table of {describe_type(args[1]).split(' ', 1)[1]}s"
     if typing.get_origin(hint) is tuple:
         return f"a list of {describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
     return names.get(hint, str(hint))

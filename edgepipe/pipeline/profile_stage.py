@@ -67,13 +67,15 @@ def profile_stage(run: "ModelRun") -> StageResult:
         models["unpruned"] = run.export_to(run.path("unpruned"), run.source() if run.model.source else run.path("train"))
     report = ProfileReport.from_dict(compare_models(
         models, settings.batch_sizes, providers=settings.providers, threads=settings.threads,
-        data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models)))
+        data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models),
+        dims=settings.dims))
     why = int8_rejection(report, run.settings["budgets"], run.settings["quantize"].batch_sizes)
     if why:
         report.int8_not_deployed = {"speedup": report.speedup.pop("int8"), "why": why}
         models.pop("int8")
     deployed = models.get("int8", models["fp32"])
-    feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), seed=run.config.seed)
+    feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), dims=settings.dims,
+                       seed=run.config.seed)
     report.operators = operator_profile(deployed, feeds, providers=settings.providers,
                                         threads=settings.threads, iterations=20)
     if "unpruned" in models:  # the chain's result: deployed model vs the unpruned FP32 one

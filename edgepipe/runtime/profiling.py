@@ -126,6 +126,8 @@ def compare_models(
     per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in models} for b in batch_sizes}
     for trial in range(max(1, trials)):
         engines = fresh()
+        if not trial:
+            dynamic_sizes(next(iter(engines.values())).inputs, dims)  # refuses a dim the model lacks
         for batch in batch_sizes:
             stats = _time_batch(engines, batch, data, seed, dims, rounds=max(5, rounds // max(1, trials)),
                                 spinning={label for label in engines if chosen[label][batch].spinning})
@@ -140,7 +142,8 @@ def compare_models(
                                         for b, st in chosen[label].items()}}
                    for label, path in models.items()},
         "baseline": baseline,
-        "dims": dynamic_sizes(engines[baseline].inputs, dims),
+        "dims": observed_dims(engines[baseline].inputs,
+                              batch_feeds(engines[baseline].inputs, max(batch_sizes), data, seed, dims)),
         "latency": latency,
         "speedup": speedup,
         "threads": threads or "ort-default",
@@ -167,12 +170,25 @@ def median_trials(per_trial: Mapping[int, Mapping[str, list[LatencyStats]]],
     return latency, speedup
 
 
-def _time_batch(engines: Mapping[str, Engine], batch: int, data: Mapping[str, np.ndarray] | None, seed: int,
-                dims: Mapping[str, int] | None, rounds: int, spinning: set[str]) -> dict[str, LatencyStats]:
-    """One trial at one batch size: real rows from `data` when it has enough, else generated."""
-    feeds = make_feeds(next(iter(engines.values())).inputs, batch=batch, dims=dims, seed=seed)
+def batch_feeds(specs, batch: int, data: Mapping[str, np.ndarray] | None, seed: int,
+                dims: Mapping[str, int] | None) -> dict[str, np.ndarray]:
+    """`batch` real rows from `data` when it has enough, else generated inputs (sized by `dims`)."""
+    feeds = make_feeds(specs, batch=batch, dims=dims, seed=seed)
     if data and all(name in data and len(data[name]) >= batch for name in feeds):
         feeds = {name: np.ascontiguousarray(data[name][:batch]) for name in feeds}
+    return feeds
+
+
+def observed_dims(specs, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """The size each named dynamic dim (but batch) really had in `feeds`."""
+    return {name: int(feeds[s.name].shape[axis]) for s in specs for axis, name in s.dynamic_dims.items()
+            if name != "batch" and s.name in feeds and axis < feeds[s.name].ndim}
+
+
+def _time_batch(engines: Mapping[str, Engine], batch: int, data: Mapping[str, np.ndarray] | None, seed: int,
+                dims: Mapping[str, int] | None, rounds: int, spinning: set[str]) -> dict[str, LatencyStats]:
+    """One trial at one batch size (see batch_feeds)."""
+    feeds = batch_feeds(next(iter(engines.values())).inputs, batch, data, seed, dims)
     for engine in engines.values():
         engine.validate(feeds)
     return measure_interleaved({label: e.runner(feeds) for label, e in engines.items()}, batch,
