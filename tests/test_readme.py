@@ -66,7 +66,7 @@ def bash_block(marker: str) -> str:
 
 def cli_walkthrough() -> str:
     """The CLI walkthrough, then the serving and Triton blocks, which run in its folder."""
-    return "\n".join(bash_block(m) for m in ("my_net.py <<", "edgepipe serve runs/pipeline", "edgepipe triton "))
+    return "\n".join(bash_block(m) for m in ("my_net.py <<", "localhost:8000/readyz", "edgepipe triton "))
 
 
 @pytest.mark.slow
