@@ -112,8 +112,8 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
     if not pairs:
         return None, []
     with work_dir("compare") as tmp:
-        ref = run_all(instrumented_copy(a_path, [a for _, a, _ in pairs], Path(tmp)), feeds)
-        got = run_all(instrumented_copy(b_path, sorted({b for _, _, b in pairs}), Path(tmp)), feeds)
+        ref = run_all(instrumented_copy(a_path, [a for _, a, _ in pairs], tmp), feeds)
+        got = run_all(instrumented_copy(b_path, sorted({b for _, _, b in pairs}), tmp), feeds)
     found: list[Divergence] = []
     first = None
     nsr_of: dict[str, float] = {}

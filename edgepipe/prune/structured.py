@@ -226,7 +226,7 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
     acc_after = accuracy(predict(model, data.x_test), data.y_test)
     with work_dir("prune") as tmp:
         latency = ort_latency({"unpruned": baseline, "pruned": model}, data, meta["input_specs"],
-                              config.batch_sizes, Path(tmp), exporter)
+                              config.batch_sizes, tmp, exporter)
     speedup = {b: round(v["unpruned"] / v["pruned"], 3) for b, v in latency.items()}
     report = PruneReport(
         method=config.method, config=asdict(config), steps=steps,

@@ -126,7 +126,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:
-        search = Search(onnx_path, config, eval_data, calibration or eval_data, Path(tmp), say)
+        search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say)
         source, optimizer_record = onnx_path, {"tried": False}
         if graph_ops & TRANSFORMER_OPS and config.mode != "fp16":
             say("trying onnxruntime.transformers graph fusions")

@@ -92,7 +92,6 @@ class Engine:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._validate = validate
         self.feeds = FeedChecker(self.inputs)
-        self._input_names = self.feeds.names
         if warmup:
             feeds = make_feeds(self.inputs, batch=1)
             for _ in range(warmup):
@@ -183,12 +182,12 @@ class Engine:
         if self._validate and all(isinstance(v, np.ndarray) for v in feeds.values()):
             self.validate(feeds)  # OrtValues already on the device are checked by ORT itself
         binding = self.session.io_binding()
-        unknown = [k for k in feeds if k not in self._input_names]
-        missing = [k for k in self._input_names if k not in feeds]
+        unknown = [k for k in feeds if k not in self.feeds.names]
+        missing = [k for k in self.feeds.names if k not in feeds]
         if unknown or missing:
-            raise InputError(f"inputs must be exactly {', '.join(self._input_names)}; "
+            raise InputError(f"inputs must be exactly {', '.join(self.feeds.names)}; "
                              f"unknown: {', '.join(unknown) or '-'}, missing: {', '.join(missing) or '-'}")
-        for name in self._input_names:
+        for name in self.feeds.names:
             value = feeds[name]
             if isinstance(value, np.ndarray):
                 value = self.to_device(value, device, device_id)

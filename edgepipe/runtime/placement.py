@@ -19,7 +19,7 @@ def profile_events(model, feeds: Mapping[str, np.ndarray], session_providers: li
     """Run `model` `iterations` times under ONNX Runtime's profiler; its JSON events.
     `session_providers`: what InferenceSession takes (names, or (name, options) pairs)."""
     with work_dir("ops") as tmp:
-        session = new_session(model, session_providers, threads=threads, profile_prefix=str(Path(tmp) / "ort"))
+        session = new_session(model, session_providers, threads=threads, profile_prefix=str(tmp / "ort"))
         for _ in range(iterations):
             session.run(None, dict(feeds))
         return json.loads(Path(session.end_profiling()).read_text())
