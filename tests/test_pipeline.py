@@ -109,10 +109,18 @@ def test_demo_end_to_end(tmp_path, cli):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
     assert (out / "report.md").read_text().count("| transformer |") == 3
+    from edgepipe.runtime import Engine
     from edgepipe.runtime.sessions import route_batch
 
     for name, model in manifest["models"].items():  # profile timed each model as quantize tuned it
         quant, prof = model["stages"]["quantize"]["record"], model["stages"]["profile"]["record"]
+        # The demo deploys INT8 only where profile measured it not slower (require_int8 = false)
+        # at the batch sizes quantize judged (the deployment's)
+        deployed = Engine.from_run(out, name).run_info["artifact"]
+        speedup = prof.get("int8_not_deployed", {}).get("speedup") or prof["speedup"]["int8"]
+        at_deploy = min(speedup[b] for b in quant["fp32"]["p50_ms"] if b in speedup)
+        assert deployed == ("model.onnx" if "int8_not_deployed" in prof else "model.int8.onnx"), name
+        assert (at_deploy < 1.0) is ("int8_not_deployed" in prof), (name, at_deploy)
         for label, tuned in (("fp32", quant["fp32"]["sessions"]), ("int8", quant["chosen"]["sessions"])):
             used = prof["models"][label]["sessions"]
             assert used == {b: tuned[str(route_batch(map(int, tuned), int(b)))] for b in used}, (name, label)

@@ -109,6 +109,22 @@ def test_gates_read_typed_reports_at_the_deployment_batch_sizes():
     assert not at_both["min_int8_speedup"].ok and at_both["min_int8_speedup"].measured == 0.9
 
 
+def test_when_profile_keeps_fp32_the_gates_judge_the_fp32_model():
+    from edgepipe.exporters.report import ExportReport
+
+    export = ExportReport(exporter="dynamo", attempts=[], parity={}, opset=18, ir_version=10, size_bytes=4000,
+                          inputs=[], outputs=["y"], source="zoo:mlp")
+    profile = profile_report({})
+    profile.int8_not_deployed = {"speedup": {"32": 0.8}, "why": "slower"}
+    reports = {"train": TrainReport("mlp", {}, 0.97, 0.1, 1.0, 100), "export": export,
+               "quantize": quantize_report(candidate(drop=0.02)), "profile": profile}
+    budgets = Budgets(max_accuracy_drop=0.01, max_model_size_mb=0.002, max_total_accuracy_drop=0.01)
+    results = {g.gate: g for g in check(reports, budgets, (32,), ("train", "export", "quantize", "profile"))}
+    assert not results["max_model_size_mb"].ok and results["max_model_size_mb"].measured == pytest.approx(0.004)
+    assert "max_accuracy_drop" not in results  # the INT8 model's drop does not matter: it is not deployed
+    assert results["max_total_accuracy_drop"].ok
+
+
 def test_the_deployment_decision_is_made_in_one_place():
     slow = profile_report({"1": 0.95, "32": 1.2})
     assert int8_speedup(slow, (1, 32)) == 0.95 and int8_speedup(slow, (64,)) == 0.95  # none profiled: all

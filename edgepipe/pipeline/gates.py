@@ -11,13 +11,18 @@ from edgepipe.pipeline.config import Budgets
 from edgepipe.pipeline.deploy import int8_speedup
 
 
+def _int8_deployed(reports: dict) -> bool:
+    """Profile has the last word: an INT8 model it measured too slow is not the deployed one."""
+    return getattr(reports.get("profile"), "int8_not_deployed", None) is None
+
+
 def _chosen(reports: dict):
     quant = reports.get("quantize")
-    return quant.chosen if quant is not None else None
+    return quant.chosen if quant is not None and _int8_deployed(reports) else None
 
 
 def _final_size_mb(reports: dict, _: Any) -> float | None:
-    for stage in ("quantize", "export"):
+    for stage in ("quantize", "export") if _int8_deployed(reports) else ("export",):
         size = getattr(reports.get(stage), "size_bytes", None)
         if size is not None:
             return size / 1e6
@@ -29,8 +34,8 @@ def _total_drop(reports: dict, _: Any) -> float | None:
     trained = getattr(reports.get("train"), "test_accuracy", None)
     chosen = _chosen(reports)
     final = chosen.accuracy if chosen is not None else None
-    if final is None:  # FP32 deployed (quantize refused with require_int8 = false)
-        final = getattr(reports.get("prune"), "accuracy_after", None)
+    if final is None:  # FP32 deployed (quantize refused, or profile measured INT8 too slow)
+        final = getattr(reports.get("prune"), "accuracy_after", trained)
     return None if trained is None or final is None else trained - final
 
 

@@ -235,6 +235,8 @@ class ModelRun:
         if not profile.int8_not_deployed:
             return
         why = profile.int8_not_deployed["why"]
+        # Quantize's gates judged the INT8 model; judge the deployed FP32 one again (its size).
+        self.gate_results = [g for g in self.gate_results if g.stage != "quantize"]
         entry = dict(self.manifest.stage(self.model.name, "quantize") or {})
         self.manifest.record_stage(self.model.name, "quantize", entry | {"status": "not_deployed", "error": why})
         self.log(f"[{self.model.name}] profile: {why}")
