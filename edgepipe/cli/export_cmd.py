@@ -12,10 +12,11 @@ from edgepipe.cli._common import check_outputs, handle_errors, load_npz, write_j
 
 @handle_errors
 def export(
-    source: Annotated[str, typer.Argument(help="Checkpoint from `edgepipe train`, or path/to/file.py:factory.")],
+    source: Annotated[str, typer.Argument(help="Checkpoint from `edgepipe train`, path/to/file.py:factory, or a Hugging Face model folder (what save_pretrained wrote: config.json + weights; read offline).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input spec name:dtype:dims[:low..high] (repeat per input), e.g. ids:int64:batch,seq:0..30000. Overrides what the factory declares.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output name(s) in order (default: logits for checkpoints, output otherwise).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction). Default: from config.json's architectures.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Held-out inputs (.npz keyed by input name, or x) for the parity check. Checkpoints of bundled datasets use their held-out split.")] = None,
     exporter: Annotated[Optional[list[str]], typer.Option(help="Exporter(s) to try in order: dynamo, torchscript.")] = None,
     atol: Annotated[float, typer.Option(help="Parity absolute tolerance.")] = 1e-4,
@@ -30,7 +31,7 @@ def export(
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
 
-    src = load_source(source, input or None, output_name or None)
+    src = load_source(source, input or None, output_name or None, task=task)
     held_out = None
     if data is not None:
         held_out, _ = load_npz(data, [s.name for s in src.inputs])

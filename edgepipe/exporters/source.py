@@ -74,9 +74,11 @@ def load_factory(ref: str) -> tuple[Any, Path, str]:
 
 
 def load_source(ref: str | Path | nn.Module, inputs: Sequence[Any] | None = None,
-                output_names: Sequence[str] | None = None) -> ModelSource:
+                output_names: Sequence[str] | None = None, task: str | None = None) -> ModelSource:
     """Resolve a model source.
 
+    - a Hugging Face folder written by `save_pretrained` (config.json + weights), loaded
+      offline; `task` picks the head (inferred from the config's architectures when None);
     - a checkpoint from `edgepipe train` (its input spec is stored in it);
     - `file.py:factory`, where factory() returns a module, `(module, inputs)` or
       `(module, inputs, output_names)`; `inputs` may also come from the caller (CLI --input).
@@ -87,6 +89,14 @@ def load_source(ref: str | Path | nn.Module, inputs: Sequence[Any] | None = None
         return with_flat_outputs(ModelSource(ref.eval(), _as_specs(inputs, "inputs"), list(output_names or []),
                                              origin=type(ref).__name__))
     text = str(ref)
+    from edgepipe.exporters import hf
+
+    if hf.is_hf_folder(text):
+        model, specs, origin, meta = hf.load_folder(text, task)
+        specs = _as_specs(inputs, text) if inputs else specs
+        return with_flat_outputs(ModelSource(model, specs, list(output_names or []), origin=origin, meta=meta))
+    if task is not None:
+        raise InputError(f"--task applies to Hugging Face model folders (with config.json); {text} is not one")
     if text.endswith(".py"):
         raise InputError(f"{text} is Python source: name the function that builds the model, "
                          f"e.g. {text}:build")

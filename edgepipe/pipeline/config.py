@@ -50,7 +50,8 @@ class Budgets:
 class ModelConfig:
     name: str  # zoo model name (mlp, cnn, lstm, transformer) or a label for `source`
     dataset: str | None = None  # bundled dataset name or .npz path
-    source: str | None = None  # checkpoint or file.py:factory; skips training
+    source: str | None = None  # checkpoint, file.py:factory or Hugging Face folder; skips training
+    task: str | None = None  # Hugging Face folders: the head (default: from config.json)
     inputs: list[str] = field(default_factory=list)  # for sources without declared inputs
     sections: dict[str, Any] = field(default_factory=dict)  # merged per-stage settings
 
@@ -145,7 +146,7 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 TOP_LEVEL = {"out_dir": str, "seed": int, "stages": tuple[str, ...], "models": tuple[dict, ...]}
-MODEL_KEYS = {"name": str, "dataset": str, "source": str, "inputs": tuple[str, ...]}
+MODEL_KEYS = {"name": str, "dataset": str, "source": str, "task": str, "inputs": tuple[str, ...]}
 SECTIONS = ("train", "prune", "export", "quantize", "profile", "budgets")
 
 
@@ -163,6 +164,13 @@ def _checked(table: dict[str, Any], types: dict[str, Any], where: str) -> dict[s
 
 def _resolve_path(key: str, value: str, base_dir: Path, where: str) -> str:
     """A file path in the config, relative to the config file; it must exist."""
+    if key == "source" and not (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
+        folder = Path(value) if Path(value).is_absolute() else base_dir / value
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"{where}: source = {value!r} is neither a checkpoint (.pt), a file.py:factory "
+                              f"nor a Hugging Face model folder with config.json ({folder}; paths are relative "
+                              "to the config file)")
+        return str(folder)
     if not (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
         return value  # a bundled dataset's name
     file_part, sep, factory = value.partition(":") if ".py:" in value else (value, "", "")
@@ -188,7 +196,10 @@ def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, see
     for key in ("dataset", "source"):
         if entry.get(key):
             entry[key] = _resolve_path(key, entry[key], base_dir, where)
+    if entry.get("task") and not (entry.get("source") and Path(entry["source"]).is_dir()):
+        raise ConfigError(f"{where}: task applies only to a Hugging Face folder as source")
     model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
+                        task=entry.get("task"),
                         inputs=list(entry.get("inputs", ())), sections=sections)
     if model.source is None and "train" in stages:
         from edgepipe.models.zoo import DEFAULT_DATASET, ZOO

@@ -93,7 +93,7 @@ class ModelRun:
         if self._source is None:
             from edgepipe.exporters import load_source
 
-            self._source = load_source(self.model.source, self.model.inputs or None)
+            self._source = load_source(self.model.source, self.model.inputs or None, task=self.model.task)
         return self._source
 
     def fingerprint(self) -> dict:
@@ -110,6 +110,10 @@ class ModelRun:
                 weights = "state " + state_digest(self.source().model)
             elif source and Path(source).is_file():
                 weights = "file " + sha256(Path(source))
+            elif source and Path(source).is_dir():  # a Hugging Face folder: its config and weights
+                from edgepipe.exporters.hf import folder_digest
+
+                weights = "folder " + folder_digest(Path(source))
             dataset = self.model.dataset
             data = "file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else dataset
             inputs = [s.to_dict() for s in self.source().inputs] if source else list(self.model.inputs)

@@ -91,4 +91,6 @@ def reads_paths(run: "ModelRun", stage: str) -> list[Path]:
     paths = [run.path(s) for s in reads]
     if stage == "export" and run.model.source and "prune" not in run.config.stages:
         paths = [Path(run.model.source.split(":")[0])]  # checkpoint, or the factory's file
+        if paths[0].is_dir():  # a Hugging Face folder (its weights are in the run's fingerprint)
+            paths = [paths[0] / "config.json"]
     return [p for p in paths if p.exists()]
