@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,7 @@ def test_train_export_quantize_profile_from_the_cli(cli, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((run / "quant.json").read_text())
     assert "chosen: " in result.output and record["chosen"]["verdict"] == "chosen"
+    assert re.search(r"peak memory \d+\.\d MB", result.output)
     assert record["chosen"] in record["candidates"] and (run / "model.int8.onnx").exists()
 
     result = cli("profile", run / "model.onnx", "--batch", "1,8", "--seconds", "0.05", "--json", run / "p.json")

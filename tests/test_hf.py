@@ -133,6 +133,9 @@ def test_a_pipeline_takes_a_folder_relative_to_its_config_and_fingerprints_its_w
     assert first.ok, first.table()
     stages = first.manifest["models"]["bert"]["stages"]
     assert stages["export"]["record"]["outputs"] == ["logits"]
+    # what each stage cost: loading transformers and a model needs well over 100 MB
+    assert stages["export"]["peak_rss_mb"] > 100 and stages["export"]["seconds"] > 0
+    assert "## What each stage cost" in (tmp_path / "run" / "report.md").read_text()
     logs: list[str] = []
     run_pipeline(config_mod.load(path), resume=True, log=logs.append)
     assert any("export: reused" in line for line in logs)

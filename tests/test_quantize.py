@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -116,8 +118,13 @@ def test_cpu_features_decide_types_and_reduce_range(cpu, act, reduce_range):
     recipes, _ = candidate_recipes({"MatMul", "Gemm"}, cpu)
     static = [r for r in recipes if r.method == "static"]
     assert static and all(r.activation_type == act and r.weight_type == "S8" for r in static)
-    assert all(r.reduce_range == reduce_range for r in recipes)
-    assert recipes[0].reasons
+    assert recipes[0].reduce_range == reduce_range and recipes[0].reasons
+    if reduce_range:  # full-range twins of the dynamic and static per-channel QDQ recipes, measured too
+        full = {r.name for r in recipes if not r.reduce_range}
+        assert full == {"dynamic/WS8/per-tensor", "dynamic/WS8/per-channel", "static-QDQ/AU8WS8/minmax/per-channel"}
+        assert {r.name + "/reduce-range" for r in recipes if not r.reduce_range} <= {r.name for r in recipes}
+    else:
+        assert all(not r.reduce_range for r in recipes)
 
 
 def test_quantize_without_vnni_uses_reduce_range(zoo, tmp_path):
@@ -130,7 +137,23 @@ def test_quantize_without_vnni_uses_reduce_range(zoo, tmp_path):
         record = exc.report.to_dict()
     assert record["cpu"]["vnni"] is False
     assert "reduce_range" in record["recipe_reason"]
-    assert all(c["reduce_range"] for c in record["candidates"])
+    ranges = {c["recipe"]: c["reduce_range"] for c in record["candidates"]}
+    assert ranges["static-QDQ/AU8WS8/minmax/per-tensor/reduce-range"] and not ranges["static-QDQ/AU8WS8/minmax/per-channel"]
+
+
+def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo, tmp_path):
+    eval_data, calibration = eval_sets(zoo["mlp"])
+    config = QuantizeConfig(batch_sizes=(32,), time_budget_s=0.01)  # spent after the first build
+    try:
+        record = quantize(zoo["mlp"].onnx, tmp_path / "m.onnx", config, eval_data=eval_data,
+                          calibration=calibration, cpu=AVX2_ONLY).record
+    except (LatencyError, AccuracyError) as exc:  # the one candidate built may not qualify: still recorded
+        record = exc.report.to_dict()
+    assert len(record["candidates"]) == 1
+    budget_skips = [s for s in record["skipped_recipes"] if s["why"].startswith("time budget (0.01 s)")]
+    assert len(budget_skips) >= 4  # every other recipe for an MLP on a CPU without VNNI
+    assert {"build", "screen", "measure", "confirm"} <= set(record["phases"])
+    assert all(v >= 0 for v in record["phases"].values())
 
 
 def _tiny_mlp(tmp_path):
@@ -379,8 +402,8 @@ def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
     ship it: accepted candidates are re-timed with fresh sessions and judged on the median."""
     real_measure = search_mod.Search.measure
 
-    def flattering(self, indices):
-        real_measure(self, indices)
+    def flattering(self, indices, rounds=None):
+        real_measure(self, indices, rounds)
         for i in indices:  # the tiny MLP's INT8 is 0.7-1.0x; this trial reads it as 2-3x
             self.candidates[i].speedup = {b: 3 * s for b, s in self.candidates[i].speedup.items()}
 
@@ -395,6 +418,48 @@ def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
         assert len(trials) == 3 and r["speedup"]["1"] == pytest.approx(float(np.median(trials)), abs=2e-3)
         assert trials[0] > max(trials[1:])  # the first one, outvoted
     assert not (tmp_path / "q.onnx").exists()
+
+
+def _scales(path) -> dict[str, float]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1}
+
+
+def test_calibration_streams_one_batch_at_a_time_and_is_shared_by_the_static_recipes(zoo, tmp_path, monkeypatch):
+    """Strided MinMax calibration gives the ranges of whole-set calibration (min of mins) while
+    holding one batch of intermediate tensors; the static recipes of one search calibrate once."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from edgepipe.quantize.calibration import ArrayCalibrationReader
+
+    data = EvalData({"x": zoo["mlp"].dataset.x_train[:200]})
+    reader = ArrayCalibrationReader(data.inputs, 200)
+    assert len(reader) == 7  # 6 full batches of 32 and one of 8
+    reader.set_range(5, 7)
+    assert [len(b["x"]) for b in iter(reader.get_next, None)] == [32, 8]
+
+    calls = []
+    real_get_next = ArrayCalibrationReader.get_next
+    monkeypatch.setattr(ArrayCalibrationReader, "get_next", lambda self: calls.append(1) or real_get_next(self))
+    qdq = Recipe("static", "QDQ", "U8", "S8", per_channel=True)
+    builders.build(qdq, zoo["mlp"].onnx, tmp_path / "a.onnx", data, 200)
+    first_calls = len(calls)
+    builders.build(replace(qdq, per_channel=False), zoo["mlp"].onnx, tmp_path / "b.onnx", data, 200)
+    assert first_calls > 7 and len(calls) == first_calls  # the second recipe read the cache, not the data
+    assert len(list(tmp_path.glob("calibration-*.json"))) == 1
+
+    whole = tmp_path / "whole.onnx"  # onnxruntime's own, unstrided, all 200 rows at once
+    quantize_static(str(zoo["mlp"].onnx), str(whole), ArrayCalibrationReader(data.inputs, 200),
+                    quant_format=QuantFormat.QDQ, **builders._common_options(qdq, __import__("onnx").load(
+                        zoo["mlp"].onnx).graph))
+    mine, theirs = _scales(tmp_path / "a.onnx"), _scales(whole)
+    assert mine and set(mine) <= set(theirs)  # (edgepipe leaves the logits unquantized)
+    assert all(mine[k] == pytest.approx(theirs[k], rel=1e-6) for k in mine)
 
 
 def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):

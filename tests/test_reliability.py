@@ -282,21 +282,52 @@ def test_the_choice_is_the_fastest_by_the_figures_the_table_shows():
     from edgepipe.quantize.stage import choose
     from edgepipe.quantize.verdict import OK, Verdict
 
-    class Trials:
-        """confirm() re-times a candidate: its median over three trials replaces the first."""
-        medians = {"a": 1.50, "b": 1.70, "c": 1.30}
-
-        def confirm(self, cand, trials=2):
-            cand.speedup = {32: self.medians[cand.recipe.weight_type]}
-            return True
-
-    first = {"a": 2.0, "b": 1.9, "c": 1.4}  # a's first trial flattered it
-    cands = [Candidate(Recipe("dynamic", weight_type=k), speedup={32: v}, verdict=Verdict(OK)) for k, v in first.items()]
-    chosen = choose(Trials(), cands)
+    cands = [Candidate(Recipe("dynamic", weight_type=k), speedup={32: v}, verdict=Verdict(OK))
+             for k, v in {"a": 2.0, "b": 1.9, "c": 1.4}.items()]  # a's first trial flattered it
+    chosen = choose(Trials({"a": 1.50, "b": 1.70, "c": 1.30}), cands)
     assert chosen.recipe.weight_type == "b"
     shown = {c.recipe.weight_type: c.speedup[32] for c in cands}
     assert all(v <= shown["b"] for v in shown.values())  # no row shows a faster accepted candidate
     assert str(cands[2].verdict).startswith("ok in one trial, not re-timed")
+
+
+class Trials:
+    """A stand-in Search: confirm() re-times a candidate, its median replacing the first trial."""
+
+    def __init__(self, medians):
+        from edgepipe.quantize.config import QuantizeConfig
+
+        self.medians, self.config, self.choice = medians, QuantizeConfig(), None
+
+    def confirm(self, cand, trials=2):
+        cand.speedup = {32: self.medians[cand.recipe.weight_type]}
+        return True
+
+    def out_of_time(self, fraction=1.0):
+        return False
+
+
+def test_among_candidates_as_fast_within_the_noise_the_most_faithful_wins():
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Candidate
+    from edgepipe.quantize.stage import choose
+    from edgepipe.quantize.verdict import OK, Verdict
+
+    def cand(key, first, rel_l2):
+        return Candidate(Recipe("dynamic", weight_type=key), speedup={32: first}, verdict=Verdict(OK),
+                         fidelity={"rel_l2": rel_l2, "cosine": 1.0})
+
+    # a is fastest; b is 3% slower (inside the 5% band) and 5x more faithful; c is more faithful
+    # still but 12% slower: outside the band, it is not even re-timed.
+    cands = [cand("a", 1.70, 0.05), cand("b", 1.65, 0.01), cand("c", 1.50, 0.001)]
+    search = Trials({"a": 1.70, "b": 1.65, "c": 1.50})
+    chosen = choose(search, cands)
+    assert chosen.recipe.weight_type == "b"
+    assert "more faithful to FP32 (relative L2 0.01 vs 0.05)" in search.choice
+    assert str(cands[2].verdict).startswith("ok in one trial, not re-timed")
+
+    cands = [cand("a", 1.70, 0.05), cand("b", 1.60, 0.01)]  # b 6% slower: speed decides
+    assert choose(Trials({"a": 1.70, "b": 1.60}), cands).recipe.weight_type == "a"
 
 
 def _wait_for(pattern: str, root: Path, deadline_s: float = 60) -> Path:
@@ -562,3 +593,72 @@ def test_profile_dims_of_the_wrong_type_are_a_config_error(tmp_path):
     (tmp_path / "p.toml").write_text('stages = ["train"]\n[profile]\ndims = { seq = "long" }\n[[models]]\nname = "mlp"\n')
     with pytest.raises(ConfigError, match=r"dims = \{'seq': 'long'\} is not a table of integers"):
         config_mod.load(tmp_path / "p.toml")
+
+
+def test_peak_memory_is_measured_per_piece_of_work():
+    import numpy as np
+
+    from edgepipe.memory import PeakMemory
+
+    with PeakMemory() as big:
+        block = np.ones(40_000_000)  # 320 MB, touched
+        del block
+    with PeakMemory() as small:
+        np.ones(1000).sum()
+    assert big.mb is not None and small.mb is not None
+    if big.scope == "work":  # Linux: the high-water mark was reset before each
+        assert big.mb - small.mb > 250, (big.mb, small.mb)
+    else:
+        assert big.mb >= small.mb
+    assert big.to_dict() == {"peak_rss_mb": big.mb, "peak_rss_scope": big.scope}
+
+
+def test_an_accuracy_budget_the_rows_cannot_resolve_is_judged_by_its_confidence_bound():
+    from types import SimpleNamespace
+
+    from edgepipe.quantize.config import QuantizeConfig
+    from edgepipe.quantize.evaluation import Flips, flips, resolves
+    from edgepipe.quantize.search import Candidate, Search
+
+    assert not resolves(32, 0.01) and resolves(360, 0.01)  # one row: 3.1 points vs 0.28 points
+    one = Flips(losses=1, gains=0, rows=32)
+    assert one.drop == pytest.approx(1 / 32)
+    assert one.drop_lower_bound == pytest.approx(1 / 32 - 1.645 * (1 / 32 ** 2 - 1 / 32 ** 3) ** 0.5)
+
+    def accurate(f: Flips, rows_resolve: bool) -> bool:
+        search = SimpleNamespace(config=QuantizeConfig(max_accuracy_drop=0.01), resolved=rows_resolve)
+        return Search.accurate(search, Candidate(None, accuracy_drop=f.drop, flips=f))
+
+    assert accurate(one, rows_resolve=False)  # one flip of 32 is noise, not a 3-point loss
+    assert not accurate(one, rows_resolve=True)  # with enough rows, the measured drop decides
+    assert not accurate(Flips(5, 0, 32), rows_resolve=False)  # 5 of 32 is a real loss
+    assert accurate(Flips(5, 4, 360), rows_resolve=True)  # net 1 row of 360
+
+    labels = np.array([0, 1, 1, 0])
+    fp32 = np.eye(2)[[0, 1, 0, 0]]  # right, right, wrong, right
+    mine = np.eye(2)[[0, 0, 1, 0]]  # right, wrong, right, right
+    assert flips(mine, fp32, labels) == Flips(losses=1, gains=1, rows=4)
+    assert flips(mine, fp32, None) == Flips(losses=2, gains=0, rows=4)  # no labels: changed top-1
+
+
+def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
+    from edgepipe.quantize.config import QuantizeConfig
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Candidate, Search
+
+    search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
+    search.config, search.say = QuantizeConfig(rounds=12), lambda message: None
+    search.candidates = [Candidate(Recipe("dynamic", weight_type=k), accuracy_drop=0.0) for k in "abc"]
+    speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
+
+    def measure(indices, rounds=None):
+        calls.append((list(indices), rounds))
+        for i in indices:
+            search.candidates[i].speedup = {32: speeds[i]}
+
+    search.measure = measure
+    assert search.screen([0, 1, 2]) == [0, 2]  # 0.9x may still clear 1.05x in a full timing; 0.5x cannot
+    assert calls == [([0, 1, 2], 3)]
+    slow = search.candidates[1]
+    assert slow.screened and str(slow.verdict).endswith("at batch 32 (0.50x) in the screening pass")
+    assert search.screen([2]) == [2] and len(calls) == 1  # one candidate: nothing to screen

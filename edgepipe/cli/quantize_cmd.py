@@ -28,6 +28,7 @@ def quantize(
     threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
     tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
     try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take: building stops at 40% of it (the rest are listed as skipped), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. Default: no limit.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
@@ -50,16 +51,21 @@ def quantize(
                             max_accuracy_drop=max_accuracy_drop,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
-                            tune_session=tune_session, try_spinning=try_spinning)
+                            tune_session=tune_session, try_spinning=try_spinning, time_budget_s=time_budget)
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
+    from edgepipe.memory import PeakMemory
+
+    peak = PeakMemory()
     try:
-        result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
-                                progress=lambda m: typer.echo(f"  {m}", err=True))
+        with peak:
+            result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
+                                    progress=lambda m: typer.echo(f"  {m}", err=True))
     except GateFailed as exc:
         if exc.report is not None:
             typer.echo(candidate_table(exc.report))
             write_json_out(json_out, exc.report.to_dict())
         raise
     typer.echo(quantize_summary(result.report, output))
+    typer.echo(f"peak memory {peak.mb} MB ({'this search' if peak.scope == 'work' else 'the process so far'})")
     write_json_out(json_out, result.report.to_dict())

@@ -13,10 +13,11 @@ def session_label(sessions: dict | None) -> str:
 
 
 def candidate_table(report) -> str:
-    """Every quantize candidate: accuracy, speedup per batch, session setting, size, verdict."""
+    """Every quantize candidate: accuracy, relative L2 error vs FP32, speedup per batch, session
+    setting, size, verdict."""
     batches = list(report.fp32.p50_ms)
     w = max([19, *(len(c.recipe) for c in report.candidates)])  # recipe column: the longest name
-    head = (f"{'recipe':{w}} {'acc/agree':>9} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
+    head = (f"{'recipe':{w}} {'acc/agree':>9} {'relL2':>7} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
             + f" {'session':>8} {'size':>8}  verdict")
     lines = [head, "-" * len(head)]
     for c in report.candidates:
@@ -25,11 +26,12 @@ def candidate_table(report) -> str:
         speed = " ".join(f"{c.speedup.get(b, 0):>7.2f}x" if c.speedup else f"{'-':>8}" for b in batches)
         size = f"{c.size_bytes / 1e6:.2f}MB" if c.size_bytes else "-"
         verdict = c.verdict + (f": {c.error}" if c.error else "")
-        lines.append(f"{c.recipe:{w}} {metric_s:>9} {speed} {session_label(c.sessions):>8} {size:>8}  {verdict}")
+        rel_l2 = f"{c.rel_l2:.4f}" if c.rel_l2 is not None else "-"
+        lines.append(f"{c.recipe:{w}} {metric_s:>9} {rel_l2:>7} {speed} {session_label(c.sessions):>8} {size:>8}  {verdict}")
     for s in report.skipped_recipes:
         lines.append(f"{s['recipe']:{w}} skipped: {s['why']}")
     fp32 = report.fp32
-    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} " + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches)
+    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} {'':7} " + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches)
                  + f" {session_label(fp32.sessions):>8}")
     lines.append(f"timing: {report.timing}")
     if report.judged_on:
@@ -53,6 +55,10 @@ def quantize_summary(report, output: Path) -> str:
                               for b, v in chosen.sessions.items())
         lines.append(f"fastest session settings: {per_batch} (Engine(..., batch_sessions=...); "
                      f"Engine.from_run applies them)")
+    if report.choice and report.choice != "the fastest confirmed candidate":
+        lines.append(f"why this one: {report.choice}")
+    if report.phases:
+        lines.append(f"search took {report.seconds} s: " + ", ".join(f"{k} {v} s" for k, v in report.phases.items()))
     return "\n".join(lines)
 
 

@@ -107,4 +107,16 @@ def render_markdown(rows: list[dict], manifest: dict) -> str:
     body = ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
     failed = [f"- {name}: {g['message']}" for name, m in manifest.get("models", {}).items()
               for g in m.get("gates", []) if not g["ok"]]
-    return "\n".join(head + body + ([""] + ["Failed gates:"] + failed if failed else [])) + "\n"
+    return "\n".join(head + body + ([""] + ["Failed gates:"] + failed if failed else []) + _costs(manifest)) + "\n"
+
+
+def _costs(manifest: dict) -> list[str]:
+    """What each stage cost: wall time and peak resident memory (of that stage alone where the
+    OS can reset the high-water mark; else the process's peak so far, marked with *)."""
+    rows = [f"| {name} | {stage} | {entry['seconds']} | {entry['peak_rss_mb']}"
+            f"{'' if entry.get('peak_rss_scope') == 'work' else '*'} |"
+            for name, model in manifest.get("models", {}).items()
+            for stage, entry in model.get("stages", {}).items() if entry.get("peak_rss_mb") is not None]
+    if not rows:
+        return []
+    return ["", "## What each stage cost", "", "| model | stage | wall s | peak RSS MB |", "|---|---|---|---|", *rows]

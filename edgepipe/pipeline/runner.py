@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from edgepipe.artifacts import StageResult, read_npz, require_writable, sha256
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
+from edgepipe.memory import PeakMemory
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.checks import check_artifacts, onnx_io
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
@@ -195,16 +196,19 @@ class ModelRun:
     def run_stage(self, stage: str, entry: dict, completed: list[str]) -> str:
         """Run one stage and record it: "ok", "skipped" (INT8 refused, FP32 deployed) or "stop"."""
         started = time.perf_counter()
+        peak = PeakMemory()
         try:
-            result = STAGES[stage].run(self)
+            with peak:
+                result = STAGES[stage].run(self)
             self.reports[stage] = result.report
             check_artifacts(result, self.declared_io(stage))
         except GateFailed as exc:
-            return self.refused(stage, exc, entry | {"seconds": round(time.perf_counter() - started, 2)})
+            return self.refused(stage, exc, entry | {"seconds": round(time.perf_counter() - started, 2)}
+                                | peak.to_dict())
         except EdgepipeError as exc:
             self.manifest.record_stage(self.model.name, stage, entry | {"status": "error", "error": str(exc)})
             raise StageFailed(stage, self.model.name, completed, exc) from exc
-        entry |= {"status": "ok", "seconds": round(time.perf_counter() - started, 2),
+        entry |= {"status": "ok", "seconds": round(time.perf_counter() - started, 2), **peak.to_dict(),
                   "outputs": [file_entry(p, self.config.out_dir) for p in result.artifacts.values()],
                   "record": result.report.to_dict()}
         self.manifest.record_stage(self.model.name, stage, entry)

@@ -3,6 +3,7 @@ method, a fallback over source models, and what a built model contains."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -65,10 +66,22 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    quantize_static(str(model_path), str(out), ArrayCalibrationReader(calibration.inputs, samples),
+    options = _common_options(recipe, graph)
+    if recipe.calibration == "minmax":
+        # One batch of intermediate tensors at a time, ranges merged (min of mins): memory bounded
+        # by one batch, not the whole calibration set. (CalibMaxIntermediateOutputs would be the
+        # obvious option, but onnxruntime 1.31 drops those batches without computing their ranges.)
+        options["extra_options"]["CalibStridedMinMax"] = 1
+    # Activation ranges depend on the source model, the method, the samples and the op types
+    # calibrated, not on per-channel, format or reduce_range: the static recipes of one search
+    # share them through a cache file in its work folder (one calibration instead of four).
+    key = hashlib.sha256(repr((str(model_path), recipe.calibration, samples, options["op_types_to_quantize"],
+                               recipe.activation_type)).encode()).hexdigest()[:16]
+    cache = out.parent / f"calibration-{key}.json"
+    quantize_static(str(model_path), str(out), None if cache.is_file() else ArrayCalibrationReader(calibration.inputs, samples),
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
                     activation_type={"U8": QuantType.QUInt8, "S8": QuantType.QInt8}[recipe.activation_type],
-                    calibrate_method=methods[recipe.calibration], **_common_options(recipe, graph))
+                    calibrate_method=methods[recipe.calibration], calibration_cache_path=cache, **options)
     if recipe.format == "QDQ":
         float_graph_outputs(out)
 

@@ -16,9 +16,19 @@ class ArrayCalibrationReader(CalibrationDataReader):
         self.count = min(len(a) for a in self.data.values())
         self.batch_size = batch_size
         self._iter: Iterator[dict] | None = None
+        self._range = (0, len(self))
+
+    def __len__(self) -> int:
+        """Batches: ORT's strided calibration (CalibStridedMinMax) walks them a range at a time,
+        so only one range's intermediate tensors are held at once."""
+        return -(-self.count // self.batch_size)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._range, self._iter = (start_index, end_index), None
 
     def _batches(self) -> Iterator[dict]:
-        for i in range(0, self.count, self.batch_size):
+        start, end = self._range
+        for i in range(start * self.batch_size, min(end * self.batch_size, self.count), self.batch_size):
             yield {name: a[i:i + self.batch_size] for name, a in self.data.items()}
 
     def get_next(self) -> dict | None:
@@ -27,4 +37,4 @@ class ArrayCalibrationReader(CalibrationDataReader):
         return next(self._iter, None)
 
     def rewind(self) -> None:
-        self._iter = None
+        self._iter, self._range = None, (0, len(self))

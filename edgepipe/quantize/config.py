@@ -32,6 +32,10 @@ class QuantizeConfig:
     # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
     # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".
     speedup_margin: float = 0.05
+    # Seconds the search may take (None: no limit). Building stops at 40% of it (the recipes
+    # left are recorded as skipped), confirmation takes one trial instead of two past 80%, and
+    # the accuracy fallback stops at 100%; the timing of what was built always completes.
+    time_budget_s: float | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -40,6 +44,8 @@ class QuantizeConfig:
             raise ConfigError(f"calibration '{self.calibration}' unknown; choose {', '.join(CALIBRATIONS)}")
         if self.min_speedup < 1.0:
             raise ConfigError("min_speedup below 1.0 would allow a model slower than FP32")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError("quantize time_budget_s must be > 0 seconds")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("quantize batch_sizes must be positive integers")
         self.batch_sizes = tuple(self.batch_sizes)

@@ -3,6 +3,9 @@ agreement with a reference."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from edgepipe.quantize.config import EvalData
@@ -21,3 +24,56 @@ def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None
     acc = float((out.argmax(-1) == data.labels[:n]).mean()) if data.labels is not None else None
     agree = float((out.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None
     return out, acc, agree
+
+
+def fidelity(out: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How closely a candidate's first output follows FP32's, independent of labels: relative L2
+    error over all rows, and the mean per-row cosine similarity."""
+    out = out.reshape(len(out), -1).astype(np.float64)
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    rel_l2 = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+    norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
+    cosine = float(np.mean(np.sum(out * ref, axis=1) / np.maximum(norms, 1e-30)))
+    return {"rel_l2": rel_l2, "cosine": cosine}
+
+
+# One-sided 95% normal quantile: the bound on an accuracy drop measured on few rows.
+Z95 = 1.645
+
+
+@dataclass(frozen=True)
+class Flips:
+    """Rows a candidate got wrong that FP32 got right (losses), and the reverse (gains), against
+    labels, or against FP32's top-1 without labels (gains are then 0)."""
+
+    losses: int
+    gains: int
+    rows: int
+
+    @property
+    def drop(self) -> float:
+        return (self.losses - self.gains) / self.rows
+
+    @property
+    def drop_lower_bound(self) -> float:
+        """One-sided 95% lower bound on the true drop (paired normal approximation): above the
+        budget, the candidate is worse than allowed beyond the noise of `rows` rows."""
+        n = self.rows
+        variance = (self.losses + self.gains) / n ** 2 - (self.losses - self.gains) ** 2 / n ** 3
+        return self.drop - Z95 * math.sqrt(max(variance, 0.0))
+
+
+def flips(out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Flips:
+    mine, theirs = out.argmax(-1), reference.argmax(-1)
+    if labels is None:
+        return Flips(int((mine != theirs).sum()), 0, len(mine))
+    truth = labels[:len(mine)]
+    return Flips(int(((theirs == truth) & (mine != truth)).sum()), int(((theirs != truth) & (mine == truth)).sum()),
+                 len(mine))
+
+
+def resolves(rows: int, budget: float) -> bool:
+    """Whether `rows` rows can resolve an accuracy budget: one row's flip is at most half of it.
+    With fewer (a 1-point budget on 32 rows makes one flip 3.1 points), a measured drop above
+    the budget is judged by its confidence bound instead of its point value."""
+    return budget > 0 and 1.0 / rows <= budget / 2

@@ -110,6 +110,11 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                              reduce_range=reduce_range, reasons=(cpu_reason,)) for pc in (True, False)]
         proposals.append(Recipe("static", "QOperator", act, weight, per_channel=True, calibration=calibration,
                                 reduce_range=reduce_range, reasons=(cpu_reason,)))
+    if reduce_range:  # measure the saturation risk rather than assume it: full-range twins too
+        full = ("full range (8-bit weights) beside reduce_range: U8S8 saturation costs accuracy on some "
+                "models only, and the accuracy check sees it")
+        proposals += [replace(r, reduce_range=False, reasons=(full,)) for r in proposals
+                      if r.method == "dynamic" or (r.format == "QDQ" and r.per_channel)]
     skipped = []
     if mode in ("auto", "int4"):
         if largest_matmul_weight >= INT4_MIN_WEIGHT_ELEMENTS:

@@ -27,6 +27,10 @@ class CandidateRow(Report):
     accuracy: float | None
     agreement: float | None
     accuracy_drop: float | None
+    rel_l2: float | None  # relative L2 error of the first output vs FP32 (all held-out rows)
+    cosine: float | None  # mean per-row cosine similarity of the first output vs FP32
+    rows_lost: int | None  # rows FP32 got right and this candidate wrong (no labels: top-1 changed)
+    rows_gained: int | None  # the reverse
     p50_ms: dict[str, float]
     speedup: dict[str, float]
     speedup_trials: dict[str, list[float]] | None
@@ -62,6 +66,8 @@ class QuantizeReport(Report):
     budget: dict[str, float]
     timing: str
     judged_on: str | None = optional()  # what accuracy_drop measures, and on how many rows
+    choice: str | None = optional()  # why the chosen candidate won (speed, or fidelity within the noise band)
+    phases: dict[str, float] | None = optional()  # seconds per phase: build, screen, measure, confirm, fallback
     candidates: list[CandidateRow] = field(default_factory=list)
     chosen: CandidateRow | None = optional()
     size_bytes: int | None = optional()

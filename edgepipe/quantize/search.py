@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -14,10 +16,10 @@ import numpy as np
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.config import EvalData, QuantizeConfig
-from edgepipe.quantize.evaluation import evaluate
+from edgepipe.quantize.evaluation import Flips, evaluate, fidelity, flips, resolves
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import Baseline, CandidateRow
-from edgepipe.quantize.verdict import FAILED, OK, Verdict
+from edgepipe.quantize.verdict import FAILED, OK, SPEED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
@@ -39,6 +41,8 @@ class Candidate:
     accuracy: float | None = None
     agreement: float | None = None
     accuracy_drop: float | None = None
+    fidelity: dict[str, float] | None = None  # rel_l2 and cosine of the first output vs FP32's
+    flips: Flips | None = None  # rows lost and gained vs FP32
     built_from: str = ""
     p50_ms: dict[int, float] = field(default_factory=dict)
     speedup: dict[int, float] = field(default_factory=dict)
@@ -46,6 +50,7 @@ class Candidate:
     settings: dict[int, SessionSetting] = field(default_factory=dict)  # fastest per batch size
     p50_by_setting: dict[SessionSetting, dict[int, float]] = field(default_factory=dict)
     verdict: Verdict = field(default_factory=Verdict)
+    screened: bool = False  # judged on the screening pass alone (clearly slower)
 
     @property
     def score(self) -> float:
@@ -61,6 +66,9 @@ class Candidate:
             reduce_range=r.reduce_range, excluded_nodes=list(r.nodes_to_exclude),
             integer_nodes=self.integer_nodes, built_from=self.built_from, accuracy=self.accuracy,
             agreement=self.agreement, accuracy_drop=self.accuracy_drop,
+            rel_l2=round(self.fidelity["rel_l2"], 6) if self.fidelity else None,
+            cosine=round(self.fidelity["cosine"], 6) if self.fidelity else None,
+            rows_lost=self.flips.losses if self.flips else None, rows_gained=self.flips.gains if self.flips else None,
             p50_ms={str(b): round(v, 4) for b, v in self.p50_ms.items()},
             speedup={str(b): round(v, 3) for b, v in self.speedup.items()},
             speedup_trials={str(b): v for b, v in self.speedup_trials.items()} or None,
@@ -79,6 +87,10 @@ class Search:
         self.work, self.say = work, say
         self.fp32 = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False)
         self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
+        self.rows = len(self.reference)
+        # Whether the rows resolve the budget (one row <= half of it); if not, a drop above the
+        # budget fails only when its 95% lower bound is above it too (evaluation.resolves).
+        self.resolved = resolves(self.rows, config.max_accuracy_drop)
         self.settings = (session_settings(config.threads, spinning=config.try_spinning) if config.tune_session
                          else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
         self.fp32_settings: dict[int, SessionSetting] = {}
@@ -88,6 +100,22 @@ class Search:
         self.candidates: list[Candidate] = []
         self.engines: dict[int, Engine] = {}
         self.sources: list[Path] = []
+        self.choice: str | None = None  # why the chosen one won (set by stage.choose)
+        self.started = time.perf_counter()
+        self.phases: dict[str, float] = {}  # seconds per phase of the search
+
+    @contextmanager
+    def phase(self, name: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - began, 2)
+
+    def out_of_time(self, fraction: float = 1.0) -> bool:
+        """Whether `fraction` of the configured time budget is spent (never, without one)."""
+        budget = self.config.time_budget_s
+        return budget is not None and time.perf_counter() - self.started >= fraction * budget
 
     # --- judging -------------------------------------------------------------------------
     @property
@@ -96,9 +124,19 @@ class Search:
         return self.config.min_speedup * (1 + self.config.speedup_margin)
 
     def accurate(self, cand: Candidate) -> bool:
-        return cand.error is None and cand.accuracy_drop <= self.config.max_accuracy_drop
+        if cand.error is not None:
+            return False
+        budget = self.config.max_accuracy_drop
+        if cand.accuracy_drop <= budget:
+            return True
+        return not self.resolved and cand.flips is not None and cand.flips.drop_lower_bound <= budget
 
     def accuracy_verdict(self, cand: Candidate, detail: str = "") -> Verdict:
+        if cand.flips is not None:
+            counted = f"{cand.flips.losses} of {cand.flips.rows} rows lost, {cand.flips.gains} gained"
+            if not self.resolved:
+                counted += f"; 95% lower bound {cand.flips.drop_lower_bound:.4f} is above the budget too"
+            detail = f"{detail}; {counted}" if detail else counted
         return Verdict.accuracy(cand.accuracy_drop, self.config.max_accuracy_drop, detail)
 
     def fast_enough(self, cand: Candidate) -> bool:
@@ -134,7 +172,9 @@ class Search:
             if cand.integer_nodes == 0:
                 raise QuantizationError("quantized no node")
             engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False)
-            _, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
+            out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
+            cand.fidelity = fidelity(out, self.reference)
+            cand.flips = flips(out, self.reference, self.eval_data.labels)
         except Exception as exc:
             cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
             cand.verdict = Verdict(FAILED)
@@ -164,7 +204,31 @@ class Search:
             self.timers[key] = {s: Engine(path, providers="cpu", **s.engine_options()) for s in self.settings}
         return self.timers[key]
 
-    def measure(self, indices: list[int]) -> None:
+    def screen(self, indices: list[int]) -> list[int]:
+        """A cheap first pass (a quarter of the rounds): the candidates worth timing in full. One
+        clearly slower than FP32 (below 80% of the needed speedup at some batch size, further
+        than a short measurement's noise reaches) keeps its screening figures and verdict; the
+        cost of a search is then the survivors', not every recipe's."""
+        if len(indices) < 2:
+            return indices
+        rounds = max(2, self.config.rounds // 4)
+        self.say(f"screening {len(indices)} candidate(s) against FP32 ({rounds} rounds)")
+        self.measure(indices, rounds=rounds)
+        floor = 0.8 * self.needed
+        kept = []
+        for i in indices:
+            cand = self.candidates[i]
+            slow = {b: v for b, v in cand.speedup.items() if v < floor}
+            if slow:
+                self.judge(cand)
+                if cand.verdict.kind == SPEED:
+                    cand.verdict = replace(cand.verdict, detail=cand.verdict.detail + " in the screening pass")
+                cand.screened = True
+            else:
+                kept.append(i)
+        return kept
+
+    def measure(self, indices: list[int], rounds: int | None = None) -> None:
         """Time candidates `indices` interleaved with FP32 at every configured batch size and
         session setting; each model is then judged at its own fastest setting per batch size, so
         neither side is handicapped by a setting that suits only the other."""
@@ -174,7 +238,7 @@ class Search:
         for batch in self.config.batch_sizes:
             feeds = self.timing_feeds(batch)
             fns = {(key, s): e.runner(feeds) for key, engines in models.items() for s, e in engines.items()}
-            stats = measure_interleaved(fns, batch, rounds=self.config.rounds,
+            stats = measure_interleaved(fns, batch, rounds=rounds or self.config.rounds,
                                         spinning={key for key in fns if key[1].spinning})
             for (key, s), st in stats.items():
                 p50[key].setdefault(batch, {})[s] = st.p50_ms

@@ -64,18 +64,43 @@ def fused_source(search: Search) -> tuple[Path, dict]:
     return (out if kept else search.onnx_path), record
 
 
+def _rel_l2(cand: Candidate) -> float:
+    return cand.fidelity["rel_l2"] if cand.fidelity else float("inf")
+
+
+def _pick(confirmed: list[Candidate], band: float) -> Candidate | None:
+    """Among the confirmed, those as fast as the fastest within the noise band; of them the most
+    faithful (lowest relative L2 error vs FP32), then the fastest."""
+    if not confirmed:
+        return None
+    top = max(c.score for c in confirmed)
+    return min((c for c in confirmed if c.score * band >= top), key=lambda c: (_rel_l2(c), -c.score))
+
+
 def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
-    """The fastest candidate by the figures the table shows. Accepted candidates are re-timed
-    (confirmed) in order of their first trial, and so is every later one whose first trial beats
-    the best confirmed median so far; the rest are marked as not re-timed, so no row of the
-    table shows an accepted candidate faster than the chosen one."""
-    best: Candidate | None = None
+    """The candidate to ship: the fastest by the figures the table shows, except that a candidate
+    as fast within the noise band (speedup_margin) and more faithful to FP32 wins (per-channel
+    over per-tensor at equal speed, say). Accepted candidates are re-timed (confirmed) in order
+    of their first trial when they could win on speed or on fidelity; the rest are marked as not
+    re-timed. Returns None when no candidate is confirmed."""
+    band = 1 + search.config.speedup_margin
+    confirmed: list[Candidate] = []
     for cand in sorted(accepted, key=lambda c: c.score, reverse=True):
-        if best is not None and cand.score <= best.score:
+        top, pick = max((c.score for c in confirmed), default=None), _pick(confirmed, band)
+        could_win = (top is None or cand.score > top
+                     or (cand.score * band >= top and _rel_l2(cand) < _rel_l2(pick)))
+        if not could_win:
             cand.verdict = Verdict(NOT_RETIMED)
-        elif search.confirm(cand) and (best is None or cand.score > best.score):
-            best = cand
-    return best
+        elif search.confirm(cand, trials=1 if search.out_of_time(0.8) else 2):
+            confirmed.append(cand)
+    chosen = _pick(confirmed, band)
+    if chosen is not None:
+        fastest = max(confirmed, key=lambda c: c.score)
+        search.choice = ("the fastest confirmed candidate" if fastest is chosen else
+                         f"within {search.config.speedup_margin:.0%} of the fastest ({fastest.recipe.name}, "
+                         f"{fastest.score:.3f}x vs {chosen.score:.3f}x geometric mean) and more faithful to FP32 "
+                         f"(relative L2 {_rel_l2(chosen):.4g} vs {_rel_l2(fastest):.4g})")
+    return chosen
 
 
 def refusal(search: Search, report: QuantizeReport) -> GateFailed:
@@ -102,9 +127,24 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
         fp32=search.baseline(), accuracy_fallback=fallback_steps,
         budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
                 "speedup_margin": config.speedup_margin},
-        timing=("interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
+        timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
+                "the rest interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
                 + "); each model judged at its fastest per batch size (recorded in 'sessions'); re-timed "
                 "candidates show the median of their trials, and the choice is the fastest by those"))
+
+
+def prepare(search: Search, graph_ops: set[str]) -> tuple[list[dict], dict]:
+    """Transformer fusions (kept only when faster), then pre-processing. Sets the sources each
+    candidate is built from, in fallback order: the pre-processed model (weights constant-folded),
+    the same without exporter/shape-inference value_info, then the raw model without it."""
+    source, optimizer_record = search.onnx_path, {"tried": False}
+    if graph_ops & TRANSFORMER_OPS and search.config.mode != "fp16":
+        search.say("trying onnxruntime.transformers graph fusions")
+        source, optimizer_record = fused_source(search)
+    model_in, pre_attempts = preprocess(source, search.work)
+    search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, search.work / "pre_stripped.onnx"),
+                                         strip_value_info(source, search.work / "raw_stripped.onnx")]))
+    return pre_attempts, optimizer_record
 
 
 def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
@@ -127,30 +167,39 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:
         search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say)
-        source, optimizer_record = onnx_path, {"tried": False}
-        if graph_ops & TRANSFORMER_OPS and config.mode != "fp16":
-            say("trying onnxruntime.transformers graph fusions")
-            source, optimizer_record = fused_source(search)
-        model_in, pre_attempts = preprocess(source, search.work)
-        # Fallbacks per candidate: the pre-processed model (weights constant-folded), the same
-        # without exporter/shape-inference value_info, then the raw model without it.
-        search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, search.work / "pre_stripped.onnx"),
-                                             strip_value_info(source, search.work / "raw_stripped.onnx")]))
-        for recipe in recipes:
-            search.build(recipe)
+        search.started = started  # the budget covers the whole stage
+        with search.phase("prepare"):
+            pre_attempts, optimizer_record = prepare(search, graph_ops)
+        with search.phase("build"):
+            for recipe in recipes:
+                if search.engines and search.out_of_time(0.4):
+                    skipped.append({"recipe": recipe.name, "why": f"time budget ({config.time_budget_s} s): building "
+                                    "stops at 40% of it so the timing of what was built fits"})
+                    continue
+                search.build(recipe)
         if not search.engines:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
-        say(f"measuring {len(search.engines)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
-        search.measure(sorted(search.engines))
-        for i in search.engines:
+        with search.phase("screen"):
+            finalists = search.screen(sorted(search.engines))
+        say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
+        with search.phase("measure"):
+            search.measure(finalists)
+        for i in finalists:
             search.judge(search.candidates[i])
-        chosen = choose(search, [c for c in search.candidates if c.verdict])
+        with search.phase("confirm"):
+            chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
         if chosen is None:
-            chosen, fallback_steps = accuracy_fallback(search)
+            with search.phase("accuracy_fallback"):
+                chosen, fallback_steps = accuracy_fallback(search)
         report = initial_report(search, cpu, recipes, skipped, pre_attempts, optimizer_record, fallback_steps)
-        report.judged_on = judged_on
+        report.judged_on = judged_on + (
+            "" if search.resolved else
+            f"; {search.rows} rows cannot resolve a {config.max_accuracy_drop} budget (one row is "
+            f"{1 / search.rows:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
+        report.choice = search.choice
+        report.phases = search.phases
         if chosen is None:
             report.candidates = [c.row() for c in search.candidates]
             report.seconds = round(time.perf_counter() - started, 2)

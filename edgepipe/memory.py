@@ -1,0 +1,50 @@
+"""Peak resident memory of a piece of work: what a stage really needed, recorded beside its wall
+time. On Linux the process's high-water mark is reset before the work (/proc/self/clear_refs), so
+the figure belongs to that work alone; elsewhere it is the process's peak so far, and says so."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakMemory:
+    """`with PeakMemory() as peak: work()` then `peak.mb` and `peak.scope` ("work": the peak of
+    this work alone; "process": the process's peak since it started, where no reset exists)."""
+
+    def __init__(self) -> None:
+        self.mb: float | None = None
+        self.scope = "process"
+
+    def __enter__(self) -> "PeakMemory":
+        try:
+            _CLEAR.write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+            self.scope = "work" if _status_kb("VmHWM") is not None else "process"
+        except OSError:
+            self.scope = "process"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        kb = _status_kb("VmHWM") if self.scope == "work" else None
+        if kb is None:
+            self.scope = "process"
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            kb = peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
+        self.mb = round(kb / 1024, 1)
+
+    def to_dict(self) -> dict:
+        return {"peak_rss_mb": self.mb, "peak_rss_scope": self.scope}
