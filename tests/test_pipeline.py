@@ -108,7 +108,8 @@ def test_demo_end_to_end(tmp_path, cli):
         assert name in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
-    assert (out / "report.md").read_text().count("| transformer |") == 3
+    table = (out / "report.md").read_text().split("## What each stage cost")
+    assert table[0].count("| transformer |") == 3 and table[1].count("| transformer |") == 4  # + what each cost
     from edgepipe.runtime import Engine
     from edgepipe.runtime.sessions import route_batch
 

@@ -76,6 +76,27 @@ def test_int8_mlp_is_faster_than_fp32_at_batch_32(zoo, quantized):
     assert speedup > 1.1, f"INT8 {stats['int8'].p50_ms:.4f} ms vs FP32 {stats['fp32'].p50_ms:.4f} ms"
 
 
+@pytest.mark.slow
+def test_the_record_states_the_speedup_as_a_fraction_of_the_kernel_ceiling(zoo, quantized):
+    """The chosen recipe timed on the model's heaviest kernel alone (real weights, the chosen
+    session setting) at the largest batch size: "good" relative to what this CPU can do."""
+    from edgepipe.quantize.ceiling import dominant_kernel
+
+    for name, op in (("mlp", {"MatMul", "Gemm"}), ("cnn", {"Conv", "Gemm", "MatMul"}), ("lstm", {"LSTM"})):
+        record = quantized[name].record
+        ceiling = record["ceiling"]
+        assert "error" not in ceiling, (name, ceiling)
+        assert ceiling["op"] in op and ceiling["recipe"] == record["chosen"]["recipe"], (name, ceiling)
+        batch = ceiling["batch"]
+        assert ceiling["kernel_speedup"] > 0 and ceiling["input_shape"][0 if op != {"LSTM"} else 1] == batch
+        assert ceiling["model_speedup"] == pytest.approx(record["chosen"]["speedup"][str(batch)], abs=1e-3)
+        assert ceiling["fraction_of_ceiling"] == pytest.approx(ceiling["model_speedup"] / ceiling["kernel_speedup"],
+                                                               abs=2e-3)
+    node, shapes, share = dominant_kernel(zoo["mlp"].onnx, 32)
+    assert share > 0.5  # the 512x512 layer: 8x the 64x512 one's multiply-adds
+    assert sorted(quantized["mlp"].record["ceiling"]["weight_shape"]) == [512, 512]
+
+
 def test_dynamic_conv_is_never_a_candidate():
     recipes, skipped = candidate_recipes({"Conv", "Relu", "Gemm"}, VNNI_X86)
     assert recipes and all(r.method == "static" for r in recipes)

@@ -57,6 +57,13 @@ def quantize_summary(report, output: Path) -> str:
                      f"Engine.from_run applies them)")
     if report.choice and report.choice != "the fastest confirmed candidate":
         lines.append(f"why this one: {report.choice}")
+    ceiling = report.ceiling or {}
+    if "fraction_of_ceiling" in ceiling:
+        lines.append(f"INT8 ceiling here: {ceiling['op']} {ceiling['input_shape']} x {ceiling['weight_shape']} alone runs "
+                     f"{ceiling['kernel_speedup']:.2f}x in INT8 at batch {ceiling['batch']}; the model's "
+                     f"{ceiling['model_speedup']:.2f}x is {ceiling['fraction_of_ceiling']:.0%} of it")
+    elif "error" in ceiling:
+        lines.append(f"INT8 ceiling not measured: {ceiling['error']}")
     if report.phases:
         lines.append(f"search took {report.seconds} s: " + ", ".join(f"{k} {v} s" for k, v in report.phases.items()))
     return "\n".join(lines)

@@ -36,6 +36,9 @@ class QuantizeConfig:
     # left are recorded as skipped), confirmation takes one trial instead of two past 80%, and
     # the accuracy fallback stops at 100%; the timing of what was built always completes.
     time_budget_s: float | None = None
+    # Time the chosen recipe on the model's heaviest MatMul/Gemm/Conv/LSTM alone (a second or
+    # two): the record then gives the model's speedup as a fraction of what the kernel can do here.
+    measure_ceiling: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -133,6 +133,21 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
 
+def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
+    """The chosen recipe on the model's dominant kernel alone, at the largest batch size, and the
+    model's speedup there as a fraction of it (ceiling.py). Never fails the stage."""
+    from edgepipe.quantize.ceiling import ceiling_record, measure_ceiling
+
+    batch = max(search.config.batch_sizes)
+    search.say(f"measuring the INT8 kernel ceiling of the dominant op at batch {batch}")
+    try:
+        # the pre-processed model the candidates were built from: weights there are constants
+        measured = measure_ceiling(search.sources[0], chosen.recipe, batch, chosen.settings[batch], search.work)
+    except Exception as exc:  # a diagnostic: its failure is recorded, not raised
+        return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
+    return ceiling_record(measured, chosen.speedup.get(batch))
+
+
 def prepare(search: Search, graph_ops: set[str]) -> tuple[list[dict], dict]:
     """Transformer fusions (kept only when faster), then pre-processing. Sets the sources each
     candidate is built from, in fallback order: the pre-processed model (weights constant-folded),
@@ -205,6 +220,10 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             report.seconds = round(time.perf_counter() - started, 2)
             raise refusal(search, report)
         chosen.verdict = Verdict(CHOSEN)
+        if config.measure_ceiling and not search.out_of_time():
+            with search.phase("ceiling"):
+                report.ceiling = kernel_ceiling(search, chosen)
+            report.phases = search.phases
         out_path = Path(out_path)
         with atomic_path(out_path) as tmp_out:
             shutil.copyfile(chosen.path, tmp_out)

@@ -1,0 +1,128 @@
+"""Real-size Hugging Face models through edgepipe, beside plain onnxruntime `quantize_dynamic`.
+
+    python benchmarks/hf_models.py [--models resnet50,bert-base] [--batch 1,8] [--time-budget 240]
+
+Each model is built offline from its transformers config with random weights (nothing is
+downloaded) and saved with save_pretrained; then, each step in its own process so its wall time
+and peak RSS are its own: `edgepipe export FOLDER` and `edgepipe quantize` (generated inputs:
+judged by top-1 agreement with FP32). Then, in this process, FP32, edgepipe's INT8 and plain
+`quantize_dynamic` (S8 weights, per-tensor, full range: what most tutorials run) are timed
+interleaved at each batch size with all cores, and their outputs compared with FP32's (relative
+L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
+fidelity is the figure to read. Writes benchmarks/results/hf_models.json, one line per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {  # name -> (transformers class, config class, config kwargs)
+    "resnet50": ("ResNetForImageClassification", "ResNetConfig", {}),
+    "mobilenetv2": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {}),
+    "vit-base": ("ViTForImageClassification", "ViTConfig", {}),
+    "bert-base": ("BertForSequenceClassification", "BertConfig", {"num_labels": 2}),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", {"num_labels": 2}),
+}
+
+
+def save_model(name: str, folder: Path) -> int:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model_cls, config_cls, kwargs = MODELS[name]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_step(args: list[str]) -> dict:
+    """Run one edgepipe command in its own process: its wall time, peak RSS and exit code."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "exit": os.waitstatus_to_exitcode(status), "tail": output.strip().splitlines()[-6:]}
+
+
+def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int) -> dict:
+    from edgepipe.quantize.evaluation import fidelity
+    from edgepipe.runtime import Engine, measure_interleaved
+    from edgepipe.runtime.spec import make_feeds
+
+    engines = {"fp32": Engine(fp32), "edgepipe": Engine(int8), "plain_dynamic": Engine(plain)}
+    out: dict = {"speedup": {}, "fidelity": {}}
+    for batch in batches:
+        feeds = make_feeds(engines["fp32"].inputs, batch=batch, seed=3)
+        stats = measure_interleaved({k: e.runner(feeds) for k, e in engines.items()}, batch, rounds=rounds)
+        out["speedup"][batch] = {k: round(stats["fp32"].p50_ms / s.p50_ms, 3) for k, s in stats.items() if k != "fp32"}
+        out.setdefault("fp32_p50_ms", {})[batch] = round(stats["fp32"].p50_ms, 3)
+    feeds = make_feeds(engines["fp32"].inputs, batch=8, seed=4)
+    reference = engines["fp32"].run(feeds)[engines["fp32"].output_names[0]]
+    for key in ("edgepipe", "plain_dynamic"):
+        got = engines[key].run(feeds)[engines[key].output_names[0]]
+        out["fidelity"][key] = {k: round(v, 5) for k, v in fidelity(got, reference).items()}
+    return out
+
+
+def bench(name: str, work: Path, batches: list[int], time_budget: float | None, rounds: int) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = work / name
+    row: dict = {"model": name, "parameters": save_model(name, folder)}
+    onnx_path, int8, plain = work / f"{name}.onnx", work / f"{name}.int8.onnx", work / f"{name}.plain.onnx"
+    row["export"] = run_step(["export", str(folder), "-o", str(onnx_path), "--json", str(work / f"{name}.export.json")])
+    if row["export"]["exit"] != 0:
+        return row
+    row["fp32_mb"] = round(onnx_path.stat().st_size / 1e6, 1)
+    quant_args = ["quantize", str(onnx_path), "-o", str(int8), "--batch", ",".join(map(str, batches)),
+                  "--json", str(work / f"{name}.quant.json")]
+    if time_budget:
+        quant_args += ["--time-budget", str(time_budget)]
+    row["quantize"] = run_step(quant_args)
+    record = json.loads((work / f"{name}.quant.json").read_text()) if (work / f"{name}.quant.json").exists() else {}
+    row["chosen"] = (record.get("chosen") or {}).get("recipe")
+    row["phases"], row["ceiling"] = record.get("phases"), record.get("ceiling")
+    started = time.perf_counter()
+    quantize_dynamic(str(onnx_path), str(plain), weight_type=QuantType.QInt8)
+    row["plain_dynamic_seconds"] = round(time.perf_counter() - started, 1)
+    if int8.exists():
+        row |= compare(onnx_path, int8, plain, batches, rounds)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,bert-base")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--time-budget", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    from edgepipe.runtime.hardware import read_cpu
+
+    cpu = read_cpu()
+    print(json.dumps({"cpu": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni}), flush=True)
+    batches = [int(b) for b in args.batch.split(",")]
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,
+                                                        "batches": batches, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

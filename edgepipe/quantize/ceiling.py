@@ -1,0 +1,136 @@
+"""How much faster INT8 can be than FP32 for a model's dominant kernel, on the CPU at hand: the
+ceiling its speedup is judged against. A 1.3x model is weak on a CPU where its heaviest MatMul
+runs 2.5x faster in INT8 (VNNI, AMX), and near the limit where it runs 1.4x (AVX2 only).
+
+The dominant kernel is the MatMul/Gemm/Conv/LSTM node with the most multiply-adds at the largest
+configured batch size (shapes from ONNX shape inference). It is cut out of the model with its
+real weights and attributes, quantized with the chosen recipe, and timed against its FP32 self
+with the chosen model's session setting."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from edgepipe.quantize.builders import build
+from edgepipe.quantize.config import EvalData
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.spec import make_feeds
+from edgepipe.runtime.timing import measure_interleaved
+
+KERNEL_OPS = ("MatMul", "Gemm", "Conv", "LSTM")
+
+
+def _shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Every tensor's shape with the graph inputs fixed to the feeds' shapes."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in model.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, onnx.TensorProto]) -> int:
+    """Multiply-adds of a kernel node whose weight is a constant (0 when unknown)."""
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    x = shapes.get(node.input[0])
+    if weight is None or x is None:
+        return 0
+    w = list(weight.dims)
+    if node.op_type in ("MatMul", "Gemm"):
+        return int(np.prod(x[:-1])) * int(np.prod(w))
+    if node.op_type == "Conv":
+        out = shapes.get(node.output[0])
+        return int(np.prod(out)) * int(np.prod(w[1:])) if out else 0
+    if node.op_type == "LSTM":  # input and recurrent GEMMs per step
+        recurrent = inits.get(node.input[2])
+        return x[0] * x[1] * (int(np.prod(w)) + (int(np.prod(recurrent.dims)) if recurrent is not None else 0))
+    return 0
+
+
+def dominant_kernel(model_path: Path, batch: int) -> tuple[onnx.NodeProto, dict, float] | None:
+    """(node, shapes, its share of the kernel multiply-adds), or None without such a node."""
+    model = onnx.load(str(model_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    feeds = make_feeds(Engine(model_path, providers="cpu").inputs, batch=batch)
+    shapes = _shapes(model, feeds)
+    nodes = list(model.graph.node)
+    macs = {i: _macs(n, shapes, inits) for i, n in enumerate(nodes) if n.op_type in KERNEL_OPS}
+    total = sum(macs.values())
+    if not total:
+        return None
+    heaviest = max(macs, key=macs.get)
+    return nodes[heaviest], shapes, macs[heaviest] / total
+
+
+def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str, list[int]]
+                 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The node alone, with its real constant inputs, and seeded feeds for the rest. An optional
+    input computed in the graph with no static shape (an LSTM's initial state built from the
+    batch size) is left out: the op's default (zeros) stands in for it."""
+    inits = {i.name: i for i in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    inputs, constants, feeds = [], [], {}
+    node = onnx.NodeProto.FromString(node.SerializeToString())
+    for position, name in enumerate(node.input):
+        if position > 0 and name and name not in inits and name not in shapes:
+            node.input[position] = ""
+    for name in node.input:
+        if not name:
+            continue
+        if name in inits:
+            constants.append(inits[name])
+        elif name not in feeds:
+            shape = shapes[name]
+            inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
+    graph = helper.make_graph([node], "kernel", inputs, outputs, constants)
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    kernel = helper.make_model(graph, opset_imports=opsets)
+    kernel.ir_version = model.ir_version
+    return kernel, feeds
+
+
+def measure_ceiling(model_path: Path, recipe, batch: int, session, work: Path, rounds: int = 8) -> dict:
+    """The dominant kernel's INT8-vs-FP32 speedup with `recipe` at `batch`, and what it is."""
+    found = dominant_kernel(model_path, batch)
+    if found is None:
+        return {"error": "no MatMul/Gemm/Conv/LSTM with a constant weight"}
+    node, shapes, share = found
+    kernel, feeds = kernel_model(node, onnx.load(str(model_path)), shapes)
+    fp32 = work / "ceiling.fp32.onnx"
+    onnx.save(kernel, str(fp32))
+    int8 = work / "ceiling.int8.onnx"
+    calibration = EvalData({k: np.concatenate([v, np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)])
+                            for k, v in feeds.items()})
+    build(replace(recipe, nodes_to_exclude=()), fp32, int8, calibration, 64)
+    options = session.engine_options()
+    calls = {name: Engine(path, providers="cpu", **options).runner(feeds) for name, path in (("fp32", fp32), ("int8", int8))}
+    stats = measure_interleaved(calls, batch, rounds=rounds)
+    return {"op": node.op_type, "node": node.name, "input_shape": shapes.get(node.input[0]),
+            "weight_shape": next((list(i.dims) for i in kernel.graph.initializer if i.name == node.input[1]), None),
+            "share_of_macs": round(share, 3), "batch": batch, "recipe": recipe.name, "session": session.to_dict(),
+            "kernel_speedup": round(stats["fp32"].p50_ms / stats["int8"].p50_ms, 3)}
+
+
+def ceiling_record(measured: dict, model_speedup: float | None) -> dict:
+    """The measured ceiling plus the model's speedup at the same batch as a fraction of it."""
+    if "error" in measured or model_speedup is None:
+        return measured
+    return measured | {"model_speedup": round(model_speedup, 3),
+                       "fraction_of_ceiling": round(model_speedup / measured["kernel_speedup"], 3)}
+
