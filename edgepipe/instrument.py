@@ -31,23 +31,43 @@ def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
     return min(CAP_DB, 10.0 * math.log10(signal / noise))
 
 
+class ChannelNoise:
+    """Per-channel signal and noise energy, accumulated over chunks of rows: the same figure as
+    one pass over all rows, with one chunk's tensors in memory."""
+
+    def __init__(self) -> None:
+        self.signal: np.ndarray | None = None
+        self.noise: np.ndarray | None = None
+        self.mismatch = False
+
+    def add(self, reference: np.ndarray, actual: np.ndarray) -> "ChannelNoise":
+        if reference.shape != actual.shape or reference.ndim == 0:
+            self.mismatch = True
+            return self
+        axis = 1 if reference.ndim == 4 else reference.ndim - 1
+        ref = np.moveaxis(reference.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
+        act = np.moveaxis(actual.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
+        signal, noise = np.sum(ref ** 2, axis=1), np.sum((ref - act) ** 2, axis=1)
+        self.signal = signal if self.signal is None else self.signal + signal
+        self.noise = noise if self.noise is None else self.noise + noise
+        return self
+
+    def nsr(self) -> float:
+        if self.mismatch or self.signal is None:
+            return 1.0
+        live = self.signal > 0
+        if not live.any():
+            return float(self.noise.sum() > 0)
+        return float(np.mean(np.minimum(self.noise[live] / self.signal[live], 1.0)))
+
+
 def channel_nsr(reference: np.ndarray, actual: np.ndarray) -> float:
     """Noise-to-signal ratio averaged over channels (axis 1 of 4-D, else the last axis).
 
     Whole-tensor SQNR is dominated by the largest channel: per-tensor quantization that wipes
     out every channel but one outlier still scores ~40 dB. Averaging per channel does not hide it.
     """
-    if reference.shape != actual.shape or reference.ndim == 0:
-        return 1.0
-    axis = 1 if reference.ndim == 4 else reference.ndim - 1
-    ref = np.moveaxis(reference.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
-    act = np.moveaxis(actual.astype(np.float64), axis, 0).reshape(reference.shape[axis], -1)
-    signal = np.sum(ref ** 2, axis=1)
-    noise = np.sum((ref - act) ** 2, axis=1)
-    live = signal > 0
-    if not live.any():
-        return float(noise.sum() > 0)
-    return float(np.mean(np.minimum(noise[live] / signal[live], 1.0)))
+    return ChannelNoise().add(reference, actual).nsr()
 
 
 def instrumented_copy(path: Path, names: list[str], work: Path) -> Path:
@@ -65,6 +85,16 @@ def run_all(path: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
     session = new_session(path)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def run_in_chunks(path: Path, feeds: Mapping[str, np.ndarray], rows: int):
+    """Every output of `path` for `rows` rows at a time (one session): what an instrumented
+    model holds at once stays bounded by a chunk, not by the whole probe."""
+    session = new_session(path)
+    names = [o.name for o in session.get_outputs()]
+    total = min(len(v) for v in feeds.values())
+    for start in range(0, total, rows):
+        yield dict(zip(names, session.run(names, {k: v[start:start + rows] for k, v in feeds.items()})))
 
 
 def after_qdq(graph: onnx.GraphProto) -> dict[str, str]:

@@ -652,7 +652,7 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     from edgepipe.quantize.search import Candidate, Search
 
     search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
-    search.config, search.say = QuantizeConfig(rounds=12), lambda message: None
+    search.config, search.say, search.timers = QuantizeConfig(rounds=12), lambda message: None, {1: "sessions"}
     search.candidates = [Candidate(Recipe("dynamic", weight_type=k), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
 
@@ -666,4 +666,23 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     assert calls == [([0, 1, 2], 3)]
     slow = search.candidates[1]
     assert slow.screened and str(slow.verdict).endswith("at batch 32 (0.50x) in the screening pass")
+    assert 1 not in search.timers  # its timing sessions (and their memory) released
     assert search.screen([2]) == [2] and len(calls) == 1  # one candidate: nothing to screen
+
+
+def test_channel_noise_accumulated_over_chunks_equals_one_pass_over_all_rows():
+    """The fallback's node ranking runs instrumented models a chunk of rows at a time (BERT-base
+    with all 64 probe rows at once needed over 24 GB): the figure must not change."""
+    from edgepipe.instrument import ChannelNoise, channel_nsr
+
+    rng = np.random.default_rng(0)
+    for shape in ((64, 16, 5, 5), (64, 12, 32)):
+        reference = rng.standard_normal(shape).astype(np.float32)
+        reference[:, 3] *= 50  # an outlier channel must not hide the rest
+        actual = reference + rng.standard_normal(shape).astype(np.float32) * 0.05
+        chunked = ChannelNoise()
+        for start in range(0, 64, 8):
+            chunked.add(reference[start:start + 8], actual[start:start + 8])
+        assert chunked.nsr() == pytest.approx(channel_nsr(reference, actual), rel=1e-9)
+        assert chunked.nsr() > 1e-6  # real noise, measured
+    assert ChannelNoise().add(np.zeros((2, 3)), np.zeros((2, 4))).nsr() == 1.0  # shapes differ: all noise

@@ -3,11 +3,10 @@ setting, judge each, and confirm an accepted one in fresh trials before it can s
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,67 +14,16 @@ import numpy as np
 
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
+from edgepipe.quantize.candidate import Candidate, by_session_rows
 from edgepipe.quantize.config import EvalData, QuantizeConfig
-from edgepipe.quantize.evaluation import Flips, evaluate, fidelity, flips, resolves
+from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
 from edgepipe.quantize.recipes import Recipe
-from edgepipe.quantize.report import Baseline, CandidateRow
+from edgepipe.quantize.report import Baseline
 from edgepipe.quantize.verdict import FAILED, OK, SPEED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.timing import measure_interleaved
-
-
-def by_session_rows(p50_by_setting: dict[SessionSetting, dict[int, float]]) -> list[dict]:
-    """[{"threads", "spinning", "p50_ms": {batch: ms}}] for the record."""
-    return [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}
-            for s, p50 in p50_by_setting.items()]
-
-
-@dataclass
-class Candidate:
-    recipe: Recipe
-    path: Path | None = None
-    error: str | None = None
-    integer_nodes: int = 0
-    accuracy: float | None = None
-    agreement: float | None = None
-    accuracy_drop: float | None = None
-    fidelity: dict[str, float] | None = None  # rel_l2 and cosine of the first output vs FP32's
-    flips: Flips | None = None  # rows lost and gained vs FP32
-    built_from: str = ""
-    p50_ms: dict[int, float] = field(default_factory=dict)
-    speedup: dict[int, float] = field(default_factory=dict)
-    speedup_trials: dict[int, list[float]] = field(default_factory=dict)  # when confirmed
-    settings: dict[int, SessionSetting] = field(default_factory=dict)  # fastest per batch size
-    p50_by_setting: dict[SessionSetting, dict[int, float]] = field(default_factory=dict)
-    verdict: Verdict = field(default_factory=Verdict)
-    screened: bool = False  # judged on the screening pass alone (clearly slower)
-
-    @property
-    def score(self) -> float:
-        """Geometric-mean speedup over the configured batch sizes."""
-        values = list(self.speedup.values())
-        return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 0.0
-
-    def row(self) -> CandidateRow:
-        r = self.recipe
-        return CandidateRow(
-            recipe=r.name, method=r.method, format=r.format, activation_type=r.activation_type,
-            weight_type=r.weight_type, per_channel=r.per_channel, calibration=r.calibration,
-            reduce_range=r.reduce_range, excluded_nodes=list(r.nodes_to_exclude),
-            integer_nodes=self.integer_nodes, built_from=self.built_from, accuracy=self.accuracy,
-            agreement=self.agreement, accuracy_drop=self.accuracy_drop,
-            rel_l2=round(self.fidelity["rel_l2"], 6) if self.fidelity else None,
-            cosine=round(self.fidelity["cosine"], 6) if self.fidelity else None,
-            rows_lost=self.flips.losses if self.flips else None, rows_gained=self.flips.gains if self.flips else None,
-            p50_ms={str(b): round(v, 4) for b, v in self.p50_ms.items()},
-            speedup={str(b): round(v, 3) for b, v in self.speedup.items()},
-            speedup_trials={str(b): v for b, v in self.speedup_trials.items()} or None,
-            sessions={str(b): s.to_dict() for b, s in self.settings.items()} or None,
-            p50_ms_by_session=by_session_rows(self.p50_by_setting) or None,
-            size_bytes=self.path.stat().st_size if self.path and self.path.exists() else None,
-            error=self.error, verdict=str(self.verdict))
 
 
 class Search:
@@ -98,7 +46,7 @@ class Search:
         self.fp32_p50_by_setting: dict[SessionSetting, dict[int, float]] = {}
         self.timers: dict[object, dict[SessionSetting, Engine]] = {}  # model key -> a session per setting
         self.candidates: list[Candidate] = []
-        self.engines: dict[int, Engine] = {}
+        self.usable: list[int] = []  # candidates built and evaluated (their sessions released)
         self.sources: list[Path] = []
         self.choice: str | None = None  # why the chosen one won (set by stage.choose)
         self.started = time.perf_counter()
@@ -181,7 +129,7 @@ class Search:
             return cand
         cand.accuracy_drop = (self.fp32_accuracy - cand.accuracy if self.fp32_accuracy is not None
                               else 1.0 - cand.agreement)
-        self.engines[index] = engine
+        self.usable.append(index)
         return cand
 
     def built(self, recipe: Recipe) -> Candidate | None:
@@ -220,6 +168,7 @@ class Search:
             cand = self.candidates[i]
             slow = {b: v for b, v in cand.speedup.items() if v < floor}
             if slow:
+                self.release(i)
                 self.judge(cand)
                 if cand.verdict.kind == SPEED:
                     cand.verdict = replace(cand.verdict, detail=cand.verdict.detail + " in the screening pass")
@@ -227,6 +176,12 @@ class Search:
             else:
                 kept.append(i)
         return kept
+
+    def release(self, *keys) -> None:
+        """Drop the timing sessions of these candidates: each holds a memory arena as large as
+        its biggest batch needed, and a search keeps only what it will time again."""
+        for key in keys:
+            self.timers.pop(key, None)
 
     def measure(self, indices: list[int], rounds: int | None = None) -> None:
         """Time candidates `indices` interleaved with FP32 at every configured batch size and

@@ -11,7 +11,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from edgepipe.instrument import after_qdq, channel_nsr, instrumented_copy, run_all
+from edgepipe.instrument import ChannelNoise, after_qdq, instrumented_copy, run_in_chunks
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
 
 
@@ -29,9 +29,12 @@ def apply_activation(node: onnx.NodeProto, x: np.ndarray, constants: Mapping[str
 
 
 def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray],
-               work: Path) -> list[dict]:
+               work: Path, chunk_rows: int = 8) -> list[dict]:
     """Compute nodes of the FP32 graph, most damaging first, on a QDQ or dynamic model (a
-    QOperator model renames every quantized tensor, so rank on its QDQ twin).
+    QOperator model renames every quantized tensor, so rank on its QDQ twin). The instrumented
+    models run `chunk_rows` rows at a time with the noise accumulated per channel, so memory is
+    bounded by one chunk's intermediate tensors (BERT-base with every tensor of 64 rows at once
+    was killed at 24 GB).
 
     A node's `added_nsr` is the noise (relative to signal) of its output as consumers see it,
     after any Q/DQ, minus that of its input as produced upstream: the error that quantizing its
@@ -69,18 +72,23 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
         out = observed(node)
         pairs[("in", node.name)] = (node.input[0], node.input[0])
         pairs[("out", node.name)] = (out, post.get(out, out))
-    reference = run_all(instrumented_copy(fp32_path, sorted({a for a, _ in pairs.values()}), work), feeds)
-    actual = run_all(instrumented_copy(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work),
-                  feeds)
+    ref_model = instrumented_copy(fp32_path, sorted({a for a, _ in pairs.values()}), work)
+    quant_model = instrumented_copy(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work)
+    noise: dict = {}  # key -> ChannelNoise, accumulated chunk by chunk
+    exact: set = set()  # graph inputs or tensors not observable: treated as exact
+    for reference, actual in zip(run_in_chunks(ref_model, feeds, chunk_rows), run_in_chunks(quant_model, feeds, chunk_rows)):
+        for key, (ref_name, quant_name) in pairs.items():
+            if ref_name not in reference or quant_name not in actual:
+                exact.add(key)
+                continue
+            value = actual[quant_name]
+            if key[0] == "in" and quant_name in folded:
+                value = apply_activation(folded[quant_name], value, constants)
+            noise.setdefault(key, ChannelNoise()).add(reference[ref_name], value)
+        del reference, actual
 
     def nsr(key) -> float:
-        ref_name, quant_name = pairs[key]
-        if ref_name not in reference or quant_name not in actual:
-            return 0.0  # graph input or not observable: treated as exact
-        value = actual[quant_name]
-        if key[0] == "in" and quant_name in folded:
-            value = apply_activation(folded[quant_name], value, constants)
-        return channel_nsr(reference[ref_name], value)
+        return 0.0 if key in exact or key not in noise else noise[key].nsr()
 
     ranked = [{"node": n.name, "op": n.op_type, "nsr_in": nsr(("in", n.name)), "nsr_out": nsr(("out", n.name))}
               for n in nodes]

@@ -133,6 +133,19 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
 
+def generated_rows(onnx_path: Path, seconds: float = 3.0) -> int:
+    """Generated rows to judge agreement on: 512 for a cheap model, fewer for one whose
+    evaluation would cost more than `seconds` per candidate (64 at least). Fewer rows resolve a
+    budget less finely; the accuracy rule then judges by the drop's confidence bound."""
+    engine = Engine(onnx_path, providers="cpu")
+    feeds = make_feeds(engine.inputs, batch=8, seed=1)
+    engine.run(feeds)  # warm-up
+    began = time.perf_counter()
+    engine.run(feeds)
+    per_row = (time.perf_counter() - began) / 8
+    return int(min(512, max(64, seconds / max(per_row, 1e-9))) // 32 * 32)
+
+
 def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
     """The chosen recipe on the model's dominant kernel alone, at the largest batch size, and the
     model's speedup there as a fraction of it (ceiling.py). Never fails the stage."""
@@ -175,7 +188,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     started = time.perf_counter()
     generated = eval_data is None
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
-        eval_data = EvalData(make_feeds(Engine(onnx_path, providers="cpu").inputs, batch=512, seed=1))
+        eval_data = EvalData(make_feeds(Engine(onnx_path, providers="cpu").inputs, batch=generated_rows(onnx_path),
+                                        seed=1))
     rows = min(len(v) for v in eval_data.inputs.values())
     judged_on = (f"accuracy against labels on {rows} held-out rows" if eval_data.labels is not None else
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
@@ -187,21 +201,22 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             pre_attempts, optimizer_record = prepare(search, graph_ops)
         with search.phase("build"):
             for recipe in recipes:
-                if search.engines and search.out_of_time(0.4):
+                if search.usable and search.out_of_time(0.4):
                     skipped.append({"recipe": recipe.name, "why": f"time budget ({config.time_budget_s} s): building "
                                     "stops at 40% of it so the timing of what was built fits"})
                     continue
                 search.build(recipe)
-        if not search.engines:
+        if not search.usable:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
         with search.phase("screen"):
-            finalists = search.screen(sorted(search.engines))
+            finalists = search.screen(sorted(search.usable))
         say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
         with search.phase("measure"):
             search.measure(finalists)
         for i in finalists:
             search.judge(search.candidates[i])
+        search.release(*finalists)  # confirmation and the fallback time with fresh sessions
         with search.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
