@@ -686,3 +686,23 @@ def test_channel_noise_accumulated_over_chunks_equals_one_pass_over_all_rows():
         assert chunked.nsr() == pytest.approx(channel_nsr(reference, actual), rel=1e-9)
         assert chunked.nsr() > 1e-6  # real noise, measured
     assert ChannelNoise().add(np.zeros((2, 3)), np.zeros((2, 4))).nsr() == 1.0  # shapes differ: all noise
+
+
+def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a_call():
+    """A 0.1 ms model keeps the full counts; a 150 ms one (ResNet-50 at batch 8 on 2 cores costs
+    twice that) gets 3 warm-up calls and one call per block: ten candidates timed in minutes."""
+    from edgepipe.runtime.timing import measure_interleaved
+
+    counts = {"cheap": 0, "slow": 0}
+
+    def model(name, seconds):
+        def run():
+            counts[name] += 1
+            time.sleep(seconds)
+        return run
+
+    stats = measure_interleaved({"cheap": model("cheap", 0.0001), "slow": model("slow", 0.15)}, 1,
+                                warmup=10, rounds=3, calls_per_round=10)
+    assert stats["cheap"].iterations == 30 and counts["cheap"] == 30 + 10
+    assert stats["slow"].iterations == 3 and counts["slow"] == 3 + 3
+    assert stats["slow"].p50_ms > 100 * stats["cheap"].p50_ms

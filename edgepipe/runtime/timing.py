@@ -74,6 +74,10 @@ def wait_until_idle(quiet_ms: float = 1.0, step_s: float = 0.005, max_s: float =
     return time.perf_counter() - start
 
 
+WARMUP_S = 0.5  # warm-up per model: up to `warmup` calls, as many as fit in this (2 at least)
+BLOCK_S = 0.1  # one model's block of calls per round: up to `calls_per_round`, as many as fit
+
+
 def measure_interleaved(
     fns: Mapping[str, Callable[[], object]],
     batch: int,
@@ -92,9 +96,19 @@ def measure_interleaved(
     busy CPU after every run on this project's machine), else they would slow whichever
     model is timed next.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
+    # Warm-up and calls per block scale with the cost of a call: a 0.1 ms model gets the full
+    # counts; a 300 ms one (ResNet-50 at batch 8 on 2 cores) gets 2 warm-up calls and 1 call per
+    # block, so timing ten candidates costs minutes, not a quarter of an hour. Each model keeps
+    # `rounds` interleaved samples at least.
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        began = time.perf_counter()
+        fn()
+        cost = max(time.perf_counter() - began, 1e-6)
+        for _ in range(max(0, min(warmup, round(WARMUP_S / cost)) - 2)):
             fn()
+        calls[name] = max(1, min(calls_per_round, round(BLOCK_S / cost)))
     if spinning:
         wait_until_idle()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -102,7 +116,7 @@ def measure_interleaved(
     done_rounds = 0
     while done_rounds < rounds or time.perf_counter() - start < min_time_s:
         for name, fn in fns.items():
-            for _ in range(calls_per_round):
+            for _ in range(calls[name]):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
