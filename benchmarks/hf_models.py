@@ -93,7 +93,14 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
     row["chosen"] = (record.get("chosen") or {}).get("recipe")
     row["phases"], row["ceiling"] = record.get("phases"), record.get("ceiling")
     started = time.perf_counter()
-    quantize_dynamic(str(onnx_path), str(plain), weight_type=QuantType.QInt8)
+    try:
+        quantize_dynamic(str(onnx_path), str(plain), weight_type=QuantType.QInt8)
+    except Exception as exc:  # as a user would meet it; then on a copy without value_info
+        from edgepipe.quantize.rewrites import strip_value_info
+
+        row["plain_dynamic_error"] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+        stripped = strip_value_info(onnx_path, work / f"{name}.stripped.onnx")
+        quantize_dynamic(str(stripped), str(plain), weight_type=QuantType.QInt8)
     row["plain_dynamic_seconds"] = round(time.perf_counter() - started, 1)
     if int8.exists():
         row |= compare(onnx_path, int8, plain, batches, rounds)

@@ -504,3 +504,30 @@ def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):
     x = data.x_test[:256]
     agree = (Engine(out).run(x)["logits"].argmax(1) == Engine(zoo["mlp"].onnx).run(x)["logits"].argmax(1)).mean()
     assert agree >= 0.98
+
+
+def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
+    """ResNet-50's heaviest kernel is its stem conv, which takes pixel_values directly: the cut
+    model must be calibrated and timed at the shapes it declares."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.quantize.ceiling import measure_ceiling
+    from edgepipe.runtime.sessions import SessionSetting
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "W")
+    small = numpy_helper.from_array(rng.standard_normal((4, 16, 1, 1)).astype(np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["pixel_values", "W"], ["h"], pads=[1, 1, 1, 1], name="stem"),
+         helper.make_node("Conv", ["h", "W2"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 32, 32])], [weight, small])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "conv.onnx")
+    recipe = Recipe("static", "QDQ", "U8", "S8", per_channel=True)
+    result = measure_ceiling(tmp_path / "conv.onnx", recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
+    assert "error" not in result, result
+    assert result["node"] == "stem" and result["input_shape"] == [8, 3, 32, 32] and result["weight_shape"] == [16, 3, 3, 3]
+    assert result["share_of_macs"] == pytest.approx(432 / (432 + 64), abs=1e-3) and result["kernel_speedup"] > 0

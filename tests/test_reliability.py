@@ -706,3 +706,40 @@ def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a
     assert stats["cheap"].iterations == 30 and counts["cheap"] == 30 + 10
     assert stats["slow"].iterations == 3 and counts["slow"] == 3 + 3
     assert stats["slow"].p50_ms > 100 * stats["cheap"].p50_ms
+
+
+def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp32_run(tmp_path, monkeypatch):
+    """All candidates' sessions alive at once held 7.7 GB for ResNet-50: above PAIRWISE_BYTES each
+    candidate is timed with FP32 alone, judged against that FP32 run, and released."""
+    from edgepipe.quantize import search as search_mod
+    from edgepipe.quantize.config import QuantizeConfig
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Candidate, Search
+    from edgepipe.runtime.sessions import SessionSetting
+
+    setting = SessionSetting(2, False)
+    search = Search.__new__(Search)
+    search.config, search.settings = QuantizeConfig(batch_sizes=(8,)), [setting]
+    search.onnx_path = tmp_path / "big.onnx"
+    search.onnx_path.write_bytes(b"0" * 64)
+    search.candidates = [Candidate(Recipe("dynamic", weight_type=k)) for k in "ab"]
+    search.timers = {0: "sessions", 1: "sessions", "fp32": "sessions"}
+    fp32_runs = iter([10.0, 12.0])  # FP32 drifts between the two groups
+    groups = []
+
+    def measure_group(indices, rounds):
+        groups.append(list(indices))
+        return {"fp32": {8: {setting: next(fp32_runs)}}, **{i: {8: {setting: 5.0}} for i in indices}}
+
+    search.measure_group = measure_group
+    monkeypatch.setattr(search_mod, "PAIRWISE_BYTES", 10)
+    search.measure([0, 1])
+    assert groups == [[0], [1]]
+    assert search.candidates[0].speedup == {8: 2.0} and search.candidates[1].speedup == {8: 2.4}
+    assert search.fp32_p50 == {8: 11.0} and set(search.timers) == {"fp32"}
+
+    monkeypatch.setattr(search_mod, "PAIRWISE_BYTES", 1 << 30)  # a small model: all at once
+    groups.clear()
+    fp32_runs = iter([10.0])
+    search.measure([0, 1])
+    assert groups == [[0, 1]]

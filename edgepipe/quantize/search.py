@@ -25,6 +25,9 @@ from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.timing import measure_interleaved
 
+# FP32 models above this size have their candidates timed one at a time (see Search.measure).
+PAIRWISE_BYTES = 32 << 20
+
 
 class Search:
     """One quantize run: the FP32 reference, the data, and every candidate tried."""
@@ -186,10 +189,36 @@ class Search:
     def measure(self, indices: list[int], rounds: int | None = None) -> None:
         """Time candidates `indices` interleaved with FP32 at every configured batch size and
         session setting; each model is then judged at its own fastest setting per batch size, so
-        neither side is handicapped by a setting that suits only the other."""
+        neither side is handicapped by a setting that suits only the other. A large model's
+        candidates are timed one at a time, each interleaved with FP32 and judged against that
+        FP32 timing: every live session holds an arena as large as its biggest batch needed,
+        and ResNet-50's nine candidates at once held 7.7 GB."""
+        large = self.onnx_path.stat().st_size > PAIRWISE_BYTES
+        groups = [[i] for i in indices] if large and len(indices) > 1 else [indices]
+        fp32_runs = []
+        for group in groups:
+            p50 = self.measure_group(group, rounds)
+            fp32_runs.append(p50["fp32"])
+            fp32_best = {b: p50["fp32"][b][s] for b, s in fastest_per_batch(p50["fp32"]).items()}
+            for i in group:
+                cand = self.candidates[i]
+                cand.settings = fastest_per_batch(p50[i])
+                cand.p50_by_setting = {s: {b: p50[i][b][s] for b in p50[i]} for s in self.settings}
+                cand.p50_ms = {b: p50[i][b][s] for b, s in cand.settings.items()}
+                cand.speedup = {b: fp32_best[b] / cand.p50_ms[b] for b in cand.p50_ms}
+            if large:
+                self.release(*group)
+        fp32 = {b: {s: float(np.median([run[b][s] for run in fp32_runs])) for s in self.settings}
+                for b in self.config.batch_sizes}
+        self.fp32_settings = fastest_per_batch(fp32)
+        self.fp32_p50 = {b: fp32[b][s] for b, s in self.fp32_settings.items()}
+        self.fp32_p50_by_setting = {s: {b: fp32[b][s] for b in fp32} for s in self.settings}
+
+    def measure_group(self, indices: list[int], rounds: int | None) -> dict:
+        """{"fp32" or index: {batch: {setting: p50 ms}}}, all interleaved in one measurement."""
         models = {"fp32": self.sessions("fp32", self.fp32.path)}
         models |= {i: self.sessions(i, self.candidates[i].path) for i in indices}
-        p50: dict = {key: {} for key in models}  # key -> batch -> setting -> ms
+        p50: dict = {key: {} for key in models}
         for batch in self.config.batch_sizes:
             feeds = self.timing_feeds(batch)
             fns = {(key, s): e.runner(feeds) for key, engines in models.items() for s, e in engines.items()}
@@ -197,19 +226,7 @@ class Search:
                                         spinning={key for key in fns if key[1].spinning})
             for (key, s), st in stats.items():
                 p50[key].setdefault(batch, {})[s] = st.p50_ms
-
-        def by_setting(key) -> dict[SessionSetting, dict[int, float]]:
-            return {s: {b: p50[key][b][s] for b in p50[key]} for s in self.settings}
-
-        self.fp32_settings = fastest_per_batch(p50["fp32"])
-        self.fp32_p50 = {b: p50["fp32"][b][s] for b, s in self.fp32_settings.items()}
-        self.fp32_p50_by_setting = by_setting("fp32")
-        for i in indices:
-            cand = self.candidates[i]
-            cand.settings = fastest_per_batch(p50[i])
-            cand.p50_by_setting = by_setting(i)
-            cand.p50_ms = {b: p50[i][b][s] for b, s in cand.settings.items()}
-            cand.speedup = {b: self.fp32_p50[b] / cand.p50_ms[b] for b in cand.p50_ms}
+        return p50
 
     def confirm(self, cand: Candidate, trials: int = 2) -> bool:
         """Re-time an accepted candidate against FP32 in `trials` more trials, each with fresh
