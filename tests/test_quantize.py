@@ -507,8 +507,9 @@ def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):
 
 
 def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
-    """ResNet-50's heaviest kernel is its stem conv, which takes pixel_values directly: the cut
-    model must be calibrated and timed at the shapes it declares."""
+    """ResNet-50's heaviest kernel is its stem conv, which takes pixel_values directly and is not
+    representative (0.86x in INT8 where the model ran 2.07x): another kernel is preferred, and
+    when the stem is all there is, the cut model is calibrated at the shapes it declares."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -529,5 +530,12 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
     recipe = Recipe("static", "QDQ", "U8", "S8", per_channel=True)
     result = measure_ceiling(tmp_path / "conv.onnx", recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
     assert "error" not in result, result
-    assert result["node"] == "stem" and result["input_shape"] == [8, 3, 32, 32] and result["weight_shape"] == [16, 3, 3, 3]
-    assert result["share_of_macs"] == pytest.approx(432 / (432 + 64), abs=1e-3) and result["kernel_speedup"] > 0
+    # the stem has 432/(432+64) of the multiply-adds, but a kernel on the raw input is passed over
+    assert result["node"] == "head" and result["input_shape"] == [8, 16, 32, 32] and result["weight_shape"] == [4, 16, 1, 1]
+    assert result["share_of_macs"] == pytest.approx(64 / (432 + 64), abs=1e-3) and result["kernel_speedup"] > 0
+    model.graph.node.pop()  # the stem alone: then it is the kernel, read from the graph input
+    model.graph.output.pop()
+    model.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 16, 32, 32]))
+    onnx.save(model, tmp_path / "stem.onnx")
+    result = measure_ceiling(tmp_path / "stem.onnx", recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
+    assert result["node"] == "stem" and result["input_shape"] == [8, 3, 32, 32] and result["share_of_macs"] == 1.0

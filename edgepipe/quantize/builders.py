@@ -75,8 +75,9 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
     # Activation ranges depend on the source model, the method, the samples and the op types
     # calibrated, not on per-channel, format or reduce_range: the static recipes of one search
     # share them through a cache file in its work folder (one calibration instead of four).
-    key = hashlib.sha256(repr((str(model_path), recipe.calibration, samples, options["op_types_to_quantize"],
-                               recipe.activation_type)).encode()).hexdigest()[:16]
+    stat = Path(model_path).stat()  # a rewritten file at the same path is another model
+    key = hashlib.sha256(repr((str(model_path), stat.st_size, stat.st_mtime_ns, recipe.calibration, samples,
+                               options["op_types_to_quantize"], recipe.activation_type)).encode()).hexdigest()[:16]
     cache = out.parent / f"calibration-{key}.json"
     quantize_static(str(model_path), str(out), None if cache.is_file() else ArrayCalibrationReader(calibration.inputs, samples),
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
