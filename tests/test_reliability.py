@@ -709,8 +709,8 @@ def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a
 
 
 def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp32_run(tmp_path, monkeypatch):
-    """All candidates' sessions alive at once held 7.7 GB for ResNet-50: above PAIRWISE_BYTES each
-    candidate is timed with FP32 alone, judged against that FP32 run, and released."""
+    """Above PAIRWISE_BYTES every candidate is timed with FP32 alone (each live session holds its
+    weights and an arena), judged against that FP32 run, and released."""
     from edgepipe.quantize import search as search_mod
     from edgepipe.quantize.config import QuantizeConfig
     from edgepipe.quantize.recipes import Recipe
