@@ -80,6 +80,8 @@ def test_int8_mlp_is_faster_than_fp32_at_batch_32(zoo, quantized):
 def test_the_record_states_the_speedup_as_a_fraction_of_the_kernel_ceiling(zoo, quantized):
     """The chosen recipe timed on the model's heaviest kernel alone (real weights, the chosen
     session setting) at the largest batch size: "good" relative to what this CPU can do."""
+    import onnx
+
     from edgepipe.quantize.ceiling import dominant_kernel
 
     for name, op in (("mlp", {"MatMul", "Gemm"}), ("cnn", {"Conv", "Gemm", "MatMul"}), ("lstm", {"LSTM"})):
@@ -92,7 +94,7 @@ def test_the_record_states_the_speedup_as_a_fraction_of_the_kernel_ceiling(zoo, 
         assert ceiling["model_speedup"] == pytest.approx(record["chosen"]["speedup"][str(batch)], abs=1e-3)
         assert ceiling["fraction_of_ceiling"] == pytest.approx(ceiling["model_speedup"] / ceiling["kernel_speedup"],
                                                                abs=2e-3)
-    node, shapes, share = dominant_kernel(zoo["mlp"].onnx, 32)
+    node, shapes, share = dominant_kernel(onnx.load(zoo["mlp"].onnx), Engine(zoo["mlp"].onnx).inputs, 32)
     assert share > 0.5  # the 512x512 layer: 8x the 64x512 one's multiply-adds
     assert sorted(quantized["mlp"].record["ceiling"]["weight_shape"]) == [512, 512]
 
@@ -528,7 +530,8 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
     model.ir_version = 8
     onnx.save(model, tmp_path / "conv.onnx")
     recipe = Recipe("static", "QDQ", "U8", "S8", per_channel=True)
-    result = measure_ceiling(tmp_path / "conv.onnx", recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
+    specs = Engine(tmp_path / "conv.onnx").inputs
+    result = measure_ceiling(tmp_path / "conv.onnx", specs, recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
     assert "error" not in result, result
     # the stem has 432/(432+64) of the multiply-adds, but a kernel on the raw input is passed over
     assert result["node"] == "head" and result["input_shape"] == [8, 16, 32, 32] and result["weight_shape"] == [4, 16, 1, 1]
@@ -537,5 +540,5 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
     model.graph.output.pop()
     model.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 16, 32, 32]))
     onnx.save(model, tmp_path / "stem.onnx")
-    result = measure_ceiling(tmp_path / "stem.onnx", recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
+    result = measure_ceiling(tmp_path / "stem.onnx", specs, recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
     assert result["node"] == "stem" and result["input_shape"] == [8, 3, 32, 32] and result["share_of_macs"] == 1.0

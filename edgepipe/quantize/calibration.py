@@ -7,19 +7,25 @@ from typing import Iterator, Mapping
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+# Input bytes per batch, at most: evaluation and calibration sessions grow their memory with
+# the batch (calibration's model outputs every intermediate tensor: 32 ResNet-50 images made a
+# search peak at 7.7 GB, and evaluation batches of 256 images took gigabytes per session).
+BATCH_BYTES = 4 << 20
+
+
+def rows_per_batch(data: Mapping[str, np.ndarray], cap: int, max_bytes: int = BATCH_BYTES) -> int:
+    """Up to `cap` rows, but no more than `max_bytes` of input (1 at least)."""
+    row_bytes = sum(a[:1].nbytes for a in data.values()) or 1
+    return max(1, min(cap, max_bytes // row_bytes))
+
 
 class ArrayCalibrationReader(CalibrationDataReader):
     """Feeds `samples` rows of `data` (name -> array) in batches; rewindable for repeated use."""
 
-    def __init__(self, data: Mapping[str, np.ndarray], samples: int = 256, batch_size: int = 32,
-                 batch_bytes: int = 4 << 20):
+    def __init__(self, data: Mapping[str, np.ndarray], samples: int = 256, batch_size: int = 32):
         self.data = {name: np.ascontiguousarray(a[:samples]) for name, a in data.items()}
         self.count = min(len(a) for a in self.data.values())
-        # Calibration runs a copy of the model that outputs every intermediate tensor: 32 rows of
-        # 224x224 images made ResNet-50's search peak at 7.7 GB. Rows per batch are capped so a
-        # batch holds at most `batch_bytes` of input.
-        row_bytes = sum(a[:1].nbytes for a in self.data.values()) or 1
-        self.batch_size = max(1, min(batch_size, batch_bytes // row_bytes))
+        self.batch_size = rows_per_batch(self.data, batch_size)
         self._iter: Iterator[dict] | None = None
         self._range = (0, len(self))
 

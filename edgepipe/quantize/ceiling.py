@@ -21,15 +21,15 @@ from onnx import helper, shape_inference
 from edgepipe.quantize.builders import build
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
-from edgepipe.runtime.spec import make_feeds
+from edgepipe.runtime.spec import InputSpec, make_feeds
 from edgepipe.runtime.timing import measure_interleaved
 
 KERNEL_OPS = ("MatMul", "Gemm", "Conv", "LSTM")
 
 
 def _shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    """Every tensor's shape with the graph inputs fixed to the feeds' shapes."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    """Every tensor's shape with the graph inputs fixed to the feeds' shapes (in `model` itself:
+    no copy of a model that may weigh hundreds of MB)."""
     for value in model.graph.input:
         if value.name in feeds:
             dims = value.type.tensor_type.shape.dim
@@ -63,12 +63,12 @@ def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, o
     return 0
 
 
-def dominant_kernel(model_path: Path, batch: int) -> tuple[onnx.NodeProto, dict, float] | None:
-    """(node, shapes, its share of the kernel multiply-adds), or None without such a node."""
-    model = onnx.load(str(model_path))
+def dominant_kernel(model: onnx.ModelProto, specs: list[InputSpec], batch: int
+                    ) -> tuple[onnx.NodeProto, dict, float] | None:
+    """(node, shapes, its share of the kernel multiply-adds), or None without such a node.
+    `specs`: the model's inputs (Engine.inputs), which size its dynamic dims."""
     inits = {i.name: i for i in model.graph.initializer}
-    feeds = make_feeds(Engine(model_path, providers="cpu").inputs, batch=batch)
-    shapes = _shapes(model, feeds)
+    shapes = _shapes(model, make_feeds(specs, batch=batch))
     nodes = list(model.graph.node)
     macs = {i: _macs(n, shapes, inits) for i, n in enumerate(nodes) if n.op_type in KERNEL_OPS}
     total = sum(macs.values())
@@ -111,13 +111,15 @@ def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str,
     return kernel, feeds
 
 
-def measure_ceiling(model_path: Path, recipe, batch: int, session, work: Path, rounds: int = 8) -> dict:
+def measure_ceiling(model_path: Path, specs: list[InputSpec], recipe, batch: int, session, work: Path,
+                    rounds: int = 8) -> dict:
     """The dominant kernel's INT8-vs-FP32 speedup with `recipe` at `batch`, and what it is."""
-    found = dominant_kernel(model_path, batch)
+    model = onnx.load(str(model_path))
+    found = dominant_kernel(model, specs, batch)
     if found is None:
         return {"error": "no MatMul/Gemm/Conv/LSTM with a constant weight"}
     node, shapes, share = found
-    kernel, feeds = kernel_model(node, onnx.load(str(model_path)), shapes)
+    kernel, feeds = kernel_model(node, model, shapes)
     stem = f"ceiling-{node.op_type}-{abs(hash(node.name)) % 10**8}"
     fp32, int8 = work / f"{stem}.fp32.onnx", work / f"{stem}.int8.onnx"
     onnx.save(kernel, str(fp32))

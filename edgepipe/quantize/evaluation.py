@@ -8,24 +8,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgepipe.quantize.calibration import rows_per_batch
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
-
-# Rows per evaluation batch: up to 256, but no more than this many input bytes, so a session
-# never grows its memory arena to a batch of 256 224x224 images (ResNet-50: gigabytes per session).
-EVAL_BATCH_BYTES = 4 << 20
-
-
-def eval_batch_size(data: EvalData, cap: int = 256) -> int:
-    row_bytes = sum(a[:1].nbytes for a in data.inputs.values()) or 1
-    return max(1, min(cap, EVAL_BATCH_BYTES // row_bytes))
 
 
 def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None,
              batch_size: int | None = None) -> tuple[np.ndarray, float | None, float | None]:
     """(first output, accuracy vs labels, top-1 agreement vs reference)."""
     n = min(len(a) for a in data.inputs.values())
-    batch_size = batch_size or eval_batch_size(data)
+    batch_size = batch_size or rows_per_batch(data.inputs, 256)
     chunks = []
     for i in range(0, n, batch_size):
         feeds = {k: v[i:i + batch_size] for k, v in data.inputs.items()}

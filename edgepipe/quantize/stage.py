@@ -133,17 +133,18 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
 
-def generated_rows(onnx_path: Path, seconds: float = 3.0) -> int:
-    """Generated rows to judge agreement on: 512 for a cheap model, fewer for one whose
-    evaluation would cost more than `seconds` per candidate (64 at least). Fewer rows resolve a
-    budget less finely; the accuracy rule then judges by the drop's confidence bound."""
+def generated_eval_data(onnx_path: Path, seconds: float = 3.0) -> EvalData:
+    """Seeded rows to judge agreement on: 512 for a cheap model, fewer for one whose evaluation
+    would cost more than `seconds` per candidate (64 at least). Fewer rows resolve a budget less
+    finely; the accuracy rule then judges by the drop's confidence bound."""
     engine = Engine(onnx_path, providers="cpu")
     feeds = make_feeds(engine.inputs, batch=8, seed=1)
     engine.run(feeds)  # warm-up
     began = time.perf_counter()
     engine.run(feeds)
     per_row = (time.perf_counter() - began) / 8
-    return int(min(512, max(64, seconds / max(per_row, 1e-9))) // 32 * 32)
+    rows = int(min(512, max(64, seconds / max(per_row, 1e-9))) // 32 * 32)
+    return EvalData(make_feeds(engine.inputs, batch=rows, seed=1))
 
 
 def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
@@ -155,7 +156,8 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
     search.say(f"measuring the INT8 kernel ceiling of the dominant op at batch {batch}")
     try:
         # the pre-processed model the candidates were built from: weights there are constants
-        measured = measure_ceiling(search.sources[0], chosen.recipe, batch, chosen.settings[batch], search.work)
+        measured = measure_ceiling(search.sources[0], search.fp32.inputs, chosen.recipe, batch,
+                                   chosen.settings[batch], search.work)
     except Exception as exc:  # a diagnostic: its failure is recorded, not raised
         return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
     return ceiling_record(measured, chosen.speedup.get(batch))
@@ -188,8 +190,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     started = time.perf_counter()
     generated = eval_data is None
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
-        eval_data = EvalData(make_feeds(Engine(onnx_path, providers="cpu").inputs, batch=generated_rows(onnx_path),
-                                        seed=1))
+        eval_data = generated_eval_data(onnx_path)
     rows = min(len(v) for v in eval_data.inputs.values())
     judged_on = (f"accuracy against labels on {rows} held-out rows" if eval_data.labels is not None else
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
