@@ -13,6 +13,11 @@ class QuantizeMode(str, Enum):
     fp16 = "fp16"
 
 
+class Backend(str, Enum):
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"  # needs the openvino extra
+
+
 class Calibration(str, Enum):
     minmax = "minmax"
     entropy = "entropy"

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgepipe.cli._common import check_outputs, handle_errors, parse_ints, write_json_out
+from edgepipe.cli.choices import Backend
 from edgepipe.cli.render import latency_table, merged_table, operator_lines, placement_lines
 
 
@@ -22,6 +23,8 @@ def profile(
         help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
     dim: Annotated[Optional[list[str]], typer.Option(
         help="Size of a named dynamic dim, NAME=SIZE (repeatable), e.g. seq=128. Default: the export's example size (else 16); the size used is printed and recorded.")] = None,
+    backend: Annotated[Optional[list[Backend]], typer.Option(
+        help="Runtime: onnxruntime (default) or openvino (CPU; needs the openvino extra). One value for every model, or one per model in order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
     ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
@@ -35,6 +38,13 @@ def profile(
     from edgepipe.runtime.spec import parse_dims
 
     provider_options = parse_provider_options(provider_option or [])
+    paths = [model, *(compare or [])]
+    backends = [b.value for b in backend or [Backend.onnxruntime]]
+    if len(backends) not in (1, len(paths)):
+        from edgepipe.errors import InputError
+
+        raise InputError(f"--backend takes one value or one per model ({len(paths)}), got {len(backends)}")
+    backends = backends * len(paths) if len(backends) == 1 else backends
 
     batches = parse_ints(batch, "--batch")
     sweep = parse_ints(threads, "--threads") if threads else (None,)
@@ -47,11 +57,12 @@ def profile(
         if len(models) != 1 + len(compare):
             models = {str(model): model, **{str(p): p for p in compare}}
         record = compare_models(models, batches, providers=provider, threads=sweep[0], dims=parse_dims(dim or []),
-                                provider_options=provider_options)
+                                provider_options=provider_options, backends=dict(zip(models, backends)))
         by_label = record["latency"]
     else:
         record = profile_model(model, batches, providers=provider, thread_sweep=sweep, min_time_s=seconds,
-                               operators=ops, provider_options=provider_options, dims=parse_dims(dim or []))
+                               operators=ops, provider_options=provider_options, dims=parse_dims(dim or []),
+                               backend=backends[0])
         runs = record["thread_sweep"] or [{"threads": sweep[0] or "default", "latency": record["latency"]}]
         by_label = {f"{model.name} t={run['threads']}" if len(runs) > 1 else model.name: run["latency"]
                     for run in runs}
@@ -63,7 +74,7 @@ def profile(
     if record.get("dims"):
         typer.echo("dynamic dims: " + ", ".join(f"{k}={v}" for k, v in record["dims"].items())
                    + ("" if dim else " (the export's example sizes; set them with --dim NAME=SIZE)"))
-    typer.echo(f"provider: {providers[0]}  threads: {threads or 'onnxruntime default'}  "
+    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in (record.get('models') or {'': {'providers': providers}}).values()))}  threads: {threads or 'onnxruntime default'}  "
                f"cpu: {record['hardware']['cpu']['model']}")
     typer.echo(latency_table(record, by_label))
     if record.get("placement"):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgepipe.cli._common import check_outputs, handle_errors, load_npz, parse_ints, write_json_out
-from edgepipe.cli.choices import Calibration, QuantizeMode
+from edgepipe.cli.choices import Backend, Calibration, QuantizeMode
 from edgepipe.cli.render import candidate_table, quantize_summary
 from edgepipe.errors import GateFailed
 
@@ -29,6 +29,7 @@ def quantize(
     tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
     try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take: building stops at 40% of it (the rest are listed as skipped), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. Default: no limit.")] = None,
+    backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
@@ -51,7 +52,8 @@ def quantize(
                             max_accuracy_drop=max_accuracy_drop,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
-                            tune_session=tune_session, try_spinning=try_spinning, time_budget_s=time_budget)
+                            tune_session=tune_session, try_spinning=try_spinning, time_budget_s=time_budget,
+                            backends=tuple(b.value for b in backend or ()))
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
     from edgepipe.memory import PeakMemory

@@ -50,6 +50,10 @@ def quantize_summary(report, output: Path) -> str:
         lines.append(f"kept in FP32 for accuracy: {', '.join(chosen.excluded_nodes)}")
     lines.append(f"chosen: {chosen.recipe} ({report.recipe_reason}); "
                  f"{report.fp32.size_bytes / 1e6:.2f} MB -> {report.size_bytes / 1e6:.2f} MB -> {output}")
+    if chosen.backend != "onnxruntime":
+        lines.append(f"runs on {chosen.backend}: the file is standard QDQ ONNX, and its speed was measured on "
+                     f"{chosen.backend} (Engine(path, backend=\"{chosen.backend}\"); "
+                     f"edgepipe profile {output} --backend {chosen.backend}; Engine.from_run picks it up)")
     if chosen.sessions:
         per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
                               for b, v in chosen.sessions.items())

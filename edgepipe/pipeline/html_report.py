@@ -97,6 +97,8 @@ def operators_markdown(operators: dict | None, title: str = "Time per operator t
     """The per-operator breakdown (`--ops`) as a Markdown table, or nothing without one."""
     if not operators:
         return ""
+    if "skipped" in operators:
+        return f"\n## {title}\n\n{operators['skipped']}\n"
     rows = "".join(f"| {r['op']} | {r['us_per_run']:.1f} | {r['share']:.1%} |\n" for r in operators["by_op_type"])
     return f"\n## {title}\n\n| op type | us per run | share |\n|---|---|---|\n{rows}"
 
@@ -104,6 +106,8 @@ def operators_markdown(operators: dict | None, title: str = "Time per operator t
 def _operators_table(operators: dict | None) -> str:
     if not operators:
         return ""
+    if "skipped" in operators:
+        return f"<h3>Time per operator type</h3><p>{escape(operators['skipped'])}</p>"
     return "<h3>Time per operator type</h3>" + _table(
         ["op type", "us per run", "share"],
         [[r["op"], f"{r['us_per_run']:.1f}", f"{r['share']:.1%}"] for r in operators["by_op_type"]])

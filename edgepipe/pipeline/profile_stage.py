@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgepipe.artifacts import StageResult, write_json
+from edgepipe.errors import ConfigError
 from edgepipe.pipeline.deploy import int8_rejection
 from edgepipe.reports import Report, optional
 from edgepipe.runtime.engine import Engine
@@ -38,14 +39,17 @@ class ProfileReport(Report):
     cumulative_speedup: dict[str, float] | None = optional()  # deployed vs unpruned FP32
 
 
+def on_cpu(settings) -> bool:
+    return resolve_providers(settings.providers)[0][:1] == ["CPUExecutionProvider"]
+
+
 def tuned_sessions(run: "ModelRun", models: dict) -> dict:
     """Each model's fastest session setting per batch size as quantize measured it (FP32's
     also for the unpruned baseline), unless the profile config pins threads or the provider
     is not the CPU."""
     settings = run.settings["profile"]
     quant = run.reports.get("quantize")
-    on_cpu = resolve_providers(settings.providers)[0][:1] == ["CPUExecutionProvider"]
-    if settings.threads or not on_cpu or quant is None or not quant.fp32.sessions:
+    if settings.threads or not on_cpu(settings) or quant is None or not quant.fp32.sessions:
         return {}
     sessions = {"fp32": parse_sessions(quant.fp32.sessions)}
     if "unpruned" in models:
@@ -65,10 +69,17 @@ def profile_stage(run: "ModelRun") -> StageResult:
         # The baseline of the chain: the unpruned model through the same export settings, so
         # the cumulative ratio compares like with like (exporters make different graphs).
         models["unpruned"] = run.export_to(run.path("unpruned"), run.source() if run.model.source else run.path("train"))
+    backends = {}
+    if "int8" in models and quant.chosen.backend != "onnxruntime":
+        if not on_cpu(settings):
+            raise ConfigError(f"quantize chose {quant.chosen.backend} (a CPU runtime) for the INT8 model but "
+                              f"[profile] providers is {settings.providers}: profile on the CPU, or limit "
+                              "[quantize] backends to onnxruntime")
+        backends["int8"] = quant.chosen.backend
     report = ProfileReport.from_dict(compare_models(
         models, settings.batch_sizes, providers=settings.providers, threads=settings.threads,
         data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models),
-        dims=settings.dims))
+        dims=settings.dims, backends=backends))
     why = int8_rejection(report, run.settings["budgets"], run.settings["quantize"].batch_sizes)
     if why:
         report.int8_not_deployed = {"speedup": report.speedup.pop("int8"), "why": why}
@@ -76,8 +87,12 @@ def profile_stage(run: "ModelRun") -> StageResult:
     deployed = models.get("int8", models["fp32"])
     feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), dims=settings.dims,
                        seed=run.config.seed)
-    report.operators = operator_profile(deployed, feeds, providers=settings.providers,
-                                        threads=settings.threads, iterations=20)
+    if deployed == models.get("int8") and "int8" in backends:
+        report.operators = {"skipped": f"the deployed model runs on {backends['int8']}; the per-operator "
+                                       "breakdown is onnxruntime's profiler"}
+    else:
+        report.operators = operator_profile(deployed, feeds, providers=settings.providers,
+                                            threads=settings.threads, iterations=20)
     if "unpruned" in models:  # the chain's result: deployed model vs the unpruned FP32 one
         final = "int8" if "int8" in models else "fp32"
         report.cumulative_speedup = {

@@ -41,6 +41,10 @@ class Candidate:
     screened: bool = False  # judged on the screening pass alone (clearly slower)
 
     @property
+    def backend(self) -> str:
+        return self.recipe.backend
+
+    @property
     def score(self) -> float:
         """Geometric-mean speedup over the configured batch sizes."""
         values = list(self.speedup.values())
@@ -63,4 +67,4 @@ class Candidate:
             sessions={str(b): s.to_dict() for b, s in self.settings.items()} or None,
             p50_ms_by_session=by_session_rows(self.p50_by_setting) or None,
             size_bytes=self.path.stat().st_size if self.path and self.path.exists() else None,
-            error=self.error, verdict=str(self.verdict))
+            error=self.error, verdict=str(self.verdict), backend=r.backend)

@@ -126,7 +126,9 @@ def measure_ceiling(model_path: Path, specs: list[InputSpec], recipe, batch: int
     # calibrated on the timing feeds themselves: the kernel's inputs have fixed shapes
     build(replace(recipe, nodes_to_exclude=()), fp32, int8, EvalData(feeds), batch)
     options = session.engine_options()
-    calls = {name: Engine(path, providers="cpu", **options).runner(feeds) for name, path in (("fp32", fp32), ("int8", int8))}
+    # FP32 on onnxruntime, as the model's baseline; INT8 on the backend the recipe runs on
+    calls = {name: Engine(path, providers="cpu", backend=backend, **options).runner(feeds)
+             for name, path, backend in (("fp32", fp32, "onnxruntime"), ("int8", int8, recipe.backend))}
     stats = measure_interleaved(calls, batch, rounds=rounds)
     return {"op": node.op_type, "node": node.name, "input_shape": shapes.get(node.input[0]),
             "weight_shape": next((list(i.dims) for i in kernel.graph.initializer if i.name == node.input[1]), None),

@@ -39,6 +39,10 @@ class QuantizeConfig:
     # Time the chosen recipe on the model's heaviest MatMul/Gemm/Conv/LSTM alone (a second or
     # two): the record then gives the model's speedup as a fraction of what the kernel can do here.
     measure_ceiling: bool = True
+    # Runtimes that run candidates: onnxruntime, and openvino (its CPU plugin running static QDQ
+    # models with its own INT8 kernels, measured like any other candidate and chosen only when
+    # faster). Empty: onnxruntime, plus openvino when the package is installed.
+    backends: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -52,8 +56,23 @@ class QuantizeConfig:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError("quantize batch_sizes must be positive integers")
         self.batch_sizes = tuple(self.batch_sizes)
+        self.backends = tuple(self.backends)
+        from edgepipe.runtime.openvino_backend import BACKENDS, INSTALL_HINT, available
+
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise ConfigError(f"quantize backend(s) {', '.join(unknown)} unknown; choose from {', '.join(BACKENDS)}")
+        if "openvino" in self.backends and not available():
+            raise ConfigError(f"quantize backend 'openvino' needs the openvino package: {INSTALL_HINT}")
         self.nodes_to_exclude = tuple(self.nodes_to_exclude)
         self.op_types_to_exclude = tuple(self.op_types_to_exclude)
+
+    @property
+    def active_backends(self) -> tuple[str, ...]:
+        """The backends this search measures candidates on."""
+        from edgepipe.runtime.openvino_backend import available
+
+        return self.backends or (("onnxruntime", "openvino") if available() else ("onnxruntime",))
 
 
 @dataclass

@@ -21,6 +21,7 @@ class Recipe:
     reduce_range: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_exclude: tuple[str, ...] = ()
+    backend: str = "onnxruntime"  # the runtime that runs the built model: "onnxruntime" | "openvino"
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -40,7 +41,14 @@ class Recipe:
             parts.append("reduce-range")
         if self.nodes_to_exclude:
             parts.append(f"excl{len(self.nodes_to_exclude)}")
+        if self.backend != "onnxruntime":
+            parts.append(self.backend)
         return "/".join(parts)
+
+    @property
+    def file_twin(self) -> "Recipe":
+        """The recipe that builds the same file: backends differ only in what runs it."""
+        return replace(self, backend="onnxruntime", reasons=())
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -93,10 +101,13 @@ INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
 def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
                       allow_dynamic: bool = True, allow_static: bool = True,
                       largest_matmul_weight: int = 0, mode: str = "auto",
+                      backends: tuple[str, ...] = ("onnxruntime",),
                       ) -> tuple[list[Recipe], list[dict]]:
     """The recipes worth measuring for a graph with `graph_ops` on `cpu`, and those skipped (why).
 
     `largest_matmul_weight`: elements of the biggest constant MatMul weight (INT4 candidates).
+    `backends`: with "openvino", static QDQ per-channel at full range run by OpenVINO too (its
+    CPU plugin has its own INT8 kernels; the same file as onnxruntime's twin).
     """
     act, weight, reduce_range, cpu_reason = activation_weight_types(cpu)
     if mode == "fp16":
@@ -115,8 +126,15 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                 "models only, and the accuracy check sees it")
         proposals += [replace(r, reduce_range=False, reasons=(full,)) for r in proposals
                       if r.method == "dynamic" or (r.format == "QDQ" and r.per_channel)]
+    if "onnxruntime" not in backends:
+        proposals = []
+    if allow_static and "openvino" in backends:
+        proposals.append(Recipe("static", "QDQ", act, weight, per_channel=True, calibration=calibration,
+                                backend="openvino", reasons=(
+                                    "OpenVINO's CPU plugin runs the QDQ model with its own INT8 kernels "
+                                    "(full range: it handles U8S8 itself); kept only if measured faster",)))
     skipped = []
-    if mode in ("auto", "int4"):
+    if mode in ("auto", "int4") and "onnxruntime" in backends:
         if largest_matmul_weight >= INT4_MIN_WEIGHT_ELEMENTS:
             proposals.append(Recipe("int4", reasons=("large MatMul weights: 4-bit blocks, int8 compute",)))
         else:

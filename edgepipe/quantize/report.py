@@ -39,6 +39,7 @@ class CandidateRow(Report):
     size_bytes: int | None
     error: str | None
     verdict: str
+    backend: str = "onnxruntime"  # the runtime it was measured on (and is deployed with)
 
 
 @dataclass

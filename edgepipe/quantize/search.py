@@ -4,6 +4,7 @@ setting, judge each, and confirm an accepted one in fresh trials before it can s
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -116,15 +117,22 @@ class Search:
         """Build and check accuracy (latency comes later, for all candidates together)."""
         cand = Candidate(recipe, path=self.work / f"cand{len(self.candidates)}.onnx")
         index = len(self.candidates)
+        twin = self.built(recipe.file_twin) if recipe.backend != "onnxruntime" else None
         self.candidates.append(cand)
-        self.say(f"building {recipe.name}")
+        self.say(f"building {recipe.name}" if twin is None or twin.error else
+                 f"{recipe.name}: the file of {twin.recipe.name}, run by {recipe.backend}")
         try:
-            cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
-                                                  self.config.calibration_samples)
-            cand.integer_nodes = count_integer_nodes(cand.path)
+            if twin is not None and twin.error is None:  # same file, another runtime: no second build
+                shutil.copyfile(twin.path, cand.path)
+                cand.built_from, cand.integer_nodes = twin.built_from, twin.integer_nodes
+            else:
+                cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
+                                                      self.config.calibration_samples)
+                cand.integer_nodes = count_integer_nodes(cand.path)
             if cand.integer_nodes == 0:
                 raise QuantizationError("quantized no node")
-            engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False)
+            engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False,
+                            backend=recipe.backend)
             out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
             cand.fidelity = fidelity(out, self.reference)
             cand.flips = flips(out, self.reference, self.eval_data.labels)
@@ -152,9 +160,10 @@ class Search:
             feeds = make_feeds(self.fp32.inputs, batch=batch, seed=2)
         return feeds
 
-    def sessions(self, key, path: Path) -> dict[SessionSetting, Engine]:
+    def sessions(self, key, path: Path, backend: str = "onnxruntime") -> dict[SessionSetting, Engine]:
         if key not in self.timers:
-            self.timers[key] = {s: Engine(path, providers="cpu", **s.engine_options()) for s in self.settings}
+            self.timers[key] = {s: Engine(path, providers="cpu", backend=backend, **s.engine_options())
+                                for s in self.settings}
         return self.timers[key]
 
     def screen(self, indices: list[int]) -> list[int]:
@@ -219,7 +228,7 @@ class Search:
     def measure_group(self, indices: list[int], rounds: int | None) -> dict:
         """{"fp32" or index: {batch: {setting: p50 ms}}}, all interleaved in one measurement."""
         models = {"fp32": self.sessions("fp32", self.fp32.path)}
-        models |= {i: self.sessions(i, self.candidates[i].path) for i in indices}
+        models |= {i: self.sessions(i, self.candidates[i].path, self.candidates[i].backend) for i in indices}
         p50: dict = {key: {} for key in models}
         for batch in self.config.batch_sizes:
             feeds = self.timing_feeds(batch)
@@ -239,7 +248,7 @@ class Search:
         seen = {b: [s] for b, s in cand.speedup.items()}
         for _ in range(trials):
             fp32 = Engine(self.fp32.path, providers="cpu", batch_sessions=self.fp32_settings)
-            mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings)
+            mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings, backend=cand.backend)
             for batch in self.config.batch_sizes:
                 feeds = self.timing_feeds(batch)
                 spinning = {k for k, s in (("fp32", self.fp32_settings[batch]), ("cand", cand.settings[batch]))

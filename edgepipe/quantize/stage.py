@@ -38,7 +38,8 @@ def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Re
     recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
                                          allow_static=config.mode in ("auto", "static"),
-                                         largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode)
+                                         largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode,
+                                         backends=config.active_backends)
     recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
                for r in recipes]
     if not recipes:

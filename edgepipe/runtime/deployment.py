@@ -42,14 +42,20 @@ class Deployment:
     artifact: str  # "model.int8.onnx" or "model.onnx"
     stages: dict[str, Any]
     tuned: dict[int, SessionSetting]  # fastest setting per batch size, as quantize measured it
+    backend: str = "onnxruntime"  # what quantize measured the artifact on ("openvino" when it won)
 
     @property
     def path(self) -> Path:
         return self.run_dir / self.model / self.artifact
 
     def engine_options(self, options: dict) -> tuple[dict, dict | None]:
-        """`options` plus the tuned per-batch sessions, unless the caller chose threads or
-        sessions itself or runs on another provider; and what was applied (None: nothing)."""
+        """`options` plus the backend quantize chose (unless the caller chose one or asked for
+        a provider other than the CPU) and the tuned per-batch sessions (unless the caller
+        chose threads or sessions itself or runs on another provider); and what was applied
+        (None: nothing)."""
+        on_cpu = options.get("providers", "auto") in ("auto", "cpu")
+        if self.backend != "onnxruntime" and on_cpu and "backend" not in options:
+            options = options | {"backend": self.backend}
         if not (self.tuned and options.get("providers", "auto") in ("auto", "cpu")
                 and options.get("threads") is None and not options.get("batch_sessions")):
             return options, None
@@ -80,4 +86,4 @@ def find_deployment(run_dir: str | os.PathLike, model: str | None = None,
     quant = stages.get("quantize", {}).get("record") or {}
     measured = (quant.get("chosen") or {}) if int8 else quant.get("fp32", {})
     return Deployment(run_dir, model, "model.int8.onnx" if int8 else "model.onnx", stages,
-                      parse_sessions(measured.get("sessions")))
+                      parse_sessions(measured.get("sessions")), measured.get("backend") or "onnxruntime")

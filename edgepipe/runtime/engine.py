@@ -11,6 +11,7 @@ import onnxruntime as ort
 
 from edgepipe.errors import InputError
 from edgepipe.runtime.deployment import find_deployment
+from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
 from edgepipe.runtime.placement import node_times, placement_report, profile_events
 from edgepipe.runtime.sessions import (
     SessionSetting,
@@ -38,6 +39,8 @@ class Engine:
     {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "cache/"}}.
     On a GPU, `run_bound` keeps inputs/outputs on the device (IO binding) and `placement()`
     reports which nodes fell back to the CPU.
+    `backend`: "onnxruntime" (default) or "openvino" (OpenVINO's CPU plugin runs the same ONNX
+    file; needs `pip install 'edgepipe[openvino]'`; CPU only, no IO binding or placement).
     `batch_sessions`: {batch size: SessionSetting or {"threads", "spinning"}}: one session per
     setting, and `run` sends a batch of n rows to the entry with the smallest batch size >= n
     (else the largest). On 2 cores a batch of 1 runs fastest on 1 thread and a batch of 32 on
@@ -57,10 +60,17 @@ class Engine:
         spinning: bool = True,
         provider_options: Mapping[str, Mapping[str, object]] | None = None,
         batch_sessions: Mapping[int, object] | None = None,
+        backend: str = "onnxruntime",
     ):
         self.path = None if isinstance(model, bytes) else Path(model)
         if self.path is not None and not self.path.is_file():
             raise InputError(f"ONNX model not found: {self.path}")
+        self.backend = check_backend(backend)
+        if backend == "openvino":
+            if self.path is None or providers not in ("auto", "cpu", ["cpu"]) or provider_options:
+                raise InputError("the openvino backend runs a model file on the CPU: pass a path, "
+                                 "providers 'cpu' (or 'auto') and no provider options")
+            providers = "cpu"
         wanted, missing = resolve_providers(providers)
         if missing and not allow_fallback:
             raise InputError(
@@ -79,7 +89,7 @@ class Engine:
         if batch_sessions:
             self._build_routes(batch_sessions, SessionSetting(int(threads or 0), bool(spinning)))
         self.providers = self.session.get_providers()
-        lost = [p for p in wanted if p not in self.providers]
+        lost = [p for p in wanted if p not in self.providers and self.backend == "onnxruntime"]
         if lost and not allow_fallback and providers != "auto":
             raise InputError(
                 f"onnxruntime could not initialise {', '.join(lost)} (running on "
@@ -98,6 +108,8 @@ class Engine:
                 self.session.run(None, feeds)
 
     def _new_session(self, threads: int | None, spinning: bool) -> ort.InferenceSession:
+        if self.backend == "openvino":  # spinning is an onnxruntime thread-pool setting
+            return OpenVINOSession(self.path, threads=threads)
         return new_session(self._source, self._session_providers, threads=threads, spinning=spinning,
                            optimization=self.optimization)
 
@@ -178,6 +190,7 @@ class Engine:
         there. Returns numpy arrays, or the OrtValues themselves with `keep_on_device=True`
         so the next model or call can take them without a round trip through host memory.
         `device="cpu"` works everywhere (same results as `run`)."""
+        self._onnxruntime_only("run_bound (IO binding)")
         feeds = self.as_feeds(inputs)
         if self._validate and all(isinstance(v, np.ndarray) for v in feeds.values()):
             self.validate(feeds)  # OrtValues already on the device are checked by ORT itself
@@ -209,9 +222,15 @@ class Engine:
         same providers and options). `fell_back` lists the nodes that did not run on the
         preferred provider, e.g. ops CUDA has no kernel for; `memcpy_nodes` counts the copies
         ORT inserted between devices because of them."""
+        self._onnxruntime_only("placement")
         feeds = self.as_feeds(inputs) if inputs is not None else make_feeds(self.inputs, batch=1)
         events = profile_events(self._source, feeds, self._session_providers, threads=self.threads, iterations=1)
         return placement_report(node_times(events), self.providers)
+
+    def _onnxruntime_only(self, what: str) -> None:
+        if self.backend != "onnxruntime":
+            raise InputError(f"{what} is an onnxruntime feature; this Engine runs on {self.backend} "
+                             "(create it with backend='onnxruntime')")
 
     def close(self) -> None:
         self.session = None
@@ -226,6 +245,7 @@ class Engine:
     def describe(self) -> dict:
         return {
             "model": str(self.path) if self.path else None,
+            "backend": self.backend,
             "providers": list(self.providers),
             "threads": self.threads or "ort-default",
             "batch_sessions": {b: s.to_dict() for b, s in self.batch_sessions} or None,

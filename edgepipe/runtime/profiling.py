@@ -31,8 +31,9 @@ def profile_model(
     operators: bool = False,
     seed: int = 0,
     provider_options: Mapping[str, Mapping] | None = None,
+    backend: str = "onnxruntime",
 ) -> dict:
-    """Profile one ONNX model: cold start (session creation + first inference), warm latency
+    """Profile one ONNX model (on onnxruntime, or on OpenVINO with `backend="openvino"`): cold start (session creation + first inference), warm latency
     over a batch sweep (and a thread sweep), peak RSS, file size, optionally the per-operator
     breakdown; with the engine's actual providers and the hardware fingerprint. On a GPU (or
     any provider but the CPU) `placement` says which nodes fell back to the CPU."""
@@ -41,7 +42,8 @@ def profile_model(
     cold = None
     for thread_count in sweep:
         t0 = time.perf_counter()
-        engine = Engine(model_path, providers=providers, threads=thread_count, provider_options=provider_options)
+        engine = Engine(model_path, providers=providers, threads=thread_count, provider_options=provider_options,
+                        backend=backend)
         created = time.perf_counter()
         sizes = dynamic_sizes(engine.inputs, dims)  # refuses a --dim the model does not have
         first_feeds = make_feeds(engine.inputs, batch=1, dims=dims, seed=seed)
@@ -67,9 +69,10 @@ def profile_model(
         "thread_sweep": runs if len(runs) > 1 else None,
         "peak_rss_mb": peak_rss_mb(),
         "hardware": fingerprint(),
-        "placement": None if engine.providers[0] == "CPUExecutionProvider" else engine.placement(),
+        "placement": (None if engine.providers[0] == "CPUExecutionProvider" or backend != "onnxruntime"
+                      else engine.placement()),
     }
-    if operators:
+    if operators and backend == "onnxruntime":  # onnxruntime's own profiler
         feeds = make_feeds(engine.inputs, batch=max(batch_sizes), dims=dims, seed=seed)
         record["operators"] = operator_profile(model_path, feeds, providers=providers, threads=sweep[0])
     return record
@@ -101,9 +104,11 @@ def compare_models(
     provider_options: Mapping[str, Mapping] | None = None,
     sessions: Mapping[str, Mapping[int, SessionSetting]] | None = None,
     dims: Mapping[str, int] | None = None,
+    backends: Mapping[str, str] | None = None,
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
-    reported against the first. `data` supplies real input rows; else inputs are generated.
+    reported against the first. `backends`: a model's runtime when not onnxruntime (e.g.
+    {"int8": "openvino"}, as quantize chose it). `data` supplies real input rows; else inputs are generated.
     `sessions`: a model's own settings per batch size (Engine's batch_sessions), e.g. those
     quantize found fastest for it; the others run with `threads` and spinning off.
 
@@ -120,7 +125,8 @@ def compare_models(
     def fresh() -> dict[str, Engine]:
         return {label: Engine(path, providers=providers, threads=threads, spinning=False,
                               provider_options=provider_options,
-                              batch_sessions=(sessions or {}).get(label))
+                              batch_sessions=(sessions or {}).get(label),
+                              backend=(backends or {}).get(label, "onnxruntime"))
                 for label, path in models.items()}
 
     per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in models} for b in batch_sizes}
@@ -138,6 +144,7 @@ def compare_models(
     return {
         "models": {label: {"path": str(path), "size_bytes": Path(path).stat().st_size,
                            "providers": engines[label].providers,
+                           "backend": engines[label].backend,
                            "sessions": {str(b): {"threads": st.threads or "ort-default", "spinning": st.spinning}
                                         for b, st in chosen[label].items()}}
                    for label, path in models.items()},

@@ -1,0 +1,133 @@
+"""OpenVINO as a backend: the Engine runs the same ONNX file on OpenVINO's CPU plugin, quantize
+measures it as one more candidate, and a run that chose it is deployed on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_quantize import AVX2_ONLY
+
+from edgepipe.errors import ConfigError, InputError
+from edgepipe.quantize import QuantizeConfig, candidate_recipes, quantize
+from edgepipe.runtime import Engine
+from edgepipe.runtime import openvino_backend as ovb
+from edgepipe.runtime.spec import METADATA_KEY
+
+needs_openvino = pytest.mark.skipif(not ovb.available(), reason="openvino not installed (pip install 'edgepipe[openvino]')")
+
+
+def _cnn(path, channels: int = 32, size: int = 16):
+    """Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten on 3 x size x size, with edgepipe's input
+    spec in its metadata as the exporter writes it."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array((rng.standard_normal((channels, 3, 3, 3)) * 0.3).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+         helper.make_node("Conv", ["b", "W2"], ["c"], pads=[1, 1, 1, 1], name="conv2"),
+         helper.make_node("Relu", ["c"], ["d"], name="relu2"),
+         helper.make_node("GlobalAveragePool", ["d"], ["e"], name="pool"),
+         helper.make_node("Flatten", ["e"], ["logits"], name="flatten")], "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", channels])], [w1, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    spec = [{"name": "x", "dtype": "float32", "shape": ["batch", 3, size, size], "low": None, "high": None,
+             "example": {}}]
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(spec), "note": "ü and a long value " * 20})
+    onnx.save(model, path)
+    return path
+
+
+def test_metadata_is_read_from_the_file_without_onnx(tmp_path):
+    path = _cnn(tmp_path / "cnn.onnx")
+    expected = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert ovb.onnx_metadata(path) == expected and METADATA_KEY in expected
+    (tmp_path / "junk.onnx").write_bytes(b"\x07\x07\x07")
+    with pytest.raises(InputError, match="not an ONNX model"):
+        ovb.onnx_metadata(tmp_path / "junk.onnx")
+
+
+def test_a_missing_or_unknown_backend_is_one_clear_error(tmp_path, monkeypatch):
+    path = _cnn(tmp_path / "cnn.onnx")
+    with pytest.raises(InputError, match="unknown backend 'tvm'"):
+        Engine(path, backend="tvm")
+    monkeypatch.setattr(ovb, "available", lambda: False)
+    with pytest.raises(InputError, match=r"pip install 'edgepipe\[openvino\]'"):
+        Engine(path, backend="openvino")
+    with pytest.raises(ConfigError, match="needs the openvino package"):
+        QuantizeConfig(backends=("openvino",))
+    assert QuantizeConfig().active_backends == ("onnxruntime",)
+
+
+def test_openvino_recipes_are_static_qdq_full_range_and_respect_vetoes():
+    recipes, _ = candidate_recipes({"Conv", "Relu"}, AVX2_ONLY, backends=("onnxruntime", "openvino"))
+    ov = [r for r in recipes if r.backend == "openvino"]
+    assert len(ov) == 1 and ov[0].format == "QDQ" and ov[0].per_channel and not ov[0].reduce_range
+    assert ov[0].name.endswith("/openvino") and ov[0].file_twin.backend == "onnxruntime"
+    assert ov[0].file_twin in [r for r in recipes if r.backend == "onnxruntime"]  # the file it reuses
+    only_ov, _ = candidate_recipes({"Conv"}, AVX2_ONLY, backends=("openvino",))
+    assert [r.backend for r in only_ov] == ["openvino"]
+    lstm, _ = candidate_recipes({"LSTM", "MatMul"}, AVX2_ONLY, backends=("onnxruntime", "openvino"))
+    assert all(r.backend == "onnxruntime" for r in lstm)  # static QDQ leaves LSTM in float
+
+
+@needs_openvino
+def test_engine_on_openvino_matches_onnxruntime_and_validates_inputs(tmp_path):
+    path = _cnn(tmp_path / "cnn.onnx")
+    ov, ort = Engine(path, backend="openvino", threads=1), Engine(path)
+    assert ov.providers == [ovb.PROVIDER_NAME] and ov.describe()["backend"] == "openvino"
+    assert [s.to_dict() for s in ov.inputs] == [s.to_dict() for s in ort.inputs]  # "batch" kept by name
+    x = np.random.default_rng(1).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(ov.run(x)["logits"], ort.run(x)["logits"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="axis 1 must be 3"):
+        ov.run(x[:, :2])
+    with pytest.raises(InputError, match="onnxruntime feature"):
+        ov.placement()
+    with pytest.raises(InputError, match="runs a model file on the CPU"):
+        Engine(path, backend="openvino", providers="cuda")
+    routed = Engine(path, backend="openvino", batch_sessions={1: {"threads": 1, "spinning": False},
+                                                              8: {"threads": 2, "spinning": False}})
+    np.testing.assert_allclose(routed.run(x)["logits"], ort.run(x)["logits"], rtol=1e-4, atol=1e-4)
+
+
+@needs_openvino
+@pytest.mark.slow  # a (small) search
+def test_quantize_measures_the_openvino_twin_without_building_it_again(tmp_path):
+    path = _cnn(tmp_path / "cnn.onnx", channels=64, size=32)
+    messages: list[str] = []
+    config = QuantizeConfig(mode="static", batch_sizes=(8,), rounds=4, max_accuracy_drop=0.5,
+                            backends=("onnxruntime", "openvino"), measure_ceiling=False, tune_session=False)
+    try:
+        result = quantize(path, tmp_path / "cnn.int8.onnx", config, progress=messages.append)
+        rows = result.report.candidates
+    except Exception as exc:  # refusing is a legitimate outcome here; the table is what is tested
+        rows = exc.report.candidates
+    ov = [r for r in rows if r.backend == "openvino"]
+    assert len(ov) == 1 and ov[0].error is None, rows
+    twin = next(r for r in rows if r.recipe == ov[0].recipe.removesuffix("/openvino"))
+    assert ov[0].integer_nodes == twin.integer_nodes and ov[0].built_from == twin.built_from
+    assert any("run by openvino" in m for m in messages) and ov[0].speedup and ov[0].rel_l2 < 0.2
+
+
+@needs_openvino
+def test_a_run_that_chose_openvino_is_deployed_on_it(tmp_path):
+    from edgepipe.runtime.deployment import find_deployment
+
+    run = tmp_path / "run"
+    (run / "cnn").mkdir(parents=True)
+    _cnn(run / "cnn" / "model.int8.onnx")
+    chosen = {"backend": "openvino", "sessions": {"1": {"threads": 1, "spinning": False}}}
+    manifest = {"schema": 2, "models": {"cnn": {"stages": {"quantize": {"status": "ok", "record": {
+        "chosen": chosen, "fp32": {"sessions": {}}}}}}}}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert find_deployment(run).backend == "openvino"
+    engine = Engine.from_run(run)
+    assert engine.backend == "openvino" and engine.run_info["sessions_from_run"] == {1: {"threads": 1, "spinning": False}}
+    assert Engine.from_run(run, backend="onnxruntime").backend == "onnxruntime"  # the caller's word wins
+    assert Engine.from_run(run, providers="cpu").backend == "openvino"
