@@ -177,6 +177,19 @@ def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo
     assert len(budget_skips) >= 4  # every other recipe for an MLP on a CPU without VNNI
     assert {"build", "screen", "measure", "confirm"} <= set(record["phases"])
     assert all(v >= 0 for v in record["phases"].values())
+    # the likeliest winner is built first (no Conv: dynamic, full range before reduce_range) ...
+    assert record["candidates"][0]["recipe"] == "dynamic/WS8/per-tensor"
+    # ... and timing shrinks to its floor of 3 rounds instead of the configured 12
+    assert record["rounds"]["measure"] == 3 and record["rounds"].get("confirm", 3) == 3
+
+
+def test_build_order_puts_the_likeliest_winners_first():
+    conv, _ = candidate_recipes({"Conv", "Relu"}, AVX2_ONLY)
+    assert conv[0].name == "static-QDQ/AU8WS8/minmax/per-channel"
+    matmul, _ = candidate_recipes({"MatMul", "Add"}, AVX2_ONLY, largest_matmul_weight=1 << 20)
+    assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-tensor", "dynamic/WS8/per-channel"]
+    assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
+    assert QuantizeConfig().time_budget_s == 120 and QuantizeConfig(time_budget_s=0).time_budget_s is None
 
 
 def _tiny_mlp(tmp_path):
@@ -508,7 +521,7 @@ def test_static_qdq_folds_relu_so_ort_chains_integer_gemms(zoo, tmp_path):
     assert agree >= 0.98
 
 
-def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
+def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path, monkeypatch):
     """ResNet-50's heaviest kernel is its stem conv, which takes pixel_values directly and is not
     representative (0.86x in INT8 where the model ran 2.07x): another kernel is preferred, and
     when the stem is all there is, the cut model is calibrated at the shapes it declares."""
@@ -542,3 +555,9 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path):
     onnx.save(model, tmp_path / "stem.onnx")
     result = measure_ceiling(tmp_path / "stem.onnx", specs, recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
     assert result["node"] == "stem" and result["input_shape"] == [8, 3, 32, 32] and result["share_of_macs"] == 1.0
+    # calibration batches smaller than the timed batch (its 4 MB cap: 5 of ResNet-50's 8 rows)
+    from edgepipe.quantize import calibration
+
+    monkeypatch.setattr(calibration, "rows_per_batch", lambda data, cap, max_bytes=0: 3)
+    result = measure_ceiling(tmp_path / "conv.onnx", specs, recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
+    assert "error" not in result, result

@@ -28,7 +28,7 @@ def quantize(
     threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
     tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
     try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take: building stops at 40% of it (the rest are listed as skipped), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. Default: no limit.")] = None,
+    time_budget: Annotated[float, typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default keeps a 100M-parameter model near 2 minutes on 2 cores.")] = 120.0,
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:

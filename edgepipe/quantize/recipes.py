@@ -98,6 +98,21 @@ def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:
 INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
 
 
+def build_order(recipes: list[Recipe], graph_ops: set[str]) -> list[Recipe]:
+    """The order to build in, so that a time budget that stops building early has built the
+    likeliest winners: on a convolutional graph static QDQ per-channel first, else dynamic
+    (measured here: ResNet-50 and MobileNetV2 ran fastest in static QDQ per-channel, BERTs in
+    dynamic); full range before reduce_range (faster, and more faithful where it does not
+    saturate). The order decides nothing else: every candidate built is measured."""
+    conv = "Conv" in graph_ops
+
+    def key(r: Recipe) -> tuple[bool, bool]:
+        preferred = (r.method == "static" and r.format == "QDQ" and r.per_channel) if conv else r.method == "dynamic"
+        return not preferred, r.reduce_range
+
+    return sorted(recipes, key=key)
+
+
 def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
                       allow_dynamic: bool = True, allow_static: bool = True,
                       largest_matmul_weight: int = 0, mode: str = "auto",
@@ -142,7 +157,7 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                             "why": f"largest constant MatMul weight has {largest_matmul_weight} elements "
                                    f"(< {INT4_MIN_WEIGHT_ELEMENTS}): too small to be bandwidth-bound"})
     kept = []
-    for recipe in proposals:
+    for recipe in build_order(proposals, graph_ops):
         if recipe.method == "int4":
             kept.append(recipe)
             continue

@@ -24,7 +24,7 @@ from edgepipe.quantize.verdict import FAILED, OK, SPEED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
-from edgepipe.runtime.timing import measure_interleaved
+from edgepipe.runtime.timing import BLOCK_S, WARMUP_S, measure_interleaved
 
 # FP32 models above this size have their candidates timed one at a time (see Search.measure).
 # Timing FP32 again for each candidate cost ResNet-50 (94 MB) 28% more search time while its
@@ -57,6 +57,8 @@ class Search:
         self.choice: str | None = None  # why the chosen one won (set by stage.choose)
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}  # seconds per phase of the search
+        self._call_cost: dict[int, float] = {}  # FP32 seconds per call, per batch size
+        self.rounds_used: dict[str, int] = {}  # rounds each timing phase ran (fewer under a time budget)
 
     @contextmanager
     def phase(self, name: str):
@@ -70,6 +72,36 @@ class Search:
         """Whether `fraction` of the configured time budget is spent (never, without one)."""
         budget = self.config.time_budget_s
         return budget is not None and time.perf_counter() - self.started >= fraction * budget
+
+    def left(self) -> float | None:
+        """Seconds of the time budget left (None without one)."""
+        budget = self.config.time_budget_s
+        return None if budget is None else budget - (time.perf_counter() - self.started)
+
+    def call_cost(self) -> dict[int, float]:
+        """FP32 seconds per call at each batch size (one timed call after one warm-up)."""
+        if not self._call_cost:
+            for batch in self.config.batch_sizes:
+                run = self.fp32.runner(self.timing_feeds(batch))
+                run()
+                began = time.perf_counter()
+                run()
+                self._call_cost[batch] = time.perf_counter() - began
+        return self._call_cost
+
+    def rounds_within(self, phase: str, wanted: int, models: int, settings: int, share: float,
+                      floor: int = 3) -> int:
+        """`wanted` timing rounds, or as many as fit in `share` of the budget left (`floor` at
+        least: below that a ratio is noise). One round times each of `models` at `settings`
+        session settings and every batch size; each costs a call or a block (measure_interleaved)."""
+        left = self.left()
+        if left is not None:
+            cost = self.call_cost()
+            per_round = models * settings * sum(max(BLOCK_S, c) for c in cost.values())
+            warm_up = models * settings * sum(2 * c + min(WARMUP_S, 8 * c) for c in cost.values())
+            wanted = max(min(floor, wanted), min(wanted, int((left * share - warm_up) / per_round)))
+        self.rounds_used[phase] = wanted
+        return wanted
 
     # --- judging -------------------------------------------------------------------------
     @property
@@ -173,7 +205,8 @@ class Search:
         cost of a search is then the survivors', not every recipe's."""
         if len(indices) < 2:
             return indices
-        rounds = max(2, self.config.rounds // 4)
+        rounds = self.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
+                                    len(self.settings), share=0.25, floor=2)
         self.say(f"screening {len(indices)} candidate(s) against FP32 ({rounds} rounds)")
         self.measure(indices, rounds=rounds)
         floor = 0.8 * self.needed
@@ -206,6 +239,9 @@ class Search:
         large as its biggest batch needed."""
         large = self.onnx_path.stat().st_size > PAIRWISE_BYTES
         groups = [[i] for i in indices] if large and len(indices) > 1 else [indices]
+        if rounds is None:
+            rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
+                                        len(self.settings), share=0.5)
         fp32_runs = []
         for group in groups:
             p50 = self.measure_group(group, rounds)
@@ -239,13 +275,14 @@ class Search:
                 p50[key].setdefault(batch, {})[s] = st.p50_ms
         return p50
 
-    def confirm(self, cand: Candidate, trials: int = 2) -> bool:
+    def confirm(self, cand: Candidate, trials: int = 2, share: float = 0.5) -> bool:
         """Re-time an accepted candidate against FP32 in `trials` more trials, each with fresh
         sessions, and judge it on the median trial per batch size. One trial can mislead: on 2
         cores a session pair sometimes lands in a slow thread hand-off state for its whole life
         (a 0.72x model once read >= 1.05x), and a slower model must never ship: the median must
         clear the margin and no trial may read below min_speedup."""
         seen = {b: [s] for b, s in cand.speedup.items()}
+        rounds = self.rounds_within("confirm", self.config.rounds, 2 * trials, 1, share=share)
         for _ in range(trials):
             fp32 = Engine(self.fp32.path, providers="cpu", batch_sessions=self.fp32_settings)
             mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings, backend=cand.backend)
@@ -254,7 +291,7 @@ class Search:
                 spinning = {k for k, s in (("fp32", self.fp32_settings[batch]), ("cand", cand.settings[batch]))
                             if s.spinning}
                 stats = measure_interleaved({"fp32": fp32.runner(feeds), "cand": mine.runner(feeds)},
-                                            batch, rounds=self.config.rounds, spinning=spinning)
+                                            batch, rounds=rounds, spinning=spinning)
                 seen[batch].append(stats["fp32"].p50_ms / stats["cand"].p50_ms)
         cand.speedup = {b: float(np.median(v)) for b, v in seen.items()}
         cand.speedup_trials = {b: [round(x, 3) for x in v] for b, v in seen.items()}

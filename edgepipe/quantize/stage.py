@@ -92,6 +92,9 @@ def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
                      or (cand.score * band >= top and _rel_l2(cand) < _rel_l2(pick)))
         if not could_win:
             cand.verdict = Verdict(NOT_RETIMED)
+        elif confirmed and search.out_of_time():
+            cand.verdict = Verdict(NOT_RETIMED, detail=f"the time budget ({search.config.time_budget_s:g} s) "
+                                                       "was spent with a candidate confirmed")
         elif search.confirm(cand, trials=1 if search.out_of_time(0.8) else 2):
             confirmed.append(cand)
     chosen = _pick(confirmed, band)
@@ -129,7 +132,8 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
         budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
                 "speedup_margin": config.speedup_margin},
         timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
-                "the rest interleaved with FP32 at each session setting (" + "; ".join(map(str, search.settings))
+                "the rest interleaved with FP32 at each session setting (rounds per phase in 'rounds': fewer "
+                "when a time budget would not hold them all) (" + "; ".join(map(str, search.settings))
                 + "); each model judged at its fastest per batch size (recorded in 'sessions'); re-timed "
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
@@ -232,6 +236,9 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             f"{1 / search.rows:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
         report.choice = search.choice
         report.phases = search.phases
+        report.rounds = search.rounds_used or None
+        if chosen is not None and chosen.recipe.reasons:
+            report.recipe_reason = chosen.recipe.reasons[0]
         if chosen is None:
             report.candidates = [c.row() for c in search.candidates]
             report.seconds = round(time.perf_counter() - started, 2)

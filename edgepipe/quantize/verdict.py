@@ -56,8 +56,8 @@ class Verdict:
             SPEED: f"not clearly faster (needs >= {self.threshold or 0.0:.2f}x) at batch {self.detail}",
             SLOWER_TRIAL: f"slower than FP32 in one trial at batch {self.detail}",
             SUPERSEDED: f"superseded: {self.detail} can stay INT8",
-            NOT_RETIMED: "ok in one trial, not re-timed: neither faster there than the chosen one's median "
-                         "nor more faithful within the noise band",
+            NOT_RETIMED: ("ok in one trial, not re-timed: " + (self.detail or
+                          "neither faster there than the chosen one's median nor more faithful within the noise band")),
         }[self.kind]
         if self.unconfirmed_after:
             text = f"not confirmed in {self.unconfirmed_after} more trials: {text}"
