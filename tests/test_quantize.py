@@ -561,3 +561,21 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path, monkeypatc
     monkeypatch.setattr(calibration, "rows_per_batch", lambda data, cap, max_bytes=0: 3)
     result = measure_ceiling(tmp_path / "conv.onnx", specs, recipe, 8, SessionSetting(1, False), tmp_path, rounds=3)
     assert "error" not in result, result
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one core: there is no thread sweep")
+def test_an_expensive_model_is_timed_with_all_cores_only(tmp_path, monkeypatch):
+    """The 1-thread setting wins only on overhead-bound calls; for a model past SWEEP_MAX_CALL_S
+    per call it doubled the timing (ResNet-50, BERT-base) and never won."""
+    import os
+
+    onnx_path = _tiny_mlp(tmp_path)
+    data = EvalData(make_feeds(Engine(onnx_path).inputs, batch=64, seed=0))
+
+    def settings():
+        return search_mod.Search(onnx_path, QuantizeConfig(batch_sizes=(1, 8)), data, data, tmp_path,
+                                 lambda m: None).settings
+
+    assert [s.threads for s in settings()] == [1, os.cpu_count()]
+    monkeypatch.setattr(search_mod, "SWEEP_MAX_CALL_S", 0.0)
+    assert [(s.threads, s.spinning) for s in settings()] == [(os.cpu_count(), False)]

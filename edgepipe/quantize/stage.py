@@ -222,7 +222,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             search.measure(finalists)
         for i in finalists:
             search.judge(search.candidates[i])
-        search.release(*finalists)  # confirmation and the fallback time with fresh sessions
+        search.release("fp32", *finalists)  # confirmation and the fallback time with fresh sessions
         with search.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
