@@ -1,12 +1,14 @@
 """Real-size Hugging Face models through edgepipe, beside plain onnxruntime `quantize_dynamic`.
 
-    python benchmarks/hf_models.py [--models resnet50,bert-base] [--batch 1,8] [--time-budget 240]
+    python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert]
+                                   [--batch 1,8] [--time-budget 120]
 
 Each model is built offline from its transformers config with random weights (nothing is
 downloaded) and saved with save_pretrained; then, each step in its own process so its wall time
 and peak RSS are its own: `edgepipe export FOLDER` and `edgepipe quantize` (generated inputs:
 judged by top-1 agreement with FP32). Then, in this process, FP32, edgepipe's INT8 and plain
-`quantize_dynamic` (S8 weights, per-tensor, full range: what most tutorials run) are timed
+`quantize_dynamic` (S8 weights, per-tensor, full range: what most tutorials run), and, with
+OpenVINO installed, edgepipe's INT8 file run by OpenVINO (when quantize did not choose it) are timed
 interleaved at each batch size with all cores, and their outputs compared with FP32's (relative
 L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
 fidelity is the figure to read. Writes benchmarks/results/hf_models.json, one line per model.
@@ -54,12 +56,17 @@ def run_step(args: list[str]) -> dict:
             "exit": os.waitstatus_to_exitcode(status), "tail": output.strip().splitlines()[-6:]}
 
 
-def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int) -> dict:
+def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str) -> dict:
+    """FP32, edgepipe's INT8 on the backend quantize chose, plain quantize_dynamic, and (when
+    OpenVINO is installed and was not chosen) edgepipe's INT8 file run by OpenVINO."""
     from edgepipe.quantize.evaluation import fidelity
     from edgepipe.runtime import Engine, measure_interleaved
+    from edgepipe.runtime.openvino_backend import available
     from edgepipe.runtime.spec import make_feeds
 
-    engines = {"fp32": Engine(fp32), "edgepipe": Engine(int8), "plain_dynamic": Engine(plain)}
+    engines = {"fp32": Engine(fp32), "edgepipe": Engine(int8, backend=backend), "plain_dynamic": Engine(plain)}
+    if available() and backend != "openvino":
+        engines["edgepipe_file_on_openvino"] = Engine(int8, backend="openvino")
     out: dict = {"speedup": {}, "fidelity": {}}
     for batch in batches:
         feeds = make_feeds(engines["fp32"].inputs, batch=batch, seed=3)
@@ -68,7 +75,7 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
         out.setdefault("fp32_p50_ms", {})[batch] = round(stats["fp32"].p50_ms, 3)
     feeds = make_feeds(engines["fp32"].inputs, batch=8, seed=4)
     reference = engines["fp32"].run(feeds)[engines["fp32"].output_names[0]]
-    for key in ("edgepipe", "plain_dynamic"):
+    for key in [k for k in engines if k != "fp32"]:
         got = engines[key].run(feeds)[engines[key].output_names[0]]
         out["fidelity"][key] = {k: round(v, 5) for k, v in fidelity(got, reference).items()}
     return out
@@ -91,7 +98,8 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
     row["quantize"] = run_step(quant_args)
     record = json.loads((work / f"{name}.quant.json").read_text()) if (work / f"{name}.quant.json").exists() else {}
     row["chosen"] = (record.get("chosen") or {}).get("recipe")
-    row["phases"], row["ceiling"] = record.get("phases"), record.get("ceiling")
+    backend = (record.get("chosen") or {}).get("backend", "onnxruntime")
+    row["phases"], row["ceiling"], row["rounds"] = record.get("phases"), record.get("ceiling"), record.get("rounds")
     started = time.perf_counter()
     try:
         quantize_dynamic(str(onnx_path), str(plain), weight_type=QuantType.QInt8)
@@ -103,15 +111,15 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         quantize_dynamic(str(stripped), str(plain), weight_type=QuantType.QInt8)
     row["plain_dynamic_seconds"] = round(time.perf_counter() - started, 1)
     if int8.exists():
-        row |= compare(onnx_path, int8, plain, batches, rounds)
+        row |= compare(onnx_path, int8, plain, batches, rounds, backend)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet50,bert-base")
+    parser.add_argument("--models", default="resnet50,mobilenetv2,vit-base,bert-base")
     parser.add_argument("--batch", default="1,8")
-    parser.add_argument("--time-budget", type=float, default=None)
+    parser.add_argument("--time-budget", type=float, default=None, help="edgepipe quantize's (default: its own)")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     from edgepipe.runtime.hardware import read_cpu

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from edgepipe.errors import InputError
 from edgepipe.reports import Report
+from edgepipe.runtime.modelfile import model_files
 
 
 @dataclass
@@ -58,10 +59,13 @@ def write_json(target: str | os.PathLike, data: Any) -> Path:
 
 
 def sha256(path: str | os.PathLike) -> str:
+    """Of the file; for an ONNX model with external data, of the graph file then its weights."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    files = model_files(path) if str(path).endswith(".onnx") else [Path(path)]
+    for name in files:
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

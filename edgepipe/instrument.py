@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from edgepipe import onnxfile
 from edgepipe.runtime.sessions import new_session
 
 CAP_DB = 100.0  # SQNR of an exact tensor (graph inputs): large, finite
@@ -77,7 +78,7 @@ def instrumented_copy(path: Path, names: list[str], work: Path) -> Path:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     out = work / f"instrumented_{path.name}"
-    onnx.save(model, str(out))
+    onnxfile.save(model, out)
     return out
 
 

@@ -618,6 +618,29 @@ def test_peak_memory_is_measured_per_piece_of_work():
         assert big["peak_rss_mb"] >= small["peak_rss_mb"]
 
 
+def test_peak_memory_nests_phases_inside_a_stage():
+    """A phase resets the high-water mark too; the stage around it must still see the phase's
+    peak (a search's peak is its largest phase's), and each phase its own."""
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np\n"
+            "from edgepipe.memory import PeakMemory\n"
+            "with PeakMemory() as stage:\n"
+            "    with PeakMemory() as heavy:\n"
+            "        block = np.ones(40_000_000)  # 320 MB, touched\n"
+            "        del block\n"
+            "    with PeakMemory() as light:\n"
+            "        np.ones(1000).sum()\n"
+            "print(json.dumps([stage.to_dict(), heavy.to_dict(), light.to_dict()]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    stage, heavy, light = json.loads(out.strip().splitlines()[-1])
+    if heavy["peak_rss_scope"] != "work":
+        pytest.skip("no resettable high-water mark on this OS")
+    assert heavy["peak_rss_mb"] - light["peak_rss_mb"] > 250, (heavy, light)
+    assert stage["peak_rss_mb"] >= heavy["peak_rss_mb"], (stage, heavy)
+
+
 def test_an_accuracy_budget_the_rows_cannot_resolve_is_judged_by_its_confidence_bound():
     from types import SimpleNamespace
 
@@ -652,7 +675,8 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     from edgepipe.quantize.search import Candidate, Search
 
     search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
-    search.config, search.say, search.timers = QuantizeConfig(rounds=12), lambda message: None, {1: "sessions"}
+    search.config, search.say, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), lambda message: None, {1: "sessions"}
+    search.rounds_used, search.settings = {}, ["one setting"]
     search.candidates = [Candidate(Recipe("dynamic", weight_type=k), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
 
@@ -719,7 +743,8 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
 
     setting = SessionSetting(2, False)
     search = Search.__new__(Search)
-    search.config, search.settings = QuantizeConfig(batch_sizes=(8,)), [setting]
+    search.config, search.settings = QuantizeConfig(batch_sizes=(8,), time_budget_s=0), [setting]
+    search.rounds_used = {}
     search.onnx_path = tmp_path / "big.onnx"
     search.onnx_path.write_bytes(b"0" * 64)
     search.candidates = [Candidate(Recipe("dynamic", weight_type=k)) for k in "ab"]

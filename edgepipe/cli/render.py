@@ -69,7 +69,9 @@ def quantize_summary(report, output: Path) -> str:
     elif "error" in ceiling:
         lines.append(f"INT8 ceiling not measured: {ceiling['error']}")
     if report.phases:
-        lines.append(f"search took {report.seconds} s: " + ", ".join(f"{k} {v} s" for k, v in report.phases.items()))
+        peaks = report.phase_peak_mb or {}
+        lines.append(f"search took {report.seconds} s: " + ", ".join(
+            f"{k} {v} s" + (f" ({peaks[k]:.0f} MB peak)" if k in peaks else "") for k, v in report.phases.items()))
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from edgepipe.artifacts import StageResult, atomic_path
+from edgepipe import onnxfile
+from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, ExportError, ParityError
 from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
@@ -124,14 +125,22 @@ def _dynamo_export(source: ModelSource, example: tuple, path: Path, opset: int |
     params = inspect.signature(source.model.forward).parameters.values()
     if any(p.kind == p.VAR_POSITIONAL for p in params):  # forward(*args): the inputs are one packed arg
         dynamic_shapes = (dynamic_shapes,)
+    large = _weight_bytes(source.model) > onnxfile.EXTERNAL_BYTES  # weights in <name>.data beside it
     program = torch.onnx.export(
         source.model, example, dynamo=True, input_names=[s.name for s in source.inputs],
         output_names=source.output_names, dynamic_shapes=dynamic_shapes, opset_version=opset,
-        external_data=False, verbose=False)
-    program.save(str(path))
+        external_data=large, verbose=False)
+    program.save(str(path), external_data=large)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _torchscript_export(source: ModelSource, example: tuple, path: Path, opset: int | None) -> None:
+    if _weight_bytes(source.model) > onnxfile.EXTERNAL_BYTES:
+        raise ExportError("the TorchScript exporter writes a model past 2 GB as one file per tensor, which "
+                          "edgepipe does not move or hash; use the dynamo exporter (one external-data file)")
     dynamic_axes = {s.name: dict(s.dynamic_dims) for s in source.inputs if s.dynamic_dims}
     for name in source.output_names:
         dynamic_axes[name] = {0: "batch"}
@@ -169,8 +178,12 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
         entry = meta.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    if onnxfile.is_large(model):  # the checker cannot hold it in memory: it reads the files
+        onnxfile.save(model, path)
+        onnx.checker.check_model(str(path), full_check=True)
+    else:
+        onnx.checker.check_model(model, full_check=True)
+        onnxfile.save(model, path)
     return model
 
 
@@ -220,7 +233,7 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
     return ExportReport(
         exporter=exporter, attempts=attempts, parity=report.to_dict(),
         opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-        ir_version=graph.ir_version, size_bytes=tmp.stat().st_size,
+        ir_version=graph.ir_version, size_bytes=onnxfile.model_bytes(tmp),
         inputs=[s.to_dict() for s in src.inputs], outputs=list(src.output_names), source=src.origin)
 
 
@@ -246,7 +259,7 @@ def export(source: str | Path | ModelSource, out_path: str | Path, config: Expor
     out_path = Path(out_path)
     for exporter in config.exporters:
         try:
-            with atomic_path(out_path) as tmp:  # committed only if the attempt is not rejected
+            with onnxfile.staged_model(out_path) as tmp:  # committed only if the attempt is not rejected
                 record = _attempt(src, exporter, example, tmp, config, data, seed, attempts)
         except _Rejected:
             continue

@@ -12,6 +12,7 @@ from edgepipe import __version__
 from edgepipe.artifacts import sha256, write_json
 from edgepipe.runtime.deployment import MANIFEST_SCHEMA, read_manifest
 from edgepipe.runtime.hardware import fingerprint
+from edgepipe.runtime.modelfile import model_bytes
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scikit-learn")
 
@@ -28,7 +29,7 @@ def tool_versions() -> dict[str, str | None]:
 
 def file_entry(path: Path, root: Path) -> dict:
     rel = path.relative_to(root) if path.is_relative_to(root) else path
-    return {"path": str(rel), "sha256": sha256(path), "bytes": path.stat().st_size}
+    return {"path": str(rel), "sha256": sha256(path), "bytes": model_bytes(path)}  # with external data
 
 
 class Manifest:

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from edgepipe import onnxfile
 from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
 from edgepipe.quantize.calibration import ArrayCalibrationReader
@@ -54,7 +55,7 @@ def _dynamic(recipe: Recipe, model_path: Path, out: Path, calibration, samples: 
         if gemms_as_matmul(model_path, as_matmul):
             model_path = as_matmul
             options["op_types_to_quantize"] = sorted(set(options["op_types_to_quantize"]) | {"MatMul"})
-    quantize_dynamic(str(model_path), str(out), **options)
+    quantize_dynamic(str(model_path), str(out), use_external_data_format=onnxfile.is_large(model_path), **options)
 
 
 def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | None, samples: int) -> None:
@@ -82,7 +83,8 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
     quantize_static(str(model_path), str(out), None if cache.is_file() else ArrayCalibrationReader(calibration.inputs, samples),
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
                     activation_type={"U8": QuantType.QUInt8, "S8": QuantType.QInt8}[recipe.activation_type],
-                    calibrate_method=methods[recipe.calibration], calibration_cache_path=cache, **options)
+                    calibrate_method=methods[recipe.calibration], calibration_cache_path=cache,
+                    use_external_data_format=onnxfile.is_large(model_path), **options)
     if recipe.format == "QDQ":
         float_graph_outputs(out)
 
@@ -94,7 +96,7 @@ def _int4(recipe: Recipe, model_path: Path, out: Path, calibration, samples: int
                                      accuracy_level=4,  # int8 activations in the kernel: fast on CPU
                                      nodes_to_exclude=list(recipe.nodes_to_exclude))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=onnxfile.is_large(model_path))
 
 
 def _fp16(recipe: Recipe, model_path: Path, out: Path, calibration, samples: int) -> None:
@@ -102,7 +104,7 @@ def _fp16(recipe: Recipe, model_path: Path, out: Path, calibration, samples: int
 
     converted = convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True,
                                          node_block_list=list(recipe.nodes_to_exclude) or None)
-    onnx.save(converted, str(out))
+    onnxfile.save(converted, out)
 
 
 BUILDERS: dict[str, Callable[..., None]] = {"dynamic": _dynamic, "static": _static, "int4": _int4, "fp16": _fp16}
@@ -134,7 +136,7 @@ def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
 
 def count_integer_nodes(path: Path) -> int:
     """Nodes running in reduced precision: integer kernels, or FP16 initializers for fp16."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # op types and data types only
     fp16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     return sum(n.op_type in INTEGER_OPS for n in model.graph.node) + fp16
 

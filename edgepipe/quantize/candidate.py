@@ -11,6 +11,7 @@ from edgepipe.quantize.evaluation import Flips
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import CandidateRow
 from edgepipe.quantize.verdict import Verdict
+from edgepipe.runtime.modelfile import model_bytes
 from edgepipe.runtime.sessions import SessionSetting
 
 
@@ -66,5 +67,5 @@ class Candidate:
             speedup_trials={str(b): v for b, v in self.speedup_trials.items()} or None,
             sessions={str(b): s.to_dict() for b, s in self.settings.items()} or None,
             p50_ms_by_session=by_session_rows(self.p50_by_setting) or None,
-            size_bytes=self.path.stat().st_size if self.path and self.path.exists() else None,
+            size_bytes=model_bytes(self.path) if self.path and self.path.exists() else None,
             error=self.error, verdict=str(self.verdict), backend=r.backend)

@@ -69,6 +69,7 @@ class QuantizeReport(Report):
     judged_on: str | None = optional()  # what accuracy_drop measures, and on how many rows
     choice: str | None = optional()  # why the chosen candidate won (speed, or fidelity within the noise band)
     phases: dict[str, float] | None = optional()  # seconds per phase: build, screen, measure, confirm, fallback
+    phase_peak_mb: dict[str, float] | None = optional()  # peak RSS per phase (Linux; nests in the stage's)
     rounds: dict[str, int] | None = optional()  # timing rounds per phase (a time budget can shorten them)
     # The dominant kernel's INT8/FP32 speedup on this CPU and the model's as a fraction of it
     ceiling: dict[str, Any] | None = optional()

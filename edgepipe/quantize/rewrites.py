@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgepipe import onnxfile
 from edgepipe.logs import quiet_logs
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
 
@@ -24,6 +25,9 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
     model_path, work_dir = Path(model_path).resolve(), Path(work_dir).resolve()
     for label, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
         out = work_dir / f"pre_{label}.onnx"
+        if onnxfile.is_large(model_path):  # one external-data file named as edgepipe names it
+            kwargs |= {"save_as_external_data": True, "all_tensors_to_one_file": True,
+                       "external_data_location": onnxfile.sidecar(out).name}
         try:
             # When symbolic shape inference gives up, ORT saves sym_shape_infer_temp.onnx plus
             # a uuid-named .data file into the current directory: keep that in work_dir.
@@ -92,7 +96,7 @@ def gemms_as_matmul(model_path: Path, out: Path) -> int:
         del graph.node[:], graph.initializer[:]
         graph.node.extend(nodes)
         graph.initializer.extend(kept)
-        onnx.save(model, str(out))
+        onnxfile.save(model, out)
     return rewritten
 
 
@@ -123,7 +127,7 @@ def float_graph_outputs(path: Path) -> list[str]:
         graph.node.remove(dq)
         changed.append(source.name)
     if changed:
-        onnx.save(model, str(path))
+        onnxfile.save(model, path)
     return changed
 
 
@@ -132,7 +136,7 @@ def strip_value_info(model_path: Path, out: Path) -> Path:
     ONNX shape inference inside quantization fail ("Inferred shape and existing shape differ")."""
     model = onnx.load(str(model_path))
     del model.graph.value_info[:]
-    onnx.save(model, str(out))
+    onnxfile.save(model, out)
     return out
 
 
@@ -143,6 +147,6 @@ def transformer_fusions(model_path: Path, out: Path) -> list[str]:
 
     with quiet_logs():
         optimized = optimize_model(str(model_path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
-        optimized.save_model_to_file(str(out), use_external_data_format=False)
+        optimized.save_model_to_file(str(out), use_external_data_format=onnxfile.is_large(model_path))
     before = {n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
     return sorted({n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node} - before)

@@ -4,16 +4,16 @@ setting, judge each, and confirm an accepted one in fresh trials before it can s
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from edgepipe import onnxfile
 from edgepipe.errors import QuantizationError
+from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows
 from edgepipe.quantize.config import EvalData, QuantizeConfig
@@ -24,7 +24,7 @@ from edgepipe.quantize.verdict import FAILED, OK, SPEED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
-from edgepipe.runtime.timing import BLOCK_S, WARMUP_S, measure_interleaved
+from edgepipe.runtime.timing import measure_interleaved
 
 # A model whose FP32 call at the smallest batch size takes longer than this is timed with all
 # cores only: the 1-thread setting wins on overhead-bound calls (the zoo's sub-millisecond
@@ -37,7 +37,7 @@ SWEEP_MAX_CALL_S = 0.05
 PAIRWISE_BYTES = 1 << 30
 
 
-class Search:
+class Search(TimeBudget):
     """One quantize run: the FP32 reference, the data, and every candidate tried."""
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
@@ -65,50 +65,8 @@ class Search:
         self.choice: str | None = None  # why the chosen one won (set by stage.choose)
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}  # seconds per phase of the search
+        self.phase_peaks: dict[str, float] = {}  # peak RSS (MB) per phase, where it can be reset (Linux)
         self.rounds_used: dict[str, int] = {}  # rounds each timing phase ran (fewer under a time budget)
-
-    @contextmanager
-    def phase(self, name: str):
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - began, 2)
-
-    def out_of_time(self, fraction: float = 1.0) -> bool:
-        """Whether `fraction` of the configured time budget is spent (never, without one)."""
-        budget = self.config.time_budget_s
-        return budget is not None and time.perf_counter() - self.started >= fraction * budget
-
-    def left(self) -> float | None:
-        """Seconds of the time budget left (None without one)."""
-        budget = self.config.time_budget_s
-        return None if budget is None else budget - (time.perf_counter() - self.started)
-
-    def call_cost(self) -> dict[int, float]:
-        """FP32 seconds per call at each batch size (one timed call after one warm-up)."""
-        if not self._call_cost:
-            for batch in self.config.batch_sizes:
-                run = self.fp32.runner(self.timing_feeds(batch))
-                run()
-                began = time.perf_counter()
-                run()
-                self._call_cost[batch] = time.perf_counter() - began
-        return self._call_cost
-
-    def rounds_within(self, phase: str, wanted: int, models: int, settings: int, share: float,
-                      floor: int = 3) -> int:
-        """`wanted` timing rounds, or as many as fit in `share` of the budget left (`floor` at
-        least: below that a ratio is noise). One round times each of `models` at `settings`
-        session settings and every batch size; each costs a call or a block (measure_interleaved)."""
-        left = self.left()
-        if left is not None:
-            cost = self.call_cost()
-            per_round = models * settings * sum(max(BLOCK_S, c) for c in cost.values())
-            warm_up = models * settings * sum(2 * c + min(WARMUP_S, 8 * c) for c in cost.values())
-            wanted = max(min(floor, wanted), min(wanted, int((left * share - warm_up) / per_round)))
-        self.rounds_used[phase] = wanted
-        return wanted
 
     # --- judging -------------------------------------------------------------------------
     @property
@@ -149,7 +107,7 @@ class Search:
                         p50_ms={str(b): round(v, 4) for b, v in self.fp32_p50.items()},
                         sessions={str(b): s.to_dict() for b, s in self.fp32_settings.items()},
                         p50_ms_by_session=by_session_rows(self.fp32_p50_by_setting),
-                        size_bytes=self.onnx_path.stat().st_size)
+                        size_bytes=onnxfile.model_bytes(self.onnx_path))
 
     # --- building ------------------------------------------------------------------------
     def build(self, recipe: Recipe) -> Candidate:
@@ -162,7 +120,7 @@ class Search:
                  f"{recipe.name}: the file of {twin.recipe.name}, run by {recipe.backend}")
         try:
             if twin is not None and twin.error is None:  # same file, another runtime: no second build
-                shutil.copyfile(twin.path, cand.path)
+                onnxfile.copy(twin.path, cand.path)
                 cand.built_from, cand.integer_nodes = twin.built_from, twin.integer_nodes
             else:
                 cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,

@@ -3,14 +3,14 @@ one inside the accuracy budget — never one slower than the FP32 input."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
-from edgepipe.artifacts import StageResult, atomic_path, require_file
+from edgepipe import onnxfile
+from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
@@ -236,6 +236,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             f"{1 / search.rows:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
         report.choice = search.choice
         report.phases = search.phases
+        report.phase_peak_mb = search.phase_peaks or None
         report.rounds = search.rounds_used or None
         if chosen is not None and chosen.recipe.reasons:
             report.recipe_reason = chosen.recipe.reasons[0]
@@ -248,11 +249,10 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             with search.phase("ceiling"):
                 report.ceiling = kernel_ceiling(search, chosen)
             report.phases = search.phases
-        out_path = Path(out_path)
-        with atomic_path(out_path) as tmp_out:
-            shutil.copyfile(chosen.path, tmp_out)
+            report.phase_peak_mb = search.phase_peaks or None
+        out_path = onnxfile.copy(chosen.path, out_path)  # atomic; external data relocated with it
         report.candidates = [c.row() for c in search.candidates]
         report.chosen = chosen.row()
-        report.size_bytes = out_path.stat().st_size
+        report.size_bytes = onnxfile.model_bytes(out_path)
         report.seconds = round(time.perf_counter() - started, 2)
     return StageResult("quantize", {"onnx": out_path}, report)

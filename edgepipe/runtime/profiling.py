@@ -4,13 +4,13 @@ and profiles of several devices merged. Torch-free."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import fingerprint
+from edgepipe.runtime.modelfile import model_bytes
 from edgepipe.runtime.placement import operator_profile
 from edgepipe.runtime.sessions import SessionSetting, route_batch
 from edgepipe.runtime.spec import dynamic_sizes, make_feeds
@@ -62,7 +62,7 @@ def profile_model(
     record = {
         "model": str(model_path),
         "dims": sizes,
-        "size_bytes": Path(model_path).stat().st_size,
+        "size_bytes": model_bytes(model_path),
         "engine": engine.describe(),
         "cold_start": cold,
         "latency": runs[0]["latency"],
@@ -142,7 +142,7 @@ def compare_models(
     baseline = next(iter(models))
     latency, speedup = median_trials(per_trial, baseline)
     return {
-        "models": {label: {"path": str(path), "size_bytes": Path(path).stat().st_size,
+        "models": {label: {"path": str(path), "size_bytes": model_bytes(path),
                            "providers": engines[label].providers,
                            "backend": engines[label].backend,
                            "sessions": {str(b): {"threads": st.threads or "ort-default", "spinning": st.spinning}

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from edgepipe.artifacts import StageResult, atomic_path, require_file, sha256
 from edgepipe.errors import ConfigError, InputError
 from edgepipe.reports import Report
+from edgepipe.runtime.modelfile import sidecar
 
 # onnxruntime type strings -> Triton data types (model_config.proto, enum DataType).
 TRITON_TYPES = {
@@ -187,8 +188,13 @@ def export_triton(model: str | Path, repo: str | Path, config: TritonConfig | No
     parsed = validate_config(text, model) if validate else None
     folder = Path(repo) / config.name
     target = folder / str(config.version) / "model.onnx"
-    with atomic_path(target) as tmp:
-        shutil.copyfile(model, tmp)
+    if sidecar(model).is_file():  # external data: copied beside it, its location rewritten
+        from edgepipe import onnxfile
+
+        onnxfile.copy(model, target)
+    else:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(model, tmp)
     with atomic_path(folder / "config.pbtxt") as tmp:
         tmp.write_text(text)
     report = TritonReport(

@@ -1,0 +1,61 @@
+"""The time side of a quantize search: phases timed (seconds and peak memory), the budget left,
+and how many timing rounds fit in it. A mixin of Search, which provides config, fp32,
+settings, started, phases, phase_peaks, rounds_used, _call_cost and timing_feeds."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from edgepipe.memory import PeakMemory
+from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
+
+
+class TimeBudget:
+    @contextmanager
+    def phase(self, name: str):
+        """Time a phase (seconds add up over repeats) and record its peak RSS (the highest)."""
+        began = time.perf_counter()
+        peak = PeakMemory()
+        try:
+            with peak:
+                yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - began, 2)
+            if peak.scope == "work" and peak.mb is not None:
+                self.phase_peaks[name] = max(self.phase_peaks.get(name, 0.0), peak.mb)
+
+    def out_of_time(self, fraction: float = 1.0) -> bool:
+        """Whether `fraction` of the configured time budget is spent (never, without one)."""
+        budget = self.config.time_budget_s
+        return budget is not None and time.perf_counter() - self.started >= fraction * budget
+
+    def left(self) -> float | None:
+        """Seconds of the time budget left (None without one)."""
+        budget = self.config.time_budget_s
+        return None if budget is None else budget - (time.perf_counter() - self.started)
+
+    def call_cost(self) -> dict[int, float]:
+        """FP32 seconds per call at each batch size (one timed call after one warm-up)."""
+        if not self._call_cost:
+            for batch in self.config.batch_sizes:
+                run = self.fp32.runner(self.timing_feeds(batch))
+                run()
+                began = time.perf_counter()
+                run()
+                self._call_cost[batch] = time.perf_counter() - began
+        return self._call_cost
+
+    def rounds_within(self, phase: str, wanted: int, models: int, settings: int, share: float,
+                      floor: int = 3) -> int:
+        """`wanted` timing rounds, or as many as fit in `share` of the budget left (`floor` at
+        least: below that a ratio is noise). One round times each of `models` at `settings`
+        session settings and every batch size; each costs a call or a block (measure_interleaved)."""
+        left = self.left()
+        if left is not None:
+            cost = self.call_cost()
+            per_round = models * settings * sum(max(BLOCK_S, c) for c in cost.values())
+            warm_up = models * settings * sum(2 * c + min(WARMUP_S, 8 * c) for c in cost.values())
+            wanted = max(min(floor, wanted), min(wanted, int((left * share - warm_up) / per_round)))
+        self.rounds_used[phase] = wanted
+        return wanted
