@@ -1,7 +1,7 @@
 """Real-size Hugging Face models through edgepipe, beside plain onnxruntime `quantize_dynamic`.
 
     python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert]
-                                   [--batch 1,8] [--time-budget 120]
+                                   [--batch 1,8] [--time-budget 120] [--nncf-python VENV/bin/python]
 
 Each model is built offline from its transformers config with random weights (nothing is
 downloaded) and saved with save_pretrained; then, each step in its own process so its wall time
@@ -9,7 +9,8 @@ and peak RSS are its own: `edgepipe export FOLDER` and `edgepipe quantize` (gene
 judged by top-1 agreement with FP32). Then, in this process, FP32, edgepipe's INT8 and plain
 `quantize_dynamic` (S8 weights, per-tensor, full range: what most tutorials run), and, with
 OpenVINO installed, edgepipe's INT8 file run by OpenVINO (when quantize did not choose it) are timed
-interleaved at each batch size with all cores, and their outputs compared with FP32's (relative
+interleaved at each batch size with all cores, beside OpenVINO + NNCF's INT8 model on OpenVINO
+when --nncf-python names a venv with nncf (peers never enter edgepipe's environment), and their outputs compared with FP32's (relative
 L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
 fidelity is the figure to read. Writes benchmarks/results/hf_models.json, one line per model.
 """
@@ -45,18 +46,20 @@ def save_model(name: str, folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_step(args: list[str]) -> dict:
-    """Run one edgepipe command in its own process: its wall time, peak RSS and exit code."""
+def run_step(args: list[str], python: str | None = None) -> dict:
+    """Run one edgepipe command (or, with `python`, that interpreter with `args`) in its own
+    process: its wall time, peak RSS and exit code."""
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "edgepipe", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    command = [python, *args] if python else [sys.executable, "-m", "edgepipe", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "exit": os.waitstatus_to_exitcode(status), "tail": output.strip().splitlines()[-6:]}
 
 
-def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str) -> dict:
+def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str,
+            nncf: Path | None = None) -> dict:
     """FP32, edgepipe's INT8 on the backend quantize chose, plain quantize_dynamic, and (when
     OpenVINO is installed and was not chosen) edgepipe's INT8 file run by OpenVINO."""
     from edgepipe.quantize.evaluation import fidelity
@@ -67,6 +70,8 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
     engines = {"fp32": Engine(fp32), "edgepipe": Engine(int8, backend=backend), "plain_dynamic": Engine(plain)}
     if available() and backend != "openvino":
         engines["edgepipe_file_on_openvino"] = Engine(int8, backend="openvino")
+    if nncf is not None and nncf.exists():  # the peer's model, on the runtime it is made for
+        engines["nncf_openvino"] = Engine(nncf, backend="openvino")
     out: dict = {"speedup": {}, "fidelity": {}}
     for batch in batches:
         feeds = make_feeds(engines["fp32"].inputs, batch=batch, seed=3)
@@ -81,7 +86,21 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
     return out
 
 
-def bench(name: str, work: Path, batches: list[int], time_budget: float | None, rounds: int) -> dict:
+def nncf_step(onnx_path: Path, work: Path, python: str) -> tuple[dict, Path]:
+    """OpenVINO + NNCF's post-training quantization in its own environment, on 64 generated rows."""
+    from edgepipe.runtime import Engine
+    from edgepipe.runtime.spec import make_feeds
+
+    calib, out = work / f"{onnx_path.stem}.calib.npz", work / f"{onnx_path.stem}.nncf.onnx"
+    import numpy as np
+
+    np.savez(calib, **make_feeds(Engine(onnx_path).inputs, batch=64, seed=5))
+    script = Path(__file__).resolve().parent / "peers" / "nncf_quantize.py"
+    return run_step([str(script), str(onnx_path), str(out), str(calib)], python=python), out
+
+
+def bench(name: str, work: Path, batches: list[int], time_budget: float | None, rounds: int,
+          nncf_python: str | None = None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = work / name
@@ -110,8 +129,11 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         stripped = strip_value_info(onnx_path, work / f"{name}.stripped.onnx")
         quantize_dynamic(str(stripped), str(plain), weight_type=QuantType.QInt8)
     row["plain_dynamic_seconds"] = round(time.perf_counter() - started, 1)
+    nncf = None
+    if nncf_python:
+        row["nncf"], nncf = nncf_step(onnx_path, work, nncf_python)
     if int8.exists():
-        row |= compare(onnx_path, int8, plain, batches, rounds, backend)
+        row |= compare(onnx_path, int8, plain, batches, rounds, backend, nncf)
     return row
 
 
@@ -121,6 +143,8 @@ def main() -> None:
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--time-budget", type=float, default=None, help="edgepipe quantize's (default: its own)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--nncf-python", default=None,
+                        help="python of a venv with nncf + openvino: add OpenVINO+NNCF INT8 as a peer")
     args = parser.parse_args()
     from edgepipe.runtime.hardware import read_cpu
 
@@ -132,7 +156,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds)
+            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds, args.nncf_python)
             print(json.dumps(row), flush=True)
             rows.append(row)
     (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,

@@ -98,6 +98,9 @@ def commit(src: Path, dst: Path) -> Path:
         if sidecar(dst).exists():
             sidecar(dst).unlink()
         return dst
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(sidecar(src), 0o666 & ~umask)  # writers make it 0600; artifacts are shared
     os.replace(sidecar(src), sidecar(dst))
     with atomic_path(dst) as tmp:
         _relocate(src, tmp, sidecar(dst).name)

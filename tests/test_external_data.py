@@ -4,6 +4,8 @@ is lowered here so a small model takes the same path (a real 2 GB model is bench
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -40,6 +42,9 @@ def test_export_writes_one_external_data_file_named_after_the_model(tmp_path, sm
     assert sidecar(path).is_file() and _locations(path) == {"model.onnx.data"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # no staging left
     assert result.record["size_bytes"] == model_bytes(path) > path.stat().st_size
+    umask = os.umask(0)
+    os.umask(umask)
+    assert sidecar(path).stat().st_mode & 0o777 == 0o666 & ~umask  # shared like the model file
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     assert Engine(path).run(x).popitem()[1].shape == (3, 10)
     before = sha256(path)
