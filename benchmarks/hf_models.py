@@ -67,7 +67,9 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
     from edgepipe.runtime.openvino_backend import available
     from edgepipe.runtime.spec import make_feeds
 
-    engines = {"fp32": Engine(fp32), "edgepipe": Engine(int8, backend=backend), "plain_dynamic": Engine(plain)}
+    # no spinning workers: several sessions share 2 cores, and one's spinning slows the next
+    engines = {"fp32": Engine(fp32, spinning=False), "edgepipe": Engine(int8, backend=backend, spinning=False),
+               "plain_dynamic": Engine(plain, spinning=False)}
     if available() and backend != "openvino":
         engines["edgepipe_file_on_openvino"] = Engine(int8, backend="openvino")
     if nncf is not None and nncf.exists():  # the peer's model, on the runtime it is made for
@@ -115,10 +117,16 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
     if time_budget:
         quant_args += ["--time-budget", str(time_budget)]
     row["quantize"] = run_step(quant_args)
+    # quantize resets the kernel's high-water mark per phase (edgepipe.memory), which is what
+    # wait4 reports too; the peak of the whole search is the one it prints
+    printed = [line for line in row["quantize"]["tail"] if line.startswith("peak memory")]
+    if printed:
+        row["quantize"]["peak_rss_mb"] = float(printed[0].split()[2])
     record = json.loads((work / f"{name}.quant.json").read_text()) if (work / f"{name}.quant.json").exists() else {}
     row["chosen"] = (record.get("chosen") or {}).get("recipe")
     backend = (record.get("chosen") or {}).get("backend", "onnxruntime")
     row["phases"], row["ceiling"], row["rounds"] = record.get("phases"), record.get("ceiling"), record.get("rounds")
+    row["phase_peak_mb"] = record.get("phase_peak_mb")
     started = time.perf_counter()
     try:
         quantize_dynamic(str(onnx_path), str(plain), weight_type=QuantType.QInt8)
