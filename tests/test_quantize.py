@@ -579,3 +579,32 @@ def test_an_expensive_model_is_timed_with_all_cores_only(tmp_path, monkeypatch):
     assert [s.threads for s in settings()] == [1, os.cpu_count()]
     monkeypatch.setattr(search_mod, "SWEEP_MAX_CALL_S", 0.0)
     assert [(s.threads, s.spinning) for s in settings()] == [(os.cpu_count(), False)]
+
+
+def test_only_matmul_and_gemm_outputs_lose_their_output_qdq(tmp_path):
+    """ORT has float-output integer kernels for MatMul/Gemm, not for Conv: a Conv writing a graph
+    output keeps its Q/DQ so it is fused to QLinearConv instead of running in float."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def qdq_model(op: str, weight_shape, x_shape, y_shape):
+        rng = np.random.default_rng(0)
+        scale, zero = numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")
+        weight = numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "W")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                 helper.make_node(op, ["xd", "W"], ["h"], name="compute"),
+                 helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
+                 helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], [scale, zero, weight])
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    matmul = qdq_model("MatMul", (8, 4), [2, 8], [2, 4])
+    assert rewrites.float_graph_outputs(matmul) == ["compute"]
+    assert [n.op_type for n in onnx.load(str(matmul)).graph.node][-1] == "MatMul"
+    conv = qdq_model("Conv", (4, 3, 1, 1), [1, 3, 5, 5], [1, 4, 5, 5])
+    assert rewrites.float_graph_outputs(conv) == []
+    assert [n.op_type for n in onnx.load(str(conv)).graph.node][-1] == "DequantizeLinear"
