@@ -172,6 +172,7 @@ def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo
                           calibration=calibration, cpu=AVX2_ONLY).record
     except (LatencyError, AccuracyError) as exc:  # the one candidate built may not qualify: still recorded
         record = exc.report.to_dict()
+        assert "time budget left" in str(exc) and "recipe(s) untried" in str(exc) and "--time-budget 0" in str(exc)
     assert len(record["candidates"]) == 1
     budget_skips = [s for s in record["skipped_recipes"] if s["why"].startswith("time budget (0.01 s)")]
     assert len(budget_skips) >= 4  # every other recipe for an MLP on a CPU without VNNI
@@ -190,6 +191,9 @@ def test_build_order_puts_the_likeliest_winners_first():
     assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-tensor", "dynamic/WS8/per-channel"]
     assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
     assert QuantizeConfig().time_budget_s == 120 and QuantizeConfig(time_budget_s=0).time_budget_s is None
+    # a transformer with a Conv patch embedding (ViT) is not a convolutional graph
+    vit, _ = candidate_recipes({"Conv", "MatMul"}, AVX2_ONLY, conv_heavy=False)
+    assert vit[0].name == "dynamic/WS8/per-tensor"
 
 
 def _tiny_mlp(tmp_path):
@@ -608,3 +612,33 @@ def test_only_matmul_and_gemm_outputs_lose_their_output_qdq(tmp_path):
     conv = qdq_model("Conv", (4, 3, 1, 1), [1, 3, 5, 5], [1, 4, 5, 5])
     assert rewrites.float_graph_outputs(conv) == []
     assert [n.op_type for n in onnx.load(str(conv)).graph.node][-1] == "DequantizeLinear"
+
+
+def test_dynamic_leaves_a_patch_embedding_conv_in_fp32_and_quantizes_the_matmuls(tmp_path):
+    """ViT-like: one Conv (patch embedding) and MatMuls. Dynamic is a candidate there (a veto
+    on any Conv left ViT-base with static QDQ only, which lost 7 of 64 rows), and its ConvInteger
+    never appears."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 3, 4, 4)).astype(np.float32), "P"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([0, 64, 16], dtype=np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "P"], ["p"], strides=[4, 4], name="patch"),
+             helper.make_node("Reshape", ["p", "shape"], ["t"]),
+             helper.make_node("Transpose", ["t"], ["s"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["s", "W1"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "vit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "vit.onnx")
+    recipes, skipped = candidate_recipes({n.op_type for n in nodes}, AVX2_ONLY, conv_heavy=False)
+    dynamic = [r for r in recipes if r.method == "dynamic"]
+    assert dynamic and not any("ConvInteger" in s["why"] for s in skipped)
+    builders.build(dynamic[0], tmp_path / "vit.onnx", tmp_path / "dyn.onnx", None, 0)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "dyn.onnx")).graph.node]
+    assert "ConvInteger" not in ops and "Conv" in ops and builders.count_integer_nodes(tmp_path / "dyn.onnx") >= 2

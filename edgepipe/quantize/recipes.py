@@ -98,13 +98,15 @@ def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:
 INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
 
 
-def build_order(recipes: list[Recipe], graph_ops: set[str]) -> list[Recipe]:
+def build_order(recipes: list[Recipe], conv_heavy: bool) -> list[Recipe]:
     """The order to build in, so that a time budget that stops building early has built the
-    likeliest winners: on a convolutional graph static QDQ per-channel first, else dynamic
-    (measured here: ResNet-50 and MobileNetV2 ran fastest in static QDQ per-channel, BERTs in
-    dynamic); full range before reduce_range (faster, and more faithful where it does not
-    saturate). The order decides nothing else: every candidate built is measured."""
-    conv = "Conv" in graph_ops
+    likeliest winners: on a convolutional graph (more Conv nodes than MatMul/Gemm) static QDQ
+    per-channel first, else dynamic (measured here: ResNet-50 and MobileNetV2 ran fastest in
+    static QDQ per-channel, BERTs in dynamic; ViT-base has one Conv, its patch embedding, and
+    lost 7 of 64 rows in static QDQ); full range before reduce_range (faster, and more faithful
+    where it does not saturate). The order decides nothing else: every candidate built is
+    measured."""
+    conv = conv_heavy
 
     def key(r: Recipe) -> tuple[bool, bool]:
         preferred = (r.method == "static" and r.format == "QDQ" and r.per_channel) if conv else r.method == "dynamic"
@@ -116,11 +118,13 @@ def build_order(recipes: list[Recipe], graph_ops: set[str]) -> list[Recipe]:
 def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
                       allow_dynamic: bool = True, allow_static: bool = True,
                       largest_matmul_weight: int = 0, mode: str = "auto",
-                      backends: tuple[str, ...] = ("onnxruntime",),
+                      backends: tuple[str, ...] = ("onnxruntime",), conv_heavy: bool | None = None,
                       ) -> tuple[list[Recipe], list[dict]]:
     """The recipes worth measuring for a graph with `graph_ops` on `cpu`, and those skipped (why).
 
     `largest_matmul_weight`: elements of the biggest constant MatMul weight (INT4 candidates).
+    `conv_heavy`: whether Conv carries the graph (more Conv nodes than MatMul/Gemm; None: any
+    Conv does): it orders the builds, and only then is dynamic vetoed for its ConvInteger.
     `backends`: with "openvino", static QDQ per-channel at full range run by OpenVINO too (its
     CPU plugin has its own INT8 kernels; the same file as onnxruntime's twin).
     """
@@ -157,12 +161,16 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                             "why": f"largest constant MatMul weight has {largest_matmul_weight} elements "
                                    f"(< {INT4_MIN_WEIGHT_ELEMENTS}): too small to be bandwidth-bound"})
     kept = []
-    for recipe in build_order(proposals, graph_ops):
+    conv_heavy = "Conv" in graph_ops if conv_heavy is None else conv_heavy
+    for recipe in build_order(proposals, conv_heavy):
         if recipe.method == "int4":
             kept.append(recipe)
             continue
-        supported = DYNAMIC_OPS if recipe.method == "dynamic" else STATIC_OPS
-        vetoes = [VETOES[(op, recipe.method)] for op in sorted(graph_ops) if (op, recipe.method) in VETOES]
+        # dynamic never quantizes a Conv (builders leave it FP32): where Conv does not carry the
+        # graph (ViT's patch embedding) the MatMuls are worth it and the veto does not apply
+        supported = (DYNAMIC_OPS - {"Conv"}) if recipe.method == "dynamic" else STATIC_OPS
+        vetoes = [VETOES[(op, recipe.method)] for op in sorted(graph_ops) if (op, recipe.method) in VETOES
+                  and not (op == "Conv" and not conv_heavy)]
         if vetoes:
             skipped.append({"recipe": recipe.name, "why": "; ".join(vetoes)})
         elif not (graph_ops & supported & COMPUTE_OPS):

@@ -35,7 +35,9 @@ def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Re
     """The recipes to try on this graph and CPU, those skipped (why), and the graph's op types."""
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     graph_ops = {n.op_type for n in graph.node}
+    convs = sum(n.op_type == "Conv" for n in graph.node)
     recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
+                                         conv_heavy=convs > sum(n.op_type in ("MatMul", "Gemm") for n in graph.node),
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
                                          allow_static=config.mode in ("auto", "static"),
                                          largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode,
@@ -115,9 +117,17 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
     accurate = [c for c in measured if search.accurate(c)]
     best = max(accurate or measured, key=lambda c: c.score)
     error_cls = LatencyError if accurate else AccuracyError
+    untried = sum(s["why"].startswith("time budget") for s in report.skipped_recipes)
+    stopped = any(s.get("step") == "stopped" for s in report.accuracy_fallback)
+    timing = ""
+    if untried or stopped:
+        timing = (f"; the {search.config.time_budget_s:g} s time budget left "
+                  + (f"{untried} recipe(s) untried" if untried else "")
+                  + (" and " if untried and stopped else "") + ("the accuracy fallback unfinished" if stopped else "")
+                  + " (--time-budget 0, or [quantize] time_budget_s = 0, tries everything)")
     return error_cls(f"no quantized candidate is both faster than FP32 and within the accuracy budget "
                      f"(drop <= {search.config.max_accuracy_drop}); best was {best.recipe.name}: "
-                     f"{best.verdict}. Keep the FP32 model or relax the budget", report=report)
+                     f"{best.verdict}{timing}. Keep the FP32 model or relax the budget", report=report)
 
 
 def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],
