@@ -17,7 +17,7 @@ def test_every_registered_command_is_tested_for_help():
 
 
 ALL_COMMANDS = ["train", "prune", "export", "quantize", "compare", "profile", "merge-profiles", "run", "demo",
-                "report", "serve", "triton"]
+                "report", "serve", "triton", "generate"]
 
 
 @pytest.mark.parametrize("command", ALL_COMMANDS)

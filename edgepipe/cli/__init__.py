@@ -10,6 +10,7 @@ from edgepipe import __version__
 from edgepipe.cli import (
     compare_cmd,
     export_cmd,
+    generate_cmd,
     profile_cmd,
     prune_cmd,
     quantize_cmd,
@@ -62,6 +63,7 @@ COMMANDS = (
     ("report", report_cmd.report),
     ("serve", serve_cmd.serve),
     ("triton", triton_cmd.triton),
+    ("generate", generate_cmd.generate),
 )
 for _name, _command in COMMANDS:
     app.command(_name)(_command)

@@ -16,7 +16,7 @@ def export(
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input spec name:dtype:dims[:low..high] (repeat per input), e.g. ids:int64:batch,seq:0..30000. Overrides what the factory declares.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output name(s) in order (default: logits for checkpoints, output otherwise).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction). Default: from config.json's architectures.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction, text-generation). Default: from config.json's architectures; a *ForCausalLM folder is exported as a decoder with its KV cache (text-generation).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Held-out inputs (.npz keyed by input name, or x) for the parity check. Checkpoints of bundled datasets use their held-out split.")] = None,
     exporter: Annotated[Optional[list[str]], typer.Option(help="Exporter(s) to try in order: dynamo, torchscript.")] = None,
     atol: Annotated[float, typer.Option(help="Parity absolute tolerance.")] = 1e-4,
@@ -30,6 +30,14 @@ def export(
     check_outputs(output, json_out)
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
+    from edgepipe.exporters.hf import is_hf_folder, read_config
+
+    if is_hf_folder(source) and task in (None, "text-generation"):
+        from edgepipe.exporters.decoder import is_causal_lm
+
+        if task == "text-generation" or is_causal_lm(read_config(Path(source))):
+            _export_decoder(source, output, atol, json_out)
+            return
 
     src = load_source(source, input or None, output_name or None, task=task)
     held_out = None
@@ -49,4 +57,18 @@ def export(
                    f"({attempt.get('parity') or attempt.get('error')})")
     typer.echo(f"exported with {rec['exporter']} (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) "
                f"-> {output}; {'real held-out' if held_out else 'generated'} inputs")
+    write_json_out(json_out, rec)
+
+
+def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[Path]) -> None:
+    """A causal LM folder: the decoder with its KV cache, parity on prefill and 16 decode steps."""
+    from edgepipe.exporters.decoder import export_decoder
+
+    typer.echo("  a causal LM: exporting the decoder with its KV cache (prefill and decode in one graph)", err=True)
+    rec = export_decoder(source, output, atol=max(atol, 1e-3)).record
+    for case in rec["parity"]["cases"]:
+        typer.echo(f"  prompt of {case['prompt']} tokens + {case.get('steps', 0)} greedy steps: max abs diff "
+                   f"{case['max_abs_diff']:.2e}, same tokens: {case.get('same_tokens')}")
+    typer.echo(f"exported decoder with dynamo (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> {output}; "
+               f"try: edgepipe generate {output} --prompt-ids 1,2,3")
     write_json_out(json_out, rec)

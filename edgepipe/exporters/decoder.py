@@ -1,0 +1,165 @@
+"""Causal language models: a Hugging Face folder (config.json + weights) -> an ONNX decoder whose
+KV cache is a flat list of inputs and outputs (past.{i}.key/value -> present.{i}.key/value),
+exported with torch.onnx (dynamo) and checked by a parity verdict on the prefill of two prompt
+lengths and on greedy decode steps with the cache (logits, and the tokens chosen).
+
+One graph serves both phases: the prefill feeds a past of length 0. runtime/generate.py runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgepipe import onnxfile
+from edgepipe.artifacts import StageResult
+from edgepipe.errors import ExportError, InputError, ParityError
+from edgepipe.exporters.hf import is_hf_folder, read_config
+from edgepipe.exporters.onnx_export import MAX_IR_VERSION, error_line
+from edgepipe.exporters.report import ExportReport
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.generate import DECODER_KEY, DecoderSpec
+
+
+def is_causal_lm(config: dict) -> bool:
+    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or [])
+
+
+def load_causal_lm(folder: str | Path):
+    """The model of a causal LM folder, in FP32 and eval mode, loaded offline."""
+    folder = Path(folder)
+    if not is_hf_folder(folder):
+        raise InputError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    config = read_config(folder)
+    if not is_causal_lm(config):
+        raise InputError(f"{folder} is not a causal language model (architectures: "
+                         f"{', '.join(config.get('architectures') or []) or 'none'}); a decoder needs a "
+                         "*ForCausalLM model")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
+                                                                  dtype=torch.float32, attn_implementation="eager")
+    except Exception as exc:  # unsupported architecture, corrupt safetensors, missing weights ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{folder}: transformers cannot load it as a causal LM: {first[:300]}") from exc
+    return model.eval()
+
+
+def decoder_spec(model) -> DecoderSpec:
+    config = model.config
+    heads = config.num_attention_heads
+    eos = config.eos_token_id
+    return DecoderSpec(
+        layers=config.num_hidden_layers, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab_size=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None) or 2048,
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        architecture=(config.architectures or [type(model).__name__])[0])
+
+
+class FlatCache(torch.nn.Module):
+    """The model with its cache as tensors: forward(input_ids, attention_mask, *past) ->
+    (logits, *present), past/present ordered layer by layer, key then value."""
+
+    def __init__(self, model, spec: DecoderSpec):
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, input_ids, attention_mask, *past):
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.spec.layers)]
+        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path) -> None:
+    from torch.export import Dim
+
+    batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
+    example_past = [torch.zeros(2, spec.kv_heads, 3, spec.head_dim) for _ in range(2 * spec.layers)]
+    example = (torch.randint(0, spec.vocab_size, (2, 4)), torch.ones(2, 7, dtype=torch.int64), *example_past)
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in example_past))
+    large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > onnxfile.EXTERNAL_BYTES
+    program = torch.onnx.export(wrapper, example, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                input_names=["input_ids", "attention_mask", *spec.past_names()],
+                                output_names=["logits", *spec.present_names()], external_data=large)
+    program.save(str(path), external_data=large)
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = DECODER_KEY, spec.to_json()
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnxfile.save(model, path)
+    onnx.checker.check_model(str(path))
+
+
+def decoder_parity(model, path: Path, spec: DecoderSpec, prompt_lengths=(5, 11), steps: int = 16,
+                   atol: float = 1e-3, rtol: float = 1e-3, seed: int = 0) -> dict:
+    """ONNX Runtime against torch: the prefill of each prompt length, then `steps` greedy decode
+    steps with the cache, each side feeding its own tokens back. Passes when every logit is
+    within tolerance and both chose the same tokens."""
+    engine = Engine(path, providers="cpu")
+    rng = np.random.default_rng(seed)
+    cases = []
+    for length in prompt_lengths:
+        prompt = rng.integers(0, spec.vocab_size, (1, length))
+        empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), dtype=np.float32)
+        past = {name: empty for name in spec.past_names()}
+        ids_o = ids_t = prompt
+        cache_t, total, worst, tokens_o, tokens_t = None, length, 0.0, [], []
+        for step in range(steps + 1):
+            out = engine.run({"input_ids": ids_o, "attention_mask": np.ones((1, total), np.int64), **past})
+            with torch.no_grad():
+                ref = model(input_ids=torch.from_numpy(ids_t), past_key_values=cache_t, use_cache=True)
+            expected = ref.logits.numpy()
+            diff = np.abs(out["logits"] - expected) - rtol * np.abs(expected)
+            worst = max(worst, float(np.abs(out["logits"] - expected).max()))
+            if (diff > atol).any():
+                cases.append({"prompt": length, "step": step, "ok": False, "max_abs_diff": worst})
+                break
+            tokens_o.append(int(out["logits"][0, -1].argmax()))
+            tokens_t.append(int(ref.logits[0, -1].argmax()))
+            past = {p: out[q] for p, q in zip(spec.past_names(), spec.present_names())}
+            cache_t, total = ref.past_key_values, total + 1
+            ids_o, ids_t = np.asarray([[tokens_o[-1]]]), np.asarray([[tokens_t[-1]]])
+        else:
+            cases.append({"prompt": length, "steps": steps, "ok": tokens_o == tokens_t, "max_abs_diff": worst,
+                          "same_tokens": tokens_o == tokens_t})
+    return {"atol": atol, "rtol": rtol, "cases": cases, "ok": all(c["ok"] for c in cases)}
+
+
+def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e-3, rtol: float = 1e-3,
+                   steps: int = 16) -> StageResult:
+    """Stage: causal LM folder -> ONNX decoder with KV cache, proven by decoder_parity."""
+    model = load_causal_lm(folder)
+    spec = decoder_spec(model)
+    out_path = Path(out_path)
+    started = time.perf_counter()
+    with onnxfile.staged_model(out_path) as tmp:
+        try:
+            _export(FlatCache(model, spec), spec, tmp)
+        except Exception as exc:
+            raise ExportError(f"dynamo could not export {spec.architecture} with its KV cache: {error_line(exc)}") from exc
+        seconds = round(time.perf_counter() - started, 2)
+        parity = decoder_parity(model, tmp, spec, steps=steps, atol=atol, rtol=rtol)
+        if not parity["ok"]:
+            raise ParityError(f"the ONNX decoder does not match torch: {parity['cases']}")
+        graph = onnx.load(str(tmp), load_external_data=False)
+        record = ExportReport(
+            exporter="dynamo", attempts=[{"exporter": "dynamo", "ok": True, "seconds": seconds}], parity=parity,
+            opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            ir_version=graph.ir_version, size_bytes=onnxfile.model_bytes(tmp),
+            inputs=[{"name": i.name} for i in graph.graph.input], outputs=[o.name for o in graph.graph.output],
+            source=str(folder))
+    return StageResult("export", {"onnx": out_path}, record)
