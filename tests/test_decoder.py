@@ -81,6 +81,11 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
     assert result.exit_code == 2 and "context of 64" in result.output
     result = cli("generate", str(exported.artifacts["onnx"]), "--prompt-ids", "1,2,3", "--max-new-tokens", "4")
     assert result.exit_code == 0 and len(result.output.split()) == 4
+    # generated inputs are a consistent prefill (16 tokens, empty cache): profile runs it
+    result = cli("profile", str(exported.artifacts["onnx"]), "--batch", "1,2", "--seconds", "0.05")
+    assert result.exit_code == 0, result.output
+    result = cli("quantize", str(exported.artifacts["onnx"]), "-o", str(tmp_path / "q.onnx"))
+    assert result.exit_code == 2 and "is a decoder with a KV cache" in result.output
     bert = tmp_path / "bert"
     transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)

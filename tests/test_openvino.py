@@ -15,6 +15,7 @@ from edgepipe.errors import ConfigError, InputError
 from edgepipe.quantize import QuantizeConfig, candidate_recipes, quantize
 from edgepipe.runtime import Engine
 from edgepipe.runtime import openvino_backend as ovb
+from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import METADATA_KEY
 
 needs_openvino = pytest.mark.skipif(not ovb.available(), reason="openvino not installed (pip install 'edgepipe[openvino]')")
@@ -47,10 +48,10 @@ def _cnn(path, channels: int = 32, size: int = 16):
 def test_metadata_is_read_from_the_file_without_onnx(tmp_path):
     path = _cnn(tmp_path / "cnn.onnx")
     expected = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert ovb.onnx_metadata(path) == expected and METADATA_KEY in expected
+    assert onnx_metadata(path) == expected and METADATA_KEY in expected
     (tmp_path / "junk.onnx").write_bytes(b"\x07\x07\x07")
     with pytest.raises(InputError, match="not an ONNX model"):
-        ovb.onnx_metadata(tmp_path / "junk.onnx")
+        onnx_metadata(tmp_path / "junk.onnx")
 
 
 def test_a_missing_or_unknown_backend_is_one_clear_error(tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ from edgepipe.exporters.onnx_export import MAX_IR_VERSION, error_line
 from edgepipe.exporters.report import ExportReport
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY, DecoderSpec
+from edgepipe.runtime.spec import METADATA_KEY, InputSpec, specs_to_json
 
 
 def is_causal_lm(config: dict) -> bool:
@@ -97,8 +98,15 @@ def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path) -> None:
                                 output_names=["logits", *spec.present_names()], external_data=large)
     program.save(str(path), external_data=large)
     model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = DECODER_KEY, spec.to_json()
+    # Generated inputs (profile, compare) must be a consistent step: a 16-token prefill with an
+    # empty cache, so total = past + seq holds (--dim seq=N needs --dim total=N with it).
+    inputs = [InputSpec("input_ids", "int64", ("batch", "seq"), 0, spec.vocab_size, {"seq": 16}),
+              InputSpec("attention_mask", "int64", ("batch", "total"), 1, 2, {"total": 16}),
+              *[InputSpec(name, "float32", ("batch", spec.kv_heads, "past", spec.head_dim), example={"past": 0})
+                for name in spec.past_names()]]
+    for key, value in ((DECODER_KEY, spec.to_json()), (METADATA_KEY, specs_to_json(inputs))):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     onnxfile.save(model, path)
     onnx.checker.check_model(str(path))

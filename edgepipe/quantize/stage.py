@@ -200,6 +200,13 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     the error's `report` holds every candidate."""
     config = config or QuantizeConfig()
     onnx_path = require_file(onnx_path, "ONNX model")
+    from edgepipe.runtime.generate import DECODER_KEY
+    from edgepipe.runtime.modelfile import onnx_metadata
+
+    if DECODER_KEY in onnx_metadata(onnx_path):
+        raise QuantizationError(f"{onnx_path.name} is a decoder with a KV cache: its quantization (INT4 weight-only, "
+                                "judged by perplexity and token agreement) is not built yet; this search judges "
+                                "classifier-style outputs and would mislead")
     cpu = cpu or read_cpu()
     say = progress or (lambda message: None)
     started = time.perf_counter()
