@@ -90,12 +90,12 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
 
 def nncf_step(onnx_path: Path, work: Path, python: str) -> tuple[dict, Path]:
     """OpenVINO + NNCF's post-training quantization in its own environment, on 64 generated rows."""
+    import numpy as np
+
     from edgepipe.runtime import Engine
     from edgepipe.runtime.spec import make_feeds
 
     calib, out = work / f"{onnx_path.stem}.calib.npz", work / f"{onnx_path.stem}.nncf.onnx"
-    import numpy as np
-
     np.savez(calib, **make_feeds(Engine(onnx_path).inputs, batch=64, seed=5))
     script = Path(__file__).resolve().parent / "peers" / "nncf_quantize.py"
     return run_step([str(script), str(onnx_path), str(out), str(calib)], python=python), out

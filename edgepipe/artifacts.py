@@ -43,13 +43,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; artifacts are shared
+        make_shared(tmp_path)  # mkstemp makes 0600 files
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def make_shared(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain open() would (0666 less the umask): artifacts are shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(target: str | os.PathLike, data: Any) -> Path:

@@ -60,3 +60,9 @@ class StageFailed(EdgepipeError):
 
 class InternalError(RuntimeError):
     """An invariant of edgepipe itself broke: a bug to report, not a user mistake."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries raise multi-line ones), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

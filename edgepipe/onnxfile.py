@@ -18,7 +18,7 @@ from typing import Iterator
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from edgepipe.artifacts import atomic_path
+from edgepipe.artifacts import atomic_path, make_shared
 from edgepipe.runtime.modelfile import model_bytes, model_files, sidecar
 
 __all__ = ["EXTERNAL_BYTES", "commit", "copy", "is_large", "model_bytes", "model_files", "save",
@@ -98,9 +98,7 @@ def commit(src: Path, dst: Path) -> Path:
         if sidecar(dst).exists():
             sidecar(dst).unlink()
         return dst
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(sidecar(src), 0o666 & ~umask)  # writers make it 0600; artifacts are shared
+    make_shared(sidecar(src))  # its writers make it 0600
     os.replace(sidecar(src), sidecar(dst))
     with atomic_path(dst) as tmp:
         _relocate(src, tmp, sidecar(dst).name)

@@ -17,7 +17,7 @@ import torch
 
 from edgepipe import onnxfile
 from edgepipe.artifacts import StageResult
-from edgepipe.errors import ExportError, InputError, ParityError
+from edgepipe.errors import ExportError, InputError, ParityError, first_line
 from edgepipe.exporters.hf import is_hf_folder, read_config
 from edgepipe.exporters.onnx_export import MAX_IR_VERSION, error_line
 from edgepipe.exporters.report import ExportReport
@@ -48,8 +48,7 @@ def load_causal_lm(folder: str | Path):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                                   dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:  # unsupported architecture, corrupt safetensors, missing weights ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{folder}: transformers cannot load it as a causal LM: {first[:300]}") from exc
+        raise InputError(f"{folder}: transformers cannot load it as a causal LM: {first_line(exc)[:300]}") from exc
     return model.eval()
 
 
@@ -131,9 +130,9 @@ def decoder_parity(model, path: Path, spec: DecoderSpec, prompt_lengths=(5, 11),
             with torch.no_grad():
                 ref = model(input_ids=torch.from_numpy(ids_t), past_key_values=cache_t, use_cache=True)
             expected = ref.logits.numpy()
-            diff = np.abs(out["logits"] - expected) - rtol * np.abs(expected)
-            worst = max(worst, float(np.abs(out["logits"] - expected).max()))
-            if (diff > atol).any():
+            error = np.abs(out["logits"] - expected)
+            worst = max(worst, float(error.max()))
+            if (error > atol + rtol * np.abs(expected)).any():
                 cases.append({"prompt": length, "step": step, "ok": False, "max_abs_diff": worst})
                 break
             tokens_o.append(int(out["logits"][0, -1].argmax()))

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.spec import InputSpec
 
 
@@ -135,8 +135,7 @@ def load_folder(folder: str | Path, task: str | None = None):
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: {first}") from exc
+        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: {first_line(exc)}") from exc
     model.eval()
     params = set(inspect.signature(model.forward).parameters)
     specs = input_specs(spec, model.config, params)

@@ -106,10 +106,9 @@ def build_order(recipes: list[Recipe], conv_heavy: bool) -> list[Recipe]:
     lost 7 of 64 rows in static QDQ); full range before reduce_range (faster, and more faithful
     where it does not saturate). The order decides nothing else: every candidate built is
     measured."""
-    conv = conv_heavy
 
     def key(r: Recipe) -> tuple[bool, bool]:
-        preferred = (r.method == "static" and r.format == "QDQ" and r.per_channel) if conv else r.method == "dynamic"
+        preferred = (r.method == "static" and r.format == "QDQ" and r.per_channel) if conv_heavy else r.method == "dynamic"
         return not preferred, r.reduce_range
 
     return sorted(recipes, key=key)

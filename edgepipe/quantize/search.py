@@ -202,7 +202,7 @@ class Search(TimeBudget):
         PAIRWISE_BYTES has its candidates timed one at a time, each interleaved with FP32 and
         judged against that FP32 timing: every live session holds its weights and an arena as
         large as its biggest batch needed."""
-        large = self.onnx_path.stat().st_size > PAIRWISE_BYTES
+        large = onnxfile.model_bytes(self.onnx_path) > PAIRWISE_BYTES  # with its external data
         groups = [[i] for i in indices] if large and len(indices) > 1 else [indices]
         if rounds is None:
             rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),

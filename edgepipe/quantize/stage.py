@@ -26,7 +26,9 @@ from edgepipe.quantize.rewrites import (
 from edgepipe.quantize.search import Candidate, Search
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
 from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.generate import DECODER_KEY
 from edgepipe.runtime.hardware import CpuInfo, read_cpu
+from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.workdirs import work_dir
 
@@ -200,9 +202,6 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     the error's `report` holds every candidate."""
     config = config or QuantizeConfig()
     onnx_path = require_file(onnx_path, "ONNX model")
-    from edgepipe.runtime.generate import DECODER_KEY
-    from edgepipe.runtime.modelfile import onnx_metadata
-
     if DECODER_KEY in onnx_metadata(onnx_path):
         raise QuantizationError(f"{onnx_path.name} is a decoder with a KV cache: its quantization (INT4 weight-only, "
                                 "judged by perplexity and token agreement) is not built yet; this search judges "

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.deployment import find_deployment
 from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
 from edgepipe.runtime.placement import node_times, placement_report, profile_events
@@ -176,7 +176,7 @@ class Engine:
         try:
             values = session.run(None if outputs is None else names, feeds)
         except Exception as exc:
-            raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
+            raise InputError(f"{self.backend} failed to run the model: {first_line(exc)}") from exc
         return dict(zip(names, values))
 
     def to_device(self, array: np.ndarray, device: str = "cuda", device_id: int = 0) -> ort.OrtValue:
@@ -212,7 +212,7 @@ class Engine:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
-            raise InputError(f"onnxruntime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
+            raise InputError(f"{self.backend} failed to run the model: {first_line(exc)}") from exc
         if keep_on_device:
             return dict(zip(self.output_names, binding.get_outputs()))
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import METADATA_KEY, specs_from_json
 
@@ -75,8 +75,7 @@ class OpenVINOSession:
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line messages
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"OpenVINO cannot load {path}: {first}") from exc
+            raise InputError(f"OpenVINO cannot load {path}: {first_line(exc)}") from exc
         self._meta = _Meta(onnx_metadata(path))
         # OpenVINO drops the names of dynamic dims; the export's recorded spec has them ("batch")
         named = {s.name: s.shape for s in specs_from_json(self._meta.custom_metadata_map.get(METADATA_KEY, "[]"))}
@@ -118,11 +117,7 @@ class OpenVINOSession:
         return request
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        try:
-            values = self._request().infer(dict(feeds)).to_tuple()  # copies: safe to keep
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"OpenVINO failed to run the model: {first}") from exc
+        values = self._request().infer(dict(feeds)).to_tuple()  # copies: safe to keep (Engine.run words errors)
         if output_names is None:
             return list(values)
         by_name = {arg.name: value for arg, value in zip(self._outputs, values)}

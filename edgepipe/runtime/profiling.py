@@ -33,10 +33,11 @@ def profile_model(
     provider_options: Mapping[str, Mapping] | None = None,
     backend: str = "onnxruntime",
 ) -> dict:
-    """Profile one ONNX model (on onnxruntime, or on OpenVINO with `backend="openvino"`): cold start (session creation + first inference), warm latency
-    over a batch sweep (and a thread sweep), peak RSS, file size, optionally the per-operator
-    breakdown; with the engine's actual providers and the hardware fingerprint. On a GPU (or
-    any provider but the CPU) `placement` says which nodes fell back to the CPU."""
+    """Profile one ONNX model (on onnxruntime, or on OpenVINO with `backend="openvino"`): cold
+    start (session creation + first inference), warm latency over a batch sweep (and a thread
+    sweep), peak RSS, file size, optionally the per-operator breakdown; with the engine's actual
+    providers and the hardware fingerprint. On a GPU (or any provider but the CPU) `placement`
+    says which nodes fell back to the CPU."""
     sweep = tuple(thread_sweep) if thread_sweep else (threads,)
     runs = []
     cold = None
@@ -197,7 +198,6 @@ def _time_batch(engines: Mapping[str, Engine], batch: int, data: Mapping[str, np
     """One trial at one batch size (see batch_feeds)."""
     feeds = batch_feeds(next(iter(engines.values())).inputs, batch, data, seed, dims)
     for engine in engines.values():
-        engine.validate(feeds)
-        engine.run(feeds)  # a model that cannot run these inputs: one line, not a traceback
+        engine.run(feeds)  # validates; a model that cannot run these inputs: one line, not a traceback
     return measure_interleaved({label: e.runner(feeds) for label, e in engines.items()}, batch,
                                rounds=rounds, spinning=spinning)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import onnxruntime as ort
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, first_line
 
 # Lenient provider names -> ORT names, in "auto" preference order (best first).
 PROVIDER_ALIASES = {
@@ -110,9 +110,8 @@ def new_session(model: str | os.PathLike | bytes, providers: Sequence = CPU, *, 
     try:
         return ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises several private exception types for bad models
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "<bytes>" if isinstance(model, bytes) else model
-        raise InputError(f"cannot load ONNX model {where}: {first_line}") from exc
+        raise InputError(f"cannot load ONNX model {where}: {first_line(exc)}") from exc
 
 
 @dataclass(frozen=True)
