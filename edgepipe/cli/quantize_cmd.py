@@ -21,23 +21,37 @@ def quantize(
     data: Annotated[Optional[Path], typer.Option(help="Held-out .npz (inputs by name or x; labels y) to judge accuracy. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration .npz for static recipes (default: --data).")] = None,
     calibration_method: Annotated[Calibration, typer.Option(help="How static recipes set activation ranges from the calibration data.")] = Calibration.minmax,
-    batch: Annotated[str, typer.Option(help="Batch sizes the model must be faster at, comma-separated.")] = "1,32",
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes the model must be faster at, comma-separated (default 1,32; decoders: 1, timed per output token).")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point.")] = 0.01,
     exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
     exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
     tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
     try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
-    time_budget: Annotated[float, typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default keeps a 100M-parameter model near 2 minutes on 2 cores.")] = 120.0,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default (120; decoders 900) keeps a 100M-parameter model near 2 minutes on 2 cores.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
+    max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out text, in nats per token.")] = 0.1,
+    min_agreement: Annotated[float, typer.Option(help="Decoders: min greedy-token agreement with FP32 (0..1).")] = 0.9,
+    recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, int4-gptq-b128-acc4. Default: all.")] = None,
+    allow_slower: Annotated[bool, typer.Option(help="Decoders: take the best candidate that keeps quality even when it is not faster than FP32 (for its size).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
     graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
     accuracy; the fastest within budget is written. When the fastest misses only the accuracy
     budget, its most damaging nodes (by added noise) go back to FP32 step by step. If none is
-    clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1."""
+    clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1.
+
+    A decoder (from `edgepipe export` of a causal LM folder) gets INT4 weight-only (RTN, HQQ,
+    GPTQ) and dynamic INT8 candidates instead, timed per output token and judged by perplexity on
+    held-out text (bundled; or --data with input_ids) and greedy-token agreement with FP32."""
     check_outputs(output, json_out)
+    from edgepipe.quantize.decoder import decoder_spec_of
+
+    if decoder_spec_of(model) is not None:
+        return _quantize_decoder(model, output, data, batch, max_nll_increase, min_agreement, recipe, allow_slower,
+                                 time_budget, json_out)
+    batch = batch or "1,32"
     from edgepipe.quantize import EvalData, QuantizeConfig
     from edgepipe.quantize import quantize as quantize_stage
     from edgepipe.runtime import Engine
@@ -52,7 +66,8 @@ def quantize(
                             max_accuracy_drop=max_accuracy_drop,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
-                            tune_session=tune_session, try_spinning=try_spinning, time_budget_s=time_budget,
+                            tune_session=tune_session, try_spinning=try_spinning,
+                            time_budget_s=120.0 if time_budget is None else time_budget,
                             backends=tuple(b.value for b in backend or ()))
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
@@ -71,3 +86,41 @@ def quantize(
     typer.echo(quantize_summary(result.report, output))
     typer.echo(f"peak memory {peak.mb} MB ({'this search' if peak.scope == 'work' else 'the process so far'})")
     write_json_out(json_out, result.report.to_dict())
+
+
+def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Optional[str], max_nll_increase: float,
+                      min_agreement: float, recipe: Optional[list[str]], allow_slower: bool, time_budget: Optional[float],
+                      json_out: Optional[Path]) -> None:
+    from edgepipe.cli.render import decoder_table
+    from edgepipe.quantize.decoder import DecoderQuantizeConfig, quantize_decoder
+
+    heldout = None
+    if data is not None:
+        from edgepipe.artifacts import read_npz
+        from edgepipe.errors import InputError
+
+        arrays = read_npz(data, "data file")
+        if "input_ids" not in arrays.files:
+            raise InputError(f"{data} has arrays {', '.join(arrays.files)}; a decoder is judged on held-out "
+                             "token ids: an array 'input_ids' [rows, length]")
+        heldout = arrays["input_ids"]
+    config = DecoderQuantizeConfig(recipes=tuple(recipe or ()), max_nll_increase=max_nll_increase,
+                                   min_agreement=min_agreement, batch_sizes=parse_ints(batch or "1", "--batch"),
+                                   time_budget_s=900.0 if time_budget is None else time_budget,
+                                   require_faster=not allow_slower)
+    try:
+        result = quantize_decoder(model, output, config, heldout_ids=heldout,
+                                  progress=lambda m: typer.echo(f"  {m}", err=True))
+    except GateFailed as exc:
+        if exc.report is not None:
+            typer.echo(decoder_table(exc.report))
+            write_json_out(json_out, exc.report.to_dict())
+        raise
+    report = result.report
+    typer.echo(decoder_table(report))
+    chosen = next(c for c in report.candidates if c["recipe"] == report.chosen)
+    speed = ", ".join(f"{v:.2f}x at batch {b}" for b, v in chosen["speedup"].items())
+    typer.echo(f"chose {report.chosen} ({chosen['describe']}): time per token {speed}, perplexity "
+               f"{chosen['nll_increase']:+.4f} nats/token, agreement {chosen['agreement']:.3f}, "
+               f"{report.size_bytes / 1e6:.2f} MB -> {output} ({report.seconds} s, peak memory {report.peak_mb} MB)")
+    write_json_out(json_out, report.to_dict())

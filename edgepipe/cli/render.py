@@ -146,3 +146,30 @@ def compare_summary(report) -> str:
     if report.localized:
         lines.append(f"note: {report.localized}")
     return "\n".join(lines)
+
+
+def decoder_table(report) -> str:
+    """Every decoder quantize candidate: perplexity increase, greedy agreement, speedup in time
+    per output token per batch, time to first token, size, verdict."""
+    batches = list(report.fp32["tpot_ms"])
+    w = max([19, *(len(c["recipe"]) for c in report.candidates)])
+    head = (f"{'recipe':{w}} {'+nll':>7} {'agree':>6} " + " ".join(f"{'tpot x@b' + b:>10}" for b in batches)
+            + f" {'ttft ms':>8} {'size':>9}  verdict")
+    lines = [head, "-" * len(head)]
+    for c in report.candidates:
+        nll = f"{c['nll_increase']:+.4f}" if "nll_increase" in c else "-"
+        agree = f"{c['agreement']:.3f}" if "agreement" in c else "-"
+        speed = " ".join(f"{c['speedup'][b]:>9.2f}x" if "speedup" in c else f"{'-':>10}" for b in batches)
+        ttft = f"{c['ttft_ms']:.2f}" if "ttft_ms" in c else "-"
+        size = f"{c['size_bytes'] / 1e6:.2f}MB" if "size_bytes" in c else "-"
+        lines.append(f"{c['recipe']:{w}} {nll:>7} {agree:>6} {speed} {ttft:>8} {size:>9}  {c.get('verdict', '')}")
+    fp32 = report.fp32
+    lines.append(f"{'FP32 (the baseline)':{w}} {'':7} {'':6} "
+                 + " ".join(f"{fp32['tpot_ms'][b]:>8.3f}ms" for b in batches)
+                 + f" {fp32['ttft_ms']:>8.2f} {fp32['size_bytes'] / 1e6:>7.2f}MB  nll {fp32['nll']:.4f} nats/token")
+    lines.append(f"quality: {report.judged_on}")
+    lines.append(f"budgets: perplexity +{report.budgets['max_nll_increase']} nats/token, greedy agreement >= "
+                 f"{report.budgets['min_agreement']}, faster by {report.budgets['noise_band']:.0%} (time per token "
+                 f"after {report.budgets['past_length']} cached positions; TTFT: prefill of "
+                 f"{report.budgets['ttft_prompt']})")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""The candidates of decoder quantization and how each is built: weight-only INT4 (onnxruntime's
+MatMulNBits quantizer: RTN, HQQ or GPTQ, at a block size, with INT8 or FP32 compute) and dynamic
+INT8 of the MatMuls."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import onnxfile
+from edgepipe.errors import QuantizationError
+from edgepipe.runtime.generate import DecoderSpec, prefill_feeds
+
+
+@dataclass(frozen=True)
+class DecoderRecipe:
+    name: str
+    algorithm: str  # rtn | hqq | gptq | int8-dynamic
+    block_size: int = 0
+    accuracy_level: int = 0  # MatMulNBits compute: 4 = INT8 activations, 0 = FP32
+
+    @property
+    def describe(self) -> str:
+        if self.algorithm == "int8-dynamic":
+            return "dynamic INT8 MatMul (weights per tensor, activations quantized at run time)"
+        compute = "INT8 compute" if self.accuracy_level == 4 else "FP32 compute"
+        return f"INT4 weight-only {self.algorithm.upper()}, blocks of {self.block_size}, {compute}"
+
+
+# In the order they are built: the likeliest winners first, the slowest to build (GPTQ) last.
+RECIPES = (
+    DecoderRecipe("int4-rtn-b32-acc4", "rtn", 32, 4),
+    DecoderRecipe("int4-rtn-b128-acc4", "rtn", 128, 4),
+    DecoderRecipe("int4-hqq-b64-acc4", "hqq", 64, 4),
+    DecoderRecipe("int4-rtn-b32", "rtn", 32, 0),
+    DecoderRecipe("int8-dynamic", "int8-dynamic"),
+    DecoderRecipe("int4-gptq-b128-acc4", "gptq", 128, 4),
+)
+BY_NAME = {r.name: r for r in RECIPES}
+
+
+class _Prefills:
+    """GPTQ's calibration reader: prefills of held-out windows (iterable, as the builder wants)."""
+
+    def __init__(self, spec: DecoderSpec, windows: np.ndarray):
+        self.feeds = [prefill_feeds(spec, w[None]) for w in windows]
+        self._it = iter(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+
+@contextlib.contextmanager
+def _quiet_builders():
+    """onnxruntime's quantizers log every node at INFO (and set the root logger to print it), and
+    GPTQ prints a progress bar to stdout: keep both out of edgepipe's output."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def build(recipe: DecoderRecipe, src: Path, out: Path, spec: DecoderSpec, calibration: np.ndarray) -> None:
+    """Write `recipe`'s model of `src` to `out` (external data beside it when large)."""
+    with _quiet_builders():
+        _build(recipe, src, out, spec, calibration)
+
+
+def _build(recipe: DecoderRecipe, src: Path, out: Path, spec: DecoderSpec, calibration: np.ndarray) -> None:
+    import onnx
+
+    if recipe.algorithm == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=onnxfile.is_large(str(src)))
+        return
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if recipe.algorithm == "rtn":
+        algo = nbits.DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=False,
+                                                  accuracy_level=recipe.accuracy_level or None)
+    elif recipe.algorithm == "hqq":
+        algo = nbits.HQQWeightOnlyQuantConfig(block_size=recipe.block_size)
+    else:
+        algo = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Prefills(spec, calibration),
+                                               block_size=recipe.block_size)
+    quantizer = nbits.MatMulNBitsQuantizer(str(src), block_size=recipe.block_size, is_symmetric=False,
+                                           accuracy_level=recipe.accuracy_level or None, algo_config=algo)
+    quantizer.process()
+    model = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    packed = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            packed += 1
+            if recipe.accuracy_level:  # not every algorithm passes it on
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", recipe.accuracy_level)])
+    if not packed:
+        raise QuantizationError("no MatMul with constant weights was quantized to INT4")
+    onnxfile.save(model, out)
+
+
