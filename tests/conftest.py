@@ -64,3 +64,31 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama folder (random weights, byte tokenizer) and its torch model."""
+    import torch
+    import transformers
+
+    from edgepipe.models.lm import save_byte_tokenizer
+
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      eos_token_id=255)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "folder")
+    save_byte_tokenizer(root / "folder")
+    return root, model
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tiny_llama):
+    """The tiny Llama exported as a decoder with its KV cache (one export for the session)."""
+    from edgepipe.exporters.decoder import export_decoder
+
+    root, _ = tiny_llama
+    return export_decoder(root / "folder", root / "decoder.onnx")

@@ -131,3 +131,26 @@ def test_two_replicas_serve_unmixed_batched_results_over_http_and_handles(zoo, r
     status = serve.status().applications["cnn"].deployments["edgepipe"]
     assert status.replica_states.get("RUNNING") == 2
     serve.delete("cnn")
+
+
+@pytest.mark.slow
+def test_a_decoder_streams_generation_on_ray_serve(tiny_decoder, ray_cluster):
+    from edgepipe.runtime.generate import Generator
+
+    model = tiny_decoder.artifacts["onnx"]
+    generator = Generator(model)
+    expected = generator.generate([1, 2, 3], 6, stop_ids=())
+    handle = serve.run(build_app(model, RayServeConfig(cpus_per_replica=0.5)), name="lm", route_prefix="/lm")
+    response = httpx.post(ray_cluster + "/lm/generate", json={"prompt_ids": [1, 2, 3], "max_new_tokens": 6,
+                                                              "stop_ids": []}, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert [e["token"] for e in events[:-1]] == expected and events[-1]["tokens"] == expected
+    text = httpx.post(ray_cluster + "/lm/generate", json={"prompt": "Hi", "max_new_tokens": 4, "stop_ids": [],
+                                                          "stream": False}, timeout=60).json()
+    assert text["text"] == generator.decode(generator.generate(generator.encode("Hi"), 4, stop_ids=()))
+    bad = httpx.post(ray_cluster + "/lm/generate", json={"prompt_ids": [999]}, timeout=30)
+    assert bad.status_code == 422 and "outside the vocabulary" in bad.json()["error"]
+    streamed = list(handle.options(stream=True).generate_tokens.remote([1, 2, 3], 6, stop_ids=[]))
+    assert streamed == expected
+    serve.delete("lm")

@@ -70,5 +70,6 @@ def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[P
         typer.echo(f"  prompt of {case['prompt']} tokens + {case.get('steps', 0)} greedy steps: max abs diff "
                    f"{case['max_abs_diff']:.2e}, same tokens: {case.get('same_tokens')}")
     typer.echo(f"exported decoder with dynamo (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> {output}; "
-               f"try: edgepipe generate {output} --prompt-ids 1,2,3")
+               f"try: edgepipe generate {output} "
+               + ("--prompt 'Hello'" if (Path(source) / "tokenizer.json").exists() else "--prompt-ids 1,2,3"))
     write_json_out(json_out, rec)

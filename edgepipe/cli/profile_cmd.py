@@ -15,7 +15,7 @@ from edgepipe.cli.render import latency_table, merged_table, operator_lines, pla
 @handle_errors
 def profile(
     model: Annotated[Path, typer.Argument(help="ONNX model to profile.")],
-    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,32",
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes, comma-separated (default 1,32; decoders 1,4).")] = None,
     compare: Annotated[Optional[list[Path]], typer.Option(help="Other model(s) to time interleaved with MODEL; ratios are vs MODEL.")] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt … (auto: GPU when present, else CPU).")] = "auto",
     threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: onnxruntime's, one per core).")] = None,
@@ -27,12 +27,30 @@ def profile(
         help="Runtime: onnxruntime (default) or openvino (CPU; needs the openvino extra). One value for every model, or one per model in order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
     ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
+    prompt_lengths: Annotated[str, typer.Option(help="Decoders: prompt lengths for time to first token, comma-separated (capped by the context).")] = "128,512",
+    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated per run (time per output token is their p50).")] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
 ) -> None:
     """Print p50/p90/p99 latency and throughput per batch size after warm-up, with the provider
     and threads actually used. --json adds the hardware fingerprint (CPU model, ISA features,
-    cores, OS, onnxruntime version and providers)."""
+    cores, OS, onnxruntime version and providers).
+
+    A decoder (from `edgepipe export` of a causal LM folder) is profiled as generation: model
+    load time, time to first token per prompt length, time per output token (p50/p90), tokens/s
+    and peak memory, per batch size."""
     check_outputs(json_out)
+    from edgepipe.runtime.generate import DECODER_KEY
+    from edgepipe.runtime.modelfile import onnx_metadata
+
+    if DECODER_KEY in onnx_metadata(model):
+        if compare or ops or dim:
+            from edgepipe.errors import InputError
+
+            raise InputError("--compare, --ops and --dim are for single-pass models; a decoder is profiled as "
+                             "generation (--prompt-lengths, --new-tokens, --batch)")
+        return _profile_decoder(model, batch or "1,4", prompt_lengths, new_tokens, provider, threads,
+                                backend, json_out)
+    batch = batch or "1,32"
     from edgepipe.runtime import compare_models, profile_model
     from edgepipe.runtime.sessions import parse_provider_options
     from edgepipe.runtime.spec import parse_dims
@@ -109,3 +127,23 @@ def merge_profiles(
     rows = merge(records)
     typer.echo(merged_table(rows))
     write_json_out(json_out, {"rows": rows})
+
+
+def _profile_decoder(model: Path, batch: str, prompt_lengths: str, new_tokens: int, provider: str,
+                     threads: Optional[str], backend: Optional[list[Backend]], json_out: Optional[Path]) -> None:
+    from edgepipe.runtime.decoder_profile import profile_decoder
+
+    record = profile_decoder(model, parse_ints(prompt_lengths, "--prompt-lengths"), parse_ints(batch, "--batch"),
+                             new_tokens, providers=provider, threads=int(threads) if threads else None,
+                             backend=(backend or [Backend.onnxruntime])[0].value)
+    typer.echo(f"load {record['load_s']:.2f} s (peak {record['load_peak_mb']} MB); file "
+               f"{record['size_bytes'] / 1e6:.2f} MB; provider {record['engine']['providers'][0]}; "
+               f"cpu: {record['hardware']['cpu']['model']}")
+    head = f"{'batch':>5} {'prompt':>6} {'TTFT ms':>9} {'TPOT p50':>9} {'TPOT p90':>9} {'tokens/s':>9}"
+    typer.echo(head + "\n" + "-" * len(head))
+    for r in record["rows"]:
+        typer.echo(f"{r['batch']:>5} {r['prompt']:>6} {r['ttft_ms']:>9.2f} {r['tpot_ms']:>9.3f} "
+                   f"{r['tpot_p90_ms']:>9.3f} {r['tokens_per_s']:>9.1f}")
+    typer.echo(f"peak RSS {record['peak_rss_mb']} MB; {record['rows'][0]['new_tokens']} new tokens per run, "
+               f"{record['rows'][0]['runs']} runs after a warm-up")
+    write_json_out(json_out, record)

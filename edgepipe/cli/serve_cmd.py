@@ -38,6 +38,8 @@ def serve(
     ray_address: Annotated[Optional[str], typer.Option(help="ray: address of an existing cluster.")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict (JSON {"inputs": {...}} or a raw .npy body).
+    A decoder (from `edgepipe export` of a causal LM folder) also answers POST /v1/generate:
+    {"prompt_ids": [...]} or {"prompt": "text"}, streamed as server-sent events, one per token.
     Concurrent requests are batched dynamically; a full queue answers 503 with Retry-After.
     The http backend also has GET /healthz, /readyz, /metrics (Prometheus) and finishes in-flight
     requests on shutdown (Ctrl-C); the ray backend uses Ray Serve's own health, metrics and
@@ -104,6 +106,11 @@ def _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, t
     application = build_app(path, config)
     ray.init(address=ray_address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
+    from edgepipe.runtime.generate import DECODER_KEY
+    from edgepipe.runtime.modelfile import onnx_metadata
+
+    decoder = DECODER_KEY in onnx_metadata(path)  # decoders also answer POST /v1/generate
     scale = f"autoscaling {autoscale}" if autoscale else f"{replicas} replica(s)"
-    typer.echo(f"serving {path} on http://{host}:{port}/v1/predict with Ray Serve ({scale}, max batch {max_batch})")
-    serve.run(application, name="edgepipe", route_prefix="/v1/predict", blocking=True)
+    routes = "/v1/predict and /v1/generate" if decoder else "/v1/predict"
+    typer.echo(f"serving {path} on http://{host}:{port} ({routes}) with Ray Serve ({scale}, max batch {max_batch})")
+    serve.run(application, name="edgepipe", route_prefix="/v1" if decoder else "/v1/predict", blocking=True)

@@ -22,7 +22,7 @@ from edgepipe.exporters.hf import is_hf_folder, read_config
 from edgepipe.exporters.onnx_export import MAX_IR_VERSION, error_line
 from edgepipe.exporters.report import ExportReport
 from edgepipe.runtime.engine import Engine
-from edgepipe.runtime.generate import DECODER_KEY, DecoderSpec
+from edgepipe.runtime.generate import DECODER_KEY, TOKENIZER_KEY, DecoderSpec
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, specs_to_json
 
 
@@ -84,7 +84,7 @@ class FlatCache(torch.nn.Module):
         return (out.logits, *present)
 
 
-def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path) -> None:
+def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path, tokenizer: Path | None = None) -> None:
     from torch.export import Dim
 
     batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
@@ -103,7 +103,10 @@ def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path) -> None:
               InputSpec("attention_mask", "int64", ("batch", "total"), 1, 2, {"total": 16}),
               *[InputSpec(name, "float32", ("batch", spec.kv_heads, "past", spec.head_dim), example={"past": 0})
                 for name in spec.past_names()]]
-    for key, value in ((DECODER_KEY, spec.to_json()), (METADATA_KEY, specs_to_json(inputs))):
+    entries = [(DECODER_KEY, spec.to_json()), (METADATA_KEY, specs_to_json(inputs))]
+    if tokenizer is not None and tokenizer.exists():  # text in and out in the runtime, from one file
+        entries.append((TOKENIZER_KEY, tokenizer.read_text()))
+    for key, value in entries:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -155,7 +158,7 @@ def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e
     started = time.perf_counter()
     with onnxfile.staged_model(out_path) as tmp:
         try:
-            _export(FlatCache(model, spec), spec, tmp)
+            _export(FlatCache(model, spec), spec, tmp, Path(folder) / "tokenizer.json")
         except Exception as exc:
             raise ExportError(f"dynamo could not export {spec.architecture} with its KV cache: {error_line(exc)}") from exc
         seconds = round(time.perf_counter() - started, 2)

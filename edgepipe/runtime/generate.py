@@ -11,15 +11,15 @@ the stop tokens.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgepipe.errors import InputError
+from edgepipe.errors import InputError, first_line
 
 DECODER_KEY = "edgepipe.decoder"  # ONNX metadata_props key holding the DecoderSpec as JSON
+TOKENIZER_KEY = "edgepipe.tokenizer"  # ... and the folder's tokenizer.json, when it had one
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,45 @@ class Sampling:
         return int(order[self.rng.choice(len(probs), p=probs)])
 
 
+def empty_past(spec: DecoderSpec, batch: int = 1, length: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """The cache inputs for `length` cached positions (zeros; length 0 for a prefill)."""
+    zeros = np.zeros((batch, spec.kv_heads, length, spec.head_dim), dtype=dtype)
+    return {name: zeros for name in spec.past_names()}
+
+
+def prefill_feeds(spec: DecoderSpec, ids: np.ndarray, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Feeds for a prefill of `ids` [batch, seq] with an empty cache."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones(ids.shape, dtype=np.int64),
+            **empty_past(spec, ids.shape[0], 0, dtype)}
+
+
+def step_feeds(spec: DecoderSpec, batch: int, past: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Feeds for one decode step (one new token per row) after `past` cached positions: what a
+    time-per-output-token measurement runs."""
+    return {"input_ids": np.ones((batch, 1), dtype=np.int64),
+            "attention_mask": np.ones((batch, past + 1), dtype=np.int64), **empty_past(spec, batch, past, dtype)}
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood (nats) of each next token: logits [batch, seq, vocab] of a prefill
+    of `ids` [batch, seq] -> [batch, seq - 1]."""
+    scores = logits[:, :-1].astype(np.float64)
+    top = scores.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(scores - top).sum(axis=-1)) + top[..., 0]
+    chosen = np.take_along_axis(scores, ids[:, 1:, None], axis=-1)[..., 0]
+    return log_norm - chosen
+
+
 class Generator:
     """`Generator("decoder.onnx").generate([1, 2, 3], max_new_tokens=16)` -> new token ids.
+    `model`: a decoder file, or an Engine already open on one.
     `stream(...)` yields them one at a time; `on_token` in `generate` gets each as it comes."""
 
-    def __init__(self, model: str | os.PathLike, **engine_options):
+    def __init__(self, model, **engine_options):
         from edgepipe.runtime.engine import Engine
 
-        self.engine = Engine(model, **engine_options)
+        self.engine = model if isinstance(model, Engine) else Engine(model, **engine_options)
         text = self.engine.metadata.get(DECODER_KEY)
         if text is None:
             raise InputError(f"{model} is not a decoder exported by edgepipe (no '{DECODER_KEY}' metadata); "
@@ -92,34 +123,119 @@ class Generator:
         self.spec = DecoderSpec.from_json(text)
         dtype = {s.name: s.np_dtype for s in self.engine.inputs}
         self._past_dtype = dtype.get("past.0.key", np.dtype("float32"))
+        self._tokenizer = None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return TOKENIZER_KEY in self.engine.metadata
+
+    @property
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` the model was exported with (text in and out)."""
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise InputError(f"{self.engine.path} has no tokenizer (its folder had no tokenizer.json): "
+                                 "give token ids instead of text")
+            try:
+                import tokenizers
+            except ImportError:
+                raise InputError("text in and out needs the tokenizers package: pip install tokenizers") from None
+            self._tokenizer = tokenizers.Tokenizer.from_str(self.engine.metadata[TOKENIZER_KEY])
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            raise InputError("the prompt is empty")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 32, **options) -> Iterator[str]:
+        """Text pieces as tokens come: each piece is what the new token adds to the decoded
+        text (a character split across tokens waits for its last byte)."""
+        ids, shown = [], ""
+        for token in self.stream(self.encode(prompt), max_new_tokens, **options):
+            ids.append(token)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown):
+                piece, shown = text[len(shown):], text
+                if piece:
+                    yield piece
+        text = self.decode(ids)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
+
+    def check_prompts(self, prompts: np.ndarray, max_new_tokens: int) -> None:
+        spec = self.spec
+        if prompts.ndim != 2 or prompts.shape[1] == 0:
+            raise InputError("the prompt is empty: give at least one token id")
+        bad = prompts[(prompts < 0) | (prompts >= spec.vocab_size)]
+        if bad.size:
+            raise InputError(f"token id(s) {bad[:5].tolist()} outside the vocabulary (0..{spec.vocab_size - 1})")
+        if max_new_tokens < 1:
+            raise InputError("max_new_tokens must be at least 1")
+        if prompts.shape[1] + max_new_tokens > spec.max_positions:
+            raise InputError(f"prompt ({prompts.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {spec.max_positions} positions")
+
+    def _runner(self) -> Callable[[dict], tuple[np.ndarray, list]]:
+        """feeds -> (logits, present caches). On onnxruntime the caches stay OrtValues, fed back
+        as the next step's past without a copy through numpy."""
+        spec = self.spec
+        names = ["logits", *spec.present_names()]
+        if self.engine.backend != "onnxruntime":
+            def run_numpy(feeds):
+                out = self.engine.run(feeds)
+                return out["logits"], [out[n] for n in spec.present_names()]
+            return run_numpy
+        import onnxruntime as ort
+
+        session = self.engine.session
+        to_value = ort.OrtValue.ortvalue_from_numpy
+
+        def run_values(feeds):
+            values = {k: v if isinstance(v, ort.OrtValue) else to_value(np.ascontiguousarray(v))
+                      for k, v in feeds.items()}
+            try:
+                out = session.run_with_ort_values(names, values)
+            except Exception as exc:
+                raise InputError(f"onnxruntime failed to run the decoder: {first_line(exc)}") from exc
+            return out[0].numpy(), list(out[1:])
+        return run_values
+
+    def steps(self, prompts, max_new_tokens: int, pick: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
+        """The generation loop for a batch of equal-length prompts [batch, length]: a prefill,
+        then one step per token with the cache fed back. Yields each step's tokens [batch];
+        `pick` maps last-position logits [batch, vocab] to tokens. The caller stops it."""
+        prompts = np.asarray(prompts, dtype=np.int64)
+        if prompts.ndim == 1:
+            prompts = prompts[None]
+        self.check_prompts(prompts, max_new_tokens)
+        spec, run = self.spec, self._runner()
+        batch, length = prompts.shape
+        past = empty_past(spec, batch, 0, self._past_dtype)
+        ids = prompts
+        for _ in range(max_new_tokens):
+            logits, presents = run({"input_ids": ids, "attention_mask": np.ones((batch, length), dtype=np.int64),
+                                    **past})
+            tokens = np.asarray(pick(logits[:, -1]), dtype=np.int64)
+            yield tokens
+            past = dict(zip(spec.past_names(), presents))
+            ids, length = tokens[:, None], length + 1
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, *, sampling: Sampling | None = None,
                stop_ids: Sequence[int] | None = None) -> Iterator[int]:
-        spec, sampling = self.spec, sampling or Sampling()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise InputError("the prompt is empty: give at least one token id")
-        bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
-        if bad:
-            raise InputError(f"token id(s) {bad[:5]} outside the vocabulary (0..{spec.vocab_size - 1})")
-        if len(prompt) + max_new_tokens > spec.max_positions:
-            raise InputError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {spec.max_positions} positions")
-        stops = set(spec.eos_token_ids if stop_ids is None else stop_ids)
-        empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), dtype=self._past_dtype)
-        past = {name: empty for name in spec.past_names()}
-        ids = np.asarray([prompt], dtype=np.int64)
-        length = len(prompt)
-        for _ in range(max_new_tokens):
-            feeds = {"input_ids": ids, "attention_mask": np.ones((1, length), dtype=np.int64), **past}
-            out = self.engine.run(feeds)
-            token = sampling.pick(out["logits"][0, -1])
+        sampling = sampling or Sampling()
+        prompt = np.asarray([[int(t) for t in prompt_ids]], dtype=np.int64).reshape(1, -1)
+        stops = set(self.spec.eos_token_ids if stop_ids is None else stop_ids)
+        for tokens in self.steps(prompt, max_new_tokens, lambda logits: [sampling.pick(logits[0])]):
+            token = int(tokens[0])
             yield token
             if token in stops:
                 return
-            past = {p: out[q] for p, q in zip(spec.past_names(), spec.present_names())}
-            ids = np.asarray([[token]], dtype=np.int64)
-            length += 1
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, *, sampling: Sampling | None = None,
                  stop_ids: Sequence[int] | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
@@ -129,3 +245,25 @@ class Generator:
             if on_token is not None:
                 on_token(token)
         return tokens
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+                       sampling: Sampling | None = None, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+        """Several prompts of the same length at once (one batch through the model); each row
+        is cut after its first stop token. The loop ends when every row has stopped."""
+        sampling = sampling or Sampling()
+        if len({len(p) for p in prompts}) > 1:
+            raise InputError("generate_batch needs prompts of equal length (no padding): "
+                             f"got lengths {sorted({len(p) for p in prompts})}")
+        stops = set(self.spec.eos_token_ids if stop_ids is None else stop_ids)
+        rows: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        pick = (lambda logits: logits.argmax(axis=-1)) if sampling.temperature == 0 else (
+            lambda logits: [sampling.pick(row) for row in logits])
+        for tokens in self.steps(np.asarray(prompts, dtype=np.int64), max_new_tokens, pick):
+            for i, token in enumerate(tokens.tolist()):
+                if not done[i]:
+                    rows[i].append(token)
+                    done[i] = token in stops
+            if all(done):
+                break
+        return rows

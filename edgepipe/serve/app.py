@@ -22,6 +22,7 @@ from prometheus_client import (
 
 from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.generate import DECODER_KEY
 from edgepipe.serve.batcher import DynamicBatcher, Overloaded
 from edgepipe.serve.codec import NPY, encode_outputs, parse_body
 
@@ -147,7 +148,8 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         if not state["ready"]:
             return _error(503, "not ready")
         return {"status": "ready", "model": str(engine.path), "providers": engine.providers,
-                "inputs": [s.to_dict() for s in engine.inputs]}
+                "inputs": [s.to_dict() for s in engine.inputs]} | (
+            {"generate": "/v1/generate"} if DECODER_KEY in engine.metadata else {})
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text format)",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
@@ -163,6 +165,11 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         return Response(body, status_code=status, media_type=media_type.decode(),
                         headers={k.decode(): v.decode() for k, v in extra})
 
+    if DECODER_KEY in engine.metadata:
+        from edgepipe.runtime.generate import Generator
+        from edgepipe.serve.generation import add_generate_route
+
+        add_generate_route(app, Generator(engine), registry, state, max_queue=max_queue, timeout_s=timeout_s)
     return ServingApp(app, predict)
 
 
