@@ -93,7 +93,8 @@ def weight_bytes_per_token(path: Path) -> int:
 
 
 def time_decoder(path: Path, past: int = 128, batch: int = 1) -> dict:
-    from edgepipe.quantize.decoder import decoder_spec_of, time_per_token, time_to_first_token
+    from edgepipe.quantize.decoder import decoder_spec_of
+    from edgepipe.quantize.decoder_measure import time_per_token, time_to_first_token
     from edgepipe.runtime import Engine
 
     spec = decoder_spec_of(path)

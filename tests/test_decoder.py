@@ -110,8 +110,18 @@ def test_the_readme_language_model_block_runs_as_written(tmp_path):
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert len(result.stdout.strip().splitlines()[-1].split()) == 8  # the eight token ids
-    assert "same tokens: True" in result.stdout
+    assert "same tokens: True" in result.stdout and "chose " in result.stdout
+    record = json.loads((tmp_path / "lm-q.json").read_text())
+    # trained: FP32 is far below the untrained log(256) = 5.5 nats per byte
+    assert record["fp32"]["nll"] < 3.0, record["fp32"]
+    chosen = next(r for r in record["candidates"] if r["recipe"] == record["chosen"])
+    assert chosen["nll_increase"] <= 0.1 and chosen["agreement"] >= 0.9 and min(chosen["speedup"].values()) >= 1.05
+    # the bar for INT4 on a trained model: at most +0.1 nats per token, for every recipe
+    int4 = [r for r in record["candidates"] if r["recipe"].startswith("int4") and "nll_increase" in r]
+    assert len(int4) >= 3 and all(r["nll_increase"] <= 0.1 for r in int4), int4
+    profile = json.loads((tmp_path / "lm-profile.json").read_text())
+    assert [(r["batch"], r["prompt"]) for r in profile["rows"]] == [(1, 16), (1, 128), (4, 16), (4, 128)]
+    assert (tmp_path / "lm-report" / "report.html").exists()
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +179,11 @@ def test_the_int4_decoder_generates_text_and_is_profiled_per_token(int4, exporte
     # a longer prompt takes longer to prefill, at a margin 2 cores keep
     by = {(r["batch"], r["prompt"]): r for r in record["rows"]}
     assert by[(2, 40)]["ttft_ms"] > by[(1, 8)]["ttft_ms"]
+    result = cli("report", str(out), "-o", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<svg") == 3 and "Time to first token vs prompt length" in html
+    assert "| 2 | 40 |" in (tmp_path / "report.md").read_text()
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(exported):

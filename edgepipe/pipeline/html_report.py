@@ -33,6 +33,8 @@ def load(path: Path) -> tuple[str, dict]:
                          "manifest.json or an `edgepipe profile --json` file") from None
     if "models" in data and "versions" in data:
         return "run", data
+    if data.get("kind") == "decoder" and "rows" in data and "hardware" in data:
+        return "decoder", data
     if "latency" in data and "hardware" in data:
         return "profile", data
     raise InputError(f"{path} is neither an edgepipe run manifest nor an `edgepipe profile --json` result")
@@ -93,6 +95,36 @@ def _profile_figures(record: dict) -> list[str]:
     return [f for f in figures if f]
 
 
+DECODER_COLUMNS = ["batch", "prompt", "TTFT ms", "TPOT p50 ms", "TPOT p90 ms", "tokens/s"]
+
+
+def _decoder_rows(record: dict) -> list[list]:
+    return [[r["batch"], r["prompt"], f"{r['ttft_ms']:.2f}", f"{r['tpot_ms']:.3f}", f"{r['tpot_p90_ms']:.3f}",
+             f"{r['tokens_per_s']:.1f}"] for r in record["rows"]]
+
+
+def _decoder_markdown(record: dict) -> str:
+    head = f"# Decoder profile: {record['model']}\n\n{_device(record['hardware'])}\n\n" \
+           f"Load {record['load_s']:.2f} s; peak RSS {record['peak_rss_mb']} MB.\n\n"
+    return head + "| " + " | ".join(DECODER_COLUMNS) + " |\n" + "|---" * len(DECODER_COLUMNS) + "|\n" + "".join(
+        "| " + " | ".join(map(str, row)) + " |\n" for row in _decoder_rows(record))
+
+
+def _decoder_html(record: dict) -> str:
+    name = Path(record["model"]).name
+    batches = sorted({r["batch"] for r in record["rows"]})
+    ttft = {f"batch {b}": [(r["prompt"], r["ttft_ms"]) for r in record["rows"] if r["batch"] == b] for b in batches}
+    rate = {f"prompt {p}": [(r["batch"], r["tokens_per_s"]) for r in record["rows"] if r["prompt"] == p]
+            for p in sorted({r["prompt"] for r in record["rows"]})}
+    tpot = [(f"b{r['batch']} prompt {r['prompt']}", r["tpot_ms"]) for r in record["rows"]]
+    figures = [charts.lines(f"Time to first token vs prompt length: {name}", ttft, "prompt tokens", "ms"),
+               charts.hbars(f"Time per output token (p50): {name}", tpot, "ms"),
+               charts.lines(f"Tokens per second vs batch: {name}", rate, "batch", "tokens/s")]
+    return (f"<h2>Decoder profile {escape(record['model'])}</h2><p class='note'>{escape(_device(record['hardware']))}"
+            f"; load {record['load_s']:.2f} s; peak RSS {record['peak_rss_mb']} MB</p>"
+            + _table(DECODER_COLUMNS, _decoder_rows(record)) + "".join(f for f in figures if f))
+
+
 def operators_markdown(operators: dict | None, title: str = "Time per operator type") -> str:
     """The per-operator breakdown (`--ops`) as a Markdown table, or nothing without one."""
     if not operators:
@@ -140,6 +172,9 @@ def build(paths: list[Path]) -> tuple[str, str]:
                 + ("<p class='fail'>Failed gates:</p><ul>" + "".join(f"<li>{escape(f)}</li>" for f in failed)
                    + "</ul>" if failed else "")
                 + "".join(_run_figures(data)))
+        elif kind == "decoder":
+            md_parts.append(_decoder_markdown(data))
+            html_parts.append(_decoder_html(data))
         else:
             lat = data["latency"]
             md_parts.append(f"# Profile: {data['model']}\n\n{_device(data['hardware'])}\n\n| batch | p50 ms | p99 ms | "

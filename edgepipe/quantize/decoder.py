@@ -24,18 +24,15 @@ from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, InputError, LatencyError, first_line
 from edgepipe.memory import PeakMemory
 from edgepipe.quantize.decoder_build import BY_NAME, RECIPES, DecoderRecipe, build
+from edgepipe.quantize.decoder_measure import Probe, greedy_reference, time_per_token
 from edgepipe.reports import Report, optional
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import (
     DECODER_KEY,
     DecoderSpec,
-    next_token_nll,
-    prefill_feeds,
-    step_feeds,
 )
 from edgepipe.runtime.hardware import read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
-from edgepipe.runtime.timing import measure
 from edgepipe.runtime.workdirs import work_dir
 
 NOISE_BAND = 0.05  # speedups within 5% are a tie on a busy 2-core machine: the faithful one wins
@@ -68,7 +65,8 @@ class DecoderQuantizeConfig:
 
     @property
     def chosen_recipes(self) -> list[DecoderRecipe]:
-        return [r for r in RECIPES if not self.recipes or r.name in self.recipes]
+        """Those named, else every recipe (the opt-in ones as rows that say how to try them)."""
+        return [r for r in RECIPES if r.name in self.recipes or not self.recipes]
 
 
 @dataclass
@@ -92,72 +90,6 @@ class DecoderQuantizeReport(Report):
 def decoder_spec_of(path: Path) -> DecoderSpec | None:
     text = onnx_metadata(path).get(DECODER_KEY)
     return None if text is None else DecoderSpec.from_json(text)
-
-
-# ---------------------------------------------------------------- measuring
-
-def mean_nll(engine: Engine, spec: DecoderSpec, windows: np.ndarray, batch: int = 4) -> float:
-    """Mean next-token NLL (nats) over `windows` [n, length], prefilled `batch` rows at a time."""
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch):
-        ids = windows[start:start + batch]
-        logits = engine.run(prefill_feeds(spec, ids), outputs=["logits"])["logits"]
-        nll = next_token_nll(logits, ids)
-        total, count = total + float(nll.sum()), count + nll.size
-    return total / count
-
-
-def greedy_reference(engine: Engine, spec: DecoderSpec, prompts: np.ndarray, steps: int) -> np.ndarray:
-    """FP32's greedy continuation of each prompt: [n, prompt + steps] token ids."""
-    from edgepipe.runtime.generate import Generator
-
-    generator = Generator(engine)
-    rows = [list(p) + generator.generate(list(p), steps, stop_ids=()) for p in prompts]
-    return np.asarray(rows, dtype=np.int64)
-
-
-def agreement(engine: Engine, spec: DecoderSpec, sequences: np.ndarray, prompt_length: int) -> float:
-    """Fraction of FP32's greedy tokens that `engine` predicts too, reading the same sequence."""
-    logits = engine.run(prefill_feeds(spec, sequences[:, :-1]), outputs=["logits"])["logits"]
-    predicted = logits[:, prompt_length - 1:].argmax(axis=-1)
-    return float((predicted == sequences[:, prompt_length:]).mean())
-
-
-def time_per_token(engine: Engine, spec: DecoderSpec, batch: int, past: int, seconds: float = 0.6) -> float:
-    """p50 of one decode step (ms) with `past` cached positions."""
-    run = engine.runner(step_feeds(spec, batch, past))
-    return measure(run, batch, warmup=2, min_iterations=8, min_time_s=seconds).p50_ms
-
-
-def time_to_first_token(engine: Engine, spec: DecoderSpec, length: int, batch: int = 1,
-                        seconds: float = 0.6) -> float:
-    """p50 of a prefill of `length` tokens (ms): the time to the first new token."""
-    run = engine.runner(prefill_feeds(spec, np.ones((batch, length), dtype=np.int64)))
-    return measure(run, batch, warmup=1, min_iterations=3, min_time_s=seconds).p50_ms
-
-
-@dataclass
-class _Probe:
-    """What every model (FP32 and each candidate) is measured on."""
-
-    spec: DecoderSpec
-    text: np.ndarray  # held-out windows [n, length]
-    sequences: np.ndarray  # prompts + FP32 greedy continuations
-    prompt_length: int
-    batch_sizes: tuple[int, ...]
-    past: int
-    prompt_for_ttft: int
-
-    def measure(self, path: Path) -> dict:
-        with Engine(path, providers="cpu") as engine:
-            row = {"nll": round(mean_nll(engine, self.spec, self.text), 4)}
-            if len(self.sequences):
-                row["agreement"] = round(agreement(engine, self.spec, self.sequences, self.prompt_length), 4)
-            row["tpot_ms"] = {str(b): round(time_per_token(engine, self.spec, b, self.past), 3)
-                              for b in self.batch_sizes}
-            row["ttft_ms"] = round(time_to_first_token(engine, self.spec, self.prompt_for_ttft), 2)
-        row["size_bytes"] = onnxfile.model_bytes(path)
-        return row
 
 
 def _text(spec: DecoderSpec, config: DecoderQuantizeConfig, ids: np.ndarray | None) -> tuple[np.ndarray, str]:
@@ -199,7 +131,7 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
         with Engine(onnx_path, providers="cpu") as fp32:
             prompts = windows[: config.prompts, :prompt_length] if steps else windows[:0, :prompt_length]
             sequences = greedy_reference(fp32, spec, prompts, steps)
-        probe = _Probe(spec, windows, sequences, prompt_length, tuple(config.batch_sizes),
+        probe = Probe(spec, windows, sequences, prompt_length, tuple(config.batch_sizes),
                        past=min(config.past_length, spec.max_positions - 1),
                        prompt_for_ttft=min(128, spec.max_positions))
         say(f"FP32: measuring quality on {judged} and {sequences.size and len(sequences)} greedy prompts, "
@@ -212,6 +144,9 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
         for recipe in config.chosen_recipes:
             row = {"recipe": recipe.name, "describe": recipe.describe}
             rows.append(row)
+            if recipe.opt_in and not config.recipes:
+                row["verdict"] = f"not tried: {recipe.opt_in}"
+                continue
             elapsed = time.perf_counter() - started
             if config.time_budget_s and elapsed > 0.7 * config.time_budget_s:
                 row["verdict"] = f"skipped: time budget ({config.time_budget_s:g} s; raise --time-budget to try it)"

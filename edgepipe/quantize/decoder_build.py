@@ -23,6 +23,7 @@ class DecoderRecipe:
     algorithm: str  # rtn | hqq | gptq | int8-dynamic
     block_size: int = 0
     accuracy_level: int = 0  # MatMulNBits compute: 4 = INT8 activations, 0 = FP32
+    opt_in: str = ""  # why it is tried only when named (--recipe)
 
     @property
     def describe(self) -> str:
@@ -39,7 +40,9 @@ RECIPES = (
     DecoderRecipe("int4-hqq-b64-acc4", "hqq", 64, 4),
     DecoderRecipe("int4-rtn-b32", "rtn", 32, 0),
     DecoderRecipe("int8-dynamic", "int8-dynamic"),
-    DecoderRecipe("int4-gptq-b128-acc4", "gptq", 128, 4),
+    DecoderRecipe("int4-gptq-b128-acc4", "gptq", 128, 4,
+                  opt_in="GPTQ runs on the CPU in numpy and takes many minutes on a model of hundreds of millions "
+                         "of parameters; name it with --recipe int4-gptq-b128-acc4"),
 )
 BY_NAME = {r.name: r for r in RECIPES}
 

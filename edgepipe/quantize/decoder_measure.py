@@ -1,0 +1,83 @@
+"""How a decoder (FP32 or a quantized candidate) is measured: mean next-token NLL on held-out
+windows, greedy-token agreement with FP32's continuations, time per output token and time to
+the first token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepipe import onnxfile
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.generate import (
+    DecoderSpec,
+    Generator,
+    next_token_nll,
+    prefill_feeds,
+    step_feeds,
+)
+from edgepipe.runtime.timing import measure
+
+
+def mean_nll(engine: Engine, spec: DecoderSpec, windows: np.ndarray, batch: int = 4) -> float:
+    """Mean next-token NLL (nats) over `windows` [n, length], prefilled `batch` rows at a time."""
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        ids = windows[start:start + batch]
+        logits = engine.run(prefill_feeds(spec, ids), outputs=["logits"])["logits"]
+        nll = next_token_nll(logits, ids)
+        total, count = total + float(nll.sum()), count + nll.size
+    return total / count
+
+
+def greedy_reference(engine: Engine, spec: DecoderSpec, prompts: np.ndarray, steps: int) -> np.ndarray:
+    """FP32's greedy continuation of each prompt: [n, prompt + steps] token ids."""
+    generator = Generator(engine)
+    rows = [list(p) + generator.generate(list(p), steps, stop_ids=()) for p in prompts]
+    return np.asarray(rows, dtype=np.int64)
+
+
+def agreement(engine: Engine, spec: DecoderSpec, sequences: np.ndarray, prompt_length: int) -> float:
+    """Fraction of FP32's greedy tokens that `engine` predicts too, reading the same sequence."""
+    logits = engine.run(prefill_feeds(spec, sequences[:, :-1]), outputs=["logits"])["logits"]
+    predicted = logits[:, prompt_length - 1:].argmax(axis=-1)
+    return float((predicted == sequences[:, prompt_length:]).mean())
+
+
+def time_per_token(engine: Engine, spec: DecoderSpec, batch: int, past: int, seconds: float = 0.6) -> float:
+    """p50 of one decode step (ms) with `past` cached positions."""
+    run = engine.runner(step_feeds(spec, batch, past))
+    return measure(run, batch, warmup=2, min_iterations=8, min_time_s=seconds).p50_ms
+
+
+def time_to_first_token(engine: Engine, spec: DecoderSpec, length: int, batch: int = 1,
+                        seconds: float = 0.6) -> float:
+    """p50 of a prefill of `length` tokens (ms): the time to the first new token."""
+    run = engine.runner(prefill_feeds(spec, np.ones((batch, length), dtype=np.int64)))
+    return measure(run, batch, warmup=1, min_iterations=3, min_time_s=seconds).p50_ms
+
+
+@dataclass
+class Probe:
+    """What every model (FP32 and each candidate) is measured on."""
+
+    spec: DecoderSpec
+    text: np.ndarray  # held-out windows [n, length]
+    sequences: np.ndarray  # prompts + FP32 greedy continuations
+    prompt_length: int
+    batch_sizes: tuple[int, ...]
+    past: int
+    prompt_for_ttft: int
+
+    def measure(self, path: Path) -> dict:
+        with Engine(path, providers="cpu") as engine:
+            row = {"nll": round(mean_nll(engine, self.spec, self.text), 4)}
+            if len(self.sequences):
+                row["agreement"] = round(agreement(engine, self.spec, self.sequences, self.prompt_length), 4)
+            row["tpot_ms"] = {str(b): round(time_per_token(engine, self.spec, b, self.past), 3)
+                              for b in self.batch_sizes}
+            row["ttft_ms"] = round(time_to_first_token(engine, self.spec, self.prompt_for_ttft), 2)
+        row["size_bytes"] = onnxfile.model_bytes(path)
+        return row
