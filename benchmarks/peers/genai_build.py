@@ -1,10 +1,11 @@
 """Peer: ONNX Runtime GenAI's model builder on a causal LM folder, then its own generator timed.
 Runs in a venv with onnxruntime-genai (never in edgepipe's):
 
-    GENAI_VENV/bin/python benchmarks/peers/genai_build.py FOLDER OUT_DIR int4|fp32
+    GENAI_VENV/bin/python benchmarks/peers/genai_build.py FOLDER OUT_DIR int4|fp32 [HELDOUT.npy]
 
 Prints one JSON line: build seconds, time per output token (p50 over 64 decode steps after a
-128-token prompt, batch 1) and time to first token."""
+128-token prompt, batch 1) and time to first token; with HELDOUT.npy (token windows [n, length]),
+the mean next-token NLL on them, from the logits of a prefill of each window."""
 
 import json
 import subprocess
@@ -42,8 +43,22 @@ def main() -> None:
             now = time.perf_counter()
             steps.append(now - last)
             last = now
-    print(json.dumps({"build_s": round(build_s, 1), "tpot_ms": round(float(np.median(steps)) * 1000, 3),
-                      "ttft128_ms": round(float(np.median(ttft)) * 1000, 1), "genai": og.__version__}))
+    result = {"build_s": round(build_s, 1), "tpot_ms": round(float(np.median(steps)) * 1000, 3),
+              "ttft128_ms": round(float(np.median(ttft)) * 1000, 1), "genai": og.__version__}
+    if len(sys.argv) > 4:
+        total, count = 0.0, 0
+        for window in np.load(sys.argv[4]):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(window) + 1, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(window.astype(np.int32))
+            logits = np.asarray(generator.get_output("logits"), dtype=np.float64)[0, :-1]
+            top = logits.max(axis=-1, keepdims=True)
+            norm = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+            total += float((norm - logits[np.arange(len(window) - 1), window[1:]]).sum())
+            count += len(window) - 1
+        result["nll"] = round(total / count, 4)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

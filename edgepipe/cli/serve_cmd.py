@@ -75,7 +75,11 @@ def _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, tim
 
     ensure_port_free(host, port)
     engine = Engine.from_run(model, name, **options) if model.is_dir() else Engine(model, **options)
-    typer.echo(f"serving {engine.path} on http://{host}:{port} ({engine.providers[0]}, max batch {max_batch})")
+    from edgepipe.runtime.generate import DECODER_KEY
+
+    routes = " (POST /v1/generate streams tokens)" if DECODER_KEY in engine.metadata else ""
+    typer.echo(f"serving {engine.path} on http://{host}:{port} ({engine.providers[0]}, max batch {max_batch})"
+               + routes)
     if engine.providers[0] != "CPUExecutionProvider":
         fell = engine.placement()["fell_back"]
         if fell:

@@ -139,7 +139,7 @@ class Generator:
             try:
                 import tokenizers
             except ImportError:
-                raise InputError("text in and out needs the tokenizers package: pip install tokenizers") from None
+                raise InputError("text in and out needs the tokenizers package: pip install 'edgepipe[text]'") from None
             self._tokenizer = tokenizers.Tokenizer.from_str(self.engine.metadata[TOKENIZER_KEY])
         return self._tokenizer
 
