@@ -39,10 +39,9 @@ def profile(
     load time, time to first token per prompt length, time per output token (p50/p90), tokens/s
     and peak memory, per batch size."""
     check_outputs(json_out)
-    from edgepipe.runtime.generate import DECODER_KEY
-    from edgepipe.runtime.modelfile import onnx_metadata
+    from edgepipe.runtime.generate import is_decoder_file
 
-    if DECODER_KEY in onnx_metadata(model):
+    if is_decoder_file(model):
         if compare or ops or dim:
             from edgepipe.errors import InputError
 

@@ -46,9 +46,9 @@ def quantize(
     GPTQ) and dynamic INT8 candidates instead, timed per output token and judged by perplexity on
     held-out text (bundled; or --data with input_ids) and greedy-token agreement with FP32."""
     check_outputs(output, json_out)
-    from edgepipe.quantize.decoder import decoder_spec_of
+    from edgepipe.runtime.generate import is_decoder_file
 
-    if decoder_spec_of(model) is not None:
+    if is_decoder_file(model):
         return _quantize_decoder(model, output, data, batch, max_nll_increase, min_agreement, recipe, allow_slower,
                                  time_budget, json_out)
     batch = batch or "1,32"

@@ -110,10 +110,9 @@ def _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, t
     application = build_app(path, config)
     ray.init(address=ray_address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    from edgepipe.runtime.generate import DECODER_KEY
-    from edgepipe.runtime.modelfile import onnx_metadata
+    from edgepipe.runtime.generate import is_decoder_file
 
-    decoder = DECODER_KEY in onnx_metadata(path)  # decoders also answer POST /v1/generate
+    decoder = is_decoder_file(path)  # decoders also answer POST /v1/generate
     scale = f"autoscaling {autoscale}" if autoscale else f"{replicas} replica(s)"
     routes = "/v1/predict and /v1/generate" if decoder else "/v1/predict"
     typer.echo(f"serving {path} on http://{host}:{port} ({routes}) with Ray Serve ({scale}, max batch {max_batch})")

@@ -77,6 +77,17 @@ class Sampling:
         return int(order[self.rng.choice(len(probs), p=probs)])
 
 
+def is_decoder_file(path) -> bool:
+    """Whether `path` is a decoder exported by edgepipe (False for anything unreadable: the
+    command's own loading then says what is wrong with it)."""
+    from edgepipe.runtime.modelfile import onnx_metadata
+
+    try:
+        return DECODER_KEY in onnx_metadata(path)
+    except (InputError, OSError, ValueError):
+        return False
+
+
 def empty_past(spec: DecoderSpec, batch: int = 1, length: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """The cache inputs for `length` cached positions (zeros; length 0 for a prefill)."""
     zeros = np.zeros((batch, spec.kv_heads, length, spec.head_dim), dtype=dtype)
