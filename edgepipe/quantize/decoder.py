@@ -231,5 +231,5 @@ def _refusal(rows: list[dict], report: DecoderQuantizeReport) -> Exception:
     lines = "; ".join(f"{r['recipe']}: {r.get('verdict', '?')}" for r in rows)
     if fast:
         return AccuracyError(f"no quantized decoder keeps its quality within budget ({lines}); raise "
-                             "--max-nll-increase / lower --min-agreement, or keep FP32", report)
+                             "--max-nll-increase / lower --min-agreement, or keep FP32; nothing written", report)
     return LatencyError(f"no quantized decoder is faster than FP32 here ({lines}); nothing written", report)
