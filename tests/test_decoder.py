@@ -242,3 +242,67 @@ def test_serve_streams_generation_as_server_sent_events(int4):
         assert "edgepipe_generated_tokens_total 12.0" in metrics
         assert 'edgepipe_generations_total{status="422"} 5.0' in metrics
         assert "edgepipe_time_to_first_token_seconds_count 2.0" in metrics
+
+
+def test_gemm_and_tied_head_weights_become_constant_matmuls_for_int4():
+    """GPT-2 exports its Conv1D layers as Gemm and its tied LM head as MatMul(x, Transpose(wte)):
+    the INT4 quantizer sees only MatMuls with constant weights, so they are rewritten first,
+    with the same outputs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.quantize.decoder_build import constant_matmuls
+
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    w2 = rng.standard_normal((16, 8)).astype(np.float32)  # used transposed (transB=1)
+    wte = rng.standard_normal((32, 16)).astype(np.float32)  # a tied head reads it transposed
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc"),
+         helper.make_node("Gemm", ["x", "w2"], ["g"], name="proj", transB=1),
+         helper.make_node("Add", ["h", "g"], ["s"], name="sum"),
+         helper.make_node("Transpose", ["wte"], ["wte_t"], name="tie", perm=[1, 0]),
+         helper.make_node("MatMul", ["s", "wte_t"], ["logits"], name="head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 32])],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (wte, "wte"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert constant_matmuls(model) == 3
+    inits = {i.name for i in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gemm" not in ops and "Transpose" not in ops
+    assert all(n.input[1] in inits for n in model.graph.node if n.op_type == "MatMul")
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # two exports
+@pytest.mark.parametrize("arch, weights", [("gpt2", 9), ("qwen2", 15)])
+def test_gpt2_and_qwen2_folders_export_with_parity_and_quantize_every_weight(arch, weights, tmp_path):
+    import onnx
+
+    from edgepipe.exporters.decoder import export_decoder
+    from edgepipe.quantize.decoder import DecoderQuantizeConfig, quantize_decoder
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # Conv1D layers (Gemm) and a head tied to the embedding
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300,
+                                                                     n_positions=64))
+    else:  # biased q/k/v projections, grouped-query attention
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=300, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "folder")
+    exported = export_decoder(tmp_path / "folder", tmp_path / "decoder.onnx")
+    assert exported.record["parity"]["ok"] and all(c["same_tokens"] for c in exported.record["parity"]["cases"])
+    config = DecoderQuantizeConfig(recipes=("int4-rtn-b32-acc4",), require_faster=False, min_agreement=0.0,
+                                   text_windows=2, prompts=2)
+    result = quantize_decoder(exported.artifacts["onnx"], tmp_path / "int4.onnx", config)
+    nodes = [n.op_type for n in onnx.load(str(result.artifacts["onnx"])).graph.node]
+    assert nodes.count("MatMulNBits") == weights and "Gemm" not in nodes
+    assert abs(result.report.candidates[0]["nll_increase"]) < 0.05

@@ -89,9 +89,62 @@ def build(recipe: DecoderRecipe, src: Path, out: Path, spec: DecoderSpec, calibr
         _build(recipe, src, out, spec, calibration)
 
 
+def constant_matmuls(model) -> int:
+    """Rewrite, in place, the weights the INT4 quantizer would not see as MatMuls with constant
+    weights: Gemm with a constant B (GPT-2's Conv1D layers) becomes MatMul (+ Add of its bias),
+    and a Transpose of an initializer feeding a MatMul (a tied LM head) becomes a transposed
+    initializer. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes, rewritten, dead = [], 0, set()  # dead: ids of Transposes whose only reader moved
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "Gemm" and node.input[1] in inits and not attrs.get("transA", 0)
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0):
+            weight = node.input[1]
+            if attrs.get("transB", 0):
+                flipped = numpy_helper.from_array(numpy_helper.to_array(inits[weight]).T.copy(), f"{weight}_t")
+                graph.initializer.append(flipped)
+                weight = flipped.name
+            product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
+            nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
+            if product != node.output[0]:
+                nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+            rewritten += 1
+            continue
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if (source is not None and source.op_type == "Transpose" and source.input[0] in inits
+                and len(inits[source.input[0]].dims) == 2):
+            name = f"{source.input[0]}_transposed"
+            if name not in inits:
+                inits[name] = numpy_helper.from_array(numpy_helper.to_array(inits[source.input[0]]).T.copy(), name)
+                graph.initializer.append(inits[name])
+            node.input[1] = name
+            readers[source.output[0]] -= 1
+            if not readers[source.output[0]]:
+                dead.add(id(source))
+            rewritten += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if id(n) not in dead)
+    return rewritten
+
+
 def _build(recipe: DecoderRecipe, src: Path, out: Path, spec: DecoderSpec, calibration: np.ndarray) -> None:
     import onnx
 
+    model = onnx.load(str(src))
+    if constant_matmuls(model):  # Gemm / tied-head weights the quantizers would skip
+        src = out.with_name(out.stem + ".matmuls.onnx")
+        onnxfile.save(model, src)
+    del model
     if recipe.algorithm == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
