@@ -32,7 +32,7 @@ def quantize(
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
     max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out text, in nats per token.")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="Decoders: min greedy-token agreement with FP32 (0..1).")] = 0.9,
-    recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, int4-gptq-b128-acc4. Default: all.")] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, int4-gptq-b128-acc4. Default: all but HQQ and GPTQ, which are tried only when named (slow here).")] = None,
     allow_slower: Annotated[bool, typer.Option(help="Decoders: take the best candidate that keeps quality even when it is not faster than FP32 (for its size).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
 ) -> None:
@@ -42,8 +42,8 @@ def quantize(
     budget, its most damaging nodes (by added noise) go back to FP32 step by step. If none is
     clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1.
 
-    A decoder (from `edgepipe export` of a causal LM folder) gets INT4 weight-only (RTN, HQQ,
-    GPTQ) and dynamic INT8 candidates instead, timed per output token and judged by perplexity on
+    A decoder (from `edgepipe export` of a causal LM folder) gets INT4 weight-only (RTN; HQQ
+    and GPTQ when named) and dynamic INT8 candidates instead, timed per output token and judged by perplexity on
     held-out text (bundled; or --data with input_ids) and greedy-token agreement with FP32."""
     check_outputs(output, json_out)
     from edgepipe.runtime.generate import is_decoder_file
