@@ -158,7 +158,7 @@ def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e
     started = time.perf_counter()
     with onnxfile.staged_model(out_path) as tmp:
         try:
-            _export(FlatCache(model, spec), spec, tmp, Path(folder) / "tokenizer.json")
+            _export(FlatCache(model, spec).eval(), spec, tmp, Path(folder) / "tokenizer.json")
         except Exception as exc:
             raise ExportError(f"dynamo could not export {spec.architecture} with its KV cache: {error_line(exc)}") from exc
         seconds = round(time.perf_counter() - started, 2)
