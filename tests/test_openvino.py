@@ -132,3 +132,21 @@ def test_a_run_that_chose_openvino_is_deployed_on_it(tmp_path):
     assert engine.backend == "openvino" and engine.run_info["sessions_from_run"] == {1: {"threads": 1, "spinning": False}}
     assert Engine.from_run(run, backend="onnxruntime").backend == "onnxruntime"  # the caller's word wins
     assert Engine.from_run(run, providers="cpu").backend == "openvino"
+
+
+def test_the_summary_says_when_the_chosen_file_is_out_of_budget_on_onnxruntime():
+    """A record measured here (the zoo CNN): the OpenVINO row won, and its onnxruntime twin (the
+    same file) lost 1.1 points. The summary must say to deploy it on OpenVINO only."""
+    from pathlib import Path
+
+    from edgepipe.cli.render import quantize_summary
+    from edgepipe.quantize.report import QuantizeReport
+
+    record = json.loads((Path(__file__).parent / "data" / "quantize_record_openvino.json").read_text())
+    text = quantize_summary(QuantizeReport.from_dict(record), Path("cnn.int8.onnx"))
+    assert "runs on openvino" in text
+    assert "on onnxruntime the same file is out of the accuracy budget (accuracy drop 0.0111 > 0.01" in text
+    for row in record["candidates"]:  # the twin within budget: nothing to warn about
+        if row["backend"] == "onnxruntime" and row["verdict"].startswith("accuracy"):
+            row["verdict"] = "ok"
+    assert "out of the accuracy budget" not in quantize_summary(QuantizeReport.from_dict(record), Path("x.onnx"))

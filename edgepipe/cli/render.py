@@ -54,6 +54,11 @@ def quantize_summary(report, output: Path) -> str:
         lines.append(f"runs on {chosen.backend}: the file is standard QDQ ONNX, and its speed was measured on "
                      f"{chosen.backend} (Engine(path, backend=\"{chosen.backend}\"); "
                      f"edgepipe profile {output} --backend {chosen.backend}; Engine.from_run picks it up)")
+        twin = next((c for c in report.candidates if c.backend == "onnxruntime"
+                     and chosen.recipe == f"{c.recipe}/{chosen.backend}"), None)
+        if twin is not None and twin.verdict.startswith("accuracy"):
+            lines.append(f"on onnxruntime the same file is out of the accuracy budget ({twin.verdict}): "
+                         f"deploy it on {chosen.backend} only")
     if chosen.sessions:
         per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
                               for b, v in chosen.sessions.items())
