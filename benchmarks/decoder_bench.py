@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
+from steps import run_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -59,16 +59,6 @@ def save_model(name: str, folder: Path) -> int:
 
     save_byte_tokenizer(folder)  # GenAI's builder and Optimum load a tokenizer; ids < 256 only
     return sum(p.numel() for p in model.parameters())
-
-
-def run_step(args: list[str], python: str | None = None) -> dict:
-    started = time.perf_counter()
-    command = [python, *args] if python else [sys.executable, "-m", "edgepipe", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "exit": os.waitstatus_to_exitcode(status), "tail": output.strip().splitlines()[-12:]}
 
 
 def bandwidth_gbs(mb: int = 1024, repeats: int = 5) -> float:

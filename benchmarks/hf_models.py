@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps import run_step  # noqa: E402
 
 MODELS = {  # name -> (transformers class, config class, config kwargs)
     "resnet50": ("ResNetForImageClassification", "ResNetConfig", {}),
@@ -44,18 +45,6 @@ def save_model(name: str, folder: Path) -> int:
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
-
-
-def run_step(args: list[str], python: str | None = None) -> dict:
-    """Run one edgepipe command (or, with `python`, that interpreter with `args`) in its own
-    process: its wall time, peak RSS and exit code."""
-    started = time.perf_counter()
-    command = [python, *args] if python else [sys.executable, "-m", "edgepipe", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "exit": os.waitstatus_to_exitcode(status), "tail": output.strip().splitlines()[-6:]}
 
 
 def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str,

@@ -99,12 +99,11 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
     """Run instrumented copies of both graphs; the first node of A (topological order) whose
     output differs beyond tolerance in B (matched by name, or by its Q/DQ alias), and the nodes
     that add the most noise."""
-    import onnx
-
     from edgepipe.instrument import after_qdq, channel_nsr, instrumented_copy, run_all
+    from edgepipe.onnxgraph import skeleton
 
-    graph_a = onnx.load(str(a_path), load_external_data=False).graph
-    graph_b = onnx.load(str(b_path), load_external_data=False).graph
+    graph_a = skeleton(a_path).graph
+    graph_b = skeleton(b_path).graph
     tensors_b = {o for n in graph_b.node for o in n.output}
     alias = after_qdq(graph_b)
     pairs = [(n, n.output[0], alias.get(n.output[0], n.output[0])) for n in graph_a.node

@@ -104,3 +104,18 @@ def test_a_failed_staged_write_leaves_nothing(tmp_path):
             staged.write_bytes(b"partial")
             raise RuntimeError("exporter crashed")
     assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_the_lean_preprocess_of_a_large_model_keeps_its_weights_beside_it_and_its_outputs(
+        tmp_path, small_threshold, monkeypatch):
+    monkeypatch.setattr(rewrites, "LEAN_PREPROCESS_BYTES", 0)  # every model counts as large
+    source = _mlp_onnx(tmp_path).artifacts["onnx"]
+    work = tmp_path / "work"
+    work.mkdir()
+    pre, attempts = rewrites.preprocess(source, work)
+    assert attempts == [{"step": "lean", "ok": True}] and pre.name == "pre_lean.onnx"
+    assert _locations(pre) == {"pre_lean.onnx.data"} and sidecar(pre).is_file()
+    assert not onnx.load(str(pre), load_external_data=False).graph.value_info
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    np.testing.assert_allclose(Engine(pre).run(x).popitem()[1], Engine(source).run(x).popitem()[1],
+                               rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-from edgepipe.memory import PeakMemory
+from edgepipe.memory import PeakMemory, return_freed_memory
 from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 
 
@@ -15,6 +15,7 @@ class TimeBudget:
     @contextmanager
     def phase(self, name: str):
         """Time a phase (seconds add up over repeats) and record its peak RSS (the highest)."""
+        return_freed_memory()  # what the phase before freed is not this phase's peak
         began = time.perf_counter()
         peak = PeakMemory()
         try:

@@ -13,6 +13,7 @@ import onnx
 from edgepipe import onnxfile
 from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
+from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe
@@ -49,11 +50,14 @@ def _common_options(recipe: Recipe, graph: onnx.GraphProto) -> dict:
 def _dynamic(recipe: Recipe, model_path: Path, out: Path, calibration, samples: int) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = skeleton(model_path).graph
     options = _common_options(recipe, graph)
     if any(n.op_type == "Gemm" for n in graph.node):
-        as_matmul = out.with_name(out.stem + ".gemm_as_matmul.onnx")
-        if gemms_as_matmul(model_path, as_matmul):
+        # once per source model and work folder: every dynamic recipe of a search builds from it
+        # (a whole-model copy: BERT-base's one Gemm, its classifier, cost 3 s and 1 GB per build)
+        tag = hashlib.sha256(str(Path(model_path).resolve()).encode()).hexdigest()[:12]
+        as_matmul = out.with_name(f"gemm_as_matmul-{tag}.onnx")
+        if as_matmul.is_file() or gemms_as_matmul(model_path, as_matmul):
             model_path = as_matmul
             options["op_types_to_quantize"] = sorted(set(options["op_types_to_quantize"]) | {"MatMul"})
     quantize_dynamic(str(model_path), str(out), use_external_data_format=onnxfile.is_large(model_path), **options)
@@ -67,7 +71,7 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
                                 "data.npz (or run it in a pipeline, which uses the training data)")
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    graph = skeleton(model_path).graph
     options = _common_options(recipe, graph)
     if recipe.calibration == "minmax":
         # One batch of intermediate tensors at a time, ranges merged (min of mins): memory bounded
@@ -117,10 +121,11 @@ def build(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData | N
         BUILDERS[recipe.method](recipe, Path(model_path), Path(out), calibration, samples)
 
 
-def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
+def build_with_fallback(recipe: Recipe, models, out: Path,
                         calibration: EvalData | None, samples: int) -> str:
-    """Build `recipe` from the first model in `models` that works; returns its file name.
-    Raises the first error when all fail (a QuantizationError is never retried)."""
+    """Build `recipe` from the first model in `models` (paths, or rewrites.Sources) that works;
+    returns its file name. Raises the first error when all fail (a QuantizationError is never
+    retried)."""
     first_error: Exception | None = None
     for model_path in models:
         try:
@@ -129,6 +134,8 @@ def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
         except QuantizationError:
             raise
         except Exception as exc:  # onnxruntime.quantization raises many types
+            if hasattr(models, "failed"):
+                models.failed(model_path, exc)
             first_error = first_error or exc
     if first_error is None:
         raise InternalError("build_with_fallback was given no model to build from")
@@ -137,7 +144,7 @@ def build_with_fallback(recipe: Recipe, models: list[Path], out: Path,
 
 def count_integer_nodes(path: Path) -> int:
     """Nodes running in reduced precision: integer kernels, or FP16 initializers for fp16."""
-    model = onnx.load(str(path), load_external_data=False)  # op types and data types only
+    model = skeleton(path)  # op types and data types only
     fp16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     return sum(n.op_type in INTEGER_OPS for n in model.graph.node) + fp16
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import helper, numpy_helper, shape_inference
 
+from edgepipe.onnxgraph import initializer, skeleton
 from edgepipe.quantize.builders import build
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
@@ -82,11 +83,12 @@ def dominant_kernel(model: onnx.ModelProto, specs: list[InputSpec], batch: int
     return nodes[heaviest], shapes, macs[heaviest] / total
 
 
-def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str, list[int]]
+def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str, list[int]], model_path: Path
                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The node alone, with its real constant inputs, and seeded feeds for the rest. An optional
-    input computed in the graph with no static shape (an LSTM's initial state built from the
-    batch size) is left out: the op's default (zeros) stands in for it."""
+    """The node alone, with its real constant inputs (read from `model_path`: `model` may be its
+    skeleton), and seeded feeds for the rest. An optional input computed in the graph with no
+    static shape (an LSTM's initial state built from the batch size) is left out: the op's
+    default (zeros) stands in for it."""
     inits = {i.name: i for i in model.graph.initializer}
     rng = np.random.default_rng(0)
     inputs, constants, feeds = [], [], {}
@@ -98,7 +100,7 @@ def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str,
         if not name:
             continue
         if name in inits:
-            constants.append(inits[name])
+            constants.append(numpy_helper.from_array(initializer(model_path, name), name))
         elif name not in feeds:
             shape = shapes[name]
             # dim 0 left free: calibration feeds as many rows as fit in its 4 MB batches (5 of
@@ -116,12 +118,12 @@ def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str,
 def measure_ceiling(model_path: Path, specs: list[InputSpec], recipe, batch: int, session, work: Path,
                     rounds: int = 8) -> dict:
     """The dominant kernel's INT8-vs-FP32 speedup with `recipe` at `batch`, and what it is."""
-    model = onnx.load(str(model_path))
+    model = skeleton(model_path)  # the graph and the weights' shapes, not their data
     found = dominant_kernel(model, specs, batch)
     if found is None:
         return {"error": "no MatMul/Gemm/Conv/LSTM with a constant weight"}
     node, shapes, share = found
-    kernel, feeds = kernel_model(node, model, shapes)
+    kernel, feeds = kernel_model(node, model, shapes, model_path)
     stem = f"ceiling-{node.op_type}-{abs(hash(node.name)) % 10**8}"
     fp32, int8 = work / f"{stem}.fp32.onnx", work / f"{stem}.int8.onnx"
     onnx.save(kernel, str(fp32))

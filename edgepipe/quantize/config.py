@@ -28,6 +28,12 @@ class QuantizeConfig:
     # not the same way for both. The deployment (Engine.from_run) uses the recorded setting.
     tune_session: bool = True
     try_spinning: bool = False  # also all cores with spinning workers (see session_settings)
+    # Also try onnxruntime.transformers' offline graph fusions on models with LayerNorm/Softmax,
+    # kept only when the fused FP32 model is measured faster. Off by default: onnxruntime's own
+    # session optimizer applies the common fusions (LayerNorm, GELU, attention) whenever it loads
+    # a model, and the offline ones were never faster here (zoo Transformer 0.85x; ViT-base and
+    # BERT-base no faster), while the attempt cost BERT-base about 20 s and a copy of the model.
+    try_fusions: bool = False
     rounds: int = 12  # interleaved latency rounds (x 10 calls) per batch size
     # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
     # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from edgepipe.instrument import ChannelNoise, after_qdq, instrumented_copy, run_in_chunks
+from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS
 
 
@@ -40,8 +41,8 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
     after any Q/DQ, minus that of its input as produced upstream: the error that quantizing its
     input, weights and output adds. A quantized activation tensor thus counts for both its
     producer and its consumer, and both must stay FP32 to keep it float."""
-    fp32_graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    quant_graph = onnx.load(str(quant_path), load_external_data=False).graph
+    fp32_graph = skeleton(fp32_path).graph
+    quant_graph = skeleton(quant_path).graph
     quant_tensors = {out for n in quant_graph.node for out in n.output} | {i.name for i in quant_graph.input}
     post = after_qdq(quant_graph)
     consumers: dict[str, list] = {}
@@ -64,7 +65,8 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
     quant_producer = {out: n.op_type for n in quant_graph.node for out in n.output}
     folded = {n.output[0]: n for n in fp32_graph.node
               if n.op_type in REMOVABLE_ACTIVATIONS and quant_producer.get(n.output[0], n.op_type) != n.op_type}
-    constants = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_graph.initializer}
+    activation_inputs = {name for n in folded.values() for name in n.input[1:]}  # Clip's bounds
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_graph.initializer if i.name in activation_inputs}
 
     nodes = [n for n in fp32_graph.node if n.op_type in COMPUTE_OPS and n.name and observed(n) in quant_tensors]
     pairs = {}  # fp32 tensor -> quantized-model tensor to compare it with

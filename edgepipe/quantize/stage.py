@@ -7,11 +7,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import onnx
-
 from edgepipe import onnxfile
 from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
+from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.fallback import accuracy_fallback
@@ -19,9 +18,8 @@ from edgepipe.quantize.recipes import Recipe, candidate_recipes
 from edgepipe.quantize.report import QuantizeReport
 from edgepipe.quantize.rewrites import (
     TRANSFORMER_OPS,
+    Sources,
     preprocess,
-    strip_value_info,
-    transformer_fusions,
 )
 from edgepipe.quantize.search import Candidate, Search
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
@@ -35,7 +33,7 @@ from edgepipe.runtime.workdirs import work_dir
 
 def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Recipe], list[dict], set[str]]:
     """The recipes to try on this graph and CPU, those skipped (why), and the graph's op types."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = skeleton(onnx_path).graph
     graph_ops = {n.op_type for n in graph.node}
     convs = sum(n.op_type == "Conv" for n in graph.node)
     recipes, skipped = candidate_recipes(graph_ops, cpu, config.calibration,
@@ -51,22 +49,6 @@ def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Re
                                 f"{', '.join(sorted(graph_ops))}): "
                                 + "; ".join(f"{s['recipe']}: {s['why']}" for s in skipped))
     return recipes, skipped, graph_ops
-
-
-def fused_source(search: Search) -> tuple[Path, dict]:
-    """The FP32 model to quantize: onnxruntime.transformers' fusions when the fused model matches
-    the original and is measurably faster (it often is not), else the model as given."""
-    out = search.work / "transformer_optimized.onnx"
-    try:
-        fused_ops = transformer_fusions(search.onnx_path, out)
-        kept, speedup = search.time_fused(out)
-    except QuantizationError as exc:
-        return search.onnx_path, {"tried": True, "kept": False, "why": str(exc)}
-    except Exception as exc:  # the optimizer raises many types on graphs it does not expect
-        return search.onnx_path, {"tried": True, "kept": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    record = {"tried": True, "kept": kept, "fused_ops": fused_ops, "speedup_fp32": round(speedup, 3),
-              "why": "faster" if kept else "not measurably faster"}
-    return (out if kept else search.onnx_path), record
 
 
 def _rel_l2(cand: Candidate) -> float:
@@ -173,7 +155,7 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
     search.say(f"measuring the INT8 kernel ceiling of the dominant op at batch {batch}")
     try:
         # the pre-processed model the candidates were built from: weights there are constants
-        measured = measure_ceiling(search.sources[0], search.fp32.inputs, chosen.recipe, batch,
+        measured = measure_ceiling(search.sources.first, search.inputs, chosen.recipe, batch,
                                    chosen.settings[batch], search.work)
     except Exception as exc:  # a diagnostic: its failure is recorded, not raised
         return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
@@ -181,16 +163,21 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
 
 
 def prepare(search: Search, graph_ops: set[str]) -> tuple[list[dict], dict]:
-    """Transformer fusions (kept only when faster), then pre-processing. Sets the sources each
-    candidate is built from, in fallback order: the pre-processed model (weights constant-folded),
-    the same without exporter/shape-inference value_info, then the raw model without it."""
+    """Transformer fusions (with try_fusions; kept only when faster), then pre-processing. Sets
+    the sources each candidate is built from (rewrites.Sources, in fallback order)."""
     source, optimizer_record = search.onnx_path, {"tried": False}
-    if graph_ops & TRANSFORMER_OPS and search.config.mode != "fp16":
+    if not graph_ops & TRANSFORMER_OPS or search.config.mode == "fp16":
+        pass
+    elif not search.config.try_fusions:
+        optimizer_record["why"] = ("not tried (try_fusions off): onnxruntime applies its own LayerNorm, GELU and "
+                                   "attention fusions when it loads the model")
+    else:
         search.say("trying onnxruntime.transformers graph fusions")
+        from edgepipe.quantize.fusions import fused_source
+
         source, optimizer_record = fused_source(search)
     model_in, pre_attempts = preprocess(source, search.work)
-    search.sources = list(dict.fromkeys([model_in, strip_value_info(model_in, search.work / "pre_stripped.onnx"),
-                                         strip_value_info(source, search.work / "raw_stripped.onnx")]))
+    search.sources = Sources(model_in, source, search.work)
     return pre_attempts, optimizer_record
 
 

@@ -1,0 +1,77 @@
+"""Reading an ONNX graph without its weights (onnxgraph.skeleton) and one weight alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from edgepipe import onnxfile
+from edgepipe.onnxgraph import initializer, skeleton
+
+
+def _model(path, external: bool = False):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)  # 64 KB: left out of the skeleton
+    shape = np.array([-1, 16, 16], dtype=np.int64)  # a shape constant: kept
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+         helper.make_node("Reshape", ["y", "shape"], ["z"], name="reshape")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(shape, "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"note": "kept"})
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=onnxfile.sidecar(path).name, size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+    return weight, shape
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_the_skeleton_has_the_graph_and_shapes_but_not_the_large_weights(tmp_path, external):
+    path = tmp_path / "m.onnx"
+    weight, shape = _model(path, external)
+    full, skel = onnx.load(str(path), load_external_data=False), skeleton(path)
+    assert [n.SerializeToString() for n in skel.graph.node] == [n.SerializeToString() for n in full.graph.node]
+    assert skel.metadata_props[0].value == "kept" and skel.opset_import == full.opset_import
+    tensors = {t.name: t for t in skel.graph.initializer}
+    assert list(tensors["W"].dims) == [64, 256] and tensors["W"].data_type == TensorProto.FLOAT
+    if not external:
+        assert not tensors["W"].raw_data and skel.ByteSize() < full.ByteSize() / 10
+    np.testing.assert_array_equal(numpy_helper.to_array(tensors["shape"]), shape)  # small: kept
+    # Shape inference still works from it: it needs the shape constant, not the weight.
+    skel.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in shape_inference.infer_shapes(skel).graph.value_info}
+    assert inferred["y"] == [2, 256]
+    np.testing.assert_array_equal(initializer(path, "W"), weight)
+    with pytest.raises(KeyError, match="no initializer named 'nope'"):
+        initializer(path, "nope")
+
+
+def test_a_file_that_is_not_protobuf_fails_to_parse(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\x07\x07\x07\x07")
+    with pytest.raises(ValueError, match="wire type 7"):
+        skeleton(tmp_path / "junk.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        skeleton(tmp_path / "empty.onnx")
+
+
+def test_value_info_is_stripped_by_a_streamed_copy_that_keeps_everything_else(tmp_path):
+    from edgepipe.onnxgraph import without_value_info
+
+    path = tmp_path / "m.onnx"
+    _model(path)
+    model = onnx.load(str(path))
+    model.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3]))  # stale
+    onnx.save(model, str(path))
+    out = without_value_info(path, tmp_path / "stripped.onnx")
+    stripped = onnx.load(str(out))
+    assert len(stripped.graph.value_info) == 0
+    del model.graph.value_info[:]
+    assert stripped.SerializeToString() == model.SerializeToString()
