@@ -675,3 +675,29 @@ def test_one_confirmation_trial_is_enough_only_for_a_wide_agreeing_lead():
     assert search.clear_lead({1: [1.74, 1.80], 8: [1.70, 1.73]})
     assert not search.clear_lead({1: [1.74, 1.20]})  # readings disagree: a second trial
     assert not search.clear_lead({1: [1.24, 1.25]})  # under 1.2 x 1.05: a second trial
+
+
+def test_kernel_twins_are_timed_once_and_judged_on_their_own_accuracy(tmp_path):
+    """reduce_range changes weight values only: same nodes, types and ranks, so one timing
+    serves both; per-channel scales are vectors where per-tensor ones are scalars: timed apart."""
+    from edgepipe.quantize.candidate import Candidate
+    from edgepipe.quantize.twins import group, inherit, kernel_signature
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    onnx_path = export(model, tmp_path / "mlp.onnx", ExportConfig(exporters=("dynamo",)),
+                       inputs=["x:float32:batch,256"]).artifacts["onnx"]
+    recipes = [Recipe("dynamic", weight_type="S8"), Recipe("dynamic", weight_type="S8", per_channel=True),
+               Recipe("dynamic", weight_type="S8", reduce_range=True)]
+    cands = []
+    for i, recipe in enumerate(recipes):
+        builders.build(recipe, onnx_path, tmp_path / f"c{i}.onnx", None, 0)
+        cands.append(Candidate(recipe, path=tmp_path / f"c{i}.onnx"))
+    assert kernel_signature(cands[0].path, "onnxruntime") == kernel_signature(cands[2].path, "onnxruntime")
+    assert kernel_signature(cands[0].path, "onnxruntime") != kernel_signature(cands[1].path, "onnxruntime")
+    assert kernel_signature(cands[0].path, "onnxruntime") != kernel_signature(cands[0].path, "openvino")
+    timed, twins = group(cands, [0, 1, 2])
+    assert timed == [0, 1] and twins == {0: [2], 1: []} and cands[2].timed_as is cands[0]
+    cands[0].speedup, cands[0].p50_ms = {8: 1.5}, {8: 0.2}
+    inherit(cands[2], cands[0])
+    assert cands[2].speedup == {8: 1.5} and cands[2].row().timed_as == recipes[0].name

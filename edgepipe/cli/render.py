@@ -25,7 +25,8 @@ def candidate_table(report) -> str:
         metric_s = f"{metric:.4f}" if metric is not None else "-"
         speed = " ".join(f"{c.speedup.get(b, 0):>7.2f}x" if c.speedup else f"{'-':>8}" for b in batches)
         size = f"{c.size_bytes / 1e6:.2f}MB" if c.size_bytes else "-"
-        verdict = c.verdict + (f": {c.error}" if c.error else "")
+        verdict = c.verdict + (f": {c.error}" if c.error else "") + (
+            f" (timing of its kernel twin {c.timed_as})" if c.timed_as else "")
         rel_l2 = f"{c.rel_l2:.4f}" if c.rel_l2 is not None else "-"
         lines.append(f"{c.recipe:{w}} {metric_s:>9} {rel_l2:>7} {speed} {session_label(c.sessions):>8} {size:>8}  {verdict}")
     for s in report.skipped_recipes:

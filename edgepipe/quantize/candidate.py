@@ -40,6 +40,7 @@ class Candidate:
     p50_by_setting: dict[SessionSetting, dict[int, float]] = field(default_factory=dict)
     verdict: Verdict = field(default_factory=Verdict)
     screened: bool = False  # judged on the screening pass alone (clearly slower)
+    timed_as: "Candidate | None" = None  # its kernel twin, whose timing it takes (twins.py)
 
     @property
     def backend(self) -> str:
@@ -68,4 +69,5 @@ class Candidate:
             sessions={str(b): s.to_dict() for b, s in self.settings.items()} or None,
             p50_ms_by_session=by_session_rows(self.p50_by_setting) or None,
             size_bytes=model_bytes(self.path) if self.path and self.path.exists() else None,
-            error=self.error, verdict=str(self.verdict), backend=r.backend)
+            error=self.error, verdict=str(self.verdict), backend=r.backend,
+            timed_as=self.timed_as.recipe.name if self.timed_as else None)

@@ -40,6 +40,7 @@ class CandidateRow(Report):
     error: str | None
     verdict: str
     backend: str = "onnxruntime"  # the runtime it was measured on (and is deployed with)
+    timed_as: str | None = None  # a kernel twin (same kernels and shapes) whose timing it took
 
 
 @dataclass

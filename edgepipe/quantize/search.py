@@ -187,8 +187,9 @@ class Search(TimeBudget):
         """A cheap first pass (a quarter of the rounds): the candidates worth timing in full. One
         clearly slower than FP32 (below 80% of the needed speedup at some batch size, further
         than a short measurement's noise reaches) keeps its screening figures and verdict; the
-        cost of a search is then the survivors', not every recipe's."""
-        if len(indices) < 2:
+        cost of a search is then the survivors', not every recipe's. With two candidates or one
+        it cannot pay: screening times all of them and FP32 again, and dropping one saves less."""
+        if len(indices) <= 2:
             return indices
         rounds = self.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
                                     len(self.settings), share=0.25, floor=2)

@@ -22,6 +22,7 @@ from edgepipe.quantize.rewrites import (
     preprocess,
 )
 from edgepipe.quantize.search import Candidate, Search
+from edgepipe.quantize.twins import group, inherit, judge_twin
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY
@@ -73,6 +74,12 @@ def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
     band = 1 + search.config.speedup_margin
     confirmed: list[Candidate] = []
     for cand in sorted(accepted, key=lambda c: c.score, reverse=True):
+        if cand.timed_as is not None and cand.timed_as.speedup_trials:  # its twin was re-timed
+            inherit(cand, cand.timed_as)
+            judge_twin(search, cand, cand.timed_as)
+            if cand.verdict:
+                confirmed.append(cand)
+            continue
         top, pick = max((c.score for c in confirmed), default=None), _pick(confirmed, band)
         could_win = (top is None or cand.score > top
                      or (cand.score * band >= top and _rel_l2(cand) < _rel_l2(pick)))
@@ -128,21 +135,23 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
         timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
                 "the rest interleaved with FP32 at each session setting (rounds per phase in 'rounds': fewer "
                 "when a time budget would not hold them all) (" + "; ".join(map(str, search.settings))
-                + "); each model judged at its fastest per batch size (recorded in 'sessions'); re-timed "
+                + "); each model judged at its fastest per batch size (recorded in 'sessions'); kernel twins "
+                "(same nodes, initializer types and ranks: 'timed_as') are timed once; re-timed "
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
 
 def generated_eval_data(onnx_path: Path, seconds: float = 3.0) -> EvalData:
     """Seeded rows to judge agreement on: 512 for a cheap model, fewer for one whose evaluation
-    would cost more than `seconds` per candidate (64 at least). Fewer rows resolve a budget less
-    finely; the accuracy rule then judges by the drop's confidence bound."""
+    would cost more than `seconds` per candidate (32 at least: BERT-base gets 32). Fewer rows
+    resolve a budget less finely; the accuracy rule then judges by the drop's confidence bound,
+    and the record's relative L2 error and cosine against FP32 do not depend on row count."""
     engine = Engine(onnx_path, providers="cpu")
     feeds = make_feeds(engine.inputs, batch=8, seed=1)
     engine.run(feeds)  # warm-up
     began = time.perf_counter()
     engine.run(feeds)
     per_row = (time.perf_counter() - began) / 8
-    rows = int(min(512, max(64, seconds / max(per_row, 1e-9))) // 32 * 32)
+    rows = int(min(512, max(32, seconds / max(per_row, 1e-9))) // 32 * 32)
     return EvalData(make_feeds(engine.inputs, batch=rows, seed=1))
 
 
@@ -218,13 +227,18 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         if not search.usable:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
+        timed, twins = group(search.candidates, sorted(search.usable))
         with search.phase("screen"):
-            finalists = search.screen(sorted(search.usable))
+            finalists = search.screen(timed)
         say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
         with search.phase("measure"):
             search.measure(finalists)
         for i in finalists:
             search.judge(search.candidates[i])
+        for i in timed:  # twins take the figures of the one timed for them
+            for t in twins[i]:
+                inherit(search.candidates[t], search.candidates[i])
+                judge_twin(search, search.candidates[t], search.candidates[i])
         search.release("fp32", *finalists)  # confirmation and the fallback time with fresh sessions
         with search.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
