@@ -106,11 +106,11 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
     if time_budget:
         quant_args += ["--time-budget", str(time_budget)]
     row["quantize"] = run_step(quant_args)
-    # quantize resets the kernel's high-water mark per phase (edgepipe.memory), which is what
-    # wait4 reports too; the peak of the whole search is the one it prints
+    # peak_rss_mb is sampled from outside (steps.py); the stage's own figure, the highest of
+    # its phases' peaks, is kept beside it
     printed = [line for line in row["quantize"]["tail"] if line.startswith("peak memory")]
     if printed:
-        row["quantize"]["peak_rss_mb"] = float(printed[0].split()[2])
+        row["quantize"]["stage_peak_mb"] = float(printed[0].split()[2])
     record = json.loads((work / f"{name}.quant.json").read_text()) if (work / f"{name}.quant.json").exists() else {}
     row["chosen"] = (record.get("chosen") or {}).get("recipe")
     backend = (record.get("chosen") or {}).get("backend", "onnxruntime")

@@ -83,12 +83,18 @@ class CompareReport:
     first_divergence: Divergence | None = None
     offenders: list[Divergence] = field(default_factory=list)
     localized: str | None = None  # why localization did not run, or the note
+    judged_by: str = ""  # "" : element-wise tolerance; else the agreement thresholds used
+
+    @property
+    def criteria(self) -> str:
+        return self.judged_by or f"|B-A| <= {self.atol:g} + {self.rtol:g}*|A|"
 
     def __bool__(self) -> bool:
         return all(o.ok for o in self.outputs)
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "ok": bool(self), "atol": self.atol, "rtol": self.rtol,
+                "criteria": self.criteria,
                 "inputs": self.inputs, "outputs": [vars(o) for o in self.outputs],
                 "first_divergence": vars(self.first_divergence) if self.first_divergence else None,
                 "offenders": [vars(o) for o in self.offenders], "localization": self.localized}
@@ -132,9 +138,37 @@ def localize(a_path: Path, b_path: Path, feeds: Mapping[str, np.ndarray], atol: 
     return first, offenders[:top]
 
 
+def judge_by_agreement(report: CompareReport, min_top1: float | None, min_cosine: float | None) -> None:
+    """Re-judge each comparable output by agreement instead of element-wise tolerance; an output
+    with no top-1 (not [rows, classes]) is judged by cosine, or keeps its tolerance verdict when
+    only a top-1 threshold is given."""
+    for bound, label in ((min_top1, "min top-1"), (min_cosine, "min cosine")):
+        if bound is not None and not 0.0 <= bound <= 1.0:
+            raise InputError(f"{label} must be between 0 and 1, got {bound}")
+    report.judged_by = " and ".join(part for part in (
+        f"top-1 agreement >= {min_top1:g}" if min_top1 is not None else "",
+        f"cosine >= {min_cosine:g}" if min_cosine is not None else "") if part)
+    for o in report.outputs:
+        if o.note or not np.isfinite(o.max_abs_diff):
+            continue
+        checks = []
+        if min_top1 is not None and o.top1_agreement is not None:
+            checks.append(o.top1_agreement >= min_top1)
+        if min_cosine is not None and o.cosine is not None:
+            checks.append(o.cosine >= min_cosine)
+        if checks:
+            o.ok = all(checks)
+
+
 def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, batch: int = 16,
             atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True,
-            per_output: Mapping[str, tuple[float, float]] | None = None) -> CompareReport:
+            per_output: Mapping[str, tuple[float, float]] | None = None,
+            min_top1: float | None = None, min_cosine: float | None = None) -> CompareReport:
+    """A against B on the same inputs. Each output passes by element-wise tolerance, or, given
+    `min_top1` / `min_cosine`, by agreement: top-1 agreement (for [rows, classes] outputs) and
+    cosine similarity at least those. Agreement is what an INT8 model owes its FP32 original:
+    its logits move by design, and a logit tolerance either fails it or is too loose to mean
+    anything."""
     if batch < 1:
         raise InputError(f"batch must be at least 1 row, got {batch}")
     side_a, side_b = load_side(a), load_side(b)
@@ -159,6 +193,8 @@ def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, bat
     if unknown:
         raise InputError(f"tolerance given for unknown output(s) {', '.join(unknown)}; outputs: {', '.join(out_a)}")
     report = CompareReport(a, b, atol, rtol, source, diff_outputs(out_a, out_b, atol, rtol, per_output))
+    if min_top1 is not None or min_cosine is not None:
+        judge_by_agreement(report, min_top1, min_cosine)
     if report:
         return report
     if not do_localize:

@@ -63,6 +63,17 @@ def test_fp32_against_its_qdq_version(zoo, tmp_path):
     assert report.outputs[0].top1_agreement >= 0.95
     assert report.first_divergence is not None  # matched through the Q/DQ aliases
     assert report.first_divergence.op in ("Conv", "Relu", "MaxPool", "GlobalAveragePool", "ReduceMean")
+    # Judged by agreement, what INT8 owes FP32, the same pair passes; each threshold decides.
+    out = report.outputs[0]
+    agreeing = compare(str(zoo["cnn"].onnx), str(qdq), data={"x": data.x_test[:64]}, min_top1=0.95, min_cosine=0.99,
+                       do_localize=False)
+    assert bool(agreeing) == (out.cosine >= 0.99) and agreeing.criteria == "top-1 agreement >= 0.95 and cosine >= 0.99"
+    strict = compare(str(zoo["cnn"].onnx), str(qdq), data={"x": data.x_test[:64]}, min_top1=1.0, do_localize=False)
+    assert bool(strict) == (out.top1_agreement == 1.0)
+    from edgepipe.errors import InputError
+
+    with pytest.raises(InputError, match="min cosine must be between 0 and 1"):
+        compare(str(zoo["cnn"].onnx), str(qdq), data={"x": data.x_test[:64]}, min_cosine=1.5)
 
 
 def test_incomparable_models(zoo):

@@ -19,12 +19,15 @@ def compare(
     atol: Annotated[float, typer.Option(help="Absolute tolerance per element.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance per element.")] = 1e-3,
     tol: Annotated[Optional[list[str]], typer.Option(help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable), e.g. logits=1e-2:1e-2.")] = None,
+    min_top1: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: top-1 agreement of [rows, classes] outputs at least this (e.g. 0.99 for INT8 vs FP32).")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: cosine similarity of each output at least this (e.g. 0.99).")] = None,
     batch: Annotated[int, typer.Option(help="Rows of generated inputs (and of the localization probe).")] = 16,
     localize: Annotated[bool, typer.Option(help="On divergence, find the first diverging node (two ONNX models).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Compare the outputs of A and B on the same inputs: max abs / max rel / mean abs error,
-    cosine similarity, SQNR and top-1 agreement per output, against atol + rtol*|A|. On a
+    cosine similarity, SQNR and top-1 agreement per output, against atol + rtol*|A|, or, with
+    --min-top1 / --min-cosine, against agreement (what an INT8 model owes FP32). On a
     violation (exit 1), run instrumented copies of both ONNX graphs to name the first node whose
     output diverges and the nodes that add the most noise, FP32 vs QDQ included."""
     check_outputs(json_out)
@@ -47,9 +50,9 @@ def compare(
 
             raise InputError(f"--tol '{item}' must be NAME=ATOL[:RTOL], e.g. logits=1e-2:1e-2") from None
     report = compare_models(a, b, data=feeds, batch=batch, atol=atol, rtol=rtol, do_localize=localize,
-                            per_output=per_output)
+                            per_output=per_output, min_top1=min_top1, min_cosine=min_cosine)
     typer.echo(compare_summary(report))
     write_json_out(json_out, report.to_dict())
     if not report:
-        raise ParityError(f"{b} differs from {a} beyond atol {atol:g} / rtol {rtol:g}")
+        raise ParityError(f"{b} differs from {a}: not within {report.criteria}")
     typer.echo("parity ok")

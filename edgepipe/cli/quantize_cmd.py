@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -75,18 +76,24 @@ def quantize(
     from edgepipe.memory import PeakMemory
 
     peak = PeakMemory()
-    try:
-        with peak:
-            result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
-                                    progress=lambda m: typer.echo(f"  {m}", err=True))
-    except GateFailed as exc:
-        if exc.report is not None:
-            typer.echo(candidate_table(exc.report))
-            write_json_out(json_out, exc.report.to_dict())
-        raise
+    with _table_on_refusal(candidate_table, json_out), peak:
+        result = quantize_stage(model, output, config, eval_data=eval_data, calibration=calib,
+                                progress=lambda m: typer.echo(f"  {m}", err=True))
     typer.echo(quantize_summary(result.report, output))
     typer.echo(f"peak memory {peak.mb} MB ({'this search' if peak.scope == 'work' else 'the process so far'})")
     write_json_out(json_out, result.report.to_dict())
+
+
+@contextmanager
+def _table_on_refusal(render, json_out: Optional[Path]):
+    """A refusal (exit 1) still prints every candidate's row and writes the record."""
+    try:
+        yield
+    except GateFailed as exc:
+        if exc.report is not None:
+            typer.echo(render(exc.report))
+            write_json_out(json_out, exc.report.to_dict())
+        raise
 
 
 def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Optional[str], max_nll_increase: float,
@@ -109,14 +116,9 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
                                    min_agreement=min_agreement, batch_sizes=parse_ints(batch or "1", "--batch"),
                                    time_budget_s=900.0 if time_budget is None else time_budget,
                                    require_faster=not allow_slower)
-    try:
+    with _table_on_refusal(decoder_table, json_out):
         result = quantize_decoder(model, output, config, heldout_ids=heldout,
                                   progress=lambda m: typer.echo(f"  {m}", err=True))
-    except GateFailed as exc:
-        if exc.report is not None:
-            typer.echo(decoder_table(exc.report))
-            write_json_out(json_out, exc.report.to_dict())
-        raise
     report = result.report
     typer.echo(decoder_table(report))
     chosen = next(c for c in report.candidates if c["recipe"] == report.chosen)

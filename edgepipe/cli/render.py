@@ -134,7 +134,7 @@ def merged_table(rows: list[dict]) -> str:
 
 def compare_summary(report) -> str:
     """Per-output error metrics of `compare`, and where two graphs start to diverge."""
-    lines = [f"inputs: {report.inputs}; tolerance |B-A| <= {report.atol:g} + {report.rtol:g}*|A|",
+    lines = [f"inputs: {report.inputs}; judged by {report.criteria}",
              f"{'output':16} {'max abs':>10} {'max rel':>10} {'mean abs':>10} {'cosine':>9} {'SQNR dB':>8} "
              f"{'top-1':>7}  verdict"]
     for o in report.outputs:
