@@ -15,12 +15,13 @@ import mmap
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from edgepipe.runtime.modelfile import _varint
 
-__all__ = ["initializer", "skeleton"]
+__all__ = ["activation_bytes", "initializer", "skeleton", "tensor_shapes", "without_value_info"]
 
 GRAPH, INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer
 # TensorProto fields that hold data: float, int32, string, int64, raw, double, uint64
@@ -162,3 +163,33 @@ def without_value_info(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     finally:
         buf.close()
     return out
+
+
+def tensor_shapes(model: onnx.ModelProto, feeds) -> dict[str, list[int]]:
+    """Every tensor's shape with the graph inputs fixed to the feeds' shapes (in `model` itself:
+    no copy of a model that may weigh hundreds of MB)."""
+    for value in model.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def activation_bytes(model: onnx.ModelProto, feeds) -> int | None:
+    """Bytes of every float tensor the graph computes for `feeds` (their shapes, not their
+    values), by ONNX shape inference on `model` (a skeleton will do): what a calibration
+    model that outputs every intermediate tensor returns per call. None when some shapes stay
+    unknown."""
+    shapes = tensor_shapes(model, feeds)
+    computed = [o for n in model.graph.node for o in n.output if o]
+    if not computed or any(name not in shapes for name in computed):
+        return None
+    return 4 * sum(int(np.prod(shapes[name])) for name in computed)

@@ -701,3 +701,26 @@ def test_kernel_twins_are_timed_once_and_judged_on_their_own_accuracy(tmp_path):
     cands[0].speedup, cands[0].p50_ms = {8: 1.5}, {8: 0.2}
     inherit(cands[2], cands[0])
     assert cands[2].speedup == {8: 1.5} and cands[2].row().timed_as == recipes[0].name
+
+
+def test_calibration_calls_hold_a_bounded_amount_of_intermediate_tensors(tmp_path, monkeypatch):
+    """The calibration model outputs every intermediate tensor: rows per call come from their
+    inferred size (ResNet-50: 106 MB per image, so 2 per call, not the 5 its 4 MB input cap
+    allowed), and from the model's size when the shapes cannot be inferred."""
+    from edgepipe.quantize import calibration
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    onnx_path = export(model, tmp_path / "mlp.onnx", ExportConfig(exporters=("dynamo",)),
+                       inputs=["x:float32:batch,256"]).artifacts["onnx"]
+    data = {"x": np.zeros((64, 256), np.float32)}
+    # Gemm 512 + Relu 512 + Gemm 10 floats per row: 4136 bytes
+    assert calibration.calibration_rows(onnx_path, data) == 32
+    monkeypatch.setattr(calibration, "ACTIVATION_BYTES", 3 * 4136)
+    assert calibration.calibration_rows(onnx_path, data) == 3
+    import edgepipe.onnxgraph as onnxgraph
+
+    monkeypatch.setattr(onnxgraph, "activation_bytes", lambda *a: None)
+    assert calibration.calibration_rows(onnx_path, data) == 32  # unknown shapes, small model: the input cap
+    monkeypatch.setattr(calibration, "LARGE_MODEL_BYTES", 0)
+    assert calibration.calibration_rows(onnx_path, data) == calibration.UNKNOWN_LARGE_ROWS

@@ -14,7 +14,7 @@ from edgepipe import onnxfile
 from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
 from edgepipe.onnxgraph import skeleton
-from edgepipe.quantize.calibration import ArrayCalibrationReader
+from edgepipe.quantize.calibration import ArrayCalibrationReader, calibration_rows
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe
 from edgepipe.quantize.rewrites import (
@@ -85,7 +85,9 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
     key = hashlib.sha256(repr((str(model_path), stat.st_size, stat.st_mtime_ns, recipe.calibration, samples,
                                options["op_types_to_quantize"], recipe.activation_type)).encode()).hexdigest()[:16]
     cache = out.parent / f"calibration-{key}.json"
-    quantize_static(str(model_path), str(out), None if cache.is_file() else ArrayCalibrationReader(calibration.inputs, samples),
+    reader = None if cache.is_file() else ArrayCalibrationReader(
+        calibration.inputs, samples, batch_size=calibration_rows(model_path, calibration.inputs))
+    quantize_static(str(model_path), str(out), reader,
                     quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
                     activation_type={"U8": QuantType.QUInt8, "S8": QuantType.QInt8}[recipe.activation_type],
                     calibrate_method=methods[recipe.calibration], calibration_cache_path=cache,

@@ -13,6 +13,32 @@ from onnxruntime.quantization import CalibrationDataReader
 BATCH_BYTES = 4 << 20
 
 
+# Bytes of intermediate tensors per calibration call, at most: the calibration model outputs every
+# one of them. ResNet-50 computes 106 MB of them per 224x224 image, so the 4 MB input cap (5
+# images) made calibration the search's peak (1.9 GB); 256 MB allows 2.
+ACTIVATION_BYTES = 256 << 20
+# Rows per calibration call for a model over this size whose intermediate shapes cannot be
+# inferred (BERT-base's dynamo graph: about 77 MB of them per sequence of 128).
+UNKNOWN_LARGE_ROWS, LARGE_MODEL_BYTES = 8, 100_000_000
+
+
+def calibration_rows(model_path, data: Mapping[str, np.ndarray], cap: int = 32) -> int:
+    """Rows per calibration call for `model_path`: as many as keep its intermediate tensors
+    within ACTIVATION_BYTES (by shape inference on its graph, without its weights), within the
+    input cap of rows_per_batch too."""
+    from edgepipe.onnxgraph import activation_bytes, skeleton
+    from edgepipe.runtime.modelfile import model_bytes
+
+    cap = rows_per_batch(data, cap)
+    try:
+        per_row = activation_bytes(skeleton(model_path), {k: v[:1] for k, v in data.items()})
+    except Exception:  # shape inference gives up on some graphs: judged by size below
+        per_row = None
+    if per_row:
+        return max(1, min(cap, ACTIVATION_BYTES // per_row))
+    return min(cap, UNKNOWN_LARGE_ROWS) if model_bytes(model_path) > LARGE_MODEL_BYTES else cap
+
+
 def rows_per_batch(data: Mapping[str, np.ndarray], cap: int, max_bytes: int = BATCH_BYTES) -> int:
     """Up to `cap` rows, but no more than `max_bytes` of input (1 at least)."""
     row_bytes = sum(a[:1].nbytes for a in data.values()) or 1
@@ -25,7 +51,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
     def __init__(self, data: Mapping[str, np.ndarray], samples: int = 256, batch_size: int = 32):
         self.data = {name: np.ascontiguousarray(a[:samples]) for name, a in data.items()}
         self.count = min(len(a) for a in self.data.values())
-        self.batch_size = rows_per_batch(self.data, batch_size)
+        self.batch_size = rows_per_batch(self.data, batch_size)  # batch_size: see calibration_rows
         self._iter: Iterator[dict] | None = None
         self._range = (0, len(self))
 

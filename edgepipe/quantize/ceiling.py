@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper, shape_inference
+from onnx import helper, numpy_helper
 
-from edgepipe.onnxgraph import initializer, skeleton
+from edgepipe.onnxgraph import initializer, skeleton, tensor_shapes
 from edgepipe.quantize.builders import build
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
@@ -26,24 +26,6 @@ from edgepipe.runtime.spec import InputSpec, make_feeds
 from edgepipe.runtime.timing import measure_interleaved
 
 KERNEL_OPS = ("MatMul", "Gemm", "Conv", "LSTM")
-
-
-def _shapes(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
-    """Every tensor's shape with the graph inputs fixed to the feeds' shapes (in `model` itself:
-    no copy of a model that may weigh hundreds of MB)."""
-    for value in model.graph.input:
-        if value.name in feeds:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, feeds[value.name].shape):
-                dim.Clear()
-                dim.dim_value = int(size)
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    return shapes
 
 
 def _macs(node: onnx.NodeProto, shapes: dict[str, list[int]], inits: dict[str, onnx.TensorProto]) -> int:
@@ -69,7 +51,7 @@ def dominant_kernel(model: onnx.ModelProto, specs: list[InputSpec], batch: int
     """(node, shapes, its share of the kernel multiply-adds), or None without such a node.
     `specs`: the model's inputs (Engine.inputs), which size its dynamic dims."""
     inits = {i.name: i for i in model.graph.initializer}
-    shapes = _shapes(model, make_feeds(specs, batch=batch))
+    shapes = tensor_shapes(model, make_feeds(specs, batch=batch))
     nodes = list(model.graph.node)
     macs = {i: _macs(n, shapes, inits) for i, n in enumerate(nodes) if n.op_type in KERNEL_OPS}
     total = sum(macs.values())
