@@ -155,8 +155,14 @@ def without_value_info(src: str | os.PathLike, out: str | os.PathLike) -> Path:
                 if number != GRAPH or wire != 2:
                     copy(field_start, end)
                     continue
-                kept = [(g_start, v_end) for g_number, _, g_start, _, v_end in _walk(buf, start, end)
-                        if g_number != VALUE_INFO]
+                kept: list[list[int]] = []  # byte ranges, adjacent ones merged: one copy each
+                for g_number, _, g_start, _, v_end in _walk(buf, start, end):
+                    if g_number == VALUE_INFO:
+                        continue
+                    if kept and kept[-1][1] == g_start:
+                        kept[-1][1] = v_end
+                    else:
+                        kept.append([g_start, v_end])
                 f.write(_key(GRAPH, 2) + _encode(sum(e - s for s, e in kept)))
                 for s, e in kept:
                     copy(s, e)
