@@ -105,3 +105,17 @@ def test_from_run_applies_the_recorded_settings_unless_told_otherwise(tmp_path, 
     assert Engine.from_run(run, "mlp", threads=1).batch_sessions == []  # the caller's threads win
     spin_off = Engine.from_run(run, "mlp", spinning=True)  # e.g. serve --spin: kept per batch
     assert [s.spinning for _, s in spin_off.batch_sessions] == [True, True]
+
+
+def test_auto_skips_tensorrt_when_its_libraries_are_missing(monkeypatch):
+    """onnxruntime-gpu lists TensorRT even without libnvinfer (measured on an H100 machine with
+    CUDA but no TensorRT): "auto" must go to CUDA, not through TensorRT's load failure."""
+    from edgepipe.runtime import sessions
+
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(sessions, "_TENSORRT_LIBS", [False])
+    assert sessions.resolve_providers("auto") == (["CUDAExecutionProvider", "CPUExecutionProvider"], [])
+    assert sessions.resolve_providers("tensorrt") == (["TensorrtExecutionProvider"], [])  # asked for: tried
+    monkeypatch.setattr(sessions, "_TENSORRT_LIBS", [True])
+    assert sessions.resolve_providers("auto")[0] == listed

@@ -22,6 +22,7 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Sample among the likeliest tokens whose probability reaches p.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     stop_id: Annotated[Optional[list[int]], typer.Option(help="Token id that ends generation (repeatable). Default: the model's EOS.")] = None,
+    provider: Annotated[str, typer.Option(help="cpu, cuda … (on cuda the KV cache stays on the GPU between steps).")] = "cpu",
 ) -> None:
     """Generate with the torch-free runtime (prefill, then the KV cache fed back step by step),
     printed as it comes: token ids for --prompt-ids, text for --prompt."""
@@ -29,7 +30,7 @@ def generate(
 
     if (prompt_ids is None) == (prompt is None):
         raise InputError("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT (one of them)")
-    generator = Generator(model, providers="cpu")
+    generator = Generator(model, providers=provider)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompt is not None:
         for piece in generator.stream_text(prompt, max_new_tokens, sampling=sampling, stop_ids=stop_id):

@@ -19,6 +19,7 @@ from edgepipe.runtime.sessions import (
     resolve_providers,
     route_batch,
     session_providers,
+    tensorrt_libraries_present,
 )
 from edgepipe.runtime.spec import make_feeds, specs_from_session
 from edgepipe.runtime.validation import FeedChecker
@@ -91,9 +92,12 @@ class Engine:
         self.providers = self.session.get_providers()
         lost = [p for p in wanted if p not in self.providers and self.backend == "onnxruntime"]
         if lost and not allow_fallback and providers != "auto":
+            check = "check the CUDA/cuDNN install"
+            if "TensorrtExecutionProvider" in lost and not tensorrt_libraries_present():
+                check = "TensorRT's own libraries (libnvinfer.so.10) are not installed: install TensorRT 10 for this CUDA"
             raise InputError(
                 f"onnxruntime could not initialise {', '.join(lost)} (running on "
-                f"{', '.join(self.providers)}); check the CUDA/cuDNN install, or choose --provider cpu (in Python: "
+                f"{', '.join(self.providers)}); {check}, or choose another --provider (in Python: "
                 "allow_fallback=True)"
             )
         self.threads = threads

@@ -32,6 +32,29 @@ OPTIMIZATION_LEVELS = {
 CPU = ["CPUExecutionProvider"]
 
 
+_TENSORRT_LIBS: list[bool] = []
+
+
+def tensorrt_libraries_present() -> bool:
+    """Whether TensorRT's own runtime (libnvinfer) can be loaded. onnxruntime-gpu lists the
+    TensorRT provider whenever its bridge library ships, which it always does, but a session
+    on it fails without TensorRT installed; "auto" must not pick it then."""
+    if not _TENSORRT_LIBS:
+        import ctypes
+
+        names = ("nvinfer_10.dll", "nvinfer.dll") if os.name == "nt" else ("libnvinfer.so.10", "libnvinfer.so")
+        found = False
+        for name in names:
+            try:
+                ctypes.CDLL(name)
+                found = True
+                break
+            except OSError:
+                continue
+        _TENSORRT_LIBS.append(found)
+    return _TENSORRT_LIBS[0]
+
+
 def resolve_providers(requested: str | Sequence[str]) -> tuple[list[str], list[str]]:
     """Map `"auto"`, `"cuda"`, `["cuda", "cpu"]` … to (available, missing) ORT provider names.
 
@@ -41,7 +64,8 @@ def resolve_providers(requested: str | Sequence[str]) -> tuple[list[str], list[s
     if isinstance(requested, str):
         requested = [requested]
     if list(requested) == ["auto"]:
-        return [p for p in AUTO_ORDER if p in available], []
+        return [p for p in AUTO_ORDER if p in available
+                and (p != "TensorrtExecutionProvider" or tensorrt_libraries_present())], []
     resolved, missing = [], []
     for name in requested:
         full = PROVIDER_ALIASES.get(name.lower(), name)
