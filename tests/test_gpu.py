@@ -92,9 +92,9 @@ def test_decoder_generates_on_cuda_with_the_cache_kept_on_the_device(tiny_decode
     assert gpu.engine.providers[0] == "CUDAExecutionProvider"
     prompt = [3, 17, 42, 99, 7]
     feeds = prefill_feeds(gpu.spec, np.asarray([prompt]))
-    logits, presents = gpu._runner()(feeds)
+    logits, presents = gpu.runner()(feeds)
     assert all(p.device_name().lower() == "cuda" for p in presents)  # IO binding: no copy to the host
-    np.testing.assert_allclose(logits, cpu._runner()(feeds)[0], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(logits, cpu.runner()(feeds)[0], rtol=1e-3, atol=1e-3)
     # 16 greedy steps with the cache fed back on the device choose the CPU's tokens
     assert gpu.generate(prompt, 16, stop_ids=()) == cpu.generate(prompt, 16, stop_ids=())
     assert gpu.generate_batch([prompt, prompt[::-1]], 8, stop_ids=()) == cpu.generate_batch(

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from edgepipe.errors import InputError, first_line
+from edgepipe.errors import InputError
 
 DECODER_KEY = "edgepipe.decoder"  # ONNX metadata_props key holding the DecoderSpec as JSON
 TOKENIZER_KEY = "edgepipe.tokenizer"  # ... and the folder's tokenizer.json, when it had one
@@ -192,57 +192,11 @@ class Generator:
             raise InputError(f"prompt ({prompts.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"model's context of {spec.max_positions} positions")
 
-    def _runner(self) -> Callable[[dict], tuple[np.ndarray, list]]:
-        """feeds -> (logits, present caches). On onnxruntime the caches stay OrtValues, fed back
-        as the next step's past without a copy through numpy."""
-        spec = self.spec
-        names = ["logits", *spec.present_names()]
-        if self.engine.backend != "onnxruntime":
-            def run_numpy(feeds):
-                out = self.engine.run(feeds)
-                return out["logits"], [out[n] for n in spec.present_names()]
-            return run_numpy
-        import onnxruntime as ort
+    def runner(self) -> Callable[[dict], tuple[np.ndarray, list]]:
+        """feeds -> (logits, present caches), for this engine's backend and device."""
+        from edgepipe.runtime.cache_runners import cache_runner
 
-        session = self.engine.session
-        if self.engine.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-            return self._bound_runner(names)
-        to_value = ort.OrtValue.ortvalue_from_numpy
-
-        def run_values(feeds):
-            values = {k: v if isinstance(v, ort.OrtValue) else to_value(np.ascontiguousarray(v))
-                      for k, v in feeds.items()}
-            try:
-                out = session.run_with_ort_values(names, values)
-            except Exception as exc:
-                raise InputError(f"onnxruntime failed to run the decoder: {first_line(exc)}") from exc
-            return out[0].numpy(), list(out[1:])
-        return run_values
-
-    def _bound_runner(self, names: list[str]) -> Callable[[dict], tuple[np.ndarray, list]]:
-        """On a GPU, IO binding keeps the cache on the device: each step's presents are bound to
-        CUDA memory and fed back as the next step's past without a round trip through the host;
-        only the token ids and mask go up and the logits come down."""
-        session = self.engine.session
-        device_id = int(session.get_provider_options().get(self.engine.providers[0], {}).get("device_id", 0))
-
-        def run_bound(feeds):
-            binding = session.io_binding()
-            for name, value in feeds.items():
-                if isinstance(value, np.ndarray):
-                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
-                else:
-                    binding.bind_ortvalue_input(name, value)
-            binding.bind_output(names[0], "cpu")
-            for name in names[1:]:
-                binding.bind_output(name, "cuda", device_id)
-            try:
-                session.run_with_iobinding(binding)
-            except Exception as exc:
-                raise InputError(f"onnxruntime failed to run the decoder: {first_line(exc)}") from exc
-            out = binding.get_outputs()
-            return out[0].numpy(), list(out[1:])
-        return run_bound
+        return cache_runner(self.engine, self.spec)
 
     def steps(self, prompts, max_new_tokens: int, pick: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
         """The generation loop for a batch of equal-length prompts [batch, length]: a prefill,
@@ -252,7 +206,7 @@ class Generator:
         if prompts.ndim == 1:
             prompts = prompts[None]
         self.check_prompts(prompts, max_new_tokens)
-        spec, run = self.spec, self._runner()
+        spec, run = self.spec, self.runner()
         batch, length = prompts.shape
         past = empty_past(spec, batch, 0, self._past_dtype)
         ids = prompts
