@@ -748,6 +748,9 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     search.onnx_path = tmp_path / "big.onnx"
     search.onnx_path.write_bytes(b"0" * 64)
     search.candidates = [Candidate(Recipe("dynamic", weight_type=k)) for k in "ab"]
+    for k, cand in zip("ab", search.candidates):
+        cand.path = tmp_path / f"{k}.onnx"
+        cand.path.write_bytes(b"0" * 16)
     search.timers = {0: "sessions", 1: "sessions", "fp32": "sessions"}
     fp32_runs = iter([10.0, 12.0])  # FP32 drifts between the two groups
     groups = []
@@ -768,3 +771,10 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     fp32_runs = iter([10.0])
     search.measure([0, 1])
     assert groups == [[0, 1]]
+
+    # the weights held count once per session setting: 96 bytes fit under 100 with one
+    # setting; with two (a 16-core machine sweeps 1 and 16 threads) they are timed apart
+    monkeypatch.setattr(search_mod, "PAIRWISE_BYTES", 100)
+    assert not search.timed_apart([0, 1])
+    search.settings = [SessionSetting(1, False), setting]
+    assert search.timed_apart([0, 1]) and not search.timed_apart([0])

@@ -33,9 +33,12 @@ from edgepipe.runtime.timing import measure_interleaved
 # models), never on ResNet-50 (53 ms) or BERT-base (206 ms) here, and it doubled their timing.
 SWEEP_MAX_CALL_S = 0.05
 
-# FP32 models above this size have their candidates timed one at a time (see Search.measure).
-# Timing FP32 again for each candidate cost ResNet-50 (94 MB) 28% more search time while its
-# sessions all at once held about 2 GB, so only models past 1 GB pay that price.
+# Candidates are timed one at a time (see Search.measure) when the sessions of a joint
+# measurement would hold more weights than this: FP32's and every candidate's, once per session
+# setting. Timing FP32 again for each candidate cost ResNet-50 (94 MB) 28% more search time, so
+# only that much weight pays the price. On a 16-core Xeon, BERT-base's screening timed FP32 and
+# its candidates at two thread settings at once and peaked at 4.5 GB (1.8 GB on 2 cores, where
+# it has one setting).
 PAIRWISE_BYTES = 1 << 30
 
 # Readings all this far above the needed speedup, agreeing within CLEAR_AGREE: one trial confirms.
@@ -224,7 +227,7 @@ class Search(TimeBudget):
         PAIRWISE_BYTES has its candidates timed one at a time, each interleaved with FP32 and
         judged against that FP32 timing: every live session holds its weights and an arena as
         large as its biggest batch needed."""
-        large = onnxfile.model_bytes(self.onnx_path) > PAIRWISE_BYTES  # with its external data
+        large = self.timed_apart(indices)
         groups = [[i] for i in indices] if large and len(indices) > 1 else [indices]
         if rounds is None:
             rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
@@ -247,6 +250,15 @@ class Search(TimeBudget):
         self.fp32_settings = fastest_per_batch(fp32)
         self.fp32_p50 = {b: fp32[b][s] for b, s in self.fp32_settings.items()}
         self.fp32_p50_by_setting = {s: {b: fp32[b][s] for b in fp32} for s in self.settings}
+
+    def timed_apart(self, indices: list[int]) -> bool:
+        """Whether a joint measurement of FP32 and candidates `indices` would hold more than
+        PAIRWISE_BYTES of weights: each model's file (with its external data) once per setting."""
+        if len(indices) < 2:
+            return False
+        weights = onnxfile.model_bytes(self.onnx_path) + sum(
+            onnxfile.model_bytes(self.candidates[i].path) for i in indices)
+        return weights * len(self.settings) > PAIRWISE_BYTES
 
     def measure_group(self, indices: list[int], rounds: int | None) -> dict:
         """{"fp32" or index: {batch: {setting: p50 ms}}}, all interleaved in one measurement."""
