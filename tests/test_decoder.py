@@ -307,3 +307,74 @@ def test_gpt2_and_qwen2_folders_export_with_parity_and_quantize_every_weight(arc
     nodes = [n.op_type for n in onnx.load(str(result.artifacts["onnx"])).graph.node]
     assert nodes.count("MatMulNBits") == weights and "Gemm" not in nodes
     assert abs(result.report.candidates[0]["nll_increase"]) < 0.05
+
+
+def test_the_genai_builders_graph_takes_edgepipes_cache_names_and_generates_like_transformers(tiny_llama, tmp_path):
+    """Route 2: ONNX Runtime GenAI's model builder (fused GroupQueryAttention). Its graph gets
+    edgepipe's cache names and metadata, passes the same parity verdict, and generates what
+    transformers generates; a GPT-2 folder, which the builder does not support, is one clear error."""
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    from edgepipe.errors import ExportError
+    from edgepipe.exporters.decoder import export_decoder
+
+    root, model = tiny_llama
+    result = export_decoder(root / "folder", tmp_path / "genai.onnx", route="genai")
+    assert result.record["exporter"] == "genai" and result.record["parity"]["ok"]
+    graph = onnx.load(str(tmp_path / "genai.onnx"), load_external_data=False)
+    generator = Generator(tmp_path / "genai.onnx")
+    assert {i.name for i in graph.graph.input} == {"input_ids", "attention_mask", *generator.spec.past_names()}
+    assert "GroupQueryAttention" in {n.op_type for n in graph.graph.node}  # the builder's own graph
+    prompt = [3, 17, 42, 99, 7]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+    assert generator.generate(prompt, 12, stop_ids=())[:len(expected)] == expected and len(expected) >= 4
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                                                n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ExportError, match="GenAI's builder could not build GPT2LMHeadModel"):
+        export_decoder(tmp_path / "gpt2", tmp_path / "gpt2.onnx", route="genai")
+    assert not (tmp_path / "gpt2.onnx").exists()
+
+
+@pytest.mark.slow  # two exports and their timing
+def test_auto_route_times_both_and_refuses_a_genai_graph_that_does_not_match_torch(tiny_llama, tmp_path,
+                                                                                    monkeypatch, cli):
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+
+    from edgepipe import onnxfile
+    from edgepipe.exporters import genai_route
+    from edgepipe.exporters.decoder import export_decoder
+
+    root, _ = tiny_llama
+    result = export_decoder(root / "folder", tmp_path / "auto.onnx", route="auto")
+    attempts = {a["exporter"]: a for a in result.record["attempts"]}
+    assert set(attempts) == {"dynamo", "genai"} and all(a["ok"] and a["tpot_ms"] > 0 for a in attempts.values())
+    genai_faster = attempts["genai"]["tpot_ms"] < attempts["dynamo"]["tpot_ms"] / 1.05
+    assert result.record["exporter"] == ("genai" if genai_faster else "dynamo")
+    assert "chosen_because" in attempts[result.record["exporter"]]
+
+    # a builder graph whose logits drift from torch's (as measured on a trained model) is not kept
+    real = genai_route.build_genai
+
+    def drifting(folder, out, spec, attach):
+        seconds = real(folder, out, spec, attach)
+        model = onnx.load(str(out))
+        norm = next(t for t in model.graph.initializer if "final_norm" in t.name)
+        values = onnx.numpy_helper.to_array(norm) * 1.5
+        norm.CopyFrom(onnx.numpy_helper.from_array(values, norm.name))
+        onnxfile.save(model, out)
+        return seconds
+
+    monkeypatch.setattr(genai_route, "build_genai", drifting)
+    out = tmp_path / "drift.onnx"
+    result = cli("export", str(root / "folder"), "-o", str(out), "--route", "auto", "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["exporter"] == "dynamo" and [a["ok"] for a in record["attempts"]] == [True, False]
+    assert not record["attempts"][1]["parity"]["ok"] and "genai: does not match torch" in result.output

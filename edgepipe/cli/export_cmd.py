@@ -23,6 +23,7 @@ def export(
     rtol: Annotated[float, typer.Option(help="Parity relative tolerance.")] = 1e-3,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the export record (attempts, parity per case) here.")] = None,
+    route: Annotated[str, typer.Option(help="Causal LM folders: dynamo (torch.onnx of the model), genai (ONNX Runtime GenAI's model builder: fused attention; needs the genai extra) or auto (both; of those that match torch, the faster per output token).")] = "dynamo",
 ) -> None:
     """Export a PyTorch model to ONNX. The dynamo exporter is tried first, then TorchScript; the
     first whose model matches PyTorch in ONNX Runtime (batch 1 and 7, two lengths of every other
@@ -36,7 +37,7 @@ def export(
         from edgepipe.exporters.decoder import is_causal_lm
 
         if task == "text-generation" or is_causal_lm(read_config(Path(source))):
-            _export_decoder(source, output, atol, json_out)
+            _export_decoder(source, output, atol, json_out, route)
             return
 
     src = load_source(source, input or None, output_name or None, task=task)
@@ -60,16 +61,26 @@ def export(
     write_json_out(json_out, rec)
 
 
-def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[Path]) -> None:
+def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[Path], route: str) -> None:
     """A causal LM folder: the decoder with its KV cache, parity on prefill and 16 decode steps."""
     from edgepipe.exporters.decoder import export_decoder
 
     typer.echo("  a causal LM: exporting the decoder with its KV cache (prefill and decode in one graph)", err=True)
-    rec = export_decoder(source, output, atol=max(atol, 1e-3)).record
+    rec = export_decoder(source, output, atol=max(atol, 1e-3), route=route).record
+    if len(rec["attempts"]) > 1:
+        for attempt in rec["attempts"]:
+            if attempt["ok"]:
+                why = f"matches torch, {attempt['tpot_ms']} ms per token"
+            elif "parity" in attempt:
+                worst = max(c["max_abs_diff"] for c in attempt["parity"]["cases"])
+                why = f"does not match torch (logits off by up to {worst:.3g})"
+            else:
+                why = attempt["error"]
+            typer.echo(f"  {attempt['exporter']}: {why}")
     for case in rec["parity"]["cases"]:
         typer.echo(f"  prompt of {case['prompt']} tokens + {case.get('steps', 0)} greedy steps: max abs diff "
                    f"{case['max_abs_diff']:.2e}, same tokens: {case.get('same_tokens')}")
-    typer.echo(f"exported decoder with dynamo (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> {output}; "
+    typer.echo(f"exported decoder with {rec['exporter']} (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> {output}; "
                f"try: edgepipe generate {output} "
                + ("--prompt 'Hello'" if (Path(source) / "tokenizer.json").exists() else "--prompt-ids 1,2,3"))
     write_json_out(json_out, rec)

@@ -97,6 +97,14 @@ def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path, tokenizer: Path |
                                 output_names=["logits", *spec.present_names()], external_data=large)
     program.save(str(path), external_data=large)
     model = onnx.load(str(path))
+    attach_metadata(model, spec, tokenizer)
+    onnxfile.save(model, path)
+    onnx.checker.check_model(str(path))
+
+
+def attach_metadata(model: onnx.ModelProto, spec: DecoderSpec, tokenizer: Path | None) -> None:
+    """What edgepipe's runtime reads from a decoder file: its DecoderSpec, its input specs and,
+    when the folder had one, its tokenizer."""
     # Generated inputs (profile, compare) must be a consistent step: a 16-token prefill with an
     # empty cache, so total = past + seq holds (--dim seq=N needs --dim total=N with it).
     inputs = [InputSpec("input_ids", "int64", ("batch", "seq"), 0, spec.vocab_size, {"seq": 16}),
@@ -110,8 +118,6 @@ def _export(wrapper: FlatCache, spec: DecoderSpec, path: Path, tokenizer: Path |
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    onnxfile.save(model, path)
-    onnx.checker.check_model(str(path))
 
 
 def decoder_parity(model, path: Path, spec: DecoderSpec, prompt_lengths=(5, 11), steps: int = 16,
@@ -150,26 +156,81 @@ def decoder_parity(model, path: Path, spec: DecoderSpec, prompt_lengths=(5, 11),
 
 
 def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e-3, rtol: float = 1e-3,
-                   steps: int = 16) -> StageResult:
-    """Stage: causal LM folder -> ONNX decoder with KV cache, proven by decoder_parity."""
+                   steps: int = 16, route: str = "dynamo") -> StageResult:
+    """Stage: causal LM folder -> ONNX decoder with KV cache, proven by decoder_parity.
+    `route`: "dynamo" (torch.onnx of the model itself), "genai" (ONNX Runtime GenAI's model
+    builder, fused operators) or "auto" (both; of those that pass parity, the faster per output
+    token, dynamo unless genai is more than 5% faster). Every route tried is recorded, with why
+    it was not kept."""
+    from edgepipe.exporters.genai_route import ROUTES, build_genai, genai_installed
+
+    if route not in ROUTES:
+        raise InputError(f"unknown decoder route '{route}'; choose one of {', '.join(ROUTES)}")
     model = load_causal_lm(folder)
     spec = decoder_spec(model)
+    tokenizer = Path(folder) / "tokenizer.json"
     out_path = Path(out_path)
-    started = time.perf_counter()
+    routes = ["dynamo", "genai"] if route == "auto" else [route]
+    attempts: list[dict] = []
     with onnxfile.staged_model(out_path) as tmp:
-        try:
-            _export(FlatCache(model, spec).eval(), spec, tmp, Path(folder) / "tokenizer.json")
-        except Exception as exc:
-            raise ExportError(f"dynamo could not export {spec.architecture} with its KV cache: {error_line(exc)}") from exc
-        seconds = round(time.perf_counter() - started, 2)
-        parity = decoder_parity(model, tmp, spec, steps=steps, atol=atol, rtol=rtol)
-        if not parity["ok"]:
-            raise ParityError(f"the ONNX decoder does not match torch: {parity['cases']}")
+        for name in routes:
+            path = tmp.parent / f"{name}.onnx"
+            attempt: dict = {"exporter": name, "ok": False}
+            attempts.append(attempt)
+            if name == "genai" and route == "auto" and not genai_installed():
+                attempt["error"] = "onnxruntime-genai is not installed (pip install 'edgepipe[genai]')"
+                continue
+            started = time.perf_counter()
+            try:
+                if name == "dynamo":
+                    _export(FlatCache(model, spec).eval(), spec, path, tokenizer)
+                else:
+                    build_genai(Path(folder), path, spec, lambda m: attach_metadata(m, spec, tokenizer))
+            except Exception as exc:
+                attempt["error"] = (f"{name} could not export {spec.architecture} with its KV cache: "
+                                    f"{first_line(exc) if isinstance(exc, ExportError) else error_line(exc)}")
+                continue
+            attempt["seconds"] = round(time.perf_counter() - started, 2)
+            attempt["parity"] = decoder_parity(model, path, spec, steps=steps, atol=atol, rtol=rtol)
+            attempt["ok"] = attempt["parity"]["ok"]
+            if attempt["ok"] and len(routes) > 1:
+                attempt["tpot_ms"] = _time_per_token(path, spec)
+        kept = _choose(attempts)
+        if kept is None:
+            failed = [a for a in attempts if "parity" in a]
+            detail = "; ".join(f"{a['exporter']}: {a['parity']['cases']}" if "parity" in a else a["error"]
+                               for a in attempts)
+            if failed:
+                raise ParityError(f"the ONNX decoder does not match torch: {detail}")
+            raise ExportError(detail)
+        onnxfile.commit(tmp.parent / f"{kept['exporter']}.onnx", tmp)
         graph = onnx.load(str(tmp), load_external_data=False)
         record = ExportReport(
-            exporter="dynamo", attempts=[{"exporter": "dynamo", "ok": True, "seconds": seconds}], parity=parity,
+            exporter=kept["exporter"], attempts=attempts, parity=kept["parity"],
             opset=max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
             ir_version=graph.ir_version, size_bytes=onnxfile.model_bytes(tmp),
             inputs=[{"name": i.name} for i in graph.graph.input], outputs=[o.name for o in graph.graph.output],
             source=str(folder))
     return StageResult("export", {"onnx": out_path}, record)
+
+
+def _time_per_token(path: Path, spec: DecoderSpec) -> float:
+    from edgepipe.quantize.decoder_measure import time_per_token
+
+    with Engine(path, providers="cpu") as engine:
+        return round(time_per_token(engine, spec, 1, min(128, spec.max_positions - 1), seconds=1.0), 3)
+
+
+def _choose(attempts: list[dict]) -> dict | None:
+    """The route kept: the only one that passed, or of two the faster per token, dynamo unless
+    genai is more than 5% faster (within the noise of a short timing, the graph traced from the
+    model itself is the one to trust)."""
+    passed = {a["exporter"]: a for a in attempts if a["ok"]}
+    if len(passed) < 2:
+        return next(iter(passed.values()), None)
+    dynamo, genai = passed["dynamo"], passed["genai"]
+    faster = genai["tpot_ms"] < dynamo["tpot_ms"] / 1.05
+    (genai if faster else dynamo)["chosen_because"] = (
+        f"{genai['tpot_ms'] if faster else dynamo['tpot_ms']} ms per token against "
+        f"{dynamo['tpot_ms'] if faster else genai['tpot_ms']} ms" + ("" if faster else " (genai not >5% faster)"))
+    return genai if faster else dynamo
