@@ -341,6 +341,13 @@ def test_the_genai_builders_graph_takes_edgepipes_cache_names_and_generates_like
     assert not (tmp_path / "gpt2.onnx").exists()
 
 
+def test_route_is_refused_for_what_is_not_a_causal_lm(tmp_path, cli):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    result = cli("export", str(tmp_path / "bert"), "-o", str(tmp_path / "b.onnx"), "--route", "genai")
+    assert result.exit_code == 2 and "--route genai applies to causal LM folders" in result.output
+
+
 @pytest.mark.slow  # two exports and their timing
 def test_auto_route_times_both_and_refuses_a_genai_graph_that_does_not_match_torch(tiny_llama, tmp_path,
                                                                                     monkeypatch, cli):

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgepipe.cli._common import check_outputs, handle_errors, load_npz, write_json_out
+from edgepipe.errors import InputError
 
 
 @handle_errors
@@ -40,6 +41,9 @@ def export(
             _export_decoder(source, output, atol, json_out, route)
             return
 
+    if route != "dynamo":
+        raise InputError(f"--route {route} applies to causal LM folders (a *ForCausalLM config.json); "
+                         f"{source} is exported with --exporter (dynamo, torchscript)")
     src = load_source(source, input or None, output_name or None, task=task)
     held_out = None
     if data is not None:
