@@ -385,3 +385,46 @@ def test_auto_route_times_both_and_refuses_a_genai_graph_that_does_not_match_tor
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["exporter"] == "dynamo" and [a["ok"] for a in record["attempts"]] == [True, False]
     assert not record["attempts"][1]["parity"]["ok"] and "genai: does not match torch" in result.output
+
+
+def test_a_large_builder_graph_is_placed_without_reading_its_weights(tmp_path, monkeypatch):
+    """Above INLINE_BYTES the builder's data file becomes the model's sidecar by a move (the
+    graph is edited alone); below it the model is one self-contained file."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.exporters import genai_route
+    from edgepipe.runtime.modelfile import sidecar
+
+    weight = numpy_helper.from_array(np.arange(64 * 8, dtype=np.float32).reshape(64, 8) / 100, "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weight])
+    built = tmp_path / "built"
+    built.mkdir()
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]),
+              str(built / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    x = np.ones((1, 64), np.float32)
+    expected = ort.InferenceSession(str(built / "model.onnx")).run(None, {"x": x})[0]
+
+    def rename(model):
+        model.graph.input[0].name = "z"
+        model.graph.node[0].input[0] = "z"
+
+    monkeypatch.setattr(genai_route, "INLINE_BYTES", 0)
+    out = tmp_path / "placed.onnx"
+    genai_route.place_graph(built / "model.onnx", out, rename)
+    assert sidecar(out).is_file() and not (built / "model.onnx.data").exists()  # moved, not copied
+    np.testing.assert_array_equal(ort.InferenceSession(str(out)).run(None, {"z": x})[0], expected)
+
+    onnx.save(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]),
+              str(built / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    monkeypatch.setattr(genai_route, "INLINE_BYTES", 1 << 30)
+    small = tmp_path / "small.onnx"
+    genai_route.place_graph(built / "model.onnx", small, rename)
+    assert not sidecar(small).exists()
+    np.testing.assert_array_equal(ort.InferenceSession(str(small)).run(None, {"z": x})[0], expected)

@@ -14,6 +14,7 @@ output token of the routes that pass.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from edgepipe import onnxfile
 from edgepipe.errors import ExportError
@@ -28,6 +30,9 @@ from edgepipe.runtime.generate import DecoderSpec
 
 ROUTES = ("dynamo", "genai", "auto")
 GENAI_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# Weights below this become part of one self-contained file; above it the builder's data file
+# is kept as the model's sidecar (moved, not read).
+INLINE_BYTES = 100_000_000
 
 
 def genai_installed() -> bool:
@@ -57,11 +62,32 @@ def build_genai(folder: Path, out: Path, spec: DecoderSpec, attach, precision: s
             why = next((line for line in reversed(lines) if "Error" in line or "not" in line.lower()),
                        lines[-1] if lines else f"exit {proc.returncode}")
             raise ExportError(f"ONNX Runtime GenAI's builder could not build {spec.architecture}: {why.strip()[:300]}")
-        model = onnx.load(str(built / "model.onnx"))
-        rename_cache_inputs(model, spec)
-        attach(model)
-        onnxfile.save(model, out)
+        place_graph(built / "model.onnx", out, lambda model: (rename_cache_inputs(model, spec), attach(model)))
     return seconds
+
+
+def place_graph(src: Path, out: Path, edit) -> None:
+    """Write `src`'s graph, changed by `edit(model)`, to `out` without loading large weights: the
+    builder's external data file is moved to be `out`'s sidecar and the tensors pointed at it
+    (a 0.34B model's 1.35 GB is never read into memory); small models become one file."""
+    model = onnx.load(str(src), load_external_data=False)
+    edit(model)
+    files = {entry.value for tensor in model.graph.initializer if uses_external_data(tensor)
+             for entry in tensor.external_data if entry.key == "location"}
+    if not files:
+        onnxfile.save(model, out)
+        return
+    data = sum((src.parent / f).stat().st_size for f in files)
+    if len(files) > 1 or data < INLINE_BYTES:  # small (or unusual): one self-contained file
+        onnx.load_external_data_for_model(model, str(src.parent))
+        onnxfile.save(model, out)
+        return
+    shutil.move(str(src.parent / files.pop()), str(onnxfile.sidecar(out)))
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = onnxfile.sidecar(out).name
+    onnx.save(model, str(out))
 
 
 def rename_cache_inputs(model: onnx.ModelProto, spec: DecoderSpec) -> None:

@@ -28,17 +28,12 @@ from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.timing import measure_interleaved
 
-# A model whose FP32 call at the smallest batch size takes longer than this is timed with all
-# cores only: the 1-thread setting wins on overhead-bound calls (the zoo's sub-millisecond
-# models), never on ResNet-50 (53 ms) or BERT-base (206 ms) here, and it doubled their timing.
+# An FP32 call at the smallest batch longer than this: all cores only (1 thread wins on the zoo's
+# sub-millisecond calls, never on ResNet-50's 53 ms or BERT-base's 206 ms; it doubled their timing).
 SWEEP_MAX_CALL_S = 0.05
 
-# Candidates are timed one at a time (see Search.measure) when the sessions of a joint
-# measurement would hold more weights than this: FP32's and every candidate's, once per session
-# setting. Timing FP32 again for each candidate cost ResNet-50 (94 MB) 28% more search time, so
-# only that much weight pays the price. On a 16-core Xeon, BERT-base's screening timed FP32 and
-# its candidates at two thread settings at once and peaked at 4.5 GB (1.8 GB on 2 cores, where
-# it has one setting).
+# Candidates are timed one at a time when a joint measurement would hold more weights than this
+# (once per setting): that cost ResNet-50 28% more time; all at once, BERT-base peaked at 4.5 GB.
 PAIRWISE_BYTES = 1 << 30
 
 # Readings all this far above the needed speedup, agreeing within CLEAR_AGREE: one trial confirms.
@@ -214,8 +209,7 @@ class Search(TimeBudget):
         return kept
 
     def release(self, *keys) -> None:
-        """Drop the timing sessions of these candidates: each holds a memory arena as large as
-        its biggest batch needed, and a search keeps only what it will time again."""
+        """Drop these candidates' timing sessions (weights and an arena for the biggest batch)."""
         for key in keys:
             self.timers.pop(key, None)
         return_freed_memory()
@@ -223,12 +217,10 @@ class Search(TimeBudget):
     def measure(self, indices: list[int], rounds: int | None = None) -> None:
         """Time candidates `indices` interleaved with FP32 at every configured batch size and
         session setting; each model is then judged at its own fastest setting per batch size, so
-        neither side is handicapped by a setting that suits only the other. A model over
-        PAIRWISE_BYTES has its candidates timed one at a time, each interleaved with FP32 and
-        judged against that FP32 timing: every live session holds its weights and an arena as
-        large as its biggest batch needed."""
+        neither side is handicapped by a setting that suits only the other. Past PAIRWISE_BYTES
+        (timed_apart) each candidate is timed with FP32 alone and judged against that timing."""
         large = self.timed_apart(indices)
-        groups = [[i] for i in indices] if large and len(indices) > 1 else [indices]
+        groups = [[i] for i in indices] if large else [indices]
         if rounds is None:
             rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
                                         len(self.settings), share=0.5)
@@ -252,13 +244,9 @@ class Search(TimeBudget):
         self.fp32_p50_by_setting = {s: {b: fp32[b][s] for b in fp32} for s in self.settings}
 
     def timed_apart(self, indices: list[int]) -> bool:
-        """Whether a joint measurement of FP32 and candidates `indices` would hold more than
-        PAIRWISE_BYTES of weights: each model's file (with its external data) once per setting."""
-        if len(indices) < 2:
-            return False
-        weights = onnxfile.model_bytes(self.onnx_path) + sum(
-            onnxfile.model_bytes(self.candidates[i].path) for i in indices)
-        return weights * len(self.settings) > PAIRWISE_BYTES
+        """Whether FP32 and `indices` together would hold over PAIRWISE_BYTES of weights."""
+        paths = [self.onnx_path, *(self.candidates[i].path for i in indices)]
+        return len(indices) > 1 and sum(map(onnxfile.model_bytes, paths)) * len(self.settings) > PAIRWISE_BYTES
 
     def measure_group(self, indices: list[int], rounds: int | None) -> dict:
         """{"fp32" or index: {batch: {setting: p50 ms}}}, all interleaved in one measurement."""
