@@ -1,13 +1,15 @@
 """Decoder language models through edgepipe: export, quantize (INT4 / INT8 candidates), and time
 per output token against this machine's memory-bandwidth limit.
 
-    python benchmarks/decoder_bench.py [--model llama-0.5b|gpt2-small|tiny-trained]
+    python benchmarks/decoder_bench.py [--model llama-0.5b|gpt2-small|tiny-trained|llama-tiny]
+                                       [--route dynamo|genai|auto]
                                        [--genai-python VENV/bin/python] [--optimum-python VENV/bin/python]
 
 The model is built offline from a transformers config with random weights (nothing is
 downloaded; `tiny-trained` is trained for a few minutes on the bundled text so its perplexity
 means something) and saved with save_pretrained. Then, each in its own process so wall time and
-peak RSS are its own: `edgepipe export FOLDER` and `edgepipe quantize` (every decoder recipe).
+peak RSS are its own: `edgepipe export FOLDER --route R` and `edgepipe quantize` (every decoder
+recipe). `--route auto` records both routes' parity and time per token in the export step.
 
 Decode is memory-bound: each token reads every weight once, so the floor on time per token is
 (bytes of weights read per token) / (memory bandwidth). The bandwidth is measured here with a
@@ -102,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-0.5b", choices=[*MODELS, "tiny-trained"])
     parser.add_argument("--work", default=None, help="Work folder (kept; default: a temp folder).")
+    parser.add_argument("--route", default="dynamo", choices=["dynamo", "genai", "auto"],
+                        help="edgepipe export's route to the decoder graph (genai/auto need the genai extra)")
     parser.add_argument("--genai-python", default=None)
     parser.add_argument("--optimum-python", default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_bench.json"))
@@ -116,7 +120,11 @@ def main() -> None:
         record["params"] = save_model(args.model, folder)
     print(f"[{args.model}] folder: {folder}", flush=True)
     if not fp32.exists():
-        record["export"] = run_step(["export", str(folder), "-o", str(fp32)])
+        record["export"] = run_step(["export", str(folder), "-o", str(fp32), "--route", args.route,
+                                     "--json", str(work / "export.json")])
+        if (work / "export.json").exists():
+            record["export"]["attempts"] = [{k: v for k, v in a.items() if k != "parity"}
+                                            for a in json.loads((work / "export.json").read_text())["attempts"]]
         print(f"export: {record['export']}", flush=True)
     # Random weights give near-uniform logits (FP32's NLL is about log(vocab)), so greedy agreement
     # there measures noise, not fidelity: for them the agreement gate is off and agreement is

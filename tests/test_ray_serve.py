@@ -52,6 +52,7 @@ def test_cli_refuses_bad_backend_options(zoo, cli):
 @pytest.mark.slow
 def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
     """`edgepipe serve --backend ray` as a user runs it: its own local cluster, answers, Ctrl-C."""
+    import os
     import signal
     import subprocess
     import sys
@@ -60,8 +61,11 @@ def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
 
     port = _free_port()
     cli = Path(sys.executable).parent / "edgepipe"
+    # its own session, so a server that fails to stop is killed with the cluster it started
+    # (left running, one holds ports and processes that slow every later Ray start and stop)
     process = subprocess.Popen([str(cli), "serve", str(zoo["mlp"].onnx), "--backend", "ray", "--autoscale", "1:2",
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     x = zoo["mlp"].dataset.x_test[:3]
     try:
         deadline, response = time.time() + 120, None
@@ -78,7 +82,11 @@ def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
                                    Engine(zoo["mlp"].onnx).run(x)["logits"], rtol=1e-5, atol=1e-5)
     finally:
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=60)[0]
+        try:
+            output = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
     assert "Ray Serve (autoscaling 1:2" in output
 
 
