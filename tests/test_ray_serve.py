@@ -52,6 +52,7 @@ def test_cli_refuses_bad_backend_options(zoo, cli):
 @pytest.mark.slow
 def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
     """`edgepipe serve --backend ray` as a user runs it: its own local cluster, answers, Ctrl-C."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -61,11 +62,21 @@ def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
 
     port = _free_port()
     cli = Path(sys.executable).parent / "edgepipe"
+    log = tmp_path / "serve.log"
+
+    def as_from_a_terminal():
+        # a job started with `&` by a non-interactive shell (as CI may run this suite) inherits
+        # SIGINT ignored; a user's terminal delivers Ctrl-C, so the server gets the default
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     # its own session, so a server that fails to stop is killed with the cluster it started
-    # (left running, one holds ports and processes that slow every later Ray start and stop)
-    process = subprocess.Popen([str(cli), "serve", str(zoo["mlp"].onnx), "--backend", "ray", "--autoscale", "1:2",
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    # (left running, one holds ports and processes that slow every later Ray start and stop);
+    # output goes to a file so that the wait is for the server, not for every process that
+    # inherited its stdout
+    with open(log, "w") as sink:
+        process = subprocess.Popen([str(cli), "serve", str(zoo["mlp"].onnx), "--backend", "ray", "--autoscale", "1:2",
+                                    "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True, preexec_fn=as_from_a_terminal)
     x = zoo["mlp"].dataset.x_test[:3]
     try:
         deadline, response = time.time() + 120, None
@@ -77,17 +88,19 @@ def test_cli_serves_on_ray_until_interrupted(zoo, tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        assert response is not None and response.status_code == 200, process.poll()
+        assert response is not None and response.status_code == 200, (process.poll(), log.read_text()[-2000:])
         np.testing.assert_allclose(np.asarray(response.json()["outputs"]["logits"], np.float32),
                                    Engine(zoo["mlp"].onnx).run(x)["logits"], rtol=1e-5, atol=1e-5)
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            output = process.communicate(timeout=60)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    assert "Ray Serve (autoscaling 1:2" in output
+            code = process.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # whatever it left behind
+    output = log.read_text()
+    assert code == 130, output[-2000:]
+    assert "Ray Serve (autoscaling 1:2" in output and "interrupted" in output
 
 
 @pytest.fixture(scope="module")
