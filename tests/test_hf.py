@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
 
 from edgepipe.errors import InputError
@@ -99,6 +100,27 @@ def test_a_text_classifier_folder_exports_and_matches_torch_at_a_new_length(tmp_
         expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     got = engine.run({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})["logits"]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+    # Calibration outputs every intermediate tensor, so its rows per call come from their size.
+    # ONNX's shape inference stops at the exported graph's first data-dependent shape; the
+    # symbolic inference sizes them (BERT-base: 205 MB per row of 128 tokens, 1 row per call,
+    # where the size rule's 8 rows made a 3.3 GB calibration peak). Truth: every float tensor
+    # the graph computes for one row, from the reference evaluator.
+    from onnx.reference import ReferenceEvaluator
+
+    from edgepipe.onnxgraph import activation_bytes, skeleton, symbolic_activation_bytes
+    from edgepipe.quantize.calibration import ACTIVATION_BYTES, calibration_rows
+
+    row = {"input_ids": ids[:1], "attention_mask": mask[:1], "token_type_ids": np.zeros_like(ids[:1])}
+    assert activation_bytes(skeleton(out), row) is None
+    estimate = symbolic_activation_bytes(out, row)
+    model = onnx.load(out)
+    computed = [o for n in model.graph.node for o in n.output if o]
+    values = ReferenceEvaluator(model).run(None, row, intermediate=True)
+    truth = sum(np.asarray(values[name]).size * 4 for name in computed if name in values)
+    assert estimate is not None and abs(estimate - truth) <= 0.1 * truth, (estimate, truth)
+    data = {k: np.repeat(v, 64, axis=0) for k, v in row.items()}
+    assert calibration_rows(out, data) == min(32, ACTIVATION_BYTES // estimate)
 
 
 @pytest.mark.slow

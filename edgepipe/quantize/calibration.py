@@ -26,14 +26,17 @@ def calibration_rows(model_path, data: Mapping[str, np.ndarray], cap: int = 32) 
     """Rows per calibration call for `model_path`: as many as keep its intermediate tensors
     within ACTIVATION_BYTES (by shape inference on its graph, without its weights), within the
     input cap of rows_per_batch too."""
-    from edgepipe.onnxgraph import activation_bytes, skeleton
+    from edgepipe.onnxgraph import activation_bytes, skeleton, symbolic_activation_bytes
     from edgepipe.runtime.modelfile import model_bytes
 
     cap = rows_per_batch(data, cap)
+    row = {k: v[:1] for k, v in data.items()}
     try:
-        per_row = activation_bytes(skeleton(model_path), {k: v[:1] for k, v in data.items()})
-    except Exception:  # shape inference gives up on some graphs: judged by size below
+        per_row = activation_bytes(skeleton(model_path), row)
+    except Exception:  # shape inference gives up on some graphs: symbolic, then judged by size
         per_row = None
+    if per_row is None:
+        per_row = symbolic_activation_bytes(model_path, row)
     if per_row:
         return max(1, min(cap, ACTIVATION_BYTES // per_row))
     return min(cap, UNKNOWN_LARGE_ROWS) if model_bytes(model_path) > LARGE_MODEL_BYTES else cap
