@@ -200,11 +200,11 @@ def symbolic_tensor_shapes(path: str | os.PathLike, feeds) -> dict[str, list[int
     """tensor_shapes by onnxruntime's symbolic shape inference, which follows the Shape ->
     Gather -> Reshape arithmetic of exported transformers where ONNX's own stops at the first
     data-dependent shape (a dynamo-exported BERT-base: 35 of 397 tensors). It needs the small
-    constants, so it reads a skeleton keeping tensors up to 64 KB (biases, norms). {} when it
-    fails."""
+    constants, so it reads a skeleton keeping tensors up to 1 MB (biases, norms, ViT's position
+    embeddings). {} when it fails."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = skeleton(path, keep_bytes=1 << 16)
+    model = skeleton(path, keep_bytes=1 << 20)
     _fix_inputs(model, feeds)
     try:
         return _known(SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True))
