@@ -218,12 +218,17 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         with search.phase("prepare"):
             pre_attempts, optimizer_record = prepare(search, graph_ops)
         with search.phase("build"):
+            seconds: dict[str, list[float]] = {}  # per method: what each build and evaluation took
             for recipe in recipes:
-                if search.usable and search.out_of_time(0.4):
+                if search.usable and not search.build_fits(recipe, seconds, 0.4):
+                    estimate = search.build_estimate(recipe, seconds)
                     skipped.append({"recipe": recipe.name, "why": f"time budget ({config.time_budget_s} s): building "
-                                    "stops at 40% of it so the timing of what was built fits"})
+                                    f"stops at 40% of it (this one: about {estimate:.0f} s) so the timing of what "
+                                    "was built fits"})
                     continue
+                began = time.perf_counter()
                 search.build(recipe)
+                seconds.setdefault(recipe.method, []).append(time.perf_counter() - began)
         if not search.usable:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
