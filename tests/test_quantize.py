@@ -183,8 +183,9 @@ def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo
     assert len(budget_skips) >= 4  # every other recipe for an MLP on a CPU without VNNI
     assert {"build", "screen", "measure", "confirm"} <= set(record["phases"])
     assert all(v >= 0 for v in record["phases"].values())
-    # the likeliest winner is built first (no Conv: dynamic, full range before reduce_range) ...
-    assert record["candidates"][0]["recipe"] == "dynamic/WS8/per-tensor"
+    # the likeliest winner is built first (no Conv: dynamic, full range before reduce_range,
+    # per-channel before per-tensor) ...
+    assert record["candidates"][0]["recipe"] == "dynamic/WS8/per-channel"
     # ... and timing shrinks to its floor of 3 rounds instead of the configured 12
     assert record["rounds"]["measure"] == 3 and record["rounds"].get("confirm", 3) == 3
 
@@ -193,12 +194,12 @@ def test_build_order_puts_the_likeliest_winners_first():
     conv, _ = candidate_recipes({"Conv", "Relu"}, AVX2_ONLY)
     assert conv[0].name == "static-QDQ/AU8WS8/minmax/per-channel"
     matmul, _ = candidate_recipes({"MatMul", "Add"}, AVX2_ONLY, largest_matmul_weight=1 << 20)
-    assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-tensor", "dynamic/WS8/per-channel"]
+    assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-channel", "dynamic/WS8/per-tensor"]
     assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
     assert QuantizeConfig().time_budget_s == 120 and QuantizeConfig(time_budget_s=0).time_budget_s is None
     # a transformer with a Conv patch embedding (ViT) is not a convolutional graph
     vit, _ = candidate_recipes({"Conv", "MatMul"}, AVX2_ONLY, conv_heavy=False)
-    assert vit[0].name == "dynamic/WS8/per-tensor"
+    assert vit[0].name == "dynamic/WS8/per-channel"
 
 
 def _tiny_mlp(tmp_path):
