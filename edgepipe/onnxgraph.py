@@ -196,22 +196,6 @@ def tensor_shapes(model: onnx.ModelProto, feeds) -> dict[str, list[int]]:
     return _known(onnx.shape_inference.infer_shapes(model))
 
 
-def symbolic_tensor_shapes(path: str | os.PathLike, feeds) -> dict[str, list[int]]:
-    """tensor_shapes by onnxruntime's symbolic shape inference, which follows the Shape ->
-    Gather -> Reshape arithmetic of exported transformers where ONNX's own stops at the first
-    data-dependent shape (a dynamo-exported BERT-base: 35 of 397 tensors). It needs the small
-    constants, so it reads a skeleton keeping tensors up to 1 MB (biases, norms, ViT's position
-    embeddings). {} when it fails."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    model = skeleton(path, keep_bytes=1 << 20)
-    _fix_inputs(model, feeds)
-    try:
-        return _known(SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True))
-    except Exception:  # noqa: BLE001 - a best effort: callers fall back to a size rule
-        return {}
-
-
 def activation_bytes(model: onnx.ModelProto, feeds) -> int | None:
     """Bytes of every float tensor the graph computes for `feeds` (their shapes, not their
     values), by ONNX shape inference on `model` (a skeleton will do): what a calibration
@@ -225,11 +209,21 @@ def activation_bytes(model: onnx.ModelProto, feeds) -> int | None:
 
 
 def symbolic_activation_bytes(path: str | os.PathLike, feeds) -> int | None:
-    """activation_bytes by symbolic_tensor_shapes; the few tensors it leaves unknown (5% at
-    most) are counted at the mean size of the rest. None when more stay unknown."""
-    model = skeleton(path)
+    """activation_bytes by onnxruntime's symbolic shape inference, which follows the Shape ->
+    Gather -> Reshape arithmetic of exported transformers where ONNX's own stops at the first
+    data-dependent shape (a dynamo-exported BERT-base: 35 of 397 tensors). It needs the small
+    constants, so it reads a skeleton keeping tensors up to 1 MB (biases, norms, ViT's position
+    embeddings). The few tensors it leaves unknown (5% at most) are counted at the mean size of
+    the rest; None when more stay unknown or it fails."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = skeleton(path, keep_bytes=1 << 20)
     computed = [o for n in model.graph.node for o in n.output if o]
-    shapes = symbolic_tensor_shapes(path, feeds)
+    _fix_inputs(model, feeds)
+    try:
+        shapes = _known(SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True))
+    except Exception:  # noqa: BLE001 - a best effort: callers fall back to a size rule
+        return None
     known = [4 * int(np.prod(shapes[name])) for name in computed if name in shapes]
     if not computed or len(known) < 0.95 * len(computed):
         return None

@@ -31,10 +31,11 @@ class TimeBudget:
             if peak.scope == "work" and peak.mb is not None:
                 self.phase_peaks[name] = max(self.phase_peaks.get(name, 0.0), peak.mb)
 
-    def out_of_time(self, fraction: float = 1.0) -> bool:
-        """Whether `fraction` of the configured time budget is spent (never, without one)."""
+    def out_of_time(self, fraction: float = 1.0, ahead: float = 0.0) -> bool:
+        """Whether `fraction` of the configured time budget is spent, or would be after `ahead`
+        more seconds (never, without one)."""
         budget = self.config.time_budget_s
-        return budget is not None and time.perf_counter() - self.started >= fraction * budget
+        return budget is not None and time.perf_counter() - self.started + ahead >= fraction * budget
 
     def build_estimate(self, recipe, seconds: dict[str, list[float]]) -> float:
         """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
@@ -51,9 +52,7 @@ class TimeBudget:
 
     def build_fits(self, recipe, seconds: dict[str, list[float]], fraction: float) -> bool:
         """Whether `recipe`'s build would end within `fraction` of the budget (always, without one)."""
-        left = self.left()
-        budget = self.config.time_budget_s
-        return left is None or budget - left + self.build_estimate(recipe, seconds) <= fraction * budget
+        return not self.out_of_time(fraction, ahead=self.build_estimate(recipe, seconds))
 
     def left(self) -> float | None:
         """Seconds of the time budget left (None without one)."""

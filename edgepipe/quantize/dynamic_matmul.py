@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe import onnxfile
+from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.recipes import COMPUTE_OPS
 
 # S8 weight ranges of onnxruntime.quantization (symmetric: -127..127; reduce_range: 7 bits)
@@ -43,7 +44,12 @@ def weight_params(weight: np.ndarray, per_channel: bool, reduce_range: bool
     tiny = scale < np.finfo(np.float32).tiny  # an all-zero column: scale 1
     scale = np.where(tiny, 1.0, scale).astype(np.float32)
     quantized = np.clip((weight / scale).round(), -128, 127).astype(np.int8)
-    return quantized, np.asarray(scale), np.zeros(scale.shape, np.int8)
+    return quantized, scale, np.zeros(scale.shape, np.int8)
+
+
+def _transposed(node: onnx.NodeProto) -> bool:
+    """Whether a Gemm reads its weight transposed ([N, K])."""
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
 
 
 def _as_matmul(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
@@ -83,8 +89,7 @@ def _bias_adds(graph: onnx.GraphProto, targets: list[onnx.NodeProto], inits: dic
     outputs = {o.name for o in graph.output}
     folded = {}
     for node in targets:
-        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        columns = inits[node.input[1]].dims[0 if transposed else 1]
+        columns = inits[node.input[1]].dims[0 if _transposed(node) else 1]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             c = inits.get(node.input[2])
             if c is not None and list(c.dims) == [columns] and c.data_type == TensorProto.FLOAT:
@@ -103,8 +108,6 @@ def _bias_adds(graph: onnx.GraphProto, targets: list[onnx.NodeProto], inits: dic
 
 def applies(model_path: Path, recipe) -> bool:
     """Whether `recipe` on the model at `model_path` can be written by this module."""
-    from edgepipe.onnxgraph import skeleton
-
     if recipe.method != "dynamic" or recipe.weight_type != "S8" or recipe.op_types_to_exclude:
         return False
     return _targets(skeleton(model_path).graph, set(recipe.nodes_to_exclude)) is not None
@@ -126,7 +129,7 @@ def quantize_matmuls(model_path: Path, out: Path, per_channel: bool, reduce_rang
         consumers[node.input[0]] += 1
     folded = _bias_adds(graph, targets, inits)
     skipped = {id(add) for add, _ in folded.values() if add is not None}
-    weights: dict[tuple[str, bool], tuple[str, str, str]] = {}  # (name, transposed) -> q, scale, zp
+    weights: dict[tuple[str, bool], tuple[str, str, str]] = {}  # (name, read by a Gemm) -> q, scale, zp
     new_inits: list[onnx.TensorProto] = []
     activations: dict[str, tuple[str, str, str]] = {}  # input -> its shared DynamicQuantizeLinear
     nodes: list[onnx.NodeProto] = []
@@ -136,11 +139,10 @@ def quantize_matmuls(model_path: Path, out: Path, per_channel: bool, reduce_rang
         if id(node) not in chosen:
             nodes.append(node)
             continue
-        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         key = (node.input[1], node.op_type == "Gemm")
         if key not in weights:
             weight = numpy_helper.to_array(inits[node.input[1]])
-            q, scale, zp = weight_params(weight.T if transposed else weight, per_channel, reduce_range)
+            q, scale, zp = weight_params(weight.T if _transposed(node) else weight, per_channel, reduce_range)
             base = node.input[1] + ("_as_matmul" if node.op_type == "Gemm" else "")  # rewrites' name
             names = (f"{base}_quantized", f"{base}_scale", f"{base}_zero_point")
             new_inits += [numpy_helper.from_array(np.ascontiguousarray(q), names[0]),
