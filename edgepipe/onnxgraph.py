@@ -11,8 +11,11 @@ touched, so they cost no memory. A skeleton is for reading: never save or run it
 
 from __future__ import annotations
 
+import importlib
 import mmap
 import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,8 @@ from onnx import numpy_helper
 
 from edgepipe.runtime.modelfile import _varint
 
-__all__ = ["activation_bytes", "initializer", "skeleton", "tensor_shapes", "without_value_info"]
+__all__ = ["activation_bytes", "initializer", "ort_tools_without_torch", "skeleton", "tensor_shapes",
+           "without_value_info"]
 
 GRAPH, INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer
 # TensorProto fields that hold data: float, int32, string, int64, raw, double, uint64
@@ -215,6 +219,7 @@ def symbolic_activation_bytes(path: str | os.PathLike, feeds) -> int | None:
     constants, so it reads a skeleton keeping tensors up to 1 MB (biases, norms, ViT's position
     embeddings). The few tensors it leaves unknown (5% at most) are counted at the mean size of
     the rest; None when more stay unknown or it fails."""
+    ort_tools_without_torch()
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = skeleton(path, keep_bytes=1 << 20)
@@ -228,3 +233,22 @@ def symbolic_activation_bytes(path: str | os.PathLike, feeds) -> int | None:
     if not computed or len(known) < 0.95 * len(computed):
         return None
     return int(sum(known) * len(computed) / len(known))
+
+
+def ort_tools_without_torch() -> None:
+    """Call before importing onnxruntime.tools (symbolic shape inference; quant_pre_process
+    imports it too). Its package __init__ imports torch whenever torch is installed, for a
+    torch.onnx helper edgepipe never calls: 1.1 s and about 200 MB of a quantize process on a
+    machine with torch. A stand-in for that helper's module keeps torch out; the helper still
+    works, imported for real on its first call."""
+    name = "onnxruntime.tools.pytorch_export_helpers"
+    if "onnxruntime.tools" in sys.modules or name in sys.modules:
+        return
+    stand_in = types.ModuleType(name)
+
+    def infer_input_info(*args, **kwargs):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name).infer_input_info(*args, **kwargs)
+
+    stand_in.infer_input_info = infer_input_info
+    sys.modules[name] = stand_in

@@ -196,10 +196,28 @@ def test_build_order_puts_the_likeliest_winners_first():
     matmul, _ = candidate_recipes({"MatMul", "Add"}, AVX2_ONLY, largest_matmul_weight=1 << 20)
     assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-channel", "dynamic/WS8/per-tensor"]
     assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
-    assert QuantizeConfig().time_budget_s == 120 and QuantizeConfig(time_budget_s=0).time_budget_s is None
+    assert QuantizeConfig().time_budget_s == 40 and QuantizeConfig(time_budget_s=0).time_budget_s is None
     # a transformer with a Conv patch embedding (ViT) is not a convolutional graph
     vit, _ = candidate_recipes({"Conv", "MatMul"}, AVX2_ONLY, conv_heavy=False)
     assert vit[0].name == "dynamic/WS8/per-channel"
+
+
+def test_generated_rows_are_bounded_by_their_bytes_as_well_as_by_time(tmp_path):
+    """A cheap model on 224x224 images got 480 generated rows (289 MB, held through the whole
+    search: a fifth of MobileNetV2's peak); rows are now capped by bytes too, 32 at least."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=0)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    path = tmp_path / "images.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    row = 3 * 224 * 224 * 4
+    rows = lambda data: len(data.inputs["x"])  # noqa: E731
+    assert rows(stage_mod.generated_eval_data(path, seconds=60, max_bytes=1 << 30)) == 512  # time allows all
+    assert rows(stage_mod.generated_eval_data(path, seconds=60)) == (64 << 20) // row // 32 * 32 == 96
+    assert rows(stage_mod.generated_eval_data(path, seconds=60, max_bytes=row)) == 32  # never fewer
 
 
 def _tiny_mlp(tmp_path):

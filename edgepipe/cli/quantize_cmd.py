@@ -30,7 +30,7 @@ def quantize(
     tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
     try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
     try_fusions: Annotated[bool, typer.Option(help="Also try onnxruntime.transformers' offline fusions on transformer graphs, kept only when the fused FP32 model is faster. Off by default: onnxruntime applies its own LayerNorm, GELU and attention fusions when it loads a model, and the offline ones were never faster in our measurements.")] = False,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default (120; decoders 900) keeps a 100M-parameter model near 2 minutes on 2 cores.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default (40; decoders 900) keeps BERT-base (110M parameters) near 45 s on 2 cores.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
     max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out text, in nats per token.")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="Decoders: min greedy-token agreement with FP32 (0..1).")] = 0.9,
@@ -56,6 +56,7 @@ def quantize(
     batch = batch or "1,32"
     from edgepipe.quantize import EvalData, QuantizeConfig
     from edgepipe.quantize import quantize as quantize_stage
+    from edgepipe.quantize.config import DEFAULT_TIME_BUDGET_S
     from edgepipe.runtime import Engine
 
     names = [s.name for s in Engine(model, providers="cpu").inputs]
@@ -69,7 +70,7 @@ def quantize(
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
                             tune_session=tune_session, try_spinning=try_spinning, try_fusions=try_fusions,
-                            time_budget_s=120.0 if time_budget is None else time_budget,
+                            time_budget_s=DEFAULT_TIME_BUDGET_S if time_budget is None else time_budget,
                             backends=tuple(b.value for b in backend or ()))
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)

@@ -61,14 +61,14 @@ class TimeBudget:
 
     def call_cost(self) -> dict[int, float]:
         """FP32 seconds per call at each batch size (one timed call after one warm-up)."""
-        if not self._call_cost:
-            for batch in self.config.batch_sizes:
+        for batch in self.config.batch_sizes:
+            if batch not in self._call_cost:
                 run = self.fp32.runner(self.timing_feeds(batch))
                 run()
                 began = time.perf_counter()
                 run()
                 self._call_cost[batch] = time.perf_counter() - began
-        return self._call_cost
+        return {b: self._call_cost[b] for b in self.config.batch_sizes}
 
     def rounds_within(self, phase: str, wanted: int, models: int, settings: int, share: float,
                       floor: int = 3) -> int:

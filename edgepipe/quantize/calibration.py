@@ -14,9 +14,10 @@ BATCH_BYTES = 4 << 20
 
 
 # Bytes of intermediate tensors per calibration call, at most: the calibration model outputs every
-# one of them. ResNet-50 computes 106 MB of them per 224x224 image, so the 4 MB input cap (5
-# images) made calibration the search's peak (1.9 GB); 256 MB allows 2.
-ACTIVATION_BYTES = 256 << 20
+# one of them, and ORT holds them twice (its arena and the numpy copies). ResNet-50 computes 106 MB
+# of them per 224x224 image, so the 4 MB input cap (5 images) made calibration the search's peak
+# (1.9 GB); 128 MB allows 1.
+ACTIVATION_BYTES = 128 << 20
 # Rows per calibration call for a model over this size whose intermediate shapes cannot be
 # inferred (BERT-base's dynamo graph: about 77 MB of them per sequence of 128).
 UNKNOWN_LARGE_ROWS, LARGE_MODEL_BYTES = 8, 100_000_000

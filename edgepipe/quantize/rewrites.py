@@ -12,7 +12,7 @@ import onnx
 
 from edgepipe import onnxfile
 from edgepipe.logs import quiet_logs
-from edgepipe.onnxgraph import skeleton, without_value_info
+from edgepipe.onnxgraph import ort_tools_without_torch, skeleton, without_value_info
 from edgepipe.quantize.recipes import REMOVABLE_ACTIVATIONS
 
 TRANSFORMER_OPS = frozenset({"LayerNormalization", "Softmax"})
@@ -47,6 +47,7 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
     model over LEAN_PREPROCESS_BYTES, lean_preprocess, then the raw model."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    ort_tools_without_torch()  # quant_pre_process imports onnxruntime.tools
     attempts = []
     model_path, work_dir = Path(model_path).resolve(), Path(work_dir).resolve()
     if onnxfile.model_bytes(model_path) > LEAN_PREPROCESS_BYTES:

@@ -37,18 +37,18 @@ SWEEP_MAX_CALL_S = 0.05
 PAIRWISE_BYTES = 1 << 30
 
 # Readings all this far above the needed speedup, agreeing within CLEAR_AGREE: one trial confirms.
-CLEAR_LEAD = 1.2
-CLEAR_AGREE = 1.15
+CLEAR_LEAD, CLEAR_AGREE = 1.2, 1.15
 
 
 class Search(TimeBudget):
     """One quantize run: the FP32 reference, the data, and every candidate tried."""
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
-                 calibration: EvalData, work: Path, say: Callable[[str], None]):
+                 calibration: EvalData, work: Path, say: Callable[[str], None], *,
+                 fp32: Engine | None = None, call_cost: dict[int, float] | None = None):
         self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
         self.work, self.say = work, say
-        self._fp32: Engine | None = None
+        self._fp32: Engine | None = fp32  # the FP32 evaluation Engine, when the caller has one open
         self.inputs = self.fp32.inputs
         self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
         self.rows = len(self.reference)
@@ -57,7 +57,7 @@ class Search(TimeBudget):
         self.resolved = resolves(self.rows, config.max_accuracy_drop)
         self.settings = (session_settings(config.threads, spinning=config.try_spinning) if config.tune_session
                          else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
-        self._call_cost: dict[int, float] = {}  # FP32 seconds per call, per batch size
+        self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
         if (len(self.settings) > 1 or config.time_budget_s) and self.call_cost()[min(config.batch_sizes)] > SWEEP_MAX_CALL_S:
             self.settings = [max(self.settings, key=lambda s: (s.threads, -s.spinning))]
         self.drop_fp32()  # timing makes sessions of its own; building needs the memory

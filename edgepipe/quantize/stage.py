@@ -28,6 +28,7 @@ from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY
 from edgepipe.runtime.hardware import CpuInfo, read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
+from edgepipe.runtime.sessions import shared_cpu_arena
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.workdirs import work_dir
 
@@ -140,18 +141,25 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 "candidates show the median of their trials, and the choice is the fastest by those"))
 
 
-def generated_eval_data(onnx_path: Path, seconds: float = 3.0) -> EvalData:
+def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 64 << 20, *,
+                        engine: Engine | None = None, call_cost: dict[int, float] | None = None) -> EvalData:
     """Seeded rows to judge agreement on: 512 for a cheap model, fewer for one whose evaluation
-    would cost more than `seconds` per candidate (32 at least: BERT-base gets 32). Fewer rows
+    would cost more than `seconds` per candidate or whose rows would hold more than `max_bytes`
+    (32 at least: BERT-base gets 32; 224x224 images 96, not 480 rows in 289 MB). Fewer rows
     resolve a budget less finely; the accuracy rule then judges by the drop's confidence bound,
-    and the record's relative L2 error and cosine against FP32 do not depend on row count."""
-    engine = Engine(onnx_path, providers="cpu")
+    and the record's relative L2 error and cosine against FP32 do not depend on row count.
+    `engine`: the FP32 one to time (made here without it); `call_cost` gets its seconds per
+    call at batch 8 (the search's own figure, not measured twice)."""
+    engine = engine or Engine(onnx_path, providers="cpu")
     feeds = make_feeds(engine.inputs, batch=8, seed=1)
     engine.run(feeds)  # warm-up
     began = time.perf_counter()
     engine.run(feeds)
     per_row = (time.perf_counter() - began) / 8
-    rows = int(min(512, max(32, seconds / max(per_row, 1e-9))) // 32 * 32)
+    if call_cost is not None:
+        call_cost[8] = per_row * 8
+    row_bytes = sum(a[:1].nbytes for a in feeds.values())
+    rows = int(min(512, max(32, min(seconds / max(per_row, 1e-9), max_bytes / row_bytes))) // 32 * 32)
     return EvalData(make_feeds(engine.inputs, batch=rows, seed=1))
 
 
@@ -206,14 +214,17 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     say = progress or (lambda message: None)
     started = time.perf_counter()
     generated = eval_data is None
+    fp32, call_cost = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False), {}
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
-        eval_data = generated_eval_data(onnx_path)
+        eval_data = generated_eval_data(onnx_path, engine=fp32, call_cost=call_cost)
     rows = min(len(v) for v in eval_data.inputs.values())
     judged_on = (f"accuracy against labels on {rows} held-out rows" if eval_data.labels is not None else
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:
-        search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say)
+        search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say, fp32=fp32,
+                        call_cost=call_cost)
+        del fp32  # the search drops it while building
         search.started = started  # the budget covers the whole stage
         with search.phase("prepare"):
             pre_attempts, optimizer_record = prepare(search, graph_ops)
@@ -233,10 +244,13 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
         timed, twins = group(search.candidates, sorted(search.usable))
-        with search.phase("screen"):
+        # the sessions timed from here to confirmation (each candidate at each thread setting)
+        # run one at a time: one arena for all (the evaluation sessions, whose batches are larger,
+        # keep their own, which go when they do)
+        with search.phase("screen"), shared_cpu_arena():
             finalists = search.screen(timed)
         say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
-        with search.phase("measure"):
+        with search.phase("measure"), shared_cpu_arena():
             search.measure(finalists)
         for i in finalists:
             search.judge(search.candidates[i])
@@ -245,7 +259,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                 inherit(search.candidates[t], search.candidates[i])
                 judge_twin(search, search.candidates[t], search.candidates[i])
         search.release("fp32", *finalists)  # confirmation and the fallback time with fresh sessions
-        with search.phase("confirm"):
+        with search.phase("confirm"), shared_cpu_arena():
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
         if chosen is None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import onnxruntime as ort
 
@@ -33,6 +34,28 @@ CPU = ["CPUExecutionProvider"]
 
 
 _TENSORRT_LIBS: list[bool] = []
+_SHARED_ARENA = {"registered": False, "depth": 0}
+
+
+@contextmanager
+def shared_cpu_arena() -> Iterator[None]:
+    """CPU sessions made inside this block share one memory arena, registered with ONNX Runtime's
+    environment once per process. Each session otherwise keeps its own arena at the peak of its
+    largest run, so a search that holds a dozen sessions (candidates x thread settings) and runs
+    them one at a time held a dozen peaks: MobileNetV2 at batch 8, 12 sessions, 890 MB resident
+    against 293 MB shared, at the same latency (measured here). Sessions made outside the block,
+    and any made with a GPU provider, keep their own."""
+    if not _SHARED_ARENA["registered"]:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # max_mem 0: no cap; extend strategy 1: by what is asked (a session arena's default, the
+        # next power of two, can hold twice a large model's need)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        _SHARED_ARENA["registered"] = True
+    _SHARED_ARENA["depth"] += 1
+    try:
+        yield
+    finally:
+        _SHARED_ARENA["depth"] -= 1
 
 
 def tensorrt_libraries_present() -> bool:
@@ -126,6 +149,8 @@ def new_session(model: str | os.PathLike | bytes, providers: Sequence = CPU, *, 
         # session, but when models are timed against each other the spinning threads of
         # one steal cores from the next (a measured 1.22x read as 0.97x on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if _SHARED_ARENA["depth"] and all((p if isinstance(p, str) else p[0]) == CPU[0] for p in providers):
+        options.add_session_config_entry("session.use_env_allocators", "1")
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
