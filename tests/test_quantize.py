@@ -771,3 +771,29 @@ def test_a_build_that_would_end_past_the_build_share_of_the_budget_is_not_starte
     assert search.build_fits(static, seconds, 0.4)
     search.config = QuantizeConfig(time_budget_s=None)
     assert search.build_fits(static, seconds, 0.4)
+
+
+def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_build():
+    """OpenVINO's run of the per-channel QDQ file copies that file: estimated as a static build
+    (6 s on ResNet-50), it was skipped under a 40 s budget and ResNet-50 shipped the 7% slower
+    onnxruntime run of the same file."""
+    search = object.__new__(search_mod.Search)
+    search.config = QuantizeConfig(time_budget_s=40)
+    search.calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
+    search._call_cost, search.rows = {1: 0.05, 8: 0.38}, 32
+    qdq = Recipe("static", "QDQ", per_channel=True)
+    on_openvino = replace(qdq, backend="openvino")
+    search.candidates = []
+    assert search.build_kind(on_openvino) == "static"  # nothing to copy yet: a build
+    search.candidates = [search_mod.Candidate(qdq, path=None)]
+    assert search.build_kind(on_openvino) == "twin" and search.build_kind(qdq) == "static"
+    seconds = {"static": [6.0]}
+    assert search.build_estimate(on_openvino, seconds) == pytest.approx(32 * 0.05)  # one FP32 call per row
+    assert search.build_estimate(on_openvino, {"twin": [2.5], **seconds}) == 2.5
+    import time
+
+    search.started = time.perf_counter() - 19  # ResNet-50's first build ended at 19 s of 40
+    assert not search.build_fits(qdq, seconds, stage_mod.BUILD_SHARE)
+    assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
+    search.candidates[0].error = "failed"
+    assert search.build_kind(on_openvino) == "static"  # a failed file is not copied

@@ -1,6 +1,6 @@
 """The time side of a quantize search: phases timed (seconds and peak memory), the budget left,
 and how many timing rounds fit in it. A mixin of Search, which provides config, fp32,
-settings, started, phases, phase_peaks, rounds_used, _call_cost and timing_feeds."""
+settings, started, phases, phase_peaks, rounds_used, rows, built, _call_cost and timing_feeds."""
 
 from __future__ import annotations
 
@@ -37,18 +37,31 @@ class TimeBudget:
         budget = self.config.time_budget_s
         return budget is not None and time.perf_counter() - self.started + ahead >= fraction * budget
 
+    def build_kind(self, recipe) -> str:
+        """What building `recipe` costs like: its method, or "twin" when another backend's
+        recipe already built its file (copied and evaluated, not built again)."""
+        if recipe.backend != "onnxruntime":
+            twin = self.built(recipe.file_twin)
+            if twin is not None and twin.error is None:
+                return "twin"
+        return recipe.method
+
     def build_estimate(self, recipe, seconds: dict[str, list[float]]) -> float:
         """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
-        far, per method): its method's last, or for a first static build the last build's plus
-        its calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each)."""
-        if seconds.get(recipe.method):
-            return seconds[recipe.method][-1]
+        far, per build_kind): its kind's last; for a first twin its evaluation (the held-out
+        rows at one FP32 call each); for a first static build the last build's plus its
+        calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each)."""
+        kind = self.build_kind(recipe)
+        if seconds.get(kind):
+            return seconds[kind][-1]
+        per_row = self._call_cost[min(self._call_cost)] / min(self._call_cost) if self._call_cost else 0.0
+        if kind == "twin":
+            return self.rows * per_row
         last = max((v[-1] for v in seconds.values() if v), default=0.0)
-        if recipe.method != "static" or not self._call_cost:
+        if kind != "static":
             return last
-        batch = min(self._call_cost)
         rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
-        return last + CALIBRATION_FACTOR * rows * self._call_cost[batch] / batch
+        return last + CALIBRATION_FACTOR * rows * per_row
 
     def build_fits(self, recipe, seconds: dict[str, list[float]], fraction: float) -> bool:
         """Whether `recipe`'s build would end within `fraction` of the budget (always, without one)."""
