@@ -1,7 +1,8 @@
 """Real-size Hugging Face models through edgepipe, beside plain onnxruntime `quantize_dynamic`.
 
     python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert]
-                                   [--batch 1,8] [--time-budget 120] [--nncf-python VENV/bin/python]
+                                   [--batch 1,8] [--time-budget 40] [--nncf-python VENV/bin/python]
+                                   [--optimum-python VENV/bin/python]
 
 Each model is built offline from its transformers config with random weights (nothing is
 downloaded) and saved with save_pretrained; then, each step in its own process so its wall time
@@ -12,7 +13,9 @@ OpenVINO installed, edgepipe's INT8 file run by OpenVINO (when quantize did not 
 interleaved at each batch size with all cores, beside OpenVINO + NNCF's INT8 model on OpenVINO
 when --nncf-python names a venv with nncf (peers never enter edgepipe's environment), and their outputs compared with FP32's (relative
 L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
-fidelity is the figure to read. Writes benchmarks/results/hf_models.json, one line per model.
+fidelity is the figure to read. --optimum-python (a venv with optimum-onnx) also runs Optimum's
+dynamic INT8 quantize in its own process, for the ratio of the two tools' wall times.
+Writes benchmarks/results/hf_models.json, one line per model.
 """
 
 from __future__ import annotations
@@ -90,8 +93,15 @@ def nncf_step(onnx_path: Path, work: Path, python: str) -> tuple[dict, Path]:
     return run_step([str(script), str(onnx_path), str(out), str(calib)], python=python), out
 
 
+def optimum_step(onnx_path: Path, work: Path, python: str) -> dict:
+    """Optimum's dynamic INT8 (AutoQuantizationConfig.avx2) in its own environment and process:
+    the wall time a user of optimum-onnx waits, to hold edgepipe's quantize against."""
+    script = Path(__file__).resolve().parent / "peers" / "optimum_quantize.py"
+    return run_step([str(script), str(onnx_path), str(work / f"{onnx_path.stem}.optimum")], python=python)
+
+
 def bench(name: str, work: Path, batches: list[int], time_budget: float | None, rounds: int,
-          nncf_python: str | None = None) -> dict:
+          nncf_python: str | None = None, optimum_python: str | None = None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = work / name
@@ -126,6 +136,10 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         stripped = strip_value_info(onnx_path, work / f"{name}.stripped.onnx")
         quantize_dynamic(str(stripped), str(plain), weight_type=QuantType.QInt8)
     row["plain_dynamic_seconds"] = round(time.perf_counter() - started, 1)
+    if optimum_python:
+        row["optimum"] = optimum_step(onnx_path, work, optimum_python)
+        if row["optimum"]["exit"] == 0:
+            row["quantize_vs_optimum"] = round(row["quantize"]["seconds"] / row["optimum"]["seconds"], 2)
     nncf = None
     if nncf_python:
         row["nncf"], nncf = nncf_step(onnx_path, work, nncf_python)
@@ -142,6 +156,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--nncf-python", default=None,
                         help="python of a venv with nncf + openvino: add OpenVINO+NNCF INT8 as a peer")
+    parser.add_argument("--optimum-python", default=None,
+                        help="python of a venv with optimum-onnx: time Optimum's dynamic INT8 quantize beside edgepipe's")
     args = parser.parse_args()
     from edgepipe.runtime.hardware import read_cpu
 
@@ -153,7 +169,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds, args.nncf_python)
+            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds, args.nncf_python,
+                        args.optimum_python)
             print(json.dumps(row), flush=True)
             rows.append(row)
     (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,
