@@ -54,7 +54,8 @@ class TimeBudget:
         kind = self.build_kind(recipe)
         if seconds.get(kind):
             return seconds[kind][-1]
-        per_row = self._call_cost[min(self._call_cost)] / min(self._call_cost) if self._call_cost else 0.0
+        batch = min(self._call_cost, default=0)  # the smallest batch's per-row cost: the highest
+        per_row = self._call_cost[batch] / batch if batch else 0.0
         if kind == "twin":
             return self.rows * per_row
         last = max((v[-1] for v in seconds.values() if v), default=0.0)
