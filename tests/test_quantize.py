@@ -220,6 +220,31 @@ def test_generated_rows_are_bounded_by_their_bytes_as_well_as_by_time(tmp_path):
     assert rows(stage_mod.generated_eval_data(path, seconds=60, max_bytes=row)) == 32  # never fewer
 
 
+def test_generated_rows_time_a_costly_model_at_batch_8_once_and_hand_both_costs_to_the_search(tmp_path):
+    """Sizing the rows times FP32 at batch 1 (after a warm-up) and 8; the search reuses both
+    costs. A costly model's batch-8 call gets no warm-up of its own (ViT-base: 1.7 s saved)."""
+    import time as clock
+
+    from edgepipe.runtime.spec import InputSpec
+    from edgepipe.runtime.timing import WARMUP_S
+
+    class Stand:  # an Engine whose calls cost `per_row` seconds per row
+        def __init__(self, per_row):
+            self.per_row, self.calls = per_row, []
+            self.inputs = [InputSpec("x", "float32", ("batch", 4))]
+
+        def runner(self, feeds):
+            rows = len(feeds["x"])
+            return lambda: (self.calls.append(rows), clock.sleep(self.per_row * rows))
+
+    for per_row, warm_ups_at_8 in ((0.001, 1), (WARMUP_S / 6, 0)):
+        engine, cost = Stand(per_row), {}
+        data = stage_mod.generated_eval_data(tmp_path / "unused.onnx", engine=engine, call_cost=cost)
+        assert engine.calls == [1, 1] + [8] * (warm_ups_at_8 + 1)
+        assert set(cost) == {1, 8} and cost[8] == pytest.approx(8 * per_row, rel=0.5, abs=0.01)
+        assert len(data.inputs["x"]) == (512 if per_row < 0.005 else 32)
+
+
 def _tiny_mlp(tmp_path):
     """A 4-8-2 MLP: its integer kernels cost more than they save at any batch size."""
     torch.manual_seed(0)
@@ -592,21 +617,46 @@ def test_the_ceiling_of_a_kernel_that_reads_the_graph_input(tmp_path, monkeypatc
 
 
 @pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one core: there is no thread sweep")
-def test_an_expensive_model_is_timed_with_all_cores_only(tmp_path, monkeypatch):
-    """The 1-thread setting wins only on overhead-bound calls; for a model past SWEEP_MAX_CALL_S
-    per call it doubled the timing (ResNet-50, BERT-base) and never won."""
+def test_one_thread_is_timed_only_at_batch_sizes_whose_calls_are_short(tmp_path, monkeypatch):
+    """The 1-thread setting wins only on overhead-bound calls; at a batch size past
+    SWEEP_MAX_CALL_S per call it doubled the timing (ResNet-50 at batch 8, BERT-base) and never
+    won, so there all cores alone are timed, and the records say which settings ran where."""
     import os
+
+    from edgepipe.quantize import budget
+    from edgepipe.quantize.rewrites import Sources
+    from edgepipe.runtime.sessions import SessionSetting
 
     onnx_path = _tiny_mlp(tmp_path)
     data = EvalData(make_feeds(Engine(onnx_path).inputs, batch=64, seed=0))
+    cores = os.cpu_count()
 
-    def settings():
+    def search(call_cost=None):
         return search_mod.Search(onnx_path, QuantizeConfig(batch_sizes=(1, 8)), data, data, tmp_path,
-                                 lambda m: None).settings
+                                 lambda m: None, call_cost=call_cost)
 
-    assert [s.threads for s in settings()] == [1, os.cpu_count()]
-    monkeypatch.setattr(search_mod, "SWEEP_MAX_CALL_S", 0.0)
-    assert [(s.threads, s.spinning) for s in settings()] == [(os.cpu_count(), False)]
+    assert {b: [s.threads for s in ss] for b, ss in search().sweep.items()} == {1: [1, cores], 8: [1, cores]}
+    mixed = search(call_cost={1: 0.001, 8: 0.3})  # ResNet-50-like: cheap at 1, costly at 8
+    assert {b: [s.threads for s in ss] for b, ss in mixed.sweep.items()} == {1: [1, cores], 8: [cores]}
+    assert [s.threads for s in mixed.settings] == [1, cores]
+    recipe = Recipe("dynamic", weight_type="S8")
+    mixed.sources = Sources(onnx_path, onnx_path, tmp_path)
+    mixed.build(recipe)
+    timed = []
+    original = search_mod.measure_interleaved
+
+    def spy(fns, batch, **kwargs):
+        timed.append((batch, sorted({(str(key), s.threads) for key, s in fns})))
+        return original(fns, batch, **kwargs)
+
+    monkeypatch.setattr(search_mod, "measure_interleaved", spy)
+    mixed.measure([0])
+    assert timed == [(1, [("0", 1), ("0", cores), ("fp32", 1), ("fp32", cores)]), (8, [("0", cores), ("fp32", cores)])]
+    cand = mixed.candidates[0]
+    assert set(cand.p50_by_setting[SessionSetting(1, False)]) == {1}  # never timed at 8
+    assert cand.settings[8] == SessionSetting(cores, False) and set(mixed.fp32_p50) == {1, 8}
+    monkeypatch.setattr(budget, "SWEEP_MAX_CALL_S", 0.0)
+    assert [(s.threads, s.spinning) for s in search().settings] == [(cores, False)]
 
 
 def test_only_matmul_and_gemm_outputs_lose_their_output_qdq(tmp_path):

@@ -732,6 +732,26 @@ def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a
     assert stats["slow"].p50_ms > 100 * stats["cheap"].p50_ms
 
 
+def test_one_first_call_of_half_a_second_or_more_is_the_whole_warm_up():
+    """A call past WARMUP_S has set its session up on its own; a second warm-up call would cost
+    ViT-base 1.7 s per model per trial at batch 8. Below it, a second (warm) call is timed for
+    the cost, and more follow up to WARMUP_S."""
+    from edgepipe.runtime.timing import WARMUP_S, measure_interleaved
+
+    counts = {"heavy": 0, "medium": 0}
+
+    def model(name, seconds):
+        def run():
+            counts[name] += 1
+            time.sleep(seconds)
+        return run
+
+    stats = measure_interleaved({"heavy": model("heavy", WARMUP_S + 0.05),
+                                 "medium": model("medium", WARMUP_S * 0.6)}, 8, rounds=3)
+    assert counts["heavy"] == 1 + 3 and stats["heavy"].iterations == 3
+    assert counts["medium"] == 2 + 3 and stats["medium"].iterations == 3
+
+
 def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp32_run(tmp_path, monkeypatch):
     """Above PAIRWISE_BYTES every candidate is timed with FP32 alone (each live session holds its
     weights and an arena), judged against that FP32 run, and released."""
@@ -744,7 +764,7 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     setting = SessionSetting(2, False)
     search = Search.__new__(Search)
     search.config, search.settings = QuantizeConfig(batch_sizes=(8,), time_budget_s=0), [setting]
-    search.rounds_used = {}
+    search.sweep, search.rounds_used = {8: [setting]}, {}
     search.onnx_path = tmp_path / "big.onnx"
     search.onnx_path.write_bytes(b"0" * 64)
     search.candidates = [Candidate(Recipe("dynamic", weight_type=k)) for k in "ab"]

@@ -1,6 +1,6 @@
 """The time side of a quantize search: phases timed (seconds and peak memory), the budget left,
 and how many timing rounds fit in it. A mixin of Search, which provides config, fp32,
-settings, started, phases, phase_peaks, rounds_used, rows, built, _call_cost and timing_feeds."""
+sweep, started, phases, phase_peaks, rounds_used, rows, built, _call_cost and timing_feeds."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ import time
 from contextlib import contextmanager
 
 from edgepipe.memory import PeakMemory, return_freed_memory
+from edgepipe.runtime.sessions import SessionSetting
 from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 
 # A calibration pass costs this many plain FP32 calls per row: its model outputs every
 # intermediate tensor and each is copied out (BERT-base: 19.7 s for a static build on 32 rows of
 # 138 ms; ViT-base about 19 s on 32 of 222 ms; with the load, rewrite and save, 3x covers both).
 CALIBRATION_FACTOR = 3.0
+
+# At a batch size whose FP32 call takes longer than this, all cores alone are timed. One thread
+# won only on calls under half a millisecond here (the zoo's MLP, LSTM and transformer at batch 1,
+# 0.04-0.4 ms); two were 1.4-1.9x faster from 0.7 ms up (zoo CNN at batch 32, MobileNetV2's 5 ms,
+# ResNet-50's 48 and 360 ms), and timing one thread there doubled the measurement.
+SWEEP_MAX_CALL_S = 0.002
 
 
 class TimeBudget:
@@ -84,16 +91,28 @@ class TimeBudget:
                 self._call_cost[batch] = time.perf_counter() - began
         return {b: self._call_cost[b] for b in self.config.batch_sizes}
 
-    def rounds_within(self, phase: str, wanted: int, models: int, settings: int, share: float,
+    def rounds_within(self, phase: str, wanted: int, models: int, settings: int | None, share: float,
                       floor: int = 3) -> int:
         """`wanted` timing rounds, or as many as fit in `share` of the budget left (`floor` at
         least: below that a ratio is noise). One round times each of `models` at `settings`
-        session settings and every batch size; each costs a call or a block (measure_interleaved)."""
+        session settings (None: those swept at each batch size) and every batch size; each costs
+        a call or a block (measure_interleaved)."""
         left = self.left()
         if left is not None:
             cost = self.call_cost()
-            per_round = models * settings * sum(max(BLOCK_S, c) for c in cost.values())
-            warm_up = models * settings * sum(2 * c + min(WARMUP_S, 8 * c) for c in cost.values())
+            n = {b: settings or len(self.sweep[b]) for b in cost}
+            per_round = models * sum(n[b] * max(BLOCK_S, c) for b, c in cost.items())
+            warm_up = models * sum(n[b] * (c if c >= WARMUP_S else 2 * c + min(WARMUP_S, 8 * c))
+                                   for b, c in cost.items())
             wanted = max(min(floor, wanted), min(wanted, int((left * share - warm_up) / per_round)))
         self.rounds_used[phase] = wanted
         return wanted
+
+    def sweep_settings(self, settings: list[SessionSetting]) -> dict[int, list[SessionSetting]]:
+        """{batch: the session settings timed there}: all of `settings` where an FP32 call is
+        short enough for thread hand-offs to decide (SWEEP_MAX_CALL_S), else all cores alone."""
+        if len(settings) == 1 and not self.config.time_budget_s:
+            return {b: list(settings) for b in self.config.batch_sizes}
+        cost = self.call_cost()  # the budget needs it too
+        full = max(settings, key=lambda s: (s.threads, -s.spinning))
+        return {b: list(settings) if cost[b] <= SWEEP_MAX_CALL_S else [full] for b in self.config.batch_sizes}

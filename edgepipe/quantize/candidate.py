@@ -15,6 +15,12 @@ from edgepipe.runtime.modelfile import model_bytes
 from edgepipe.runtime.sessions import SessionSetting
 
 
+def by_setting(p50: dict[int, dict[SessionSetting, float]], settings) -> dict[SessionSetting, dict[int, float]]:
+    """{batch: {setting: ms}} -> {setting: {batch: ms}} over `settings`, each with the batch sizes
+    it was timed at (the 1-thread one only where calls are short: budget.SWEEP_MAX_CALL_S)."""
+    return {s: {b: row[s] for b, row in p50.items() if s in row} for s in settings}
+
+
 def by_session_rows(p50_by_setting: dict[SessionSetting, dict[int, float]]) -> list[dict]:
     """[{"threads", "spinning", "p50_ms": {batch: ms}}] for the record."""
     return [s.to_dict() | {"p50_ms": {str(b): round(v, 4) for b, v in p50.items()}}

@@ -16,7 +16,7 @@ from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
 from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
-from edgepipe.quantize.candidate import Candidate, by_session_rows
+from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
 from edgepipe.quantize.recipes import Recipe
@@ -27,10 +27,6 @@ from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.timing import measure_interleaved
-
-# An FP32 call at the smallest batch longer than this: all cores only (1 thread wins on the zoo's
-# sub-millisecond calls, never on ResNet-50's 53 ms or BERT-base's 206 ms; it doubled their timing).
-SWEEP_MAX_CALL_S = 0.05
 
 # Candidates are timed one at a time when a joint measurement would hold more weights than this
 # (once per setting): that cost ResNet-50 28% more time; all at once, BERT-base peaked at 4.5 GB.
@@ -55,11 +51,11 @@ class Search(TimeBudget):
         # Whether the rows resolve the budget (one row <= half of it); if not, a drop above the
         # budget fails only when its 95% lower bound is above it too (evaluation.resolves).
         self.resolved = resolves(self.rows, config.max_accuracy_drop)
-        self.settings = (session_settings(config.threads, spinning=config.try_spinning) if config.tune_session
-                         else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
-        if (len(self.settings) > 1 or config.time_budget_s) and self.call_cost()[min(config.batch_sizes)] > SWEEP_MAX_CALL_S:
-            self.settings = [max(self.settings, key=lambda s: (s.threads, -s.spinning))]
+        self.sweep = self.sweep_settings(session_settings(config.threads, spinning=config.try_spinning)
+                                         if config.tune_session else
+                                         [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        self.settings = list(dict.fromkeys(s for b in config.batch_sizes for s in self.sweep[b]))  # any batch's
         self.drop_fp32()  # timing makes sessions of its own; building needs the memory
         self.fp32_settings: dict[int, SessionSetting] = {}
         self.fp32_p50: dict[int, float] = {}
@@ -190,7 +186,7 @@ class Search(TimeBudget):
         if len(indices) <= 2:
             return indices
         rounds = self.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
-                                    len(self.settings), share=0.25, floor=2)
+                                    None, share=0.25, floor=2)
         self.say(f"screening {len(indices)} candidate(s) against FP32 ({rounds} rounds)")
         self.measure(indices, rounds=rounds)
         floor = 0.8 * self.needed
@@ -223,7 +219,7 @@ class Search(TimeBudget):
         groups = [[i] for i in indices] if large else [indices]
         if rounds is None:
             rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
-                                        len(self.settings), share=0.5)
+                                        None, share=0.5)
         fp32_runs = []
         for group in groups:
             p50 = self.measure_group(group, rounds)
@@ -232,16 +228,16 @@ class Search(TimeBudget):
             for i in group:
                 cand = self.candidates[i]
                 cand.settings = fastest_per_batch(p50[i])
-                cand.p50_by_setting = {s: {b: p50[i][b][s] for b in p50[i]} for s in self.settings}
+                cand.p50_by_setting = by_setting(p50[i], self.settings)
                 cand.p50_ms = {b: p50[i][b][s] for b, s in cand.settings.items()}
                 cand.speedup = {b: fp32_best[b] / cand.p50_ms[b] for b in cand.p50_ms}
             if large:
                 self.release(*group)
-        fp32 = {b: {s: float(np.median([run[b][s] for run in fp32_runs])) for s in self.settings}
+        fp32 = {b: {s: float(np.median([run[b][s] for run in fp32_runs])) for s in self.sweep[b]}
                 for b in self.config.batch_sizes}
         self.fp32_settings = fastest_per_batch(fp32)
         self.fp32_p50 = {b: fp32[b][s] for b, s in self.fp32_settings.items()}
-        self.fp32_p50_by_setting = {s: {b: fp32[b][s] for b in fp32} for s in self.settings}
+        self.fp32_p50_by_setting = by_setting(fp32, self.settings)
 
     def timed_apart(self, indices: list[int]) -> bool:
         """Whether FP32 and `indices` together would hold over PAIRWISE_BYTES of weights."""
@@ -255,7 +251,8 @@ class Search(TimeBudget):
         p50: dict = {key: {} for key in models}
         for batch in self.config.batch_sizes:
             feeds = self.timing_feeds(batch)
-            fns = {(key, s): e.runner(feeds) for key, engines in models.items() for s, e in engines.items()}
+            fns = {(key, s): e.runner(feeds) for key, engines in models.items() for s, e in engines.items()
+                   if s in self.sweep[batch]}
             stats = measure_interleaved(fns, batch, rounds=rounds or self.config.rounds,
                                         spinning={key for key in fns if key[1].spinning})
             for (key, s), st in stats.items():

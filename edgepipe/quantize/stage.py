@@ -13,14 +13,11 @@ from edgepipe.errors import AccuracyError, GateFailed, LatencyError, Quantizatio
 from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.evaluation import generated_eval_data
 from edgepipe.quantize.fallback import accuracy_fallback
 from edgepipe.quantize.recipes import Recipe, candidate_recipes
 from edgepipe.quantize.report import QuantizeReport
-from edgepipe.quantize.rewrites import (
-    TRANSFORMER_OPS,
-    Sources,
-    preprocess,
-)
+from edgepipe.quantize.rewrites import TRANSFORMER_OPS, Sources, preprocess
 from edgepipe.quantize.search import Candidate, Search
 from edgepipe.quantize.twins import group, inherit, judge_twin
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
@@ -29,7 +26,6 @@ from edgepipe.runtime.generate import DECODER_KEY
 from edgepipe.runtime.hardware import CpuInfo, read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.sessions import shared_cpu_arena
-from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.workdirs import work_dir
 
 # Budget shares past which no build starts; another backend's run of a built file is a copy (ResNet-50
@@ -139,32 +135,11 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 "speedup_margin": config.speedup_margin},
         timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
                 "the rest interleaved with FP32 at each session setting (rounds per phase in 'rounds': fewer "
-                "when a time budget would not hold them all) (" + "; ".join(map(str, search.settings))
+                "when a time budget would not hold them all) ("
+                + "; ".join(f"batch {b}: {' or '.join(map(str, ss))}" for b, ss in search.sweep.items())
                 + "); each model judged at its fastest per batch size (recorded in 'sessions'); kernel twins "
                 "(same nodes, initializer types and ranks: 'timed_as') are timed once; re-timed "
                 "candidates show the median of their trials, and the choice is the fastest by those"))
-
-
-def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 64 << 20, *,
-                        engine: Engine | None = None, call_cost: dict[int, float] | None = None) -> EvalData:
-    """Seeded rows to judge agreement on: 512 for a cheap model, fewer for one whose evaluation
-    would cost more than `seconds` per candidate or whose rows would hold more than `max_bytes`
-    (32 at least: BERT-base gets 32; 224x224 images 96, not 480 rows in 289 MB). Fewer rows
-    resolve a budget less finely; the accuracy rule then judges by the drop's confidence bound,
-    and the record's relative L2 error and cosine against FP32 do not depend on row count.
-    `engine`: the FP32 one to time (made here without it); `call_cost` gets its seconds per
-    call at batch 8 (the search's own figure, not measured twice)."""
-    engine = engine or Engine(onnx_path, providers="cpu")
-    feeds = make_feeds(engine.inputs, batch=8, seed=1)
-    engine.run(feeds)  # warm-up
-    began = time.perf_counter()
-    engine.run(feeds)
-    per_row = (time.perf_counter() - began) / 8
-    if call_cost is not None:
-        call_cost[8] = per_row * 8
-    row_bytes = sum(a[:1].nbytes for a in feeds.values())
-    rows = int(min(512, max(32, min(seconds / max(per_row, 1e-9), max_bytes / row_bytes))) // 32 * 32)
-    return EvalData(make_feeds(engine.inputs, batch=rows, seed=1))
 
 
 def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
