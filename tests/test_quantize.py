@@ -196,7 +196,7 @@ def test_build_order_puts_the_likeliest_winners_first():
     matmul, _ = candidate_recipes({"MatMul", "Add"}, AVX2_ONLY, largest_matmul_weight=1 << 20)
     assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-channel", "dynamic/WS8/per-tensor"]
     assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
-    assert QuantizeConfig().time_budget_s == 40 and QuantizeConfig(time_budget_s=0).time_budget_s is None
+    assert QuantizeConfig().time_budget_s == 25 and QuantizeConfig(time_budget_s=0).time_budget_s is None
     # a transformer with a Conv patch embedding (ViT) is not a convolutional graph
     vit, _ = candidate_recipes({"Conv", "MatMul"}, AVX2_ONLY, conv_heavy=False)
     assert vit[0].name == "dynamic/WS8/per-channel"

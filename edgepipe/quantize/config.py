@@ -12,7 +12,7 @@ MODES = ("auto", "dynamic", "static", "int4", "fp16")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
-DEFAULT_TIME_BUDGET_S = 40.0
+DEFAULT_TIME_BUDGET_S = 25.0
 
 
 @dataclass
