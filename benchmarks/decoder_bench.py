@@ -104,8 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-0.5b", choices=[*MODELS, "tiny-trained"])
     parser.add_argument("--work", default=None, help="Work folder (kept; default: a temp folder).")
-    parser.add_argument("--route", default="dynamo", choices=["dynamo", "genai", "auto"],
-                        help="edgepipe export's route to the decoder graph (genai/auto need the genai extra)")
+    parser.add_argument("--route", default="auto", choices=["dynamo", "genai", "auto"],
+                        help="edgepipe export's route to the decoder graph (default: auto, export's own; "
+                             "genai, and auto's second route, need the genai extra)")
     parser.add_argument("--genai-python", default=None)
     parser.add_argument("--optimum-python", default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decoder_bench.json"))

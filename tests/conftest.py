@@ -87,8 +87,10 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_decoder(tiny_llama):
-    """The tiny Llama exported as a decoder with its KV cache (one export for the session)."""
+    """The tiny Llama exported as a decoder with its KV cache (one export for the session): the
+    graph traced by torch.onnx (the default route, auto, keeps the builder's graph for this model
+    where onnxruntime-genai is installed; test_decoder covers that route and the choice)."""
     from edgepipe.exporters.decoder import export_decoder
 
     root, _ = tiny_llama
-    return export_decoder(root / "folder", root / "decoder.onnx")
+    return export_decoder(root / "folder", root / "decoder.onnx", route="dynamo")

@@ -24,7 +24,7 @@ def export(
     rtol: Annotated[float, typer.Option(help="Parity relative tolerance.")] = 1e-3,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the export record (attempts, parity per case) here.")] = None,
-    route: Annotated[str, typer.Option(help="Causal LM folders: dynamo (torch.onnx of the model), genai (ONNX Runtime GenAI's model builder: fused attention; needs the genai extra) or auto (both; of those that match torch, the faster per output token).")] = "dynamo",
+    route: Annotated[Optional[str], typer.Option(help="Causal LM folders: dynamo (torch.onnx of the model), genai (ONNX Runtime GenAI's model builder: fused attention; needs the genai extra) or auto, the default (both, each timed per output token in FP32 and as an INT4 weight-only model; genai kept when it matches torch and is >5% faster at one without being >5% slower at the other; dynamo alone without the genai extra).")] = None,
 ) -> None:
     """Export a PyTorch model to ONNX. The dynamo exporter is tried first, then TorchScript; the
     first whose model matches PyTorch in ONNX Runtime (batch 1 and 7, two lengths of every other
@@ -38,10 +38,10 @@ def export(
         from edgepipe.exporters.decoder import is_causal_lm
 
         if task == "text-generation" or is_causal_lm(read_config(Path(source))):
-            _export_decoder(source, output, atol, json_out, route)
+            _export_decoder(source, output, atol, json_out, route or "auto")
             return
 
-    if route != "dynamo":
+    if route is not None:
         raise InputError(f"--route {route} applies to causal LM folders (a *ForCausalLM config.json); "
                          f"{source} is exported with --exporter (dynamo, torchscript)")
     src = load_source(source, input or None, output_name or None, task=task)
@@ -74,7 +74,10 @@ def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[P
     if len(rec["attempts"]) > 1:
         for attempt in rec["attempts"]:
             if attempt["ok"]:
-                why = f"matches torch, {attempt['tpot_ms']} ms per token"
+                why = f"matches torch, {attempt['tpot_ms']} ms per token" + (
+                    f", as INT4 {attempt['int4_tpot_ms']} ms" if "int4_tpot_ms" in attempt else "")
+                if "chosen_because" in attempt:
+                    why += f": kept ({attempt['chosen_because']})"
             elif "parity" in attempt:
                 worst = max(c["max_abs_diff"] for c in attempt["parity"]["cases"])
                 why = f"does not match torch (logits off by up to {worst:.3g})"
