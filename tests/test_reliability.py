@@ -712,6 +712,14 @@ def test_channel_noise_accumulated_over_chunks_equals_one_pass_over_all_rows():
     assert ChannelNoise().add(np.zeros((2, 3)), np.zeros((2, 4))).nsr() == 1.0  # shapes differ: all noise
 
 
+def _counted(counts: dict, name: str, seconds: float):
+    """A stand-in model call that takes `seconds` and counts itself in `counts[name]`."""
+    def run():
+        counts[name] += 1
+        time.sleep(seconds)
+    return run
+
+
 def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a_call():
     """A 0.1 ms model keeps the full counts; a 150 ms one (ResNet-50 at batch 8 on 2 cores costs
     twice that) gets 3 warm-up calls and one call per block: ten candidates timed in minutes."""
@@ -719,13 +727,7 @@ def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a
 
     counts = {"cheap": 0, "slow": 0}
 
-    def model(name, seconds):
-        def run():
-            counts[name] += 1
-            time.sleep(seconds)
-        return run
-
-    stats = measure_interleaved({"cheap": model("cheap", 0.0001), "slow": model("slow", 0.15)}, 1,
+    stats = measure_interleaved({"cheap": _counted(counts, "cheap", 0.0001), "slow": _counted(counts, "slow", 0.15)}, 1,
                                 warmup=10, rounds=3, calls_per_round=10)
     assert stats["cheap"].iterations == 30 and counts["cheap"] == 30 + 10
     assert stats["slow"].iterations == 3 and counts["slow"] == 3 + 3
@@ -740,14 +742,8 @@ def test_one_first_call_of_half_a_second_or_more_is_the_whole_warm_up():
 
     counts = {"heavy": 0, "medium": 0}
 
-    def model(name, seconds):
-        def run():
-            counts[name] += 1
-            time.sleep(seconds)
-        return run
-
-    stats = measure_interleaved({"heavy": model("heavy", WARMUP_S + 0.05),
-                                 "medium": model("medium", WARMUP_S * 0.6)}, 8, rounds=3)
+    stats = measure_interleaved({"heavy": _counted(counts, "heavy", WARMUP_S + 0.05),
+                                 "medium": _counted(counts, "medium", WARMUP_S * 0.6)}, 8, rounds=3)
     assert counts["heavy"] == 1 + 3 and stats["heavy"].iterations == 3
     assert counts["medium"] == 2 + 3 and stats["medium"].iterations == 3
 

@@ -45,9 +45,9 @@ class QuantizeConfig:
     # left are recorded as skipped; the likeliest winners are built first), timing rounds shrink
     # to fit what is left (3 at least, so a slow model can overrun it), confirmation takes one
     # trial instead of two past 80% and stops at 100% once a candidate is confirmed, and the
-    # accuracy fallback stops at 100%. The default keeps BERT-base (110M parameters) near 45 s
-    # on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model (within
-    # the timing noise) as with 120 s, which took 72-117 s.
+    # accuracy fallback stops at 100%. The default quantizes BERT-base (110M parameters) in
+    # about 40 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
+    # (within the timing noise) as with 40 s and 120 s, which took 37-57 s and 72-117 s.
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
     # Time the chosen recipe on the model's heaviest MatMul/Gemm/Conv/LSTM alone (a second or
     # two): the record then gives the model's speedup as a fraction of what the kernel can do here.

@@ -4,7 +4,6 @@ agreement with a reference."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from edgepipe.quantize.calibration import rows_per_batch
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.spec import make_feeds
-from edgepipe.runtime.timing import WARMUP_S
+from edgepipe.runtime.timing import WARMUP_S, time_call
 
 
 def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None,
@@ -100,10 +99,10 @@ def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 
     feeds = make_feeds(engine.inputs, batch=8, seed=1)
     one, eight = engine.runner(make_feeds(engine.inputs, batch=1, seed=1)), engine.runner(feeds)
     one()  # warm-up
-    costs = {1: _seconds(one)}
+    costs = {1: time_call(one)}
     if 8 * costs[1] < WARMUP_S:
         eight()
-    costs[8] = _seconds(eight)
+    costs[8] = time_call(eight)
     per_row = costs[8] / 8
     if call_cost is not None:
         call_cost.update(costs)
@@ -111,8 +110,3 @@ def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 
     rows = int(min(512, max(32, min(seconds / max(per_row, 1e-9), max_bytes / row_bytes))) // 32 * 32)
     return EvalData(make_feeds(engine.inputs, batch=rows, seed=1))
 
-
-def _seconds(run) -> float:
-    began = time.perf_counter()
-    run()
-    return time.perf_counter() - began

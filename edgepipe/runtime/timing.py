@@ -105,9 +105,9 @@ def measure_interleaved(
     # minutes, not a quarter of an hour. Each model keeps `rounds` interleaved samples at least.
     calls = {}
     for name, fn in fns.items():
-        cost = _timed(fn)
+        cost = time_call(fn)
         if cost < WARMUP_S:  # that call was cold: time a warm one, then warm up to WARMUP_S
-            cost = _timed(fn)
+            cost = time_call(fn)
             for _ in range(max(0, min(warmup, round(WARMUP_S / cost)) - 2)):
                 fn()
         calls[name] = max(1, min(calls_per_round, round(BLOCK_S / cost)))
@@ -128,7 +128,8 @@ def measure_interleaved(
     return {name: LatencyStats.from_times(batch, t) for name, t in times.items()}
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def time_call(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes (1 us at least)."""
     began = time.perf_counter()
     fn()
     return max(time.perf_counter() - began, 1e-6)
