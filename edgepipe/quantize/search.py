@@ -41,12 +41,14 @@ class Search(TimeBudget):
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
                  calibration: EvalData, work: Path, say: Callable[[str], None], *,
-                 fp32: Engine | None = None, call_cost: dict[int, float] | None = None):
+                 fp32: Engine | None = None, call_cost: dict[int, float] | None = None,
+                 fp32_head: np.ndarray | None = None):
         self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
         self.work, self.say = work, say
         self._fp32: Engine | None = fp32  # the FP32 evaluation Engine, when the caller has one open
         self.inputs = self.fp32.inputs
-        self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data)
+        # fp32_head: FP32's output on the first rows, when sizing the generated rows ran them
+        self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data, head=fp32_head)
         self.rows = len(self.reference)
         # Whether the rows resolve the budget (one row <= half of it); if not, a drop above the
         # budget fails only when its 95% lower bound is above it too (evaluation.resolves).

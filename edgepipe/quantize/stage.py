@@ -193,16 +193,16 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     say = progress or (lambda message: None)
     started = time.perf_counter()
     generated = eval_data is None
-    fp32, call_cost = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False), {}
+    fp32, call_cost, head = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False), {}, []
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
-        eval_data = generated_eval_data(onnx_path, engine=fp32, call_cost=call_cost)
+        eval_data = generated_eval_data(onnx_path, engine=fp32, call_cost=call_cost, head=head)
     rows = min(len(v) for v in eval_data.inputs.values())
     judged_on = (f"accuracy against labels on {rows} held-out rows" if eval_data.labels is not None else
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:
         search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say, fp32=fp32,
-                        call_cost=call_cost)
+                        call_cost=call_cost, fp32_head=head[0] if head else None)
         del fp32  # the search drops it while building
         search.started = started  # the budget covers the whole stage
         with search.phase("prepare"):
