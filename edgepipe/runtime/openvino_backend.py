@@ -8,6 +8,11 @@ same file). Quantize measures it as one more candidate; a deployment records whi
 Optional: `pip install 'edgepipe[openvino]'`. Torch-free and onnx-free like the rest of the
 runtime; the model's metadata (edgepipe's input specs) is read from the file with a small
 protobuf walker, since OpenVINO does not keep ONNX metadata_props.
+
+Float precision is pinned to f32. Left to itself, OpenVINO's CPU plugin computes float ops in
+bf16 on CPUs with native bf16 (AVX512_BF16 or AMX): an FP32 model's outputs then move by about
+0.5% relative, and which CPU runs it changes the numbers. Parity checks and the accuracy a
+quantize search measured must hold on the target, so every CPU computes float ops the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from edgepipe.runtime.spec import METADATA_KEY, specs_from_json
 BACKENDS = ("onnxruntime", "openvino")
 PROVIDER_NAME = "OpenVINO-CPU"  # what Engine.providers reports for this backend
 INSTALL_HINT = "pip install 'edgepipe[openvino]'"
+FLOAT_PRECISION = "f32"  # see the module docstring: never the CPU-dependent bf16 default
 
 # OpenVINO element types -> the ORT type strings spec.py maps to numpy.
 _OV_TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)", "f64": "tensor(double)",
@@ -69,7 +75,7 @@ class OpenVINOSession:
         check_backend("openvino")
         import openvino as ov
 
-        config: dict = {"PERFORMANCE_HINT": "LATENCY"}
+        config: dict = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": FLOAT_PRECISION}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
