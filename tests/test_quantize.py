@@ -523,8 +523,33 @@ def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
             self.candidates[i].speedup = {b: 3 * s for b, s in self.candidates[i].speedup.items()}
 
     monkeypatch.setattr(search_mod.Search, "measure", flattering)
+    import weakref
+
+    confirming, live, alive_at_start = [], weakref.WeakSet(), []
+    real_confirm = search_mod.Search.confirm
+
+    def spied_confirm(self, *args, **kwargs):
+        confirming.append(True)
+        try:
+            return real_confirm(self, *args, **kwargs)
+        finally:
+            confirming.pop()
+
+    class Spy(Engine):  # how many of confirm's engines are alive as it makes the next one
+        def __init__(self, *args, **kwargs):
+            if confirming:
+                alive_at_start.append(len(live))
+            super().__init__(*args, **kwargs)
+            if confirming:
+                live.add(self)
+
+    monkeypatch.setattr(search_mod.Search, "confirm", spied_confirm)
+    monkeypatch.setattr(search_mod, "Engine", Spy)
     with pytest.raises(LatencyError) as err:
         quantize(_tiny_mlp(tmp_path), tmp_path / "q.onnx", QuantizeConfig(batch_sizes=(1,)))
+    # a trial's FP32 and candidate sessions are released before the next trial makes its own
+    # (BERT-base: they sat beside the new ones, 2.6 GB peak instead of 1.7)
+    assert len(alive_at_start) >= 4 and max(alive_at_start) <= 1
     rows = err.value.report.to_dict()["candidates"]
     confirmed = [r for r in rows if r["speedup_trials"]]
     assert confirmed and all(r["verdict"].startswith("not confirmed") for r in confirmed)
@@ -870,6 +895,11 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
 
     search.started = time.perf_counter() - 19  # ResNet-50's first build ended at 19 s of 40
     assert not search.build_fits(qdq, seconds, stage_mod.BUILD_SHARE)
+    assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
+    # ResNet-50 under the 25 s default on a VNNI EPYC: its file built by 13.5 s, OpenVINO's 64 rows
+    # at 40 ms each to evaluate (ends at 16.1 s, past 60%); that run was 3.55x to onnxruntime's 3.07x
+    search.config, search._call_cost, search.rows = QuantizeConfig(time_budget_s=25), {1: 0.04, 8: 0.32}, 64
+    search.started = time.perf_counter() - 13.5
     assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
     search.candidates[0].error = "failed"
     assert search.build_kind(on_openvino) == "static"  # a failed file is not copied
