@@ -896,8 +896,8 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
     search.started = time.perf_counter() - 19  # ResNet-50's first build ended at 19 s of 40
     assert not search.build_fits(qdq, seconds, stage_mod.BUILD_SHARE)
     assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
-    # ResNet-50 under the 25 s default on a VNNI EPYC: its file built by 13.5 s, OpenVINO's 64 rows
-    # at 40 ms each to evaluate (ends at 16.1 s, past 60%); that run was 3.55x to onnxruntime's 3.07x
+    # ResNet-50 under the 25 s default on a VNNI EPYC: its file built some 13 s in, OpenVINO's run
+    # (64 rows at 40 ms each to evaluate) would end past 60%; it was 3.55x to onnxruntime's 3.07x
     search.config, search._call_cost, search.rows = QuantizeConfig(time_budget_s=25), {1: 0.04, 8: 0.32}, 64
     search.started = time.perf_counter() - 13.5
     assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
