@@ -38,6 +38,7 @@ def test_engine_routes_each_batch_to_its_own_session_with_identical_results(zoo)
     plain = Engine(path, providers="cpu")
     small, large = routed.session_for(1), routed.session_for(40)
     assert small is not large and routed.session_for(7) is large
+    assert routed.session is small  # no third session, holding the weights again, that no batch runs on
     assert small.get_session_options().intra_op_num_threads == 1
     assert large.get_session_options().intra_op_num_threads == 2
     x = zoo["mlp"].dataset.x_test

@@ -45,7 +45,9 @@ class Engine:
     `batch_sessions`: {batch size: SessionSetting or {"threads", "spinning"}}: one session per
     setting, and `run` sends a batch of n rows to the entry with the smallest batch size >= n
     (else the largest). On 2 cores a batch of 1 runs fastest on 1 thread and a batch of 32 on
-    2; quantize measures this per model and `from_run` applies it.
+    2; quantize measures this per model and `from_run` applies it. `threads` and `spinning`
+    then make no session of their own, and `session` (what `run_bound` uses) is the smallest
+    batch's.
     """
 
     def __init__(
@@ -84,11 +86,12 @@ class Engine:
         self._session_providers = session_providers(wanted, provider_options)
         self._source = source
         self.optimization = optimization
-        self.session = self._new_session(threads, spinning)
         self.batch_sessions: list[tuple[int, SessionSetting]] = []
         self._route_map: dict[int, ort.InferenceSession] = {}  # batch size -> its session
-        if batch_sessions:
-            self._build_routes(batch_sessions, SessionSetting(int(threads or 0), bool(spinning)))
+        if batch_sessions:  # every batch routes to one of these: no session beside them
+            self.session = self._build_routes(batch_sessions)
+        else:
+            self.session = self._new_session(threads, spinning)
         self.providers = self.session.get_providers()
         lost = [p for p in wanted if p not in self.providers and self.backend == "onnxruntime"]
         if lost and not allow_fallback and providers != "auto":
@@ -117,15 +120,18 @@ class Engine:
         return new_session(self._source, self._session_providers, threads=threads, spinning=spinning,
                            optimization=self.optimization)
 
-    def _build_routes(self, batch_sessions: Mapping[int, object], default: SessionSetting) -> None:
-        """One session per distinct setting in `batch_sessions`; the default one is reused."""
-        made = {default: self.session}
+    def _build_routes(self, batch_sessions: Mapping[int, object]) -> ort.InferenceSession:
+        """One session per distinct setting in `batch_sessions`; returns the smallest batch's (the
+        Engine's `session`). Another for the Engine's own threads would hold a second copy of the
+        weights that no batch runs on (a BERT-base deployment: 440 MB more in FP32)."""
+        made: dict[SessionSetting, ort.InferenceSession] = {}
         for batch, setting in sorted((int(b), v) for b, v in batch_sessions.items()):
             setting = setting if isinstance(setting, SessionSetting) else SessionSetting.from_dict(setting)
             if setting not in made:
                 made[setting] = self._new_session(setting.threads, setting.spinning)
             self.batch_sessions.append((batch, setting))
             self._route_map[batch] = made[setting]
+        return self._route_map[min(self._route_map)]
 
     def session_for(self, rows: int) -> ort.InferenceSession:
         """The session a batch of `rows` runs on (see `batch_sessions`)."""
