@@ -903,3 +903,51 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
     assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
     search.candidates[0].error = "failed"
     assert search.build_kind(on_openvino) == "static"  # a failed file is not copied
+
+
+def test_device_cuda_is_checked_before_any_work(tmp_path, cli, monkeypatch):
+    import onnxruntime as ort
+
+    from edgepipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="device 'gpu' unknown; choose cpu, cuda"):
+        QuantizeConfig(device="gpu")
+    with pytest.raises(ConfigError, match="on device cuda choose auto or fp16"):
+        QuantizeConfig(device="cuda", mode="dynamic")
+    with pytest.raises(ConfigError, match="backend.s. openvino run on the CPU"):
+        QuantizeConfig(device="cuda", backends=("openvino",))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="needs onnxruntime-gpu"):
+        QuantizeConfig(device="cuda")
+    out = tmp_path / "tiny.fp16.onnx"
+    result = cli("quantize", _tiny_mlp(tmp_path), "-o", out, "--device", "cuda")
+    assert result.exit_code == 2 and "needs onnxruntime-gpu" in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_on_device_cuda_fp16_is_timed_at_one_setting_and_the_record_says_where(tmp_path, monkeypatch):
+    """The GPU search's plumbing, run on the CPU provider (tests/test_gpu.py runs it on a GPU):
+    FP16 is the only candidate, FP32 and it are timed at one session setting (threads and
+    spinning are CPU settings), no CPU kernel ceiling is measured, the accuracy fallback (which
+    ranks nodes on the CPU) is not run, and the record names the provider the search ran on."""
+    import os
+
+    import onnxruntime as ort
+
+    from edgepipe.errors import GateFailed
+
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*available, "CUDAExecutionProvider"])
+    monkeypatch.setattr(QuantizeConfig, "providers", property(lambda self: "cpu"))
+    config = QuantizeConfig(device="cuda", batch_sizes=(1, 8), time_budget_s=0)
+    try:
+        report = quantize(_tiny_mlp(tmp_path), tmp_path / "tiny.fp16.onnx", config).report
+    except GateFailed as refused:  # FP16 on the CPU is rarely faster: the record is what is checked
+        report = refused.report
+    assert [c.recipe for c in report.candidates] == ["fp16/io-fp32"]
+    assert report.device["provider"][0] == "CPUExecutionProvider"
+    assert report.ceiling is None
+    cores = os.cpu_count()
+    assert [row["threads"] for row in report.fp32.p50_ms_by_session] == [cores]
+    assert all(s["threads"] == cores and not s["spinning"] for s in report.fp32.sessions.values())
+    assert not report.accuracy_fallback or report.accuracy_fallback[0]["step"] == "skipped"

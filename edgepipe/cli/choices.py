@@ -18,6 +18,11 @@ class Backend(str, Enum):
     openvino = "openvino"  # needs the openvino extra
 
 
+class QuantizeDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"  # needs onnxruntime-gpu and an NVIDIA GPU
+
+
 class Calibration(str, Enum):
     minmax = "minmax"
     entropy = "entropy"

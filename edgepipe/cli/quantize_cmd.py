@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgepipe.cli._common import check_outputs, handle_errors, load_npz, parse_ints, write_json_out
-from edgepipe.cli.choices import Backend, Calibration, QuantizeMode
+from edgepipe.cli.choices import Backend, Calibration, QuantizeDevice, QuantizeMode
 from edgepipe.cli.render import candidate_table, quantize_summary
 from edgepipe.errors import GateFailed
 
@@ -32,6 +32,7 @@ def quantize(
     try_fusions: Annotated[bool, typer.Option(help="Also try onnxruntime.transformers' offline fusions on transformer graphs, kept only when the fused FP32 model is faster. Off by default: onnxruntime applies its own LayerNorm, GELU and attention fusions when it loads a model, and the offline ones were never faster in our measurements.")] = False,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (70% for another backend's run of a built file; likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default (25; decoders 900) quantizes BERT-base (110M parameters) in about 40 s on 2 cores and MobileNetV2 in 20 s; a model whose timing cannot fit (ViT-base: 1.7 s per FP32 call at batch 8) runs past it.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
+    device: Annotated[QuantizeDevice, typer.Option(help="Where candidates are measured: cpu (INT8 recipes for this CPU), or cuda: FP16 with FP32 I/O timed on onnxruntime's CUDA provider against FP32 on the same GPU, shipped only when faster at every --batch size and within the accuracy budget (needs onnxruntime-gpu: the gpu extra). At batch 1 real models are launch-bound on a GPU (ResNet-50, BERT-base on an H100: FP16 0.93-0.97x FP32): name the batch sizes you serve.")] = QuantizeDevice.cpu,
     max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out text, in nats per token.")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="Decoders: min greedy-token agreement with FP32 (0..1).")] = 0.9,
     recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, int4-gptq-b128-acc4. Default: all but HQQ and GPTQ, which are tried only when named (slow here).")] = None,
@@ -40,7 +41,8 @@ def quantize(
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
     graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
-    accuracy; the fastest within budget is written. When the fastest misses only the accuracy
+    accuracy; the fastest within budget is written. With --device cuda the candidate is FP16,
+    timed on the GPU against FP32 there. When the fastest misses only the accuracy
     budget, its most damaging nodes (by added noise) go back to FP32 step by step. If none is
     clearly faster than FP32 and accurate enough, nothing is written and the exit code is 1.
 
@@ -51,6 +53,11 @@ def quantize(
     from edgepipe.runtime.generate import is_decoder_file
 
     if is_decoder_file(model):
+        if device is not QuantizeDevice.cpu:
+            from edgepipe.errors import InputError
+
+            raise InputError(f"--device {device.value} applies to classifier-style models; a decoder's INT4 and INT8 "
+                             "candidates are measured on the CPU (drop --device)")
         return _quantize_decoder(model, output, data, batch, max_nll_increase, min_agreement, recipe, allow_slower,
                                  time_budget, json_out)
     batch = batch or "1,32"
@@ -71,7 +78,7 @@ def quantize(
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
                             tune_session=tune_session, try_spinning=try_spinning, try_fusions=try_fusions,
                             time_budget_s=DEFAULT_TIME_BUDGET_S if time_budget is None else time_budget,
-                            backends=tuple(b.value for b in backend or ()))
+                            backends=tuple(b.value for b in backend or ()), device=device.value)
     if eval_data is None:
         typer.echo("note: no --data: judging agreement with FP32 on generated inputs, not accuracy", err=True)
     from edgepipe.memory import PeakMemory

@@ -60,7 +60,10 @@ def quantize_summary(report, output: Path) -> str:
         if twin is not None and twin.verdict.startswith("accuracy"):
             lines.append(f"on onnxruntime the same file is out of the accuracy budget ({twin.verdict}): "
                          f"deploy it on {chosen.backend} only")
-    if chosen.sessions:
+    if report.device:
+        lines.append(f"measured on {report.device['provider'][0]} ({report.device.get('gpu') or 'GPU unnamed'}) against "
+                     "FP32 there: deploy it with Engine(path, providers=\"cuda\") or --provider cuda")
+    elif chosen.sessions:
         per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
                               for b, v in chosen.sessions.items())
         lines.append(f"fastest session settings: {per_batch} (Engine(..., batch_sessions=...); "

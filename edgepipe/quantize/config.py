@@ -9,6 +9,10 @@ import numpy as np
 from edgepipe.errors import ConfigError
 
 MODES = ("auto", "dynamic", "static", "int4", "fp16")
+# Where candidates are measured: this CPU (INT8 recipes), or the CUDA provider of onnxruntime-gpu
+# (FP16 with FP32 I/O against FP32 on the same GPU; INT8 there is TensorRT's, not the CUDA
+# provider's, whose integer kernels are few and whose quantized graphs fall back to the CPU).
+DEVICES = ("cpu", "cuda")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -56,6 +60,9 @@ class QuantizeConfig:
     # models with its own INT8 kernels, measured like any other candidate and chosen only when
     # faster). Empty: onnxruntime, plus openvino when the package is installed.
     backends: tuple[str, ...] = ()
+    # "cpu", or "cuda": FP16 candidates measured on the CUDA provider against FP32 there (needs
+    # onnxruntime-gpu on a machine with an NVIDIA GPU; mode auto or fp16).
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -80,12 +87,43 @@ class QuantizeConfig:
             raise ConfigError(f"quantize backend 'openvino' needs the openvino package: {INSTALL_HINT}")
         self.nodes_to_exclude = tuple(self.nodes_to_exclude)
         self.op_types_to_exclude = tuple(self.op_types_to_exclude)
+        self._check_device()
+
+    def _check_device(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"quantize device '{self.device}' unknown; choose {', '.join(DEVICES)}")
+        if self.device == "cpu":
+            return
+        if self.mode not in ("auto", "fp16"):
+            raise ConfigError(f"quantize mode '{self.mode}' builds INT8 for CPU kernels; on device cuda choose "
+                              "auto or fp16 (INT8 on NVIDIA GPUs is TensorRT's: export FP32 and let TensorRT build it)")
+        if any(b != "onnxruntime" for b in self.backends):
+            raise ConfigError("quantize device cuda measures on onnxruntime's CUDA provider; backend(s) "
+                              f"{', '.join(self.backends)} run on the CPU")
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError(f"quantize device cuda needs onnxruntime-gpu on a machine with an NVIDIA GPU; this "
+                              f"onnxruntime {ort.__version__} has {', '.join(ort.get_available_providers())} "
+                              "(pip uninstall -y onnxruntime && pip install 'edgepipe[gpu]')")
+
+    @property
+    def tunes_threads(self) -> bool:
+        """Whether the search times 1 thread and all cores (on a GPU they only run its CPU nodes)."""
+        return self.tune_session and self.device == "cpu"
+
+    @property
+    def providers(self) -> str:
+        """The execution provider every FP32 and candidate session of the search runs on."""
+        return self.device
 
     @property
     def active_backends(self) -> tuple[str, ...]:
         """The backends this search measures candidates on."""
         from edgepipe.runtime.openvino_backend import available
 
+        if self.device != "cpu":
+            return ("onnxruntime",)
         return self.backends or (("onnxruntime", "openvino") if available() else ("onnxruntime",))
 
 

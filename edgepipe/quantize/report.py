@@ -74,6 +74,8 @@ class QuantizeReport(Report):
     rounds: dict[str, int] | None = optional()  # timing rounds per phase (a time budget can shorten them)
     # The dominant kernel's INT8/FP32 speedup on this CPU and the model's as a fraction of it
     ceiling: dict[str, Any] | None = optional()
+    # where the candidates were measured, when not this CPU: {"provider", "gpu"} (--device cuda)
+    device: dict[str, Any] | None = optional()
     candidates: list[CandidateRow] = field(default_factory=list)
     chosen: CandidateRow | None = optional()
     size_bytes: int | None = optional()

@@ -47,16 +47,15 @@ class Search(TimeBudget):
         self.work, self.say = work, say
         self._fp32: Engine | None = fp32  # the FP32 evaluation Engine, when the caller has one open
         self.inputs = self.fp32.inputs
+        self.fp32_providers = list(self.fp32.providers)  # where the search runs (CUDA first on device cuda)
         # fp32_head: FP32's output on the first rows, when sizing the generated rows ran them
         self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data, head=fp32_head)
         self.rows = len(self.reference)
-        # Whether the rows resolve the budget (one row <= half of it); if not, a drop above the
-        # budget fails only when its 95% lower bound is above it too (evaluation.resolves).
+        # Whether one row is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
         self.resolved = resolves(self.rows, config.max_accuracy_drop)
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
-        self.sweep = self.sweep_settings(session_settings(config.threads, spinning=config.try_spinning)
-                                         if config.tune_session else
-                                         [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        self.sweep = self.sweep_settings(session_settings(config.threads, spinning=config.try_spinning) if
+                                         config.tunes_threads else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
         self.settings = list(dict.fromkeys(s for b in config.batch_sizes for s in self.sweep[b]))  # any batch's
         self.drop_fp32()  # timing makes sessions of its own; building needs the memory
         self.fp32_settings: dict[int, SessionSetting] = {}
@@ -76,8 +75,11 @@ class Search(TimeBudget):
     def fp32(self) -> Engine:
         """The FP32 model's evaluation session, made again when needed after drop_fp32."""
         if self._fp32 is None:
-            self._fp32 = Engine(self.onnx_path, providers="cpu", threads=self.config.threads, spinning=False)
+            self._fp32 = self.engine(self.onnx_path, threads=self.config.threads, spinning=False)
         return self._fp32
+
+    def engine(self, path: Path, **options) -> Engine:  # on the CPU, or the GPU with device cuda
+        return Engine(path, providers=self.config.providers, **options)
 
     def drop_fp32(self) -> None:
         """Release the evaluation session (BERT-base: 0.5 GB) while candidates are built."""
@@ -144,8 +146,7 @@ class Search(TimeBudget):
                 cand.integer_nodes = count_integer_nodes(cand.path)
             if cand.integer_nodes == 0:
                 raise QuantizationError("quantized no node")
-            engine = Engine(cand.path, providers="cpu", threads=self.config.threads, spinning=False,
-                            backend=recipe.backend)
+            engine = self.engine(cand.path, threads=self.config.threads, spinning=False, backend=recipe.backend)
             out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
             cand.fidelity = fidelity(out, self.reference)
             cand.flips = flips(out, self.reference, self.eval_data.labels)
@@ -175,16 +176,15 @@ class Search(TimeBudget):
 
     def sessions(self, key, path: Path, backend: str = "onnxruntime") -> dict[SessionSetting, Engine]:
         if key not in self.timers:
-            self.timers[key] = {s: Engine(path, providers="cpu", backend=backend, **s.engine_options())
+            self.timers[key] = {s: self.engine(path, backend=backend, **s.engine_options())
                                 for s in self.settings}
         return self.timers[key]
 
     def screen(self, indices: list[int]) -> list[int]:
         """A cheap first pass (a quarter of the rounds): the candidates worth timing in full. One
-        clearly slower than FP32 (below 80% of the needed speedup at some batch size, further
-        than a short measurement's noise reaches) keeps its screening figures and verdict; the
-        cost of a search is then the survivors', not every recipe's. With two candidates or one
-        it cannot pay: screening times all of them and FP32 again, and dropping one saves less."""
+        clearly slower than FP32 (below 80% of the needed speedup at some batch size, past a short
+        measurement's noise) keeps its screening figures and verdict, so a search costs what its
+        survivors cost. With two candidates or one it cannot pay (FP32 is timed again)."""
         if len(indices) <= 2:
             return indices
         rounds = self.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
@@ -273,8 +273,8 @@ class Search(TimeBudget):
         for trial in range(trials):
             if trial and self.clear_lead(seen):
                 break
-            fp32 = Engine(self.onnx_path, providers="cpu", batch_sessions=self.fp32_settings)
-            mine = Engine(cand.path, providers="cpu", batch_sessions=cand.settings, backend=cand.backend)
+            fp32 = self.engine(self.onnx_path, batch_sessions=self.fp32_settings)
+            mine = self.engine(cand.path, batch_sessions=cand.settings, backend=cand.backend)
             for batch in self.config.batch_sizes:
                 feeds = self.timing_feeds(batch)
                 spinning = {k for k, s in (("fp32", self.fp32_settings[batch]), ("cand", cand.settings[batch]))

@@ -43,7 +43,8 @@ def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Re
                                          conv_heavy=convs > sum(n.op_type in ("MatMul", "Gemm") for n in graph.node),
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
                                          allow_static=config.mode in ("auto", "static"),
-                                         largest_matmul_weight=largest_matmul_weight(graph), mode=config.mode,
+                                         largest_matmul_weight=largest_matmul_weight(graph),
+                                         mode="fp16" if config.device == "cuda" else config.mode,
                                          backends=config.active_backends)
     recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
                for r in recipes]
@@ -123,6 +124,18 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
                      f"{best.verdict}{timing}. Keep the FP32 model or relax the budget", report=report)
 
 
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name and memory, as nvidia-smi gives them (None without it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],
                    pre_attempts: list[dict], optimizer_record: dict, fallback_steps: list[dict]) -> QuantizeReport:
     """Everything the search measured, before the candidates' rows and the choice are added."""
@@ -130,6 +143,7 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
     return QuantizeReport(
         cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
         recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
+        device=None if config.device == "cpu" else {"provider": search.fp32_providers, "gpu": gpu_name()},
         preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
         fp32=search.baseline(), accuracy_fallback=fallback_steps,
         budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
@@ -194,7 +208,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     say = progress or (lambda message: None)
     started = time.perf_counter()
     generated = eval_data is None
-    fp32, call_cost, head = Engine(onnx_path, providers="cpu", threads=config.threads, spinning=False), {}, []
+    fp32 = Engine(onnx_path, providers=config.providers, threads=config.threads, spinning=False)
+    call_cost, head = {}, []
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
         eval_data = generated_eval_data(onnx_path, engine=fp32, call_cost=call_cost, head=head)
     rows = min(len(v) for v in eval_data.inputs.values())
@@ -244,7 +259,10 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         with search.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
-        if chosen is None:
+        if chosen is None and config.device != "cpu":
+            fallback_steps = [{"step": "skipped", "why": "the accuracy fallback ranks nodes on the CPU; "
+                               f"on device {config.device} exclude nodes with --exclude-node instead"}]
+        elif chosen is None:
             with search.phase("accuracy_fallback"):
                 chosen, fallback_steps = accuracy_fallback(search)
         report = initial_report(search, cpu, recipes, skipped, pre_attempts, optimizer_record, fallback_steps)
@@ -263,7 +281,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             report.seconds = round(time.perf_counter() - started, 2)
             raise refusal(search, report)
         chosen.verdict = Verdict(CHOSEN)
-        if config.measure_ceiling:  # a second or two, past the budget too: the record needs it
+        if config.measure_ceiling and config.device == "cpu":  # a second or two, past the budget too
             with search.phase("ceiling"):
                 report.ceiling = kernel_ceiling(search, chosen)
             report.phases = search.phases
