@@ -2,7 +2,7 @@
 FP16 where its libraries load), IO binding against plain `run`, the nodes that fell back to the
 CPU, and decoders generating with the KV cache kept on the GPU.
 
-    python benchmarks/gpu_bench.py [--zoo runs/demo] [--models resnet50,bert-base]
+    python benchmarks/gpu_bench.py [--zoo runs/demo] [--models resnet50,mobilenetv2,vit-base,bert-base]
                                    [--decoders gpt2-small,llama-0.5b] [--out FILE]
 
 Needs onnxruntime-gpu (which replaces onnxruntime) on a machine with an NVIDIA GPU; it says so and
@@ -12,6 +12,8 @@ Latency: p50/p99 per call of `Engine.run` (numpy in and out, so host<->device co
 at batch 1 and 32 (8 for decoders' batch), each engine timed interleaved with the others in one
 process; `bound`: the same CUDA session with its inputs already on the GPU and its outputs left
 there (IO binding). Fidelity: relative L2 error and cosine of the logits against CPU FP32.
+Each real-size model also goes through `edgepipe quantize --device cuda` in its own process (FP16
+timed against FP32 on the GPU), with its choice, speedup, wall time and peak RSS.
 Each section's failure is recorded in the JSON and the run goes on.
 """
 
@@ -120,6 +122,26 @@ def export_hf(name: str, work: Path) -> tuple[Path, dict]:
     return out, {"parameters": params, "export_s": step["seconds"], "export_peak_mb": step.get("peak_rss_mb")}
 
 
+def quantize_on_cuda(name: str, fp32: Path, work: Path, batches: tuple[int, ...]) -> dict:
+    """`edgepipe quantize --device cuda` in its own process: what it chose, measured on the GPU
+    against FP32 there, its wall time and peak RSS."""
+    from steps import run_step
+
+    record = work / f"{name}.quantize-cuda-{'-'.join(map(str, batches))}.json"
+    step = run_step(["quantize", str(fp32), "-o", str(work / f"{name}.cuda.onnx"), "--device", "cuda",
+                     "--batch", ",".join(map(str, batches)), "--json", str(record)])
+    row = {"exit": step["exit"], "seconds": step["seconds"], "peak_rss_mb": step.get("peak_rss_mb")}
+    if record.is_file():
+        report = json.loads(record.read_text())
+        chosen = report.get("chosen") or {}
+        row |= {"chosen": chosen.get("recipe"), "speedup_vs_cuda_fp32": chosen.get("speedup"),
+                "rel_l2": chosen.get("rel_l2"), "phases": report.get("phases"),
+                "verdicts": {c["recipe"]: c["verdict"] for c in report.get("candidates", [])}}
+    else:
+        row["tail"] = step["tail"][-3:]
+    return row
+
+
 def decoder_row(name: str, work: Path) -> dict:
     import torch
     from decoder_bench import save_model
@@ -199,7 +221,7 @@ def section(result: dict, key: str, fn, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "demo", help="a `make demo` run folder")
-    parser.add_argument("--models", default="resnet50,bert-base")
+    parser.add_argument("--models", default="resnet50,mobilenetv2,vit-base,bert-base")
     parser.add_argument("--decoders", default="gpt2-small")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--work", type=Path, default=None)
@@ -223,7 +245,10 @@ def main() -> None:
     for name in [m for m in args.models.split(",") if m]:
         def real(n=name):
             path, info = export_hf(n, work)
-            return info | model_row(n, path, work, (1, 32), max(5, args.rounds // 2))
+            row = info | model_row(n, path, work, (1, 32), max(5, args.rounds // 2))
+            # at batch 1 a real model is launch-bound on a GPU; at 32 FP16's tensor cores count
+            return row | {"quantize_device_cuda": {",".join(map(str, b)): quantize_on_cuda(n, path, work, b)
+                                                   for b in ((1, 32), (32,))}}
         section(result, name, real, args.out)
     for name in [m for m in args.decoders.split(",") if m]:
         section(result, f"decoder_{name}", lambda n=name: decoder_row(n, work), args.out)
