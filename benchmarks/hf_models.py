@@ -2,7 +2,7 @@
 
     python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert]
                                    [--batch 1,8] [--time-budget 40] [--nncf-python VENV/bin/python]
-                                   [--optimum-python VENV/bin/python]
+                                   [--optimum-python VENV/bin/python] [--olive-python VENV/bin/python]
 
 Each model is built offline from its transformers config with random weights (nothing is
 downloaded) and saved with save_pretrained; then, each step in its own process so its wall time
@@ -15,6 +15,8 @@ when --nncf-python names a venv with nncf (peers never enter edgepipe's environm
 L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
 fidelity is the figure to read. --optimum-python (a venv with optimum-onnx) also runs Optimum's
 dynamic INT8 quantize in its own process, for the ratio of the two tools' wall times.
+--olive-python (a venv with olive-ai) adds Olive's dynamic and static INT8 models (default
+settings, static calibrated on the rows NNCF gets), timed and compared like the others.
 Writes benchmarks/results/hf_models.json, one line per model.
 """
 
@@ -87,9 +89,10 @@ def save_model(name: str, folder: Path) -> int:
 
 
 def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str,
-            nncf: Path | None = None) -> dict:
-    """FP32, edgepipe's INT8 on the backend quantize chose, plain quantize_dynamic, and (when
-    OpenVINO is installed and was not chosen) edgepipe's INT8 file run by OpenVINO."""
+            peers: dict[str, tuple[Path, str]] | None = None) -> dict:
+    """FP32, edgepipe's INT8 on the backend quantize chose, plain quantize_dynamic, (when
+    OpenVINO is installed and was not chosen) edgepipe's INT8 file run by OpenVINO, and each
+    peer's model (name -> (file, the runtime it is made for))."""
     from edgepipe.quantize.evaluation import fidelity
     from edgepipe.runtime import Engine, measure_interleaved
     from edgepipe.runtime.openvino_backend import available
@@ -100,8 +103,9 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
                "plain_dynamic": Engine(plain, spinning=False)}
     if available() and backend != "openvino":
         engines["edgepipe_file_on_openvino"] = Engine(int8, backend="openvino")
-    if nncf is not None and nncf.exists():  # the peer's model, on the runtime it is made for
-        engines["nncf_openvino"] = Engine(nncf, backend="openvino")
+    for key, (path, runtime) in (peers or {}).items():  # a peer's model, on the runtime it is made for
+        if path.exists():
+            engines[key] = Engine(path, backend=runtime, spinning=False)
     out: dict = {"speedup": {}, "fidelity": {}}
     for batch in batches:
         feeds = make_feeds(engines["fp32"].inputs, batch=batch, seed=3)
@@ -116,15 +120,33 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
     return out
 
 
-def nncf_step(onnx_path: Path, work: Path, python: str) -> tuple[dict, Path]:
-    """OpenVINO + NNCF's post-training quantization in its own environment, on 64 generated rows."""
+def calibration_rows(onnx_path: Path, work: Path) -> Path:
+    """64 generated rows for the peers that calibrate (NNCF, Olive's static), the same for both."""
     import numpy as np
 
     from edgepipe.runtime import Engine
     from edgepipe.runtime.spec import make_feeds
 
-    calib, out = work / f"{onnx_path.stem}.calib.npz", work / f"{onnx_path.stem}.nncf.onnx"
-    np.savez(calib, **make_feeds(Engine(onnx_path).inputs, batch=64, seed=5))
+    calib = work / f"{onnx_path.stem}.calib.npz"
+    if not calib.exists():
+        np.savez(calib, **make_feeds(Engine(onnx_path).inputs, batch=64, seed=5))
+    return calib
+
+
+def olive_step(onnx_path: Path, work: Path, python: str, mode: str) -> tuple[dict, Path | None]:
+    """Olive's dynamic or static INT8 quantization (one workflow, one pass) in its own environment."""
+    script = Path(__file__).resolve().parent / "peers" / "olive_quantize.py"
+    out = work / f"{onnx_path.stem}.olive-{mode}"
+    step = run_step([str(script), str(onnx_path), str(out), mode, str(calibration_rows(onnx_path, work))],
+                    python=python)
+    printed = [line for line in step["tail"] if line.startswith("{")]
+    model = Path(json.loads(printed[-1])["model"]) if step["exit"] == 0 and printed else None
+    return step, model
+
+
+def nncf_step(onnx_path: Path, work: Path, python: str) -> tuple[dict, Path]:
+    """OpenVINO + NNCF's post-training quantization in its own environment, on 64 generated rows."""
+    calib, out = calibration_rows(onnx_path, work), work / f"{onnx_path.stem}.nncf.onnx"
     script = Path(__file__).resolve().parent / "peers" / "nncf_quantize.py"
     return run_step([str(script), str(onnx_path), str(out), str(calib)], python=python), out
 
@@ -137,7 +159,7 @@ def optimum_step(onnx_path: Path, work: Path, python: str) -> dict:
 
 
 def bench(name: str, work: Path, batches: list[int], time_budget: float | None, rounds: int,
-          nncf_python: str | None = None, optimum_python: str | None = None) -> dict:
+          nncf_python: str | None = None, optimum_python: str | None = None, olive_python: str | None = None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = work / name
@@ -176,11 +198,16 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         row["optimum"] = optimum_step(onnx_path, work, optimum_python)
         if row["optimum"]["exit"] == 0:
             row["quantize_vs_optimum"] = round(row["quantize"]["seconds"] / row["optimum"]["seconds"], 2)
-    nncf = None
+    peers: dict[str, tuple[Path, str]] = {}
     if nncf_python:
         row["nncf"], nncf = nncf_step(onnx_path, work, nncf_python)
+        peers["nncf_openvino"] = (nncf, "openvino")
+    for mode in ("dynamic", "static") if olive_python else ():
+        row[f"olive_{mode}"], olive = olive_step(onnx_path, work, olive_python, mode)
+        if olive is not None:
+            peers[f"olive_{mode}"] = (olive, "onnxruntime")
     if int8.exists():
-        row |= compare(onnx_path, int8, plain, batches, rounds, backend, nncf)
+        row |= compare(onnx_path, int8, plain, batches, rounds, backend, peers)
     return row
 
 
@@ -194,6 +221,8 @@ def main() -> None:
                         help="python of a venv with nncf + openvino: add OpenVINO+NNCF INT8 as a peer")
     parser.add_argument("--optimum-python", default=None,
                         help="python of a venv with optimum-onnx: time Optimum's dynamic INT8 quantize beside edgepipe's")
+    parser.add_argument("--olive-python", default=None,
+                        help="python of a venv with olive-ai: add Olive's dynamic and static INT8 as peers")
     args = parser.parse_args()
     from edgepipe.runtime.hardware import read_cpu
 
@@ -206,7 +235,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             row = bench(name, Path(tmp), batches, args.time_budget, args.rounds, args.nncf_python,
-                        args.optimum_python)
+                        args.optimum_python, args.olive_python)
             print(json.dumps(row), flush=True)
             rows.append(row)
     (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,
