@@ -47,6 +47,19 @@ def test_config_errors_are_specific(tmp_path, text, message):
     assert message in str(err.value)
 
 
+def test_a_gpu_quantize_must_be_profiled_on_the_gpu(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*available, "CUDAExecutionProvider"])
+    text = '[quantize]\ndevice = "cuda"\n[profile]\nproviders = "{}"\n[[models]]\nname = "mlp"'
+    with pytest.raises(ConfigError, match="quantize device = 'cuda' measures the model on the GPU, but profile "
+                                          "providers = 'cpu'"):
+        config_mod.load(write_config(tmp_path, text.format("cpu")))
+    for providers in ("cuda", "auto"):
+        assert config_mod.load(write_config(tmp_path, text.format(providers)))
+
+
 def test_violated_gate_exits_1_naming_measured_value_and_budget(tmp_path, cli):
     path = write_config(tmp_path, FAST_MLP.format(min_accuracy=0.999))
     result = cli("run", path)

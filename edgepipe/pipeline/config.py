@@ -135,6 +135,11 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
             if drop is not None:
                 data["max_accuracy_drop"] = drop
         out[section] = build_section(cls, data, f"{model.name}.{section}")
+    device, providers = out["quantize"].device, out["profile"].providers
+    if device != "cpu" and providers not in ("auto", device):
+        raise ConfigError(f"[{model.name}] quantize device = '{device}' measures the model on the GPU, but profile "
+                          f"providers = '{providers}' would time and gate it there; set [profile] providers = "
+                          f"'{device}' (or 'auto')")
     return out
 
 
