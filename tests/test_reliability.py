@@ -486,7 +486,13 @@ def test_a_pipeline_killed_mid_quantize_resumes_without_stale_results_or_stray_f
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = os.environ | {"TMPDIR": str(scratch)}
-    proc = subprocess.Popen([sys.executable, "-m", "edgepipe", "run", str(config)], env=env,
+    # `edgepipe run` whose every candidate build ends with a 3 s pause: this model's whole search
+    # takes about 1.5 s after its first candidate is written, and a CI run once finished it before
+    # the signal landed; the pause makes "mid-quantize" certain
+    slowed = ("import sys, time; from edgepipe.quantize import search; build = search.Search.build; "
+              "search.Search.build = lambda self, recipe: (build(self, recipe), time.sleep(3))[0]; "
+              "from edgepipe.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", slowed, "run", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for("edgepipe-quant-*/cand0.onnx", scratch)
     proc.send_signal(sig)
