@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,14 +31,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def gpu_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
 
 
 def stats_row(stats) -> dict:
@@ -230,13 +221,14 @@ def main() -> None:
     import onnxruntime as ort
 
     from edgepipe.runtime import fingerprint
+    from edgepipe.runtime.hardware import read_gpu
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit(f"no CUDA provider in this onnxruntime ({ort.__version__}: {ort.get_available_providers()}); "
                  "install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA GPU")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    result: dict = {"gpu": gpu_name(), "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+    result: dict = {"gpu": read_gpu() or "unknown", "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
                     "hardware": fingerprint()}
     for name in ("mlp", "cnn", "lstm", "transformer"):
         path = args.zoo / name / "model.onnx"

@@ -23,7 +23,7 @@ from edgepipe.quantize.twins import group, inherit, judge_twin
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY
-from edgepipe.runtime.hardware import CpuInfo, read_cpu
+from edgepipe.runtime.hardware import CpuInfo, read_cpu, read_gpu
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.sessions import shared_cpu_arena
 from edgepipe.runtime.workdirs import work_dir
@@ -44,7 +44,7 @@ def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Re
                                          allow_dynamic=config.mode in ("auto", "dynamic"),
                                          allow_static=config.mode in ("auto", "static"),
                                          largest_matmul_weight=largest_matmul_weight(graph),
-                                         mode="fp16" if config.device == "cuda" else config.mode,
+                                         mode="fp16" if config.device != "cpu" else config.mode,
                                          backends=config.active_backends)
     recipes = [replace(r.excluding(config.nodes_to_exclude), op_types_to_exclude=config.op_types_to_exclude)
                for r in recipes]
@@ -124,18 +124,6 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
                      f"{best.verdict}{timing}. Keep the FP32 model or relax the budget", report=report)
 
 
-def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name and memory, as nvidia-smi gives them (None without it)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],
                    pre_attempts: list[dict], optimizer_record: dict, fallback_steps: list[dict]) -> QuantizeReport:
     """Everything the search measured, before the candidates' rows and the choice are added."""
@@ -143,7 +131,7 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
     return QuantizeReport(
         cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
         recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
-        device=None if config.device == "cpu" else {"provider": search.fp32_providers, "gpu": gpu_name()},
+        device=None if config.device == "cpu" else {"provider": search.fp32_providers, "gpu": read_gpu()},
         preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
         fp32=search.baseline(), accuracy_fallback=fallback_steps,
         budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,

@@ -74,3 +74,15 @@ def fingerprint() -> dict:
         "providers": ort.get_available_providers(),
         "hostname": platform.node(),
     }
+
+
+def read_gpu() -> str | None:
+    """The first NVIDIA GPU as nvidia-smi names it: model, memory, driver (None without one)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
