@@ -864,7 +864,7 @@ def test_a_build_that_would_end_past_the_build_share_of_the_budget_is_not_starte
     seconds = {"dynamic": [6.0, 5.0]}
     static, dynamic = Recipe("static", "QDQ", per_channel=True), Recipe("dynamic", weight_type="S8")
     assert search.build_estimate(dynamic, seconds) == 5.0  # its method's last build
-    assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR * 32 * 0.2)
+    assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
     assert search.build_estimate(static, {"static": [20.0], **seconds}) == 20.0
     search.started = time.perf_counter() - 30  # 30 s spent: 48 s is 40% of the budget
     assert search.build_fits(dynamic, seconds, 0.4) and not search.build_fits(static, seconds, 0.4)

@@ -14,7 +14,10 @@ from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 # A calibration pass costs this many plain FP32 calls per row: its model outputs every
 # intermediate tensor and each is copied out (BERT-base: 19.7 s for a static build on 32 rows of
 # 138 ms; ViT-base about 19 s on 32 of 222 ms; with the load, rewrite and save, 3x covers both).
-CALIBRATION_FACTOR = 3.0
+# The symmetric every-MatMul layout reads only MatMul inputs and writes its graph directly
+# (static_matmul): 8.8 s for BERT-base and 10.5 s for ViT-base, about the load and save of a
+# dynamic build plus 1.3x their calibration rows' FP32 calls.
+CALIBRATION_FACTOR = {"static": 3.0, "symmetric": 1.3}
 
 # At a batch size whose FP32 call takes longer than this, all cores alone are timed. One thread
 # won only on calls under half a millisecond here (the zoo's MLP, LSTM and transformer at batch 1,
@@ -45,13 +48,14 @@ class TimeBudget:
         return budget is not None and time.perf_counter() - self.started + ahead >= fraction * budget
 
     def build_kind(self, recipe) -> str:
-        """What building `recipe` costs like: its method, or "twin" when another backend's
-        recipe already built its file (copied and evaluated, not built again)."""
+        """What building `recipe` costs like: its method ("symmetric" for static_matmul's layout),
+        or "twin" when another backend's recipe already built its file (copied and evaluated,
+        not built again)."""
         if recipe.backend != "onnxruntime":
             twin = self.built(recipe.file_twin)
             if twin is not None and twin.error is None:
                 return "twin"
-        return recipe.method
+        return "symmetric" if recipe.symmetric else recipe.method
 
     def build_estimate(self, recipe, seconds: dict[str, list[float]]) -> float:
         """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
@@ -66,10 +70,10 @@ class TimeBudget:
         if kind == "twin":
             return self.rows * per_row
         last = max((v[-1] for v in seconds.values() if v), default=0.0)
-        if kind != "static":
+        if kind not in CALIBRATION_FACTOR:
             return last
         rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
-        return last + CALIBRATION_FACTOR * rows * per_row
+        return last + CALIBRATION_FACTOR[kind] * rows * per_row
 
     def build_fits(self, recipe, seconds: dict[str, list[float]], fraction: float) -> bool:
         """Whether `recipe`'s build would end within `fraction` of the budget (always, without one)."""

@@ -14,7 +14,7 @@ from edgepipe import onnxfile
 from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
 from edgepipe.onnxgraph import skeleton
-from edgepipe.quantize import dynamic_matmul
+from edgepipe.quantize import dynamic_matmul, static_matmul
 from edgepipe.quantize.calibration import ArrayCalibrationReader, calibration_rows
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe
@@ -74,6 +74,9 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
     if calibration is None:
         raise QuantizationError("static quantization needs calibration data: pass --calibration "
                                 "data.npz (or run it in a pipeline, which uses the training data)")
+    if recipe.symmetric:  # OpenVINO's layout, written directly
+        static_matmul.quantize(model_path, out, calibration.inputs, samples, set(recipe.nodes_to_exclude))
+        return
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     graph = skeleton(model_path).graph

@@ -216,7 +216,9 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             for recipe in recipes:
                 kind = search.build_kind(recipe)
                 share = TWIN_SHARE if kind == "twin" else BUILD_SHARE
-                if search.usable and not search.build_fits(recipe, seconds, share):
+                # until one candidate is built within the accuracy budget, the budget stops nothing
+                if any(search.accurate(search.candidates[i]) for i in search.usable) and \
+                        not search.build_fits(recipe, seconds, share):
                     estimate = search.build_estimate(recipe, seconds)
                     skipped.append({"recipe": recipe.name, "why": f"time budget ({config.time_budget_s} s): building "
                                     f"stops at {share:.0%} of it (this one: about {estimate:.0f} s) so the timing "
