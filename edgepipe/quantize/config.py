@@ -50,8 +50,9 @@ class QuantizeConfig:
     # to fit what is left (3 at least, so a slow model can overrun it), confirmation takes one
     # trial instead of two past 80% and stops at 100% once a candidate is confirmed, and the
     # accuracy fallback stops at 100%. The default quantizes BERT-base (110M parameters) in
-    # about 40 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
-    # (within the timing noise) as with 40 s and 120 s, which took 37-57 s and 72-117 s.
+    # about 45 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
+    # (within the timing noise) as with 40 s and 120 s, which took 37-57 s and 72-117 s (measured
+    # before OpenVINO's every-MatMul layout, which on a VNNI CPU is built first and ships).
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
     # Time the chosen recipe on the model's heaviest MatMul/Gemm/Conv/LSTM alone (a second or
     # two): the record then gives the model's speedup as a fraction of what the kernel can do here.
