@@ -132,12 +132,13 @@ def quantize(model_path: Path, out: Path, data: Mapping[str, np.ndarray], sample
     """Write `model_path` with its MatMuls and Gemms (but `excluded` names) in QDQ as the module
     docstring says; returns how many. Activation ranges are cached beside `out` (by the source
     file's identity and `samples`) for builds that exclude nodes later."""
-    opset = next((o.version for o in skeleton(model_path).opset_import if o.domain in ("", "ai.onnx")), 0)
+    shape = skeleton(model_path)  # the graph without the weights' data
+    opset = next((o.version for o in shape.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise QuantizationError(f"{Path(model_path).name} has opset {opset}: per-channel QDQ needs "
                                 f"{MIN_OPSET} or later (export again with a newer opset)")
     # every target's inputs, excluded or not: one calibration serves the builds that exclude nodes
-    names = sorted({node.input[i] for node, acts, _ in targets(skeleton(model_path).graph) for i in acts})
+    names = sorted({node.input[i] for node, acts, _ in targets(shape.graph) for i in acts})
     model = onnx.load(str(model_path))
     graph = model.graph
     stat = Path(model_path).stat()
