@@ -29,6 +29,7 @@ from edgepipe import onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.calibration import calibration_rows
+from edgepipe.quantize.dynamic_matmul import weight_params
 
 TARGET_OPS = ("MatMul", "Gemm")
 MIN_OPSET = 13  # DequantizeLinear's axis (per-channel weights)
@@ -44,14 +45,13 @@ def _weight_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
     return 1 if trans.get("transA", 0) else 0  # a constant A [M, K] (transA: [K, M]): rows M
 
 
-def targets(graph: onnx.GraphProto, excluded: set[str] = frozenset()
-            ) -> list[tuple[onnx.NodeProto, list[int], list[int]]]:
+def targets(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, list[int], list[int]]]:
     """(node, indices of its activation inputs, indices of its constant float inputs) for each
-    MatMul and Gemm (but `excluded` names) with at least one activation input."""
+    MatMul and Gemm with at least one activation input."""
     inits = {i.name: i for i in graph.initializer}
     found = []
     for node in graph.node:
-        if node.op_type not in TARGET_OPS or node.name in excluded:
+        if node.op_type not in TARGET_OPS:
             continue
         pair = list(node.input[:2])
         consts = [i for i, name in enumerate(pair) if name in inits]
@@ -116,15 +116,12 @@ def _activation_params(low: float, high: float) -> tuple[np.ndarray, np.ndarray]
 
 
 def _weight_params(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(int8 weight, scale, int8 zero points) symmetric over -127..127, per channel on `axis`."""
-    reduce = None if axis is None else tuple(d for d in range(weight.ndim) if d != axis)
-    absmax = np.abs(weight).max(axis=reduce).astype(np.float32)
-    scale = np.where(absmax > 0, absmax / 127, 1.0).astype(np.float32)
-    shape = [1] * weight.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale, np.zeros(scale.shape, np.int8)
+    """(int8 weight, scale, int8 zero points) symmetric over -127..127, per channel on `axis` of a
+    2-D weight (None: per tensor): the dynamic recipes' arithmetic, which works per column."""
+    if axis == 0:  # rows are the channels: quantize the transpose's columns
+        q, scale, zp = weight_params(weight.T, per_channel=True, reduce_range=False)
+        return np.ascontiguousarray(q.T), scale, zp
+    return weight_params(weight, per_channel=axis == 1, reduce_range=False)
 
 
 def quantize(model_path: Path, out: Path, data: Mapping[str, np.ndarray], samples: int,
@@ -132,15 +129,15 @@ def quantize(model_path: Path, out: Path, data: Mapping[str, np.ndarray], sample
     """Write `model_path` with its MatMuls and Gemms (but `excluded` names) in QDQ as the module
     docstring says; returns how many. Activation ranges are cached beside `out` (by the source
     file's identity and `samples`) for builds that exclude nodes later."""
-    shape = skeleton(model_path)  # the graph without the weights' data
-    opset = next((o.version for o in shape.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = next((o.version for o in skeleton(model_path).opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         raise QuantizationError(f"{Path(model_path).name} has opset {opset}: per-channel QDQ needs "
                                 f"{MIN_OPSET} or later (export again with a newer opset)")
-    # every target's inputs, excluded or not: one calibration serves the builds that exclude nodes
-    names = sorted({node.input[i] for node, acts, _ in targets(shape.graph) for i in acts})
     model = onnx.load(str(model_path))
     graph = model.graph
+    found = targets(graph)
+    # every target's inputs, excluded or not: one calibration serves the builds that exclude nodes
+    names = sorted({node.input[i] for node, acts, _ in found for i in acts})
     stat = Path(model_path).stat()
     key = hashlib.sha256(repr((str(model_path), stat.st_size, stat.st_mtime_ns, samples, names)).encode())
     cache = out.parent / f"ranges-{key.hexdigest()[:16]}.json"
@@ -152,7 +149,6 @@ def quantize(model_path: Path, out: Path, data: Mapping[str, np.ndarray], sample
         cache.write_text(json.dumps(ranges))
     inits = {i.name: i for i in graph.initializer}
     readers = _readers(graph, defaultdict(int))
-    found = targets(graph, excluded)
     weights: dict[tuple[str, int | None], str] = {}
     activations: dict[str, str] = {}
     new_inits: list[TensorProto] = []
@@ -160,6 +156,8 @@ def quantize(model_path: Path, out: Path, data: Mapping[str, np.ndarray], sample
     before: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # activation Q/DQ, before their first reader
     done = 0
     for node, acts, consts in found:
+        if node.name in excluded:
+            continue
         if not all(node.input[i] in ranges for i in acts):
             continue  # a tensor calibration could not read as float32: left float
         for i in consts:
