@@ -252,9 +252,12 @@ def test_held_out_data_without_labels_says_it_judges_agreement(tmp_path, capsys)
     from edgepipe.cli._common import load_npz
 
     np.savez(tmp_path / "held.npz", x=np.zeros((4, 4), np.float32), labels=np.zeros(4))
-    inputs, labels = load_npz(tmp_path / "held.npz", ["x"])
+    inputs, labels = load_npz(tmp_path / "held.npz", ["x"], judges=True)
     assert labels is None and list(inputs) == ["x"]
     assert "has no labels 'y' (it has labels): judging top-1 agreement with FP32" in capsys.readouterr().err
+    # calibration rows and parity inputs need no labels: no note for them
+    load_npz(tmp_path / "held.npz", ["x"])
+    assert "no labels" not in capsys.readouterr().err
 
 
 def test_an_automatic_split_is_said_and_recorded(tmp_path):

@@ -67,8 +67,10 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def load_npz(path: Path, input_names: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Inputs (by input name, or `x` for a single-input model) and optional labels `y`."""
+def load_npz(path: Path, input_names: list[str],
+             judges: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs (by input name, or `x` for a single-input model) and optional labels `y`. With
+    `judges` (the rows judge accuracy), a file without labels gets a note saying what judges instead."""
     from edgepipe.artifacts import read_npz
 
     data = read_npz(path, "data file")
@@ -80,7 +82,7 @@ def load_npz(path: Path, input_names: list[str]) -> tuple[dict[str, np.ndarray],
         raise InputError(f"{path} has arrays {', '.join(data.files)}; expected the model's inputs "
                          f"({', '.join(input_names)}) or 'x' for a single-input model")
     labels = data["y"] if "y" in data.files else None
-    if labels is None:
+    if labels is None and judges:
         others = [k for k in data.files if k not in input_names and k != "x"]
         typer.echo(f"note: {path} has no labels 'y'" + (f" (it has {', '.join(others)})" if others else "")
                    + ": judging top-1 agreement with FP32, not accuracy", err=True)

@@ -69,7 +69,7 @@ def quantize(
     names = [s.name for s in Engine(model, providers="cpu").inputs]
     eval_data = calib = None
     if data is not None:
-        eval_data = EvalData(*load_npz(data, names))
+        eval_data = EvalData(*load_npz(data, names, judges=True))
     if calibration is not None:
         calib = EvalData(load_npz(calibration, names)[0])
     config = QuantizeConfig(mode=mode.value, calibration=calibration_method.value, batch_sizes=parse_ints(batch, "--batch"),
