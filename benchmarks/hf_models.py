@@ -1,6 +1,6 @@
 """Real-size Hugging Face models through edgepipe, beside plain onnxruntime `quantize_dynamic`.
 
-    python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert]
+    python benchmarks/hf_models.py [--models resnet50,mobilenetv2,vit-base,bert-base,distilbert,zoo]
                                    [--batch 1,8] [--time-budget 40] [--nncf-python VENV/bin/python]
                                    [--optimum-python VENV/bin/python] [--olive-python VENV/bin/python]
 
@@ -17,6 +17,10 @@ fidelity is the figure to read. --optimum-python (a venv with optimum-onnx) also
 dynamic INT8 quantize in its own process, for the ratio of the two tools' wall times.
 --olive-python (a venv with olive-ai) adds Olive's dynamic and static INT8 models (default
 settings, static calibrated on the rows NNCF gets), timed and compared like the others.
+`zoo` (or zoo-mlp, zoo-cnn, zoo-lstm, zoo-transformer) adds the reference zoo, trained here on
+its bundled dataset (`edgepipe train`, its own process) and exported from the checkpoint: every
+tool calibrates on the same 300 training rows, all models are timed and compared on held-out
+rows, and each one's held-out accuracy is reported beside its fidelity (default batches 1,32).
 Writes benchmarks/results/hf_models.json, one line per model.
 """
 
@@ -39,6 +43,28 @@ MODELS = {  # name -> (transformers class, config class, config kwargs)
     "bert-base": ("BertForSequenceClassification", "BertConfig", {"num_labels": 2}),
     "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", {"num_labels": 2}),
 }
+
+
+ZOO = ("mlp", "cnn", "lstm", "transformer")  # zoo-<name>: trained here, judged on held-out rows
+ZOO_CALIBRATION_ROWS = 300  # NNCF's default subset size; every tool gets the same rows
+
+
+def train_zoo(name: str, work: Path) -> tuple[dict, Path, dict]:
+    """Train zoo model `name` (zoo-mlp ...) on its bundled dataset in its own process; write the
+    calibration rows where calibration_rows() looks for them, and return the step, the
+    checkpoint and the held-out split ({input: rows, "y": labels})."""
+    import numpy as np
+
+    from edgepipe.models import load_dataset
+    from edgepipe.models.zoo import DEFAULT_DATASET
+
+    zoo_name = name.removeprefix("zoo-")
+    data = load_dataset(DEFAULT_DATASET[zoo_name])  # seed 0: the split `edgepipe train` holds out
+    step = run_step(["train", "-m", zoo_name, "-o", str(work / name)])
+    np.savez(work / f"{name}.calib.npz", **{data.input_name: data.x_train[:ZOO_CALIBRATION_ROWS]})
+    heldout = {data.input_name: data.x_test, "y": data.y_test}
+    np.savez(work / f"{name}.heldout.npz", **heldout)
+    return step, work / name / "checkpoint.pt", heldout
 
 
 def calibrate_batchnorm(model, image_size: int, passes: int = 4, scale: float = 0.5) -> None:
@@ -89,10 +115,13 @@ def save_model(name: str, folder: Path) -> int:
 
 
 def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int, backend: str,
-            peers: dict[str, tuple[Path, str]] | None = None) -> dict:
+            peers: dict[str, tuple[Path, str]] | None = None, heldout: dict | None = None) -> dict:
     """FP32, edgepipe's INT8 on the backend quantize chose, plain quantize_dynamic, (when
     OpenVINO is installed and was not chosen) edgepipe's INT8 file run by OpenVINO, and each
-    peer's model (name -> (file, the runtime it is made for))."""
+    peer's model (name -> (file, the runtime it is made for)). With `heldout` (inputs and "y"),
+    timing and fidelity use its rows and each model's accuracy on them is reported too."""
+    import numpy as np
+
     from edgepipe.quantize.evaluation import fidelity
     from edgepipe.runtime import Engine, measure_interleaved
     from edgepipe.runtime.openvino_backend import available
@@ -107,16 +136,25 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
         if path.exists():
             engines[key] = Engine(path, backend=runtime, spinning=False)
     out: dict = {"speedup": {}, "fidelity": {}}
+    inputs = {k: v for k, v in (heldout or {}).items() if k != "y"}
+
+    def rows(batch: int, seed: int) -> dict:
+        if not inputs:
+            return make_feeds(engines["fp32"].inputs, batch=batch, seed=seed)
+        return {k: np.resize(v, (batch, *v.shape[1:])) for k, v in inputs.items()}
+
     for batch in batches:
-        feeds = make_feeds(engines["fp32"].inputs, batch=batch, seed=3)
+        feeds = rows(batch, seed=3)
         stats = measure_interleaved({k: e.runner(feeds) for k, e in engines.items()}, batch, rounds=rounds)
         out["speedup"][batch] = {k: round(stats["fp32"].p50_ms / s.p50_ms, 3) for k, s in stats.items() if k != "fp32"}
         out.setdefault("fp32_p50_ms", {})[batch] = round(stats["fp32"].p50_ms, 3)
-    feeds = make_feeds(engines["fp32"].inputs, batch=8, seed=4)
-    reference = engines["fp32"].run(feeds)[engines["fp32"].output_names[0]]
+    feeds = inputs or make_feeds(engines["fp32"].inputs, batch=8, seed=4)
+    got = {key: engine.run(feeds)[engine.output_names[0]] for key, engine in engines.items()}
     for key in [k for k in engines if k != "fp32"]:
-        got = engines[key].run(feeds)[engines[key].output_names[0]]
-        out["fidelity"][key] = {k: round(v, 5) for k, v in fidelity(got, reference).items()}
+        out["fidelity"][key] = {k: round(v, 5) for k, v in fidelity(got[key], got["fp32"]).items()}
+    if heldout:
+        out["accuracy"] = {k: round(float(np.mean(v.argmax(-1) == heldout["y"])), 4) for k, v in got.items()}
+        out["heldout_rows"] = len(heldout["y"])
     return out
 
 
@@ -162,17 +200,29 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
           nncf_python: str | None = None, optimum_python: str | None = None, olive_python: str | None = None) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    folder = work / name
-    row: dict = {"model": name, "parameters": save_model(name, folder)}
+    folder, heldout, row = work / name, None, {"model": name, "batches": batches}
+    if name.startswith("zoo-"):
+        row["train"], folder, heldout = train_zoo(name, work)
+        if row["train"]["exit"] != 0:
+            return row
+    else:
+        row["parameters"] = save_model(name, folder)
     onnx_path, int8, plain = work / f"{name}.onnx", work / f"{name}.int8.onnx", work / f"{name}.plain.onnx"
     row["export"] = run_step(["export", str(folder), "-o", str(onnx_path), "--json", str(work / f"{name}.export.json")])
     if row["export"]["exit"] != 0:
         return row
     row["fp32_mb"] = round(onnx_path.stat().st_size / 1e6, 1)
+    if heldout:
+        import numpy as np
+        import onnx
+
+        row["parameters"] = int(sum(np.prod(t.dims) for t in onnx.load(onnx_path).graph.initializer))
     quant_args = ["quantize", str(onnx_path), "-o", str(int8), "--batch", ",".join(map(str, batches)),
                   "--json", str(work / f"{name}.quant.json")]
     if time_budget:
         quant_args += ["--time-budget", str(time_budget)]
+    if heldout:  # labelled held-out rows judge accuracy; the peers' training rows calibrate
+        quant_args += ["--data", str(work / f"{name}.heldout.npz"), "--calibration", str(work / f"{name}.calib.npz")]
     row["quantize"] = run_step(quant_args)
     # peak_rss_mb is sampled from outside (steps.py); the stage's own figure, the highest of
     # its phases' peaks, is kept beside it
@@ -207,14 +257,14 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         if olive is not None:
             peers[f"olive_{mode}"] = (olive, "onnxruntime")
     if int8.exists():
-        row |= compare(onnx_path, int8, plain, batches, rounds, backend, peers)
+        row |= compare(onnx_path, int8, plain, batches, rounds, backend, peers, heldout)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,mobilenetv2,vit-base,bert-base")
-    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--batch", default=None, help="batch sizes (default: 1,8; the zoo's 1,32)")
     parser.add_argument("--time-budget", type=float, default=None, help="edgepipe quantize's (default: its own)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--nncf-python", default=None,
@@ -228,18 +278,19 @@ def main() -> None:
 
     cpu = read_cpu()
     print(json.dumps({"cpu": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni}), flush=True)
-    batches = [int(b) for b in args.batch.split(",")]
+    names = [m for name in args.models.split(",") for m in ([f"zoo-{z}" for z in ZOO] if name == "zoo" else [name])]
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            row = bench(name, Path(tmp), batches, args.time_budget, args.rounds, args.nncf_python,
+        for name in names:
+            batch = args.batch or ("1,32" if name.startswith("zoo-") else "1,8")
+            row = bench(name, Path(tmp), [int(b) for b in batch.split(",")], args.time_budget, args.rounds, args.nncf_python,
                         args.optimum_python, args.olive_python)
             print(json.dumps(row), flush=True)
             rows.append(row)
     (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,
-                                                        "batches": batches, "rows": rows}, indent=2))
+                                                        "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
