@@ -100,6 +100,22 @@ def test_engine_on_openvino_matches_onnxruntime_and_validates_inputs(tmp_path):
 
 
 @needs_openvino
+def test_profile_times_one_file_on_openvino_against_another_on_onnxruntime(tmp_path, cli):
+    path = _cnn(tmp_path / "cnn.onnx")
+    result = cli("profile", path, "--compare", path, "--backend", "openvino", "--backend", "onnxruntime",
+                 "--batch", "1", "--seconds", "0.01")
+    assert result.exit_code == 0, result.output
+    assert f"provider: {ovb.PROVIDER_NAME}, CPUExecutionProvider" in result.output
+    assert "threads: openvino default and onnxruntime default" in result.output
+    # the same file on two runtimes: a row each, named by backend, the second against the first
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("cnn.onnx")]
+    assert [r[:3] for r in rows] == [["cnn.onnx", "(openvino)", "1"], ["cnn.onnx", "(onnxruntime)", "1"]]
+    assert rows[0][-1] == "-" and rows[1][-1].endswith("x")
+    result = cli("profile", path, "--compare", path, "--batch", "1", "--seconds", "0.01")
+    assert result.exit_code == 2 and "the same model on the same backend twice" in result.output
+
+
+@needs_openvino
 @pytest.mark.slow  # a (small) search
 def test_quantize_measures_the_openvino_twin_without_building_it_again(tmp_path):
     path = _cnn(tmp_path / "cnn.onnx", channels=64, size=32)

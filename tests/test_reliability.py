@@ -248,6 +248,17 @@ def test_profile_prints_and_records_the_size_of_every_dynamic_dim(tmp_path, cli)
     assert json.loads((tmp_path / "p.json").read_text())["dims"] == {"seq": 128}
 
 
+def test_profile_compare_labels_files_that_share_a_name_by_their_path(tmp_path, cli):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _tiny_onnx(tmp_path / "a" / "m.onnx"), _tiny_onnx(tmp_path / "b" / "m.onnx")
+    result = cli("profile", first, "--compare", second, "--batch", "1", "--seconds", "0.01")
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if "m.onnx" in line]
+    assert rows == ["a/m.onnx", "b/m.onnx"]  # the shortest tail of the paths that tells them apart
+    result = cli("profile", first, "--compare", first, "--batch", "1", "--seconds", "0.01")
+    assert result.exit_code == 2 and "the same model on the same backend twice" in result.output
+
+
 def test_held_out_data_without_labels_says_it_judges_agreement(tmp_path, capsys):
     from edgepipe.cli._common import load_npz
 

@@ -70,9 +70,7 @@ def profile(
 
         raise InputError("--compare takes one --threads value; sweep threads on a single model")
     if compare:
-        models = {model.name: model, **{p.name: p for p in compare}}
-        if len(models) != 1 + len(compare):
-            models = {str(model): model, **{str(p): p for p in compare}}
+        models = dict(zip(_labels(paths, backends), paths))
         record = compare_models(models, batches, providers=provider, threads=sweep[0], dims=parse_dims(dim or []),
                                 provider_options=provider_options, backends=dict(zip(models, backends)))
         by_label = record["latency"]
@@ -91,7 +89,7 @@ def profile(
     if record.get("dims"):
         typer.echo("dynamic dims: " + ", ".join(f"{k}={v}" for k, v in record["dims"].items())
                    + ("" if dim else " (the export's example sizes; set them with --dim NAME=SIZE)"))
-    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in (record.get('models') or {'': {'providers': providers}}).values()))}  threads: {threads or 'onnxruntime default'}  "
+    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in (record.get('models') or {'': {'providers': providers}}).values()))}  threads: {threads or ' and '.join(f'{b} default' for b in dict.fromkeys(backends))}  "
                f"cpu: {record['hardware']['cpu']['model']}")
     typer.echo(latency_table(record, by_label))
     if record.get("placement"):
@@ -146,3 +144,20 @@ def _profile_decoder(model: Path, batch: str, prompt_lengths: str, new_tokens: i
     typer.echo(f"peak RSS {record['peak_rss_mb']} MB; {record['rows'][0]['new_tokens']} new tokens per run, "
                f"{record['rows'][0]['runs']} runs after a warm-up")
     write_json_out(json_out, record)
+
+
+def _labels(paths: list[Path], backends: list[str]) -> list[str]:
+    """A row label per model: its file name; with its backend where the same file is timed on two
+    runtimes; else the shortest tail of the paths that tells them apart."""
+    from edgepipe.errors import InputError
+
+    tails = [[p.name for p in paths]]
+    if len({p.resolve() for p in paths}) < len(paths):  # one file on two runtimes
+        tails.append([f"{p.name} ({b})" for p, b in zip(paths, backends)])
+    for depth in range(2, max(len(p.resolve().parts) for p in paths) + 1):
+        tails.append([str(Path(*p.resolve().parts[-depth:])) for p in paths])
+    tails.append([f"{p.resolve()} ({b})" for p, b in zip(paths, backends)])
+    for labels in tails:
+        if len(set(labels)) == len(labels):
+            return labels
+    raise InputError("--compare names the same model on the same backend twice; time each model once")

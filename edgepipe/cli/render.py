@@ -101,11 +101,12 @@ def prune_summary(report, output: Path) -> str:
 
 def latency_table(record: dict, by_label: dict[str, list[dict]]) -> str:
     """p50/p90/p99 and throughput per model and batch, with the ratio against the baseline."""
-    lines = [f"{'model':28} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs base':>8}"]
+    width = max([28, *map(len, by_label)])  # labels are never cut: they tell the rows apart
+    lines = [f"{'model':{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs base':>8}"]
     for label, rows in by_label.items():
         for stats in rows:
             ratio = record.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
-            lines.append(f"{label[:28]:28} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
+            lines.append(f"{label:{width}} {stats['batch']:>5} {stats['p50_ms']:>9.4f} {stats['p90_ms']:>9.4f} "
                          f"{stats['p99_ms']:>9.4f} {stats['throughput']:>11.1f} "
                          f"{(f'{ratio:.2f}x' if ratio else '-'):>8}")
     return "\n".join(lines)
