@@ -151,8 +151,9 @@ def _torchscript_export(source: ModelSource, example: tuple, path: Path, opset: 
 
 
 def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.ModelProto:
-    """Name dynamic dims as the spec does (the dynamo exporter writes s0, s1 …), record the spec
-    and provenance in metadata, pin an IR version ORT can load, and run the ONNX checker."""
+    """Name dynamic dims as the spec does (the dynamo exporter writes s0, s1 …), drop the weights'
+    copies in value_info, record the spec and provenance in metadata, pin an IR version ORT can
+    load, and run the ONNX checker."""
     model = onnx.load(str(path))
     renames: dict[str, str] = {}
     graph_inputs = {i.name: i for i in model.graph.input}
@@ -168,6 +169,14 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
             elif not dim.dim_param:
                 raise ExportError(f"exporter '{exporter}' made axis {axis} of '{spec.name}' static "
                                   f"({dim.dim_value}) although it is declared dynamic ('{name}')")
+    # the dynamo exporter also lists every weight in value_info; the initializer already carries
+    # its shape, and onnxruntime's quantize_dynamic refuses such a file (its shape inference
+    # meets the copy after transposing a Gemm weight: "Inferred shape and existing shape differ")
+    weights = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    if len(kept) < len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
     for value in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in renames:
