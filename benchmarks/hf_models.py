@@ -21,7 +21,8 @@ settings, static calibrated on the rows NNCF gets), timed and compared like the 
 its bundled dataset (`edgepipe train`, its own process) and exported from the checkpoint: every
 tool calibrates on the same 300 training rows, all models are timed and compared on held-out
 rows, and each one's held-out accuracy is reported beside its fidelity (default batches 1,32).
-Writes benchmarks/results/hf_models.json, one line per model.
+Writes benchmarks/results/hf_models.json, a row per model, after each model; rows an earlier run on
+the same CPU wrote for other models are kept.
 """
 
 from __future__ import annotations
@@ -279,9 +280,8 @@ def main() -> None:
     cpu = read_cpu()
     print(json.dumps({"cpu": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni}), flush=True)
     names = [m for name in args.models.split(",") for m in ([f"zoo-{z}" for z in ZOO] if name == "zoo" else [name])]
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    rows = []
+    out = Path(__file__).resolve().parent / "results" / "hf_models.json"
+    rows = kept_rows(out, cpu, names)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             batch = args.batch or ("1,32" if name.startswith("zoo-") else "1,8")
@@ -289,9 +289,19 @@ def main() -> None:
                         args.optimum_python, args.olive_python)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    (results / "hf_models.json").write_text(json.dumps({"cpu": cpu.model, "features": cpu.features,
-                                                        "rows": rows}, indent=2))
+            out.parent.mkdir(exist_ok=True)  # after every model: an interrupted run keeps what it measured
+            out.write_text(json.dumps({"cpu": cpu.model, "features": cpu.features, "rows": rows}, indent=2))
 
+
+def kept_rows(out: Path, cpu, names: list[str]) -> list[dict]:
+    """The rows of an earlier run on this same CPU for models this run does not measure again."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(earlier, dict) or (earlier.get("cpu"), earlier.get("features")) != (cpu.model, cpu.features):
+        return []
+    return [row for row in earlier.get("rows", []) if row.get("model") not in names]
 
 if __name__ == "__main__":
     main()
