@@ -163,6 +163,7 @@ def test_the_summary_says_when_the_chosen_file_is_out_of_budget_on_onnxruntime()
     record = json.loads((Path(__file__).parent / "data" / "quantize_record_openvino.json").read_text())
     text = quantize_summary(QuantizeReport.from_dict(record), Path("cnn.int8.onnx"))
     assert "runs on openvino" in text
+    assert "for a device with onnxruntime only, quantize with --backend onnxruntime" in text
     assert "on onnxruntime the same file is out of the accuracy budget (accuracy drop 0.0111 > 0.01" in text
     for row in record["candidates"]:  # the twin within budget: nothing to warn about
         if row["backend"] == "onnxruntime" and row["verdict"].startswith("accuracy"):

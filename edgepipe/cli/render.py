@@ -54,7 +54,8 @@ def quantize_summary(report, output: Path) -> str:
     if chosen.backend != "onnxruntime":
         lines.append(f"runs on {chosen.backend}: the file is standard QDQ ONNX, and its speed was measured on "
                      f"{chosen.backend} (Engine(path, backend=\"{chosen.backend}\"); "
-                     f"edgepipe profile {output} --backend {chosen.backend}; Engine.from_run picks it up)")
+                     f"edgepipe profile {output} --backend {chosen.backend}; Engine.from_run picks it up); "
+                     "for a device with onnxruntime only, quantize with --backend onnxruntime")
         twin = next((c for c in report.candidates if c.backend == "onnxruntime"
                      and chosen.recipe == f"{c.recipe}/{chosen.backend}"), None)
         if twin is not None and twin.verdict.startswith("accuracy"):
