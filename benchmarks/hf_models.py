@@ -52,11 +52,12 @@ ZOO_CALIBRATION_ROWS = 300  # NNCF's default subset size; every tool gets the sa
 
 def train_zoo(name: str, work: Path) -> tuple[dict, Path, dict]:
     """Train zoo model `name` (zoo-mlp ...) on its bundled dataset in its own process; write the
-    calibration rows where calibration_rows() looks for them, and return the step, the
-    checkpoint and the held-out split ({input: rows, "y": labels})."""
+    calibration rows where calibration_rows() looks for them, and return the step (with the
+    parameter count training recorded), the checkpoint and the held-out split ({input: rows,
+    "y": labels})."""
     import numpy as np
 
-    from edgepipe.models import load_dataset
+    from edgepipe.models import load_checkpoint, load_dataset
     from edgepipe.models.zoo import DEFAULT_DATASET
 
     zoo_name = name.removeprefix("zoo-")
@@ -65,7 +66,10 @@ def train_zoo(name: str, work: Path) -> tuple[dict, Path, dict]:
     np.savez(work / f"{name}.calib.npz", **{data.input_name: data.x_train[:ZOO_CALIBRATION_ROWS]})
     heldout = {data.input_name: data.x_test, "y": data.y_test}
     np.savez(work / f"{name}.heldout.npz", **heldout)
-    return step, work / name / "checkpoint.pt", heldout
+    checkpoint = work / name / "checkpoint.pt"
+    if step["exit"] == 0:
+        step["parameters"] = load_checkpoint(checkpoint)[1]["metrics"]["params"]
+    return step, checkpoint, heldout
 
 
 def calibrate_batchnorm(model, image_size: int, passes: int = 4, scale: float = 0.5) -> None:
@@ -206,6 +210,7 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
         row["train"], folder, heldout = train_zoo(name, work)
         if row["train"]["exit"] != 0:
             return row
+        row["parameters"] = row["train"].pop("parameters")
     else:
         row["parameters"] = save_model(name, folder)
     onnx_path, int8, plain = work / f"{name}.onnx", work / f"{name}.int8.onnx", work / f"{name}.plain.onnx"
@@ -213,11 +218,6 @@ def bench(name: str, work: Path, batches: list[int], time_budget: float | None, 
     if row["export"]["exit"] != 0:
         return row
     row["fp32_mb"] = round(onnx_path.stat().st_size / 1e6, 1)
-    if heldout:
-        import numpy as np
-        import onnx
-
-        row["parameters"] = int(sum(np.prod(t.dims) for t in onnx.load(onnx_path).graph.initializer))
     quant_args = ["quantize", str(onnx_path), "-o", str(int8), "--batch", ",".join(map(str, batches)),
                   "--json", str(work / f"{name}.quant.json")]
     if time_budget:
@@ -302,6 +302,7 @@ def kept_rows(out: Path, cpu, names: list[str]) -> list[dict]:
     if not isinstance(earlier, dict) or (earlier.get("cpu"), earlier.get("features")) != (cpu.model, cpu.features):
         return []
     return [row for row in earlier.get("rows", []) if row.get("model") not in names]
+
 
 if __name__ == "__main__":
     main()

@@ -151,12 +151,13 @@ def _labels(paths: list[Path], backends: list[str]) -> list[str]:
     runtimes; else the shortest tail of the paths that tells them apart."""
     from edgepipe.errors import InputError
 
+    full = [p.resolve() for p in paths]
     tails = [[p.name for p in paths]]
-    if len({p.resolve() for p in paths}) < len(paths):  # one file on two runtimes
+    if len(set(full)) < len(full):  # one file on two runtimes
         tails.append([f"{p.name} ({b})" for p, b in zip(paths, backends)])
-    for depth in range(2, max(len(p.resolve().parts) for p in paths) + 1):
-        tails.append([str(Path(*p.resolve().parts[-depth:])) for p in paths])
-    tails.append([f"{p.resolve()} ({b})" for p, b in zip(paths, backends)])
+    for depth in range(2, max(len(p.parts) for p in full) + 1):
+        tails.append([str(Path(*p.parts[-depth:])) for p in full])
+    tails.append([f"{p} ({b})" for p, b in zip(full, backends)])
     for labels in tails:
         if len(set(labels)) == len(labels):
             return labels
