@@ -865,6 +865,7 @@ def test_a_build_that_would_end_past_the_build_share_of_the_budget_is_not_starte
     import time
 
     from edgepipe.quantize.budget import CALIBRATION_FACTOR
+    from edgepipe.quantize.calibration import MeasuredRanges
 
     search = object.__new__(search_mod.Search)
     search.config = QuantizeConfig(time_budget_s=120)
@@ -875,6 +876,12 @@ def test_a_build_that_would_end_past_the_build_share_of_the_budget_is_not_starte
     assert search.build_estimate(dynamic, seconds) == 5.0  # its method's last build
     assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
     assert search.build_estimate(static, {"static": [20.0], **seconds}) == 20.0
+    symmetric = Recipe("static", "QDQ", "S8", per_channel=True, symmetric=True)
+    assert search.build_estimate(symmetric, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["symmetric"] * 32 * 0.2)
+    # ranges measured in the reference pass: no calibration left to pay for
+    search.calibration = replace(search.calibration, ranges=MeasuredRanges(["x"], rows=32))
+    assert search.build_estimate(symmetric, seconds) == 5.0
+    assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
     search.started = time.perf_counter() - 30  # 30 s spent: 48 s is 40% of the budget
     assert search.build_fits(dynamic, seconds, 0.4) and not search.build_fits(static, seconds, 0.4)
     search.config = QuantizeConfig(time_budget_s=200)

@@ -16,7 +16,11 @@ from test_quantize import AVX2_ONLY
 
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize import candidate_recipes, static_matmul
-from edgepipe.quantize.evaluation import fidelity
+from edgepipe.quantize import search as search_mod
+from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.evaluation import evaluate, fidelity
+from edgepipe.quantize.recipes import Recipe
+from edgepipe.quantize.search import Search
 from edgepipe.runtime import Engine
 from edgepipe.runtime.hardware import CpuInfo
 from edgepipe.runtime.spec import METADATA_KEY
@@ -118,6 +122,53 @@ def test_ranges_are_calibrated_once_and_excluded_nodes_stay_float(tmp_path, monk
     scores = next(n for n in graph.node if n.name == "l0_scores")
     assert [made.get(i) for i in scores.input] == ["Add", "Transpose"]
     assert not list(tmp_path.glob("ranges-calibration.onnx*"))  # the calibration model is removed
+
+
+def test_the_reference_pass_measures_the_ranges_a_calibration_pass_would(tmp_path, monkeypatch):
+    """reference_with_ranges runs FP32 once over the held-out rows for both the reference and
+    the symmetric layout's calibration; a build given those ranges runs no calibration."""
+    src = _attention(tmp_path / "attn.onnx", layers=2)
+    data = EvalData(_data(rows=24))
+    tapped = static_matmul.reference_with_ranges(src, data, tmp_path, providers="cpu")
+    np.testing.assert_allclose(tapped.output, evaluate(Engine(src), data)[0], rtol=1e-5, atol=1e-6)
+    assert tapped.inputs[0].name == "x" and tapped.providers == ["CPUExecutionProvider"]
+    assert not list(tmp_path.glob("reference-ranges.onnx*"))  # the tapped copy is removed
+    names = tapped.ranges.names
+    assert len(names) == 12  # per block: x (Q, K and V read it), q, k^T, v, softmax, the Gemm's input
+    calibrated = static_matmul.activation_ranges(onnx.load(str(src)), names, data.inputs, 24, tmp_path, 5)
+    assert tapped.ranges.rows == calibrated.rows == 24
+    assert set(tapped.ranges.values) == set(calibrated.values) == set(names)
+    for name, seen in calibrated.values.items():
+        np.testing.assert_allclose(tapped.ranges.values[name], seen, rtol=1e-5, atol=1e-6, err_msg=name)
+    calls = []
+    real = static_matmul.activation_ranges
+    monkeypatch.setattr(static_matmul, "activation_ranges", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for sub, samples in (("all", 256), ("fewer", 16)):  # 16 of 24 rows: not what was measured
+        (tmp_path / sub).mkdir()
+        assert static_matmul.quantize(src, tmp_path / sub / "q.onnx", data.inputs, samples,
+                                      measured=tapped.ranges) == 12
+        assert len(calls) == (0 if sub == "all" else 1), sub
+    feeds = _data(rows=8, seed=2)
+    got = Engine(tmp_path / "all" / "q.onnx").run(feeds)["logits"]
+    assert fidelity(got, Engine(src).run(feeds)["logits"])["rel_l2"] < 0.05
+
+
+def test_the_search_calibrates_in_its_reference_pass_and_falls_back_when_that_fails(tmp_path, monkeypatch):
+    src = _attention(tmp_path / "attn.onnx")
+    data = EvalData(_data(rows=24))
+    config = QuantizeConfig(batch_sizes=(8,), time_budget_s=0, backends=("onnxruntime",))
+    monkeypatch.setattr(static_matmul, "activation_ranges", lambda *a, **k: pytest.fail("calibrated twice"))
+    search = Search(src, config, data, data, tmp_path, lambda message: None, tap_ranges=True)
+    assert search.calibration.ranges.covers(search.calibration.ranges.names, 24)
+    assert search.eval_data.ranges is None  # the held-out rows themselves are left as given
+    search.sources = [src]
+    cand = search.build(Recipe("static", "QDQ", "S8", "S8", per_channel=True, symmetric=True))
+    assert cand.error is None and cand.agreement >= 0.9, cand.error
+    # a file the tapped pass cannot load: the plain reference decides and the build calibrates
+    assert static_matmul.reference_with_ranges(tmp_path / "missing.onnx", data, tmp_path) is None
+    monkeypatch.setattr(search_mod, "reference_with_ranges", lambda *a, **k: None)
+    search = Search(src, config, data, data, tmp_path, lambda message: None, tap_ranges=True)
+    assert search.calibration.ranges is None and len(search.reference) == 24
 
 
 def test_an_opset_without_per_channel_dequantize_is_refused(tmp_path):

@@ -1,5 +1,5 @@
 """The time side of a quantize search: phases timed (seconds and peak memory), the budget left,
-and how many timing rounds fit in it. A mixin of Search, which provides config, fp32,
+and how many timing rounds fit in it. A mixin of Search, which provides config, fp32, calibration,
 sweep, started, phases, phase_peaks, rounds_used, rows, built, _call_cost and timing_feeds."""
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class TimeBudget:
         """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
         far, per build_kind): its kind's last; for a first twin its evaluation (the held-out
         rows at one FP32 call each); for a first static build the last build's plus its
-        calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each)."""
+        calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each), none for the
+        every-MatMul layout when the reference pass measured its ranges."""
         kind = self.build_kind(recipe)
         if seconds.get(kind):
             return seconds[kind][-1]
@@ -70,8 +71,8 @@ class TimeBudget:
         if kind == "twin":
             return self.rows * per_row
         last = max((v[-1] for v in seconds.values() if v), default=0.0)
-        if kind not in CALIBRATION_FACTOR:
-            return last
+        if kind not in CALIBRATION_FACTOR or kind == "symmetric" and self.calibration.ranges is not None:
+            return last  # the reference pass measured the every-MatMul layout's ranges
         rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
         return last + CALIBRATION_FACTOR[kind] * rows * per_row
 

@@ -75,7 +75,8 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
         raise QuantizationError("static quantization needs calibration data: pass --calibration "
                                 "data.npz (or run it in a pipeline, which uses the training data)")
     if recipe.symmetric:  # OpenVINO's layout, written directly
-        static_matmul.quantize(model_path, out, calibration.inputs, samples, set(recipe.nodes_to_exclude))
+        static_matmul.quantize(model_path, out, calibration.inputs, samples, set(recipe.nodes_to_exclude),
+                               measured=calibration.ranges)
         return
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -79,3 +80,29 @@ class ArrayCalibrationReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._iter, self._range = None, (0, len(self))
+
+
+@dataclass
+class MeasuredRanges:
+    """The running (min, max) of named float32 tensors over the calls recorded, and how many rows
+    those calls held: what the symmetric every-MatMul layout calibrates on (static_matmul).
+    Called as `ranges(feeds, outputs)` after each run; a name is read from the outputs, else
+    from the feeds (a MatMul reading a graph input). Min and max ignore a row seen twice."""
+
+    names: list[str]
+    rows: int = 0
+    values: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        for name in self.names:
+            value = outputs[name] if name in outputs else feeds.get(name)
+            if value is None or value.dtype != np.float32 or not value.size:
+                continue
+            low, high = float(value.min()), float(value.max())
+            seen = self.values.get(name)
+            self.values[name] = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+        self.rows += min((len(v) for v in feeds.values()), default=0)
+
+    def covers(self, names, rows: int) -> bool:
+        """Whether these ranges are a calibration of `names` over exactly `rows` rows."""
+        return self.rows == rows and all(n in self.values for n in names)

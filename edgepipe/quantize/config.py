@@ -130,7 +130,9 @@ class QuantizeConfig:
 
 @dataclass
 class EvalData:
-    """Held-out inputs (name -> array) and, for classifiers, integer labels."""
+    """Held-out inputs (name -> array) and, for classifiers, integer labels. `ranges`: activation
+    ranges already measured on these rows (calibration.MeasuredRanges), when calibrating on them."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    ranges: object | None = None

@@ -17,16 +17,20 @@ from edgepipe.runtime.timing import WARMUP_S, time_call
 
 
 def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None,
-             batch_size: int | None = None, head: np.ndarray | None = None
+             batch_size: int | None = None, head: np.ndarray | None = None, tap=None
              ) -> tuple[np.ndarray, float | None, float | None]:
     """(first output, accuracy vs labels, top-1 agreement vs reference). `head`: the first output
-    of `engine` on the first len(head) rows, already computed (those rows are not run again)."""
+    of `engine` on the first len(head) rows, already computed (those rows are not run again).
+    `tap(feeds, outputs)` sees every call's feeds and outputs (calibration.MeasuredRanges)."""
     n = min(len(a) for a in data.inputs.values())
     batch_size = batch_size or rows_per_batch(data.inputs, 256)
     chunks = [] if head is None else [head]
     for i in range(0 if head is None else len(head), n, batch_size):
         feeds = {k: v[i:i + batch_size] for k, v in data.inputs.items()}
-        chunks.append(engine.run(feeds)[engine.output_names[0]])
+        outputs = engine.run(feeds)
+        if tap is not None:
+            tap(feeds, outputs)
+        chunks.append(outputs[engine.output_names[0]])
     out = np.concatenate(chunks)
     acc = float((out.argmax(-1) == data.labels[:n]).mean()) if data.labels is not None else None
     agree = float((out.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None

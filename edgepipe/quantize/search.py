@@ -19,10 +19,12 @@ from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
+from edgepipe.quantize.judging import Judging
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import Baseline
 from edgepipe.quantize.rewrites import Sources
-from edgepipe.quantize.verdict import FAILED, OK, SPEED, Verdict
+from edgepipe.quantize.static_matmul import reference_with_ranges
+from edgepipe.quantize.verdict import FAILED, SPEED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.sessions import SessionSetting, fastest_per_batch, session_settings
 from edgepipe.runtime.spec import make_feeds
@@ -36,20 +38,31 @@ PAIRWISE_BYTES = 1 << 30
 CLEAR_LEAD, CLEAR_AGREE = 1.2, 1.15
 
 
-class Search(TimeBudget):
+class Search(TimeBudget, Judging):
     """One quantize run: the FP32 reference, the data, and every candidate tried."""
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
                  calibration: EvalData, work: Path, say: Callable[[str], None], *,
                  fp32: Engine | None = None, call_cost: dict[int, float] | None = None,
-                 fp32_head: np.ndarray | None = None):
+                 fp32_head: np.ndarray | None = None, tap_ranges: bool = False):
         self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
         self.work, self.say = work, say
         self._fp32: Engine | None = fp32  # the FP32 evaluation Engine, when the caller has one open
-        self.inputs = self.fp32.inputs
-        self.fp32_providers = list(self.fp32.providers)  # where the search runs (CUDA first on device cuda)
-        # fp32_head: FP32's output on the first rows, when sizing the generated rows ran them
-        self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data, head=fp32_head)
+        # tap_ranges: the calibration rows are these; the symmetric layout's ranges come from the
+        # reference's calls (its build then runs no calibration pass), unless that fails
+        tapped = None
+        if tap_ranges:
+            self.drop_fp32()  # the tapped model is a second copy of the weights
+            tapped = reference_with_ranges(onnx_path, eval_data, work, providers=config.providers,
+                                           threads=config.threads, spinning=False)
+        if tapped:
+            self.reference, self.fp32_accuracy = tapped.output, tapped.accuracy
+            self.calibration = replace(calibration, ranges=tapped.ranges)
+            self.inputs, self.fp32_providers = tapped.inputs, tapped.providers
+        else:  # fp32_head: FP32's output on the first rows, when sizing the generated rows ran them
+            self.reference, self.fp32_accuracy, _ = evaluate(self.fp32, eval_data, head=fp32_head)
+            self.inputs = self.fp32.inputs
+            self.fp32_providers = list(self.fp32.providers)  # where the search runs (CUDA first on device cuda)
         self.rows = len(self.reference)
         # Whether one row is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
         self.resolved = resolves(self.rows, config.max_accuracy_drop)
@@ -85,40 +98,6 @@ class Search(TimeBudget):
         """Release the evaluation session (BERT-base: 0.5 GB) while candidates are built."""
         self._fp32 = None
         return_freed_memory()
-
-    # --- judging -------------------------------------------------------------------------
-    @property
-    def needed(self) -> float:
-        """The speedup a candidate must show at every batch size to count as faster."""
-        return self.config.min_speedup * (1 + self.config.speedup_margin)
-
-    def accurate(self, cand: Candidate) -> bool:
-        if cand.error is not None:
-            return False
-        budget = self.config.max_accuracy_drop
-        if cand.accuracy_drop <= budget:
-            return True
-        return not self.resolved and cand.flips is not None and cand.flips.drop_lower_bound <= budget
-
-    def accuracy_verdict(self, cand: Candidate, detail: str = "") -> Verdict:
-        if cand.flips is not None:
-            counted = f"{cand.flips.losses} of {cand.flips.rows} rows lost, {cand.flips.gains} gained"
-            if not self.resolved:
-                counted += f"; 95% lower bound {cand.flips.drop_lower_bound:.4f} is above the budget too"
-            detail = f"{detail}; {counted}" if detail else counted
-        return Verdict.accuracy(cand.accuracy_drop, self.config.max_accuracy_drop, detail)
-
-    def fast_enough(self, cand: Candidate) -> bool:
-        return bool(cand.speedup) and all(s >= self.needed for s in cand.speedup.values())
-
-    def judge(self, cand: Candidate) -> None:
-        slow = {b: s for b, s in cand.speedup.items() if s < self.needed}
-        if not self.accurate(cand):
-            cand.verdict = self.accuracy_verdict(cand)
-        elif slow:
-            cand.verdict = Verdict.too_slow(slow, self.needed)
-        else:
-            cand.verdict = Verdict(OK)
 
     def baseline(self) -> Baseline:
         return Baseline(accuracy=self.fp32_accuracy,

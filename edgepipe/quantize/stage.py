@@ -205,8 +205,12 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:
+        # calibrating on the held-out rows: the symmetric layout's ranges come from the reference pass
+        tap = calibration is None and rows <= config.calibration_samples and any(r.symmetric for r in recipes)
+        if tap:  # the tapped pass loads a copy of its own: one FP32 model in memory at a time
+            fp32 = None
         search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say, fp32=fp32,
-                        call_cost=call_cost, fp32_head=head[0] if head else None)
+                        call_cost=call_cost, fp32_head=head[0] if head else None, tap_ranges=tap)
         del fp32  # the search drops it while building
         search.started = started  # the budget covers the whole stage
         with search.phase("prepare"):

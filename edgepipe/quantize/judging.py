@@ -1,0 +1,43 @@
+"""The judging side of a quantize search: whether a candidate is accurate and fast enough, and
+its verdict. A mixin of Search, which provides config and resolved (whether the held-out rows
+can resolve the accuracy budget)."""
+
+from __future__ import annotations
+
+from edgepipe.quantize.candidate import Candidate
+from edgepipe.quantize.verdict import OK, Verdict
+
+
+class Judging:
+    @property
+    def needed(self) -> float:
+        """The speedup a candidate must show at every batch size to count as faster."""
+        return self.config.min_speedup * (1 + self.config.speedup_margin)
+
+    def accurate(self, cand: Candidate) -> bool:
+        if cand.error is not None:
+            return False
+        budget = self.config.max_accuracy_drop
+        if cand.accuracy_drop <= budget:
+            return True
+        return not self.resolved and cand.flips is not None and cand.flips.drop_lower_bound <= budget
+
+    def accuracy_verdict(self, cand: Candidate, detail: str = "") -> Verdict:
+        if cand.flips is not None:
+            counted = f"{cand.flips.losses} of {cand.flips.rows} rows lost, {cand.flips.gains} gained"
+            if not self.resolved:
+                counted += f"; 95% lower bound {cand.flips.drop_lower_bound:.4f} is above the budget too"
+            detail = f"{detail}; {counted}" if detail else counted
+        return Verdict.accuracy(cand.accuracy_drop, self.config.max_accuracy_drop, detail)
+
+    def fast_enough(self, cand: Candidate) -> bool:
+        return bool(cand.speedup) and all(s >= self.needed for s in cand.speedup.values())
+
+    def judge(self, cand: Candidate) -> None:
+        slow = {b: s for b, s in cand.speedup.items() if s < self.needed}
+        if not self.accurate(cand):
+            cand.verdict = self.accuracy_verdict(cand)
+        elif slow:
+            cand.verdict = Verdict.too_slow(slow, self.needed)
+        else:
+            cand.verdict = Verdict(OK)
