@@ -186,8 +186,12 @@ def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo
     # the likeliest winner is built first (no Conv: dynamic, full range before reduce_range,
     # per-channel before per-tensor) ...
     assert record["candidates"][0]["recipe"] == "dynamic/WS8/per-channel"
-    # ... and timing shrinks to its floor of 3 rounds instead of the configured 12
-    assert record["rounds"]["measure"] == 3 and record["rounds"].get("confirm", 3) == 3
+    # ... and timing shrinks to its floor of 3 rounds instead of the configured 12 (2 for a
+    # confirmation whose first figure leads by 1.2 x the 1.05x needed)
+    cand = record["candidates"][0]
+    first = {b: v[0] for b, v in cand["speedup_trials"].items()} if cand["speedup_trials"] else cand["speedup"]
+    floor = 2 if first and all(v >= 1.2 * 1.05 for v in first.values()) else 3
+    assert record["rounds"]["measure"] == 3 and record["rounds"].get("confirm", floor) == floor
 
 
 def test_build_order_puts_the_likeliest_winners_first():
@@ -805,6 +809,39 @@ def test_one_confirmation_trial_is_enough_only_for_a_wide_agreeing_lead():
     assert search.clear_lead({1: [1.74, 1.80], 8: [1.70, 1.73]})
     assert not search.clear_lead({1: [1.74, 1.20]})  # readings disagree: a second trial
     assert not search.clear_lead({1: [1.24, 1.25]})  # under 1.2 x 1.05: a second trial
+
+
+def test_past_the_budget_a_wide_lead_is_confirmed_over_two_rounds_a_narrow_one_over_three(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from edgepipe.quantize.search import Candidate
+    from edgepipe.runtime.sessions import SessionSetting
+
+    setting = SessionSetting(2, False)
+    search = object.__new__(search_mod.Search)
+    search.config = QuantizeConfig(batch_sizes=(8,), time_budget_s=1.0)
+    search.started = time.perf_counter() - 10.0  # the budget is spent: rounds shrink to the floor
+    search.rounds_used, search.sweep, search._call_cost = {}, {8: [setting]}, {8: 0.01}
+    search.fp32_settings, search.fp32_p50, search.onnx_path = {8: setting}, {8: 10.0}, "fp32.onnx"
+    search.eval_data, search.resolved = EvalData({"x": np.zeros((8, 4), np.float32)}), True
+    search.engine = lambda *args, **kwargs: SimpleNamespace(runner=lambda feeds: (lambda: None))
+    trials = []
+
+    def confirm(speedup: float) -> tuple[bool, int, list[int]]:
+        def timing(fns, batch, rounds, spinning):
+            trials.append(rounds)
+            return {"fp32": SimpleNamespace(p50_ms=10.0), "cand": SimpleNamespace(p50_ms=10.0 / speedup)}
+
+        monkeypatch.setattr(search_mod, "measure_interleaved", timing)
+        trials.clear()
+        cand = Candidate(Recipe("dynamic"), speedup={8: speedup}, settings={8: setting}, accuracy_drop=0.0)
+        return search.confirm(cand), search.rounds_used["confirm"], list(trials)
+
+    # 1.8x against the 1.05x needed: one fresh trial of 2 rounds agrees, and that confirms it
+    assert confirm(1.8) == (True, 2, [2])
+    # 1.15x is under 1.2 x 1.05: 3 rounds, and a second fresh trial as before
+    assert confirm(1.15) == (True, 3, [3, 3])
 
 
 def test_kernel_twins_are_timed_once_and_judged_on_their_own_accuracy(tmp_path):
