@@ -51,7 +51,7 @@ class QuantizeConfig:
     # whose first figure leads by 1.2x the needed speedup), confirmation takes one
     # trial instead of two past 80% and stops at 100% once a candidate is confirmed, and the
     # accuracy fallback stops at 100%. The default quantizes BERT-base (110M parameters) in
-    # about 45 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
+    # about 37 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
     # (within the timing noise) as with 40 s and 120 s, which took 37-57 s and 72-117 s (measured
     # before OpenVINO's every-MatMul layout, which on a VNNI CPU is built first and ships).
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
