@@ -77,6 +77,29 @@ def test_value_info_is_stripped_by_a_streamed_copy_that_keeps_everything_else(tm
     assert stripped.SerializeToString() == model.SerializeToString()
 
 
+def test_outputs_appended_to_a_copy_are_graph_outputs_onnx_and_onnxruntime_both_read(tmp_path):
+    """with_outputs appends a second `graph` field holding only the new outputs; protobuf merges
+    it into the first, so the copy is the model with those outputs, nothing else changed."""
+    import onnxruntime as ort
+
+    from edgepipe.onnxgraph import with_outputs
+
+    path = tmp_path / "m.onnx"
+    weight, _ = _model(path)
+    model = onnx.load(str(path))
+    model.ir_version = 9  # what this onnxruntime reads
+    onnx.save(model, str(path))
+    out = with_outputs(path, ["y"], tmp_path / "tapped.onnx")
+    tapped, model = onnx.load(str(out)), onnx.load(str(path))
+    assert [o.name for o in tapped.graph.output] == ["z", "y"]
+    del tapped.graph.output[1:]
+    assert tapped.SerializeToString() == model.SerializeToString()  # the rest, as it was
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    z, y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weight, rtol=1e-4, atol=1e-4)
+    assert z.shape == (2, 16, 16)
+
+
 def test_onnxruntime_tools_are_imported_without_torch():
     """onnxruntime.tools' __init__ imports torch when it is installed (1.1 s and about 200 MB of a
     quantize process, for a helper edgepipe never calls); the stand-in keeps it out and the

@@ -151,6 +151,16 @@ def test_the_reference_pass_measures_the_ranges_a_calibration_pass_would(tmp_pat
     feeds = _data(rows=8, seed=2)
     got = Engine(tmp_path / "all" / "q.onnx").run(feeds)["logits"]
     assert fidelity(got, Engine(src).run(feeds)["logits"])["rel_l2"] < 0.05
+    # weights in an external-data file: the tapped copy (in another folder) gets them too
+    split = tmp_path / "split" / "attn.onnx"
+    split.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(split), save_as_external_data=True, location="attn.onnx.data",
+                    size_threshold=0)
+    again = static_matmul.reference_with_ranges(split, data, tmp_path, providers="cpu")
+    np.testing.assert_allclose(again.output, tapped.output, rtol=1e-6, atol=1e-7)
+    for name, seen in tapped.ranges.values.items():
+        np.testing.assert_allclose(again.ranges.values[name], seen, rtol=1e-6, err_msg=name)
+    assert not list(tmp_path.glob("reference-ranges.onnx*"))
 
 
 def test_the_search_calibrates_in_its_reference_pass_and_falls_back_when_that_fails(tmp_path, monkeypatch):
@@ -167,8 +177,10 @@ def test_the_search_calibrates_in_its_reference_pass_and_falls_back_when_that_fa
     # a file the tapped pass cannot load: the plain reference decides and the build calibrates
     assert static_matmul.reference_with_ranges(tmp_path / "missing.onnx", data, tmp_path) is None
     monkeypatch.setattr(search_mod, "reference_with_ranges", lambda *a, **k: None)
-    search = Search(src, config, data, data, tmp_path, lambda message: None, tap_ranges=True)
+    said = []
+    search = Search(src, config, data, data, tmp_path, said.append, tap_ranges=True)
     assert search.calibration.ranges is None and len(search.reference) == 24
+    assert said == ["the reference pass could not measure activation ranges: the every-MatMul build calibrates"]
 
 
 def test_an_opset_without_per_channel_dequantize_is_refused(tmp_path):

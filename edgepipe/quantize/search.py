@@ -55,6 +55,8 @@ class Search(TimeBudget, Judging):
             self.drop_fp32()  # the tapped model is a second copy of the weights
             tapped = reference_with_ranges(onnx_path, eval_data, work, providers=config.providers,
                                            threads=config.threads, spinning=False)
+            if not tapped:
+                say("the reference pass could not measure activation ranges: the every-MatMul build calibrates")
         if tapped:
             self.reference, self.fp32_accuracy = tapped.output, tapped.accuracy
             self.calibration = replace(calibration, ranges=tapped.ranges)

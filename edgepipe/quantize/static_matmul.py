@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepipe import onnxfile
 from edgepipe.errors import QuantizationError
-from edgepipe.onnxgraph import skeleton
+from edgepipe.onnxgraph import skeleton, with_outputs
 from edgepipe.quantize.calibration import MeasuredRanges, calibration_rows
 from edgepipe.quantize.dynamic_matmul import weight_params
 
@@ -120,10 +120,14 @@ def reference_with_ranges(model_path: Path, data, work: Path, **engine_options) 
     from edgepipe.runtime.engine import Engine
 
     try:
-        model = onnx.load(str(model_path))
-        ranges = MeasuredRanges(activation_names(targets(model.graph)))
-        tapped = save_tapped(model, ranges.names, work / "reference-ranges.onnx")
-        del model  # before the session: one copy of the weights at a time
+        graph = skeleton(model_path).graph
+        ranges = MeasuredRanges(activation_names(targets(graph)))
+        tapped = work / "reference-ranges.onnx"
+        if any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+            save_tapped(onnx.load(str(model_path)), ranges.names, tapped)  # weights beside it
+        else:  # a copy with the outputs appended, nothing parsed
+            have = {o.name for o in graph.output} | {i.name for i in graph.input}
+            with_outputs(model_path, [n for n in ranges.names if n not in have], tapped)
         engine = Engine(tapped, validate=False, **engine_options)
         out, accuracy, _ = evaluate(engine, data, batch_size=calibration_rows(model_path, data.inputs),
                                     tap=ranges)
