@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-# Fixtures that train or run a pipeline: every test using one (directly or through another
-# fixture) is marked slow, so `make test-fast` (-m "not slow") never trains.
-TRAINING_FIXTURES = {"zoo", "run_dir", "ray_cluster"}
+# Fixtures that train, run a pipeline or build and export a language model: every test using
+# one (directly or through another fixture) is marked slow, so `make test-fast` (-m "not slow")
+# never trains and stays under a minute.
+TRAINING_FIXTURES = {"zoo", "run_dir", "ray_cluster", "tiny_llama"}
 
 
 def pytest_collection_modifyitems(items):

@@ -249,6 +249,7 @@ def test_generated_rows_time_a_costly_model_at_batch_8_once_and_hand_both_costs_
         assert len(data.inputs["x"]) == (512 if per_row < 0.005 else 32)
 
 
+@pytest.mark.slow  # a quantize search
 def test_the_reference_takes_fp32s_first_8_rows_from_the_sizing_call(tmp_path, monkeypatch):
     """Sizing the generated rows runs FP32 at batch 8 on the first 8 of them; the search's
     reference keeps that output and runs only the other rows (ViT-base: 1.6 s saved)."""
@@ -283,6 +284,7 @@ def _tiny_mlp(tmp_path):
                   inputs=["x:float32:batch,4"]).artifacts["onnx"]
 
 
+@pytest.mark.slow  # a quantize search
 def test_refuses_when_every_recipe_is_slower(tmp_path):
     onnx_path = _tiny_mlp(tmp_path)
     out = tmp_path / "tiny.int8.onnx"
@@ -525,6 +527,7 @@ def test_preprocess_leaves_nothing_in_the_working_directory(zoo, tmp_path, monke
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow  # a quantize search and its confirmation trials
 def test_a_lucky_first_timing_is_not_enough(tmp_path, monkeypatch):
     """One trial that flatters a slower candidate (as a slow FP32 session pair can) must not
     ship it: accepted candidates are re-timed with fresh sessions and judged on the median."""
@@ -978,6 +981,7 @@ def test_device_cuda_is_checked_before_any_work(tmp_path, cli, monkeypatch):
     assert "Traceback" not in result.output and not out.exists()
 
 
+@pytest.mark.slow  # a quantize search (FP16 on the CPU provider)
 def test_on_device_cuda_fp16_is_timed_at_one_setting_and_the_record_says_where(tmp_path, monkeypatch):
     """The GPU search's plumbing, run on the CPU provider (tests/test_gpu.py runs it on a GPU):
     FP16 is the only candidate, FP32 and it are timed at one session setting (threads and

@@ -6,6 +6,8 @@ import json
 import re
 from html.parser import HTMLParser
 
+import pytest
+
 from edgepipe.pipeline import config as config_mod
 from edgepipe.pipeline import run_pipeline
 from edgepipe.runtime.profiling import profile_model
@@ -29,6 +31,7 @@ def parse(html: str) -> _Collector:
     return collector
 
 
+@pytest.mark.slow  # trains and runs a pipeline
 def test_run_writes_markdown_and_self_contained_html_with_charts(tmp_path):
     (tmp_path / "p.toml").write_text(
         'out_dir = "run"\n[train]\nepochs = 2\n[export]\nexporters = ["torchscript"]\n'
