@@ -174,7 +174,8 @@ def test_the_search_calibrates_in_its_reference_pass_and_falls_back_when_that_fa
     search.sources = [src]
     cand = search.build(Recipe("static", "QDQ", "S8", "S8", per_channel=True, symmetric=True))
     assert cand.error is None and cand.agreement >= 0.9, cand.error
-    # a file the tapped pass cannot load: the plain reference decides and the build calibrates
+    # a file the tapped pass cannot load: None, and the search takes the plain reference (its
+    # build would then calibrate on its own)
     assert static_matmul.reference_with_ranges(tmp_path / "missing.onnx", data, tmp_path) is None
     monkeypatch.setattr(search_mod, "reference_with_ranges", lambda *a, **k: None)
     said = []

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgepipe.errors import ConfigError
+
+if TYPE_CHECKING:  # its module imports onnxruntime.quantization
+    from edgepipe.quantize.calibration import MeasuredRanges
 
 MODES = ("auto", "dynamic", "static", "int4", "fp16")
 # Where candidates are measured: this CPU (INT8 recipes), or the CUDA provider of onnxruntime-gpu
@@ -136,4 +140,4 @@ class EvalData:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
-    ranges: object | None = None
+    ranges: MeasuredRanges | None = None

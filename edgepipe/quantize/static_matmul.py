@@ -122,12 +122,12 @@ def reference_with_ranges(model_path: Path, data, work: Path, **engine_options) 
     try:
         graph = skeleton(model_path).graph
         ranges = MeasuredRanges(activation_names(targets(graph)))
-        tapped = work / "reference-ranges.onnx"
+        have = {o.name for o in graph.output} | {i.name for i in graph.input}
+        extra, tapped = [n for n in ranges.names if n not in have], work / "reference-ranges.onnx"
         if any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
-            save_tapped(onnx.load(str(model_path)), ranges.names, tapped)  # weights beside it
+            save_tapped(onnx.load(str(model_path)), extra, tapped)  # its weights where the copy is
         else:  # a copy with the outputs appended, nothing parsed
-            have = {o.name for o in graph.output} | {i.name for i in graph.input}
-            with_outputs(model_path, [n for n in ranges.names if n not in have], tapped)
+            with_outputs(model_path, extra, tapped)
         engine = Engine(tapped, validate=False, **engine_options)
         out, accuracy, _ = evaluate(engine, data, batch_size=calibration_rows(model_path, data.inputs),
                                     tap=ranges)
@@ -135,7 +135,6 @@ def reference_with_ranges(model_path: Path, data, work: Path, **engine_options) 
     except Exception:  # noqa: BLE001  (a shortcut: the caller's plain reference pass decides)
         return None
     finally:
-        engine = None
         for path in work.glob("reference-ranges.onnx*"):
             path.unlink()
 
