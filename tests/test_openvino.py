@@ -68,12 +68,12 @@ def test_a_missing_or_unknown_backend_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_openvino_recipes_are_static_qdq_full_range_and_respect_vetoes():
     recipes, _ = candidate_recipes({"Conv", "Relu"}, AVX2_ONLY, backends=("onnxruntime", "openvino"))
-    ov = [r for r in recipes if r.backend == "openvino"]
+    ov = [r for r in recipes if r.backend == "openvino" and not r.bias_correction]
     assert len(ov) == 1 and ov[0].format == "QDQ" and ov[0].per_channel and not ov[0].reduce_range
     assert ov[0].name.endswith("/openvino") and ov[0].file_twin.backend == "onnxruntime"
     assert ov[0].file_twin in [r for r in recipes if r.backend == "onnxruntime"]  # the file it reuses
     only_ov, _ = candidate_recipes({"Conv"}, AVX2_ONLY, backends=("openvino",))
-    assert [r.backend for r in only_ov] == ["openvino"]
+    assert [(r.backend, r.bias_correction) for r in only_ov] == [("openvino", False), ("openvino", True)]
     lstm, _ = candidate_recipes({"LSTM", "MatMul"}, AVX2_ONLY, backends=("onnxruntime", "openvino"))
     assert all(r.backend == "onnxruntime" for r in lstm)  # static QDQ leaves LSTM in float
 

@@ -197,6 +197,8 @@ def test_a_time_budget_bounds_the_search_and_the_record_says_what_it_skipped(zoo
 def test_build_order_puts_the_likeliest_winners_first():
     conv, _ = candidate_recipes({"Conv", "Relu"}, AVX2_ONLY)
     assert conv[0].name == "static-QDQ/AU8WS8/minmax/per-channel"
+    assert conv[1] == replace(conv[0], bias_correction=True)  # built right after, from its file
+    assert conv[1].name == "static-QDQ/AU8WS8/minmax/per-channel/bias-corrected"
     matmul, _ = candidate_recipes({"MatMul", "Add"}, AVX2_ONLY, largest_matmul_weight=1 << 20)
     assert [r.name for r in matmul[:2]] == ["dynamic/WS8/per-channel", "dynamic/WS8/per-tensor"]
     assert [r.reduce_range for r in matmul[:4]] == [False, False, True, True]
@@ -934,6 +936,8 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
     """OpenVINO's run of the per-channel QDQ file copies that file: estimated as a static build
     (6 s on ResNet-50), it was skipped under a 40 s budget and ResNet-50 shipped the 7% slower
     onnxruntime run of the same file."""
+    from edgepipe.quantize.budget import BIAS_CORRECTION_FACTOR
+
     search = object.__new__(search_mod.Search)
     search.config = QuantizeConfig(time_budget_s=40)
     search.calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
@@ -947,6 +951,11 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
     seconds = {"static": [6.0]}
     assert search.build_estimate(on_openvino, seconds) == pytest.approx(32 * 0.05)  # one FP32 call per row
     assert search.build_estimate(on_openvino, {"twin": [2.5], **seconds}) == 2.5
+    # a bias-corrected twin: its base's file, one FP32 pass over the calibration rows and its evaluation
+    corrected = replace(qdq, bias_correction=True)
+    assert search.build_kind(corrected) == "bias-correction"
+    assert search.build_estimate(corrected, seconds) == pytest.approx((32 + BIAS_CORRECTION_FACTOR * 32) * 0.05)
+    assert search.build_kind(replace(corrected, per_channel=False)) == "static"  # its base is not built
     import time
 
     search.started = time.perf_counter() - 19  # ResNet-50's first build ended at 19 s of 40

@@ -199,7 +199,7 @@ def test_openvino_gets_the_symmetric_layout_on_matmul_graphs_and_the_twin_on_cnn
     recipes, _ = candidate_recipes(ops, AVX2_ONLY, backends=("onnxruntime", "openvino"))
     assert recipes[0].method == "dynamic" and any(r.symmetric for r in recipes[1:])  # no VNNI: later
     cnn, _ = candidate_recipes({"Conv", "Relu", "Gemm"}, VNNI, backends=("onnxruntime", "openvino"))
-    assert [r.symmetric for r in cnn if r.backend == "openvino"] == [False]
+    assert [(r.symmetric, r.bias_correction) for r in cnn if r.backend == "openvino"] == [(False, False), (False, True)]
     plain, _ = candidate_recipes(ops, VNNI, backends=("onnxruntime",))
     assert not any(r.symmetric for r in plain)
 

@@ -18,6 +18,9 @@ from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 # (static_matmul): 8.8 s for BERT-base and 10.5 s for ViT-base, about the load and save of a
 # dynamic build plus 1.3x their calibration rows' FP32 calls.
 CALIBRATION_FACTOR = {"static": 3.0, "symmetric": 1.3}
+# Bias correction from a built file: one FP32 pass over the calibration rows that also outputs
+# every corrected layer's input (a subset of what a calibration pass copies out), then new biases.
+BIAS_CORRECTION_FACTOR = 1.5
 
 # At a batch size whose FP32 call takes longer than this, all cores alone are timed. One thread
 # won only on calls under half a millisecond here (the zoo's MLP, LSTM and transformer at batch 1,
@@ -49,18 +52,23 @@ class TimeBudget:
 
     def build_kind(self, recipe) -> str:
         """What building `recipe` costs like: its method ("symmetric" for static_matmul's layout),
-        or "twin" when another backend's recipe already built its file (copied and evaluated,
-        not built again)."""
+        "twin" when another backend's recipe already built its file (copied and evaluated, not
+        built again), or "bias-correction" when its uncorrected file is built (corrected from it)."""
         if recipe.backend != "onnxruntime":
             twin = self.built(recipe.file_twin)
             if twin is not None and twin.error is None:
                 return "twin"
+        if recipe.bias_correction:
+            base = self.built(recipe.uncorrected)
+            if base is not None and base.error is None:
+                return "bias-correction"
         return "symmetric" if recipe.symmetric else recipe.method
 
     def build_estimate(self, recipe, seconds: dict[str, list[float]]) -> float:
         """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
         far, per build_kind): its kind's last; for a first twin its evaluation (the held-out
-        rows at one FP32 call each); for a first static build the last build's plus its
+        rows at one FP32 call each), and for a first bias correction that and its pass over the
+        calibration rows (BIAS_CORRECTION_FACTOR FP32 calls each); for a first static build the last build's plus its
         calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each), none for the
         every-MatMul layout when the reference pass measured its ranges."""
         kind = self.build_kind(recipe)
@@ -68,12 +76,12 @@ class TimeBudget:
             return seconds[kind][-1]
         batch = min(self._call_cost, default=0)  # the smallest batch's per-row cost: the highest
         per_row = self._call_cost[batch] / batch if batch else 0.0
-        if kind == "twin":
-            return self.rows * per_row
+        rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
+        if kind in ("twin", "bias-correction"):
+            return (self.rows + (BIAS_CORRECTION_FACTOR * rows if kind == "bias-correction" else 0)) * per_row
         last = max((v[-1] for v in seconds.values() if v), default=0.0)
         if kind not in CALIBRATION_FACTOR or kind == "symmetric" and self.calibration.ranges is not None:
             return last  # the reference pass measured the every-MatMul layout's ranges
-        rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
         return last + CALIBRATION_FACTOR[kind] * rows * per_row
 
     def build_fits(self, recipe, seconds: dict[str, list[float]], fraction: float) -> bool:

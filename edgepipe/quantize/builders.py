@@ -15,6 +15,7 @@ from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
 from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize import dynamic_matmul, static_matmul
+from edgepipe.quantize.bias_correction import correct_biases
 from edgepipe.quantize.calibration import ArrayCalibrationReader, calibration_rows
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import COMPUTE_OPS, REMOVABLE_ACTIVATIONS, Recipe
@@ -103,6 +104,8 @@ def _static(recipe: Recipe, model_path: Path, out: Path, calibration: EvalData |
                     use_external_data_format=onnxfile.is_large(model_path), **options)
     if recipe.format == "QDQ":
         float_graph_outputs(out)
+    if recipe.bias_correction:
+        correct_biases(out, model_path, calibration.inputs, samples, out, out.parent)
 
 
 def _int4(recipe: Recipe, model_path: Path, out: Path, calibration, samples: int) -> None:

@@ -24,6 +24,8 @@ class Recipe:
     backend: str = "onnxruntime"  # the runtime that runs the built model: "onnxruntime" | "openvino"
     # static only: zero-point-free activations and every MatMul, attention's too (static_matmul)
     symmetric: bool = False
+    # static QDQ only: Conv and Gemm biases corrected for their weights' rounding (bias_correction)
+    bias_correction: bool = False
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -41,6 +43,8 @@ class Recipe:
                      self.calibration]
         if self.method in ("dynamic", "static"):
             parts.append("per-channel" if self.per_channel else "per-tensor")
+        if self.bias_correction:
+            parts.append("bias-corrected")
         if self.reduce_range:
             parts.append("reduce-range")
         if self.nodes_to_exclude:
@@ -53,6 +57,11 @@ class Recipe:
     def file_twin(self) -> "Recipe":
         """The recipe that builds the same file: backends differ only in what runs it."""
         return replace(self, backend="onnxruntime", reasons=())
+
+    @property
+    def uncorrected(self) -> "Recipe":
+        """The recipe whose file this one corrects the biases of."""
+        return replace(self, bias_correction=False, reasons=())
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -122,6 +131,15 @@ def build_order(recipes: list[Recipe], conv_heavy: bool, openvino_first: bool = 
     return sorted(recipes, key=key)
 
 
+def _corrected(recipe: Recipe) -> tuple[Recipe, ...]:
+    """The bias-corrected twin of a static per-channel QDQ recipe (none for others)."""
+    if not (recipe.method == "static" and recipe.format == "QDQ" and recipe.per_channel and not recipe.symmetric):
+        return ()
+    return (replace(recipe, bias_correction=True, reasons=(
+        "bias correction: each Conv's and Gemm's bias absorbs the mean shift its weight rounding causes on "
+        "the calibration rows; the same kernels, so it is timed with its base and ships only if more faithful",)),)
+
+
 def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "minmax",
                       allow_dynamic: bool = True, allow_static: bool = True,
                       largest_matmul_weight: int = 0, mode: str = "auto",
@@ -135,7 +153,8 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
     `backends`: with "openvino", a static QDQ recipe run by OpenVINO too (its CPU plugin has its
     own INT8 kernels): on a convolutional graph per-channel at full range, the same file as
     onnxruntime's twin; on others the symmetric every-MatMul layout (static_matmul), which runs
-    attention in INT8 there.
+    attention in INT8 there. On a convolutional graph each static per-channel QDQ recipe has a
+    bias-corrected twin beside it (bias_correction.py), built after it from its file.
     """
     act, weight, reduce_range, cpu_reason = activation_weight_types(cpu)
     if mode == "fp16":
@@ -167,6 +186,8 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                                 backend="openvino", symmetric=True, reasons=(
                                     "OpenVINO's CPU plugin runs every MatMul in INT8, attention's too, when "
                                     "activations have no zero point; kept only if measured faster",)))
+    if allow_static and conv_heavy:  # each per-channel QDQ file again, its biases corrected
+        proposals = [r for base in proposals for r in (base, *_corrected(base))]
     skipped = []
     if mode in ("auto", "int4") and "onnxruntime" in backends:
         if largest_matmul_weight >= INT4_MIN_WEIGHT_ELEMENTS:

@@ -14,6 +14,7 @@ import numpy as np
 from edgepipe import onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
+from edgepipe.quantize.bias_correction import correct_biases
 from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
@@ -114,13 +115,21 @@ class Search(TimeBudget, Judging):
         cand = Candidate(recipe, path=self.work / f"cand{len(self.candidates)}.onnx")
         index = len(self.candidates)
         twin = self.built(recipe.file_twin) if recipe.backend != "onnxruntime" else None
+        twin = twin if twin is not None and twin.error is None else None
+        base = self.built(recipe.uncorrected) if recipe.bias_correction and twin is None else None
+        base = base if base is not None and base.error is None else None
         self.candidates.append(cand)
-        self.say(f"building {recipe.name}" if twin is None or twin.error else
-                 f"{recipe.name}: the file of {twin.recipe.name}, run by {recipe.backend}")
+        self.say(f"{recipe.name}: the file of {twin.recipe.name}, run by {recipe.backend}" if twin else
+                 f"{recipe.name}: the file of {base.recipe.name}, its biases corrected" if base else
+                 f"building {recipe.name}")
         try:
-            if twin is not None and twin.error is None:  # same file, another runtime: no second build
+            if twin:  # same file, another runtime: no second build
                 onnxfile.copy(twin.path, cand.path)
                 cand.built_from, cand.integer_nodes = twin.built_from, twin.integer_nodes
+            elif base:  # its file, one FP32 pass over the calibration rows and new bias values
+                correct_biases(base.path, next(p for p in self.sources if p.name == base.built_from),
+                               self.calibration.inputs, self.config.calibration_samples, cand.path, self.work)
+                cand.built_from, cand.integer_nodes = base.built_from, base.integer_nodes
             else:
                 cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
                                                       self.config.calibration_samples)
