@@ -14,7 +14,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize import QuantizeConfig, candidate_recipes
-from edgepipe.quantize.bias_correction import correct_biases
+from edgepipe.quantize.bias_correction import correct_biases, correctable
 from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import Recipe
@@ -100,8 +100,12 @@ def test_a_model_without_biases_is_refused(tmp_path):
     rng = np.random.default_rng(0)
     src = _conv_net(tmp_path / "net.onnx", rng, bias=False)
     x = rng.standard_normal((8, 4, 16, 16)).astype(np.float32)
+    qdq = _quantized(src, x, tmp_path / "q.onnx")
+    assert correctable(qdq, src) == 0  # the search skips such a twin instead of building it
     with pytest.raises(QuantizationError, match="no quantized Conv or Gemm with a bias"):
-        correct_biases(_quantized(src, x, tmp_path / "q.onnx"), src, {"x": x}, 8, tmp_path / "bc.onnx", tmp_path)
+        correct_biases(qdq, src, {"x": x}, 8, tmp_path / "bc.onnx", tmp_path)
+    with_biases = _conv_net(tmp_path / "biased.onnx", rng)
+    assert correctable(_quantized(with_biases, x, tmp_path / "qb.onnx"), with_biases) == 2
 
 
 def test_only_static_per_channel_qdq_recipes_of_convolutional_graphs_get_a_corrected_twin():

@@ -123,14 +123,17 @@ def test_quantize_measures_the_openvino_twin_without_building_it_again(tmp_path)
     config = QuantizeConfig(mode="static", batch_sizes=(8,), rounds=4, max_accuracy_drop=0.5,
                             backends=("onnxruntime", "openvino"), measure_ceiling=False, tune_session=False)
     try:
-        result = quantize(path, tmp_path / "cnn.int8.onnx", config, progress=messages.append)
-        rows = result.report.candidates
+        report = quantize(path, tmp_path / "cnn.int8.onnx", config, progress=messages.append).report
     except Exception as exc:  # refusing is a legitimate outcome here; the table is what is tested
-        rows = exc.report.candidates
+        report = exc.report
+    rows = report.candidates
     ov = [r for r in rows if r.backend == "openvino"]
-    assert len(ov) == 1 and ov[0].error is None, rows
+    assert len(ov) == 1 and ov[0].error is None, rows  # its convolutions have no bias to correct
     twin = next(r for r in rows if r.recipe == ov[0].recipe.removesuffix("/openvino"))
     assert ov[0].integer_nodes == twin.integer_nodes and ov[0].built_from == twin.built_from
+    skipped = {s["recipe"]: s["why"] for s in report.skipped_recipes}
+    assert skipped[ov[0].recipe.replace("per-channel", "per-channel/bias-corrected")] == \
+        "no quantized Conv or Gemm has a bias to correct"
     assert any("run by openvino" in m for m in messages) and ov[0].speedup and ov[0].rel_l2 < 0.2
 
 

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from edgepipe import onnxfile
 from edgepipe.errors import QuantizationError
-from edgepipe.onnxgraph import with_outputs
+from edgepipe.onnxgraph import skeleton, with_outputs
 from edgepipe.quantize.calibration import calibration_rows
 
 QUANTIZED = "_quantized"  # onnxruntime.quantization's suffix for a quantized initializer
@@ -87,6 +87,24 @@ def targets(graph: onnx.GraphProto, source_weights) -> list[Target]:
             continue
         found.append(Target(node, quantize.input[0], w_dq, b_dq, float_weight))
     return found
+
+
+def correctable(qdq_path: Path, source: Path) -> int:
+    """How many layers of `qdq_path` correct_biases would correct (both graphs read without
+    their weights)."""
+    graph = skeleton(qdq_path).graph
+    inits = {i.name: i for i in graph.initializer}
+    found = targets(graph, {i.name for i in skeleton(source).graph.initializer})
+    return sum(_per_output_channel(t, inits) for t in found)
+
+
+def nothing_to_correct(search, recipe) -> bool:
+    """Whether `recipe` would correct the biases of a file `search` built that has none to correct
+    (a CNN exported without biases): it is skipped rather than listed as failed."""
+    base = search.built(recipe.uncorrected) if recipe.bias_correction else None
+    if base is None or base.error is not None:
+        return False
+    return not correctable(base.path, next(p for p in search.sources if p.name == base.built_from))
 
 
 def input_means(source: Path, found: list[Target], data: Mapping[str, np.ndarray], rows: int,

@@ -11,6 +11,7 @@ from edgepipe import onnxfile
 from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
 from edgepipe.onnxgraph import skeleton
+from edgepipe.quantize.bias_correction import nothing_to_correct
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.evaluation import generated_eval_data
@@ -220,6 +221,9 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         with search.phase("build"):
             seconds: dict[str, list[float]] = {}  # per build kind: what each build and evaluation took
             for recipe in recipes:
+                if nothing_to_correct(search, recipe):
+                    skipped.append({"recipe": recipe.name, "why": "no quantized Conv or Gemm has a bias to correct"})
+                    continue
                 kind = search.build_kind(recipe)
                 share = TWIN_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
                 # until one candidate is built within the accuracy budget, the budget stops nothing
