@@ -46,7 +46,10 @@ def _outliers(shape, rng, at):
 
 def _conv_net(path, rng, bias=True):
     """A strided, padded 3x3 Conv and a depthwise 3x3 one."""
-    b = [numpy_helper.from_array(np.zeros(8, np.float32), "b1"), numpy_helper.from_array(np.full(8, 0.1, np.float32), "b2")]
+    # b1 spreads the depthwise Conv's input channels' means apart (0 to 2): a shift read from
+    # another channel's windows is visibly wrong
+    b = [numpy_helper.from_array(np.linspace(0.0, 2.0, 8, dtype=np.float32), "b1"),
+         numpy_helper.from_array(np.full(8, 0.1, np.float32), "b2")]
     inits = [numpy_helper.from_array(_outliers((8, 4, 3, 3), rng, (0, 0, 0)), "w1"),
              numpy_helper.from_array(_outliers((8, 1, 3, 3), rng, (0, 1, 1)), "w2"), *(b if bias else [])]
     nodes = [helper.make_node("Conv", ["x", "w1", *(["b1"] if bias else [])], ["c1"], name="conv1",
