@@ -18,6 +18,7 @@ from edgepipe.quantize.bias_correction import correct_biases, correctable
 from edgepipe.quantize.calibration import ArrayCalibrationReader
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.recipes import Recipe
+from edgepipe.quantize.rewrites import float_graph_outputs
 from edgepipe.quantize.search import Search
 from edgepipe.quantize.twins import kernel_signature
 from edgepipe.runtime import Engine
@@ -109,6 +110,40 @@ def test_a_model_without_biases_is_refused(tmp_path):
         correct_biases(qdq, src, {"x": x}, 8, tmp_path / "bc.onnx", tmp_path)
     with_biases = _conv_net(tmp_path / "biased.onnx", rng)
     assert correctable(_quantized(with_biases, x, tmp_path / "qb.onnx"), with_biases) == 2
+
+
+def _classifier_net(path, rng):
+    """A Conv without a bias, global pooling and a Gemm classifier without one: the layout of
+    the benchmark's random-weight CNNs, whose biases the exporter dropped."""
+    inits = [numpy_helper.from_array(_outliers((8, 4, 3, 3), rng, (0, 0, 0)), "w1"),
+             numpy_helper.from_array(_outliers((5, 8), rng, (0,)), "w2"),
+             numpy_helper.from_array(np.array([-1, 8], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["p1"], name="pool"),
+             helper.make_node("Reshape", ["p1", "shape"], ["f1"], name="flatten"),
+             helper.make_node("Gemm", ["f1", "w2"], ["y"], name="classifier", transB=1)]
+    return _save(nodes, inits, ["n", 4, 16, 16], path)
+
+
+def test_a_classifier_without_a_bias_gets_one_matching_fp32s_mean_logits(tmp_path):
+    """The layers that write a graph output have their output means matched to FP32's on the
+    corrected model's own pass: every layer's rounding before them adds up there, and a classifier
+    without a bias (MobileNetV2's, as exported) gets one."""
+    rng = np.random.default_rng(2)
+    src = _classifier_net(tmp_path / "net.onnx", rng)
+    x = (rng.standard_normal((64, 4, 16, 16)) + 0.5).astype(np.float32)
+    qdq, fixed = _quantized(src, x, tmp_path / "net.q.onnx"), tmp_path / "net.bc.onnx"
+    float_graph_outputs(qdq)  # as the builders leave it: the classifier writes the graph output
+    assert correctable(qdq, src) == 1  # no layer has a bias, but the classifier writes the output
+    assert correct_biases(qdq, src, {"x": x}, len(x), fixed, tmp_path) == 1
+    classifier = next(n for n in onnx.load(str(fixed)).graph.node if n.op_type == "Gemm")
+    assert len(classifier.input) == 3
+    reference = Engine(src).run(x)["y"]
+    before, after = _mean_error(qdq, x, reference), _mean_error(fixed, x, reference)
+    print(f"largest mean error of a logit: {before:.5f} -> {after:.5f}")
+    assert after < before / 3
+    assert kernel_signature(fixed, "openvino") == kernel_signature(qdq, "openvino")  # a bias is not a kernel
 
 
 def test_only_static_per_channel_qdq_recipes_of_convolutional_graphs_get_a_corrected_twin():
