@@ -19,7 +19,8 @@ from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 # dynamic build plus 1.3x their calibration rows' FP32 calls.
 CALIBRATION_FACTOR = {"static": 3.0, "symmetric": 1.3}
 # Bias correction from a built file: one FP32 pass over the calibration rows that also outputs
-# every corrected layer's input (a subset of what a calibration pass copies out), then new biases.
+# every corrected layer's input (a subset of what a calibration pass copies out), then an INT8
+# pass for the layers that write a graph output, then new biases.
 BIAS_CORRECTION_FACTOR = 1.5
 
 # At a batch size whose FP32 call takes longer than this, all cores alone are timed. One thread

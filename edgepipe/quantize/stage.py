@@ -30,7 +30,7 @@ from edgepipe.runtime.sessions import shared_cpu_arena
 from edgepipe.runtime.workdirs import work_dir
 
 # Budget shares past which no build starts; another backend's run of a built file is a copy, and a
-# bias-corrected file one FP32 pass more (neither adds a model to time; ResNet-50
+# bias-corrected file an FP32 and an INT8 pass more (neither adds a model to time; ResNet-50
 # under 40 s: its first build ended past 40%, and OpenVINO's run of it, 2.0x against 1.8x, was lost;
 # at 0.6 under 25 s on a VNNI EPYC it was lost again, 3.55x against 3.07x, its 3 s past 15 s).
 BUILD_SHARE, TWIN_SHARE = 0.4, 0.7
