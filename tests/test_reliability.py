@@ -525,6 +525,50 @@ def test_a_pipeline_killed_mid_quantize_resumes_without_stale_results_or_stray_f
     assert not list((tmp_path / "run").rglob("*.tmp"))
 
 
+def test_a_sigterm_a_native_library_turns_into_its_own_error_still_ends_the_search(tmp_path):
+    """A CI run finished a whole quantize search after its SIGTERM: the signal landed inside a
+    native call that turned the handler's SystemExit into a RuntimeError, and the search recorded
+    a failed candidate and went on. The request is remembered and re-raised."""
+    from edgepipe import interrupts
+    from edgepipe.cli import _terminate
+    from edgepipe.quantize import QuantizeConfig
+    from edgepipe.quantize.config import EvalData
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Search
+
+    weight = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    src = tmp_path / "mm.onnx"
+    onnx.save(model, str(src))
+    data = EvalData({"x": np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32)})
+    search = Search(src, QuantizeConfig(batch_sizes=(8,), time_budget_s=0, backends=("onnxruntime",)),
+                    data, data, tmp_path, lambda message: None)
+    search.sources = [src]
+
+    def native(path, **options):  # a library that checks for signals and wraps what they raise
+        try:
+            _terminate(signal.SIGTERM, None)
+        except SystemExit as exc:
+            raise RuntimeError(f"python callback failed: {exc!r}") from None
+
+    search.engine = native
+    try:
+        with pytest.raises(SystemExit) as ended:
+            search.build(Recipe("dynamic", weight_type="S8"))
+        assert ended.value.code == 128 + signal.SIGTERM
+    finally:
+        interrupts.clear()
+    # without a termination request the same error is a failed candidate, as before
+    search.engine = lambda path, **options: (_ for _ in ()).throw(RuntimeError("no kernel"))
+    failed = search.build(Recipe("dynamic", weight_type="S8", per_channel=True))
+    assert failed.error == "RuntimeError: no kernel"
+
+
 def test_onnxruntime_warnings_meant_for_its_developers_stay_quiet(tmp_path, caplog, monkeypatch):
     import logging
 

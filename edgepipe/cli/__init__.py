@@ -71,8 +71,12 @@ for _name, _command in COMMANDS:
 
 def _terminate(signum, frame) -> None:
     """SIGTERM ends the command like Ctrl-C does: every `with` block unwinds, so scratch folders
-    and half-written artifacts are removed (exit code 128 + signal, as shells report it)."""
-    raise SystemExit(128 + signum)
+    and half-written artifacts are removed (exit code 128 + signal, as shells report it). The
+    request is remembered (interrupts), so a native library that turns the exit into its own
+    error cannot make the search carry on."""
+    from edgepipe import interrupts
+
+    interrupts.request(128 + signum)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
+from edgepipe import interrupts
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import InternalError
 from edgepipe.runtime.sessions import new_session
@@ -30,6 +31,7 @@ def check_artifacts(result: StageResult, declared_io: tuple[list[str], list[str]
             try:
                 io = onnx_io(path)
             except Exception as exc:
+                interrupts.reraise()
                 problem = f"does not load in onnxruntime ({exc})"
             else:
                 if declared_io is not None and (io[0], io[1]) != (list(declared_io[0]), list(declared_io[1])):

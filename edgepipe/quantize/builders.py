@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.errors import InternalError, QuantizationError
 from edgepipe.logs import quiet_logs
 from edgepipe.onnxgraph import skeleton
@@ -148,6 +148,7 @@ def build_with_fallback(recipe: Recipe, models, out: Path,
         except QuantizationError:
             raise
         except Exception as exc:  # onnxruntime.quantization raises many types
+            interrupts.reraise()
             if hasattr(models, "failed"):
                 models.failed(model_path, exc)
             first_error = first_error or exc

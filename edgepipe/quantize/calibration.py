@@ -8,6 +8,8 @@ from typing import Iterator, Mapping
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from edgepipe import interrupts
+
 # Input bytes per batch, at most: evaluation and calibration sessions grow their memory with
 # the batch (calibration's model outputs every intermediate tensor: 32 ResNet-50 images made a
 # search peak at 7.7 GB, and evaluation batches of 256 images took gigabytes per session).
@@ -36,6 +38,7 @@ def calibration_rows(model_path, data: Mapping[str, np.ndarray], cap: int = 32) 
     try:
         per_row = activation_bytes(skeleton(model_path), row)
     except Exception:  # shape inference gives up on some graphs: symbolic, then judged by size
+        interrupts.reraise()
         per_row = None
     if per_row is None:
         per_row = symbolic_activation_bytes(model_path, row)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, InputError, LatencyError, first_line
 from edgepipe.memory import PeakMemory
@@ -157,6 +157,7 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
             try:
                 build(recipe, onnx_path, out, spec, calibration)
             except Exception as exc:  # the builders raise many types on shapes they do not support
+                interrupts.reraise()
                 row["verdict"] = f"failed to build: {first_line(exc)[:200]}"
                 continue
             row["build_s"] = round(time.perf_counter() - t0, 2)
@@ -164,6 +165,7 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
             try:
                 row.update(probe.measure(out))
             except Exception as exc:
+                interrupts.reraise()
                 row["verdict"] = f"failed to run: {first_line(exc)[:200]}"
                 continue
             row["measure_s"] = round(time.perf_counter() - t0, 2)

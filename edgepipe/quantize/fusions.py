@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepipe import interrupts
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize.config import EvalData
 from edgepipe.quantize.evaluation import evaluate
@@ -27,6 +28,7 @@ def fused_source(search: Search) -> tuple[Path, dict]:
     except QuantizationError as exc:
         return search.onnx_path, {"tried": True, "kept": False, "why": str(exc)}
     except Exception as exc:  # the optimizer raises many types on graphs it does not expect
+        interrupts.reraise()
         return search.onnx_path, {"tried": True, "kept": False, "why": f"{type(exc).__name__}: {str(exc)[:200]}"}
     record = {"tried": True, "kept": kept, "fused_ops": fused_ops, "speedup_fp32": round(speedup, 3),
               "why": "faster" if kept else "not measurably faster"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.logs import quiet_logs
 from edgepipe.onnxgraph import ort_tools_without_torch, skeleton, without_value_info
 from edgepipe.quantize.recipes import REMOVABLE_ACTIVATIONS
@@ -56,6 +56,7 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
             attempts.append({"step": "lean", "ok": True})
             return out, attempts
         except Exception as exc:
+            interrupts.reraise()
             attempts.append({"step": "lean", "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             attempts.append({"step": "raw", "ok": True})
             return model_path, attempts
@@ -72,6 +73,7 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
             attempts.append({"step": label, "ok": True})
             return out, attempts
         except Exception as exc:
+            interrupts.reraise()
             attempts.append({"step": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
     attempts.append({"step": "raw", "ok": True})
     return model_path, attempts

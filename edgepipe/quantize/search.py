@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
 from edgepipe.quantize.bias_correction import correct_biases
@@ -141,6 +141,7 @@ class Search(TimeBudget, Judging):
             cand.fidelity = fidelity(out, self.reference)
             cand.flips = flips(out, self.reference, self.eval_data.labels)
         except Exception as exc:
+            interrupts.reraise()
             cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
             cand.verdict = Verdict(FAILED)
             return cand

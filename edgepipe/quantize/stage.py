@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
 from edgepipe.onnxgraph import skeleton
@@ -160,6 +160,7 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
         measured = measure_ceiling(search.sources.first, search.inputs, chosen.recipe, batch,
                                    chosen.settings[batch], search.work, rounds=4 if search.out_of_time() else 8)
     except Exception as exc:  # a diagnostic: its failure is recorded, not raised
+        interrupts.reraise()
         return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
     return ceiling_record(measured, chosen.speedup.get(batch))
 

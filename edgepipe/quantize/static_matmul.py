@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.onnxgraph import skeleton, with_outputs
 from edgepipe.quantize.calibration import MeasuredRanges, calibration_rows
@@ -133,6 +133,7 @@ def reference_with_ranges(model_path: Path, data, work: Path, **engine_options) 
                                     tap=ranges)
         return TappedReference(out, accuracy, ranges, engine.inputs, list(engine.providers))
     except Exception:  # noqa: BLE001  (a shortcut: the caller's plain reference pass decides)
+        interrupts.reraise()
         return None
     finally:
         for path in work.glob("reference-ranges.onnx*"):
