@@ -40,6 +40,18 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _plain_gemm(a: dict) -> bool:
+    """Whether a Gemm with attributes `a` computes x @ W (+ b): its input not transposed, no
+    scaling (the layouts the correction reads)."""
+    return not a.get("transA", 0) and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+
+
+def _row_batches(data: Mapping[str, np.ndarray], rows: int, step: int):
+    """The first `rows` rows of `data`, `step` at a time, as feeds."""
+    for start in range(0, rows, step):
+        yield {k: np.ascontiguousarray(v[start:min(start + step, rows)]) for k, v in data.items()}
+
+
 def window_means(x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
     """[channels, kh, kw]: the sum over rows of the mean over output positions of the input
     window at each kernel offset of 2-D Conv `node`, padding read as zeros."""
@@ -79,7 +91,7 @@ def targets(graph: onnx.GraphProto, source_weights) -> list[Target]:
         if node.op_type == "Conv":
             if len(a.get("kernel_shape", ())) != 2 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 continue
-        elif node.op_type != "Gemm" or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+        elif node.op_type != "Gemm" or not _plain_gemm(a):
             continue
         feeders = [made.get(name) for name in node.input[:3]]
         if len(feeders) < 3 or not all(f is not None and f.op_type == "DequantizeLinear" for f in feeders):
@@ -102,13 +114,18 @@ def correctable(qdq_path: Path, source: Path) -> int:
     return len({t.node.name for t in found if _per_output_channel(t, inits)} | {n.name for n in output_layers(graph)})
 
 
+def source_of(search, cand) -> Path:
+    """The source model (of `search.sources`) that candidate `cand` was built from."""
+    return next(p for p in search.sources if p.name == cand.built_from)
+
+
 def nothing_to_correct(search, recipe) -> bool:
     """Whether `recipe` would correct the biases of a file `search` built that has none to correct
     (a CNN exported without biases): it is skipped rather than listed as failed."""
     base = search.built(recipe.uncorrected) if recipe.bias_correction else None
     if base is None or base.error is not None:
         return False
-    return not correctable(base.path, next(p for p in search.sources if p.name == base.built_from))
+    return not correctable(base.path, source_of(search, base))
 
 
 def _channel_sums(x: np.ndarray) -> np.ndarray:
@@ -118,9 +135,9 @@ def _channel_sums(x: np.ndarray) -> np.ndarray:
 
 
 def fp32_means(source: Path, found: list[Target], outputs: list[str], data: Mapping[str, np.ndarray],
-               rows: int, work: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+               rows: int, step: int, work: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Over `rows` rows of `data`, from one pass of `source` with the targets' inputs as extra
-    outputs, as many rows per call as calibration takes: {node name: the mean of what its weights
+    outputs, `step` rows per call: {node name: the mean of what its weights
     multiply} (window means for a Conv, [channels, kh, kw]; the mean input row for a Gemm, [K]),
     and {graph output in `outputs`: its mean per channel}."""
     import onnxruntime as ort
@@ -131,9 +148,7 @@ def fp32_means(source: Path, found: list[Target], outputs: list[str], data: Mapp
     sums: dict[str, np.ndarray | float] = {t.node.name: 0.0 for t in found} | {o: 0.0 for o in outputs}
     try:
         session = ort.InferenceSession(str(tapped), providers=["CPUExecutionProvider"])
-        step = calibration_rows(source, data)
-        for start in range(0, rows, step):
-            feeds = {k: np.ascontiguousarray(v[start:min(start + step, rows)]) for k, v in data.items()}
+        for feeds in _row_batches(data, rows, step):
             values = dict(zip(fetch, session.run(fetch, feeds))) | feeds
             for t in found:
                 x = values[t.x]
@@ -156,10 +171,9 @@ def output_layers(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     outputs = {o.name for o in graph.output}
     found = []
     for node in graph.node:
-        a = _attrs(node)
         if node.op_type not in ("Conv", "Gemm") or node.output[0] not in outputs or len(node.input) not in (2, 3):
             continue
-        if node.op_type == "Gemm" and (a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0):
+        if node.op_type == "Gemm" and not _plain_gemm(_attrs(node)):
             continue
         if all(made.get(n) is not None and made[n].op_type == "DequantizeLinear" for n in node.input):
             found.append(node)
@@ -173,17 +187,16 @@ def quantized_output_means(path: Path, outputs: list[str], data: Mapping[str, np
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     sums: dict[str, np.ndarray | float] = {o: 0.0 for o in outputs}
-    for start in range(0, rows, step):
-        feeds = {k: np.ascontiguousarray(v[start:min(start + step, rows)]) for k, v in data.items()}
+    for feeds in _row_batches(data, rows, step):
         for name, value in zip(outputs, session.run(outputs, feeds)):
             sums[name] = sums[name] + _channel_sums(value)
     return {name: total / rows for name, total in sums.items()}
 
 
-def _add_to_bias(graph: onnx.GraphProto, inits: dict, node: onnx.NodeProto, shift: np.ndarray) -> None:
+def _add_to_bias(graph: onnx.GraphProto, inits: dict, made: dict, node: onnx.NodeProto, shift: np.ndarray) -> None:
     """Add `shift` (float, per output channel) to `node`'s int32 bias; a node without one gets one
-    (zero, at its activation scale times its weight scale, as onnxruntime quantizes biases)."""
-    made = {o: n for n in graph.node for o in n.output}
+    (zero, at its activation scale times its weight scale, as onnxruntime quantizes biases).
+    `inits` and `made` (tensor name -> initializer, -> the node that makes it) are kept current."""
     if len(node.input) == 2:
         x_scale, w_scale = (numpy_helper.to_array(inits[made[n].input[1]]).astype(np.float64) for n in node.input)
         base = node.output[0] + "_correction_bias"
@@ -246,20 +259,21 @@ def correct_biases(qdq_path: Path, source: Path, data: Mapping[str, np.ndarray],
     last = output_layers(graph)
     if not found and not last:
         raise QuantizationError("bias correction found no quantized Conv or Gemm with a bias to correct")
-    rows = min(samples, min(len(v) for v in data.values()))
+    rows, step = min(samples, min(len(v) for v in data.values())), calibration_rows(source, data)
     outputs = [n.output[0] for n in last]
-    means, fp32_out = fp32_means(Path(source), found, outputs, data, rows, Path(work))
+    made = {o: n for n in graph.node for o in n.output}
+    means, fp32_out = fp32_means(Path(source), found, outputs, data, rows, step, Path(work))
     for t in found:
         w = numpy_helper.to_array(weights[t.float_weight]).astype(np.float64)
         q, scale, zero = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in t.weight.input[:3])
         shape = [1] * w.ndim
         shape[_output_axis(t.node)] = -1
         delta = w - (q - zero.reshape(shape)) * scale.reshape(shape)
-        _add_to_bias(graph, inits, t.node, _shift(t, w, delta, means[t.node.name]))
+        _add_to_bias(graph, inits, made, t.node, _shift(t, w, delta, means[t.node.name]))
     if last:  # the output layers, on the corrected model's own outputs
         onnxfile.save(model, out)
-        measured = quantized_output_means(out, outputs, data, rows, calibration_rows(source, data))
+        measured = quantized_output_means(out, outputs, data, rows, step)
         for node in last:
-            _add_to_bias(graph, inits, node, fp32_out[node.output[0]] - measured[node.output[0]])
+            _add_to_bias(graph, inits, made, node, fp32_out[node.output[0]] - measured[node.output[0]])
     onnxfile.save(model, out)
     return len({t.node.name for t in found} | {n.name for n in last})

@@ -14,7 +14,7 @@ import numpy as np
 from edgepipe import interrupts, onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
-from edgepipe.quantize.bias_correction import correct_biases
+from edgepipe.quantize.bias_correction import correct_biases, source_of
 from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
@@ -127,8 +127,8 @@ class Search(TimeBudget, Judging):
                 onnxfile.copy(twin.path, cand.path)
                 cand.built_from, cand.integer_nodes = twin.built_from, twin.integer_nodes
             elif base:  # its file, one FP32 pass over the calibration rows and new bias values
-                correct_biases(base.path, next(p for p in self.sources if p.name == base.built_from),
-                               self.calibration.inputs, self.config.calibration_samples, cand.path, self.work)
+                correct_biases(base.path, source_of(self, base), self.calibration.inputs,
+                               self.config.calibration_samples, cand.path, self.work)
                 cand.built_from, cand.integer_nodes = base.built_from, base.integer_nodes
             else:
                 cand.built_from = build_with_fallback(recipe, self.sources, cand.path, self.calibration,
