@@ -107,6 +107,12 @@ def activation_weight_types(cpu: CpuInfo) -> tuple[str, str, bool, str]:
     return "S8", "S8", False, "ARM: S8S8 is onnxruntime's recommended QDQ format"
 
 
+# Signed activations on x86 without VNNI: OpenVINO's INT8 MatMul widens them to unsigned and
+# multiplies pairs into 16 bits, which saturate (no 7-bit weights there), so the symmetric layout
+# is both far off FP32 and slower than it (benchmarks/ records it); it is not a candidate there.
+SYMMETRIC_WITHOUT_VNNI = ("x86 without VNNI: OpenVINO's INT8 MatMul saturates on signed activations and runs "
+                          "slower than FP32 there, so the symmetric layout is neither faithful nor fast")
+
 # INT4 weight-only pays when MatMul weights are large enough to be bandwidth-bound.
 INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
 
@@ -159,7 +165,7 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
     act, weight, reduce_range, cpu_reason = activation_weight_types(cpu)
     if mode == "fp16":
         return [Recipe("fp16", reasons=("FP16 with FP32 inputs/outputs, for GPU targets",))], []
-    proposals = []
+    proposals, skipped = [], []
     if allow_dynamic:
         proposals += [Recipe("dynamic", weight_type="S8", per_channel=pc, reduce_range=reduce_range,
                              reasons=(cpu_reason,)) for pc in (False, True)]
@@ -182,13 +188,16 @@ def candidate_recipes(graph_ops: set[str], cpu: CpuInfo, calibration: str = "min
                                     "OpenVINO's CPU plugin runs the QDQ model with its own INT8 kernels "
                                     "(full range: it handles U8S8 itself); kept only if measured faster",)))
     elif allow_static and "openvino" in backends and graph_ops & {"MatMul", "Gemm"}:
-        proposals.append(Recipe("static", "QDQ", "S8", "S8", per_channel=True, calibration="minmax",
-                                backend="openvino", symmetric=True, reasons=(
-                                    "OpenVINO's CPU plugin runs every MatMul in INT8, attention's too, when "
-                                    "activations have no zero point; kept only if measured faster",)))
+        symmetric = Recipe("static", "QDQ", "S8", "S8", per_channel=True, calibration="minmax",
+                           backend="openvino", symmetric=True, reasons=(
+                               "OpenVINO's CPU plugin runs every MatMul in INT8, attention's too, when "
+                               "activations have no zero point; kept only if measured faster",))
+        if cpu.is_x86 and not cpu.has_vnni:
+            skipped.append({"recipe": symmetric.name, "why": SYMMETRIC_WITHOUT_VNNI})
+        else:
+            proposals.append(symmetric)
     if allow_static and conv_heavy:  # each per-channel QDQ file again, its biases corrected
         proposals = [r for base in proposals for r in (base, *_corrected(base))]
-    skipped = []
     if mode in ("auto", "int4") and "onnxruntime" in backends:
         if largest_matmul_weight >= INT4_MIN_WEIGHT_ELEMENTS:
             proposals.append(Recipe("int4", reasons=("large MatMul weights: 4-bit blocks, int8 compute",)))
