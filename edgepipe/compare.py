@@ -37,9 +37,11 @@ class Side:
     labels: np.ndarray | None = None
 
 
-def load_side(ref: str) -> Side:
+def load_side(ref: str, allow_out_of_budget: bool = False) -> Side:
+    """How to run `ref`: an ONNX file on the backend its deployment record names (see Engine),
+    else a torch checkpoint or factory."""
     if str(ref).endswith(".onnx"):
-        engine = Engine(ref, providers="cpu")
+        engine = Engine(ref, providers="cpu", allow_out_of_budget=allow_out_of_budget)
         return Side(str(ref), "onnx", engine.inputs, engine.run, engine.output_names, Path(ref))
     import torch  # a checkpoint or factory needs the pipeline extra
 
@@ -163,7 +165,8 @@ def judge_by_agreement(report: CompareReport, min_top1: float | None, min_cosine
 def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, batch: int = 16,
             atol: float = 1e-4, rtol: float = 1e-3, seed: int = 0, do_localize: bool = True,
             per_output: Mapping[str, tuple[float, float]] | None = None,
-            min_top1: float | None = None, min_cosine: float | None = None) -> CompareReport:
+            min_top1: float | None = None, min_cosine: float | None = None,
+            allow_out_of_budget: bool = False) -> CompareReport:
     """A against B on the same inputs. Each output passes by element-wise tolerance, or, given
     `min_top1` / `min_cosine`, by agreement: top-1 agreement (for [rows, classes] outputs) and
     cosine similarity at least those. Agreement is what an INT8 model owes its FP32 original:
@@ -171,7 +174,7 @@ def compare(a: str, b: str, *, data: Mapping[str, np.ndarray] | None = None, bat
     anything."""
     if batch < 1:
         raise InputError(f"batch must be at least 1 row, got {batch}")
-    side_a, side_b = load_side(a), load_side(b)
+    side_a, side_b = load_side(a, allow_out_of_budget), load_side(b, allow_out_of_budget)
     names_a, names_b = [s.name for s in side_a.inputs], [s.name for s in side_b.inputs]
     if names_a != names_b:
         raise InputError(f"{a} takes inputs {names_a} but {b} takes {names_b}: not comparable")

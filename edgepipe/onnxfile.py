@@ -62,32 +62,40 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
-def _relocate(src: Path, dst: Path, location: str) -> None:
+def _relocate(src: Path, dst: Path, location: str | None, metadata: dict[str, str] | None = None) -> None:
     """Write `src`'s graph to `dst` with its external tensors pointing at `location` (the data
-    file itself is not touched)."""
+    file itself is not touched) and `metadata` set in its metadata_props (replacing those keys)."""
     model = onnx.load(str(src), load_external_data=False)
     for tensor in model.graph.initializer:
-        if uses_external_data(tensor):
+        if location is not None and uses_external_data(tensor):
             for entry in tensor.external_data:
                 if entry.key == "location":
                     entry.value = location
+    if metadata:
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key not in metadata]
+        del model.metadata_props[:]
+        onnx.helper.set_model_props(model, dict(kept) | metadata)
     onnx.save(model, str(dst))
 
 
-def copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def copy(src: str | os.PathLike, dst: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Copy a model (and its external data, relocated to `dst`'s sidecar) to `dst`, atomically:
-    the sidecar first, then the graph file that points at it."""
+    the sidecar first, then the graph file that points at it. `metadata`: entries to set in the
+    copy's metadata_props."""
     src, dst = Path(src), Path(dst)
     if not sidecar(src).is_file():
         with atomic_path(dst) as tmp:
-            shutil.copyfile(src, tmp)
+            if metadata:
+                _relocate(src, tmp, None, metadata)
+            else:
+                shutil.copyfile(src, tmp)
         if sidecar(dst).exists():
             sidecar(dst).unlink()
         return dst
     with atomic_path(sidecar(dst)) as tmp:
         shutil.copyfile(sidecar(src), tmp)
     with atomic_path(dst) as tmp:
-        _relocate(src, tmp, sidecar(dst).name)
+        _relocate(src, tmp, sidecar(dst).name, metadata)
     return dst
 
 

@@ -13,6 +13,7 @@ from test_quantize import AVX2_ONLY
 
 from edgepipe.errors import ConfigError, InputError
 from edgepipe.quantize import QuantizeConfig, candidate_recipes, quantize
+from edgepipe.quantize.verdict import CHOSEN, OK, Verdict
 from edgepipe.runtime import Engine
 from edgepipe.runtime import openvino_backend as ovb
 from edgepipe.runtime.modelfile import onnx_metadata
@@ -135,6 +136,14 @@ def test_quantize_measures_the_openvino_twin_without_building_it_again(tmp_path)
     assert skipped[ov[0].recipe.replace("per-channel", "per-channel/bias-corrected")] == \
         "no quantized Conv or Gemm has a bias to correct"
     assert any("run by openvino" in m for m in messages) and ov[0].speedup and ov[0].rel_l2 < 0.2
+    if report.chosen is not None:  # the shipped file says where it was measured, and runs there
+        from edgepipe.runtime.deployment import MeasuredOn
+
+        record = MeasuredOn.read(tmp_path / "cnn.int8.onnx")
+        assert record.backend == report.chosen.backend and record.budget["max_accuracy_drop"] == 0.5
+        assert record.backends[report.chosen.backend]["within_budget"]
+        assert Engine(tmp_path / "cnn.int8.onnx").backend == report.chosen.backend
+        assert {b: s.to_dict() for b, s in record.sessions.items()} == {int(b): s for b, s in report.chosen.sessions.items()}
 
 
 @needs_openvino
@@ -172,3 +181,56 @@ def test_the_summary_says_when_the_chosen_file_is_out_of_budget_on_onnxruntime()
         if row["backend"] == "onnxruntime" and row["verdict"].startswith("accuracy"):
             row["verdict"] = "ok"
     assert "out of the accuracy budget" not in quantize_summary(QuantizeReport.from_dict(record), Path("x.onnx"))
+
+
+def _judged(tmp_path, ov_verdict, ort_verdict):
+    """The chosen OpenVINO candidate and its onnxruntime file twin as the search leaves them, and
+    the file quantize writes for them."""
+    from types import SimpleNamespace
+
+    from edgepipe.onnxfile import copy
+    from edgepipe.quantize.candidate import Candidate
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.record import deployment_record
+    from edgepipe.runtime.deployment import DEPLOYMENT_KEY
+    from edgepipe.runtime.sessions import SessionSetting
+
+    recipe = Recipe("static", "QDQ", per_channel=True, backend="openvino")
+    chosen = Candidate(recipe, speedup={8: 1.67}, accuracy_drop=0.02, verdict=ov_verdict,
+                       settings={8: SessionSetting(1, False)})
+    twin = Candidate(recipe.file_twin, speedup={8: 1.55}, accuracy_drop=0.158, verdict=ort_verdict)
+    other = Candidate(Recipe("dynamic"), speedup={8: 0.5}, verdict=Verdict.too_slow({8: 0.5}, 1.05))
+    search = SimpleNamespace(config=QuantizeConfig(max_accuracy_drop=0.1), candidates=[other, twin, chosen])
+    record = deployment_record(search, chosen)
+    path = copy(_cnn(tmp_path / "cnn.onnx"), tmp_path / "cnn.int8.onnx", metadata={DEPLOYMENT_KEY: json.dumps(record)})
+    return record, path
+
+
+@needs_openvino
+def test_a_quantized_file_runs_where_it_was_judged_and_is_refused_where_it_is_out_of_budget(tmp_path, cli):
+    record, path = _judged(tmp_path, Verdict(CHOSEN), Verdict.accuracy(0.158, 0.1, "81 of 512 rows lost"))
+    assert record["backend"] == "openvino" and set(record["backends"]) == {"openvino", "onnxruntime"}
+    assert record["backends"]["onnxruntime"]["within_budget"] is False
+    engine = Engine(path)  # what an embedder writes: the file's own backend and sessions
+    assert engine.backend == "openvino" and engine.batch_sessions == [(8, engine.batch_sessions[0][1])]
+    assert engine.batch_sessions[0][1].threads == 1
+    with pytest.raises(InputError, match=r"on onnxruntime the same file is out of its budget \(accuracy drop "
+                                         r"0.1580 > 0.1.*--allow-out-of-budget"):
+        Engine(path, backend="onnxruntime")
+    assert Engine(path, backend="onnxruntime", allow_out_of_budget=True).backend == "onnxruntime"
+    assert Engine(path, providers="cpu").backend == "openvino"
+    for args in (["profile", path, "--batch", "1", "--seconds", "0.05", "--backend", "onnxruntime"],
+                 ["triton", path, "-o", tmp_path / "repo", "--backend", "onnxruntime", "--no-validate"]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "out of its budget" in result.output and "Traceback" not in result.output
+    result = cli("profile", path, "--batch", "1", "--seconds", "0.05")
+    assert result.exit_code == 0 and "openvino default" in result.output, result.output
+    result = cli("triton", path, "-o", tmp_path / "repo", "--no-validate")
+    assert result.exit_code == 0 and 'backend: "openvino"' in (tmp_path / "repo" / "cnn" / "config.pbtxt").read_text()
+
+
+def test_a_file_without_a_record_or_within_budget_everywhere_runs_as_asked(tmp_path):
+    path = _cnn(tmp_path / "plain.onnx")
+    assert Engine(path).backend == "onnxruntime" and Engine(path).measured_on is None
+    _, judged = _judged(tmp_path, Verdict(CHOSEN), Verdict(OK))
+    assert Engine(judged, backend="onnxruntime").backend == "onnxruntime"  # within budget there: allowed

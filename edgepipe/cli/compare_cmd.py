@@ -24,6 +24,7 @@ def compare(
     batch: Annotated[int, typer.Option(help="Rows of generated inputs (and of the localization probe).")] = 16,
     localize: Annotated[bool, typer.Option(help="On divergence, find the first diverging node (two ONNX models).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
+    allow_out_of_budget: Annotated[bool, typer.Option(help="Run a quantized model even on a backend where its own record says it is out of its budget (by default each model runs on the backend it was quantized for).")] = False,
 ) -> None:
     """Compare the outputs of A and B on the same inputs: max abs / max rel / mean abs error,
     cosine similarity, SQNR and top-1 agreement per output, against atol + rtol*|A|, or, with
@@ -50,7 +51,8 @@ def compare(
 
             raise InputError(f"--tol '{item}' must be NAME=ATOL[:RTOL], e.g. logits=1e-2:1e-2") from None
     report = compare_models(a, b, data=feeds, batch=batch, atol=atol, rtol=rtol, do_localize=localize,
-                            per_output=per_output, min_top1=min_top1, min_cosine=min_cosine)
+                            per_output=per_output, min_top1=min_top1, min_cosine=min_cosine,
+                            allow_out_of_budget=allow_out_of_budget)
     typer.echo(compare_summary(report))
     write_json_out(json_out, report.to_dict())
     if not report:

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgepipe.artifacts import require_file
 from edgepipe.cli._common import check_outputs, handle_errors, parse_ints, write_json_out
+from edgepipe.cli.choices import Backend
 
 
 @handle_errors
@@ -26,6 +28,8 @@ def triton(
     gpus: Annotated[Optional[str], typer.Option(help="gpu: device ids, e.g. 0,1 (default: all).")] = None,
     tensorrt_fp16: Annotated[bool, typer.Option(help="gpu: run through ORT's TensorRT accelerator in FP16.")] = False,
     validate: Annotated[bool, typer.Option(help="Parse config.pbtxt with Triton's ModelConfig schema (needs tritonclient).")] = True,
+    backend: Annotated[Optional[Backend], typer.Option(help="Triton backend: onnxruntime or openvino (CPU). Default: the one the model was quantized for (its file records it), else onnxruntime.")] = None,
+    allow_out_of_budget: Annotated[bool, typer.Option(help="Write it for a backend where the model's own record says it is out of its accuracy or speed budget (refused otherwise).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the record here.")] = None,
 ) -> None:
     """Write OUT/<name>/config.pbtxt (inputs, outputs, dynamic batching, instance groups) and
@@ -34,14 +38,16 @@ def triton(
     written. Serve it with: tritonserver --model-repository OUT"""
     check_outputs(json_out, folders=(out,))
     from edgepipe.runtime import Engine
+    from edgepipe.runtime.deployment import MeasuredOn
     from edgepipe.serve.triton import TritonConfig, export_triton
 
     if model.is_dir():
-        engine = Engine.from_run(model, model_name)
+        engine = Engine.from_run(model, model_name, allow_out_of_budget=True)  # judged below, for Triton's backend
         path, default_name = engine.path, engine.run_info["model"]
     else:
         path, default_name = model, model.name.split(".")[0]
-    config = TritonConfig(name=name or default_name, version=version, max_batch=max_batch,
+    runs_on = _triton_backend(MeasuredOn.read(require_file(path, "ONNX model")), backend, kind, allow_out_of_budget)
+    config = TritonConfig(name=name or default_name, version=version, max_batch=max_batch, backend=runs_on,
                           preferred_batch_sizes=parse_ints(preferred, "--preferred") if preferred else (),
                           max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue, instances=instances,
                           kind=kind, gpus=_device_ids(gpus), tensorrt_fp16=tensorrt_fp16)
@@ -50,6 +56,18 @@ def triton(
     typer.echo(f"wrote {result.artifacts['config']} and {result.artifacts['onnx']} ({checked})")
     typer.echo(f"serve it with: tritonserver --model-repository {out}")
     write_json_out(json_out, result.record)
+
+
+def _triton_backend(record, asked, kind: str, allow_out_of_budget: bool) -> str:
+    """The backend Triton runs the file on: the one asked for, else the one its record names (on
+    a CPU instance); refused where the record says the file is out of budget there."""
+    backend = asked.value if asked else (record.backend if record and kind == "cpu" else "onnxruntime")
+    refused = record.refusal(backend) if record and kind == "cpu" else None
+    if refused and not allow_out_of_budget:
+        from edgepipe.errors import InputError
+
+        raise InputError(refused)
+    return backend
 
 
 def _device_ids(text: str | None) -> tuple[int, ...]:

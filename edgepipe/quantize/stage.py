@@ -17,6 +17,7 @@ from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.evaluation import generated_eval_data
 from edgepipe.quantize.fallback import accuracy_fallback
 from edgepipe.quantize.recipes import Recipe, candidate_recipes
+from edgepipe.quantize.record import deployment_metadata
 from edgepipe.quantize.report import QuantizeReport
 from edgepipe.quantize.rewrites import TRANSFORMER_OPS, Sources, preprocess
 from edgepipe.quantize.search import Candidate, Search
@@ -287,7 +288,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                 report.ceiling = kernel_ceiling(search, chosen)
             report.phases = search.phases
             report.phase_peak_mb = search.phase_peaks or None
-        out_path = onnxfile.copy(chosen.path, out_path)  # atomic; external data relocated with it
+        # atomic; external data relocated with it; the file carries where it was measured and judged
+        out_path = onnxfile.copy(chosen.path, out_path, metadata=deployment_metadata(search, chosen))
         report.candidates = [c.row() for c in search.candidates]
         report.chosen = chosen.row()
         report.size_bytes = onnxfile.model_bytes(out_path)

@@ -9,6 +9,7 @@ from typing import Mapping
 PENDING, FAILED, OK, CHOSEN = "pending", "failed", "ok", "chosen"
 ACCURACY, SPEED, SLOWER_TRIAL, SUPERSEDED = "accuracy", "speed", "slower_trial", "superseded"
 NOT_RETIMED = "not_retimed"  # accepted in its first trial, which was no faster than the chosen's median
+OUT_OF_BUDGET = frozenset({FAILED, ACCURACY, SPEED, SLOWER_TRIAL})  # kinds a deployment must not run as
 
 
 def per_batch(values: Mapping[int, float]) -> str:

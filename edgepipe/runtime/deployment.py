@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepipe.errors import InputError
+from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.sessions import SessionSetting, parse_sessions
+
+# ONNX metadata_props key of the record quantize writes into the file it ships: the backend and
+# session settings it was measured on, the budget it was judged against, and its verdict on each
+# backend that ran the same file. A file keeps it wherever it is copied.
+DEPLOYMENT_KEY = "edgepipe.deployment"
 
 # Manifests this runtime reads: 1 (unversioned, written before the schema was recorded) and 2.
 MANIFEST_SCHEMA = 2
@@ -87,3 +93,47 @@ def find_deployment(run_dir: str | os.PathLike, model: str | None = None,
     measured = (quant.get("chosen") or {}) if int8 else quant.get("fp32", {})
     return Deployment(run_dir, model, "model.int8.onnx" if int8 else "model.onnx", stages,
                       parse_sessions(measured.get("sessions")), measured.get("backend") or "onnxruntime")
+
+
+@dataclass(frozen=True)
+class MeasuredOn:
+    """A model file's own deployment record (DEPLOYMENT_KEY), as quantize wrote it."""
+
+    backend: str  # the backend the file was chosen for
+    device: str  # "cpu", or the GPU device it was measured on
+    sessions: dict[int, SessionSetting]  # the fastest session setting per batch size there
+    budget: dict[str, float]  # max_accuracy_drop, min_speedup
+    backends: dict[str, dict]  # backend -> {"within_budget", "verdict", "speedup", "accuracy_drop"}
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "MeasuredOn | None":
+        """The record of ONNX file `path`; None when it has none (it runs as any model does)."""
+        try:
+            text = onnx_metadata(path).get(DEPLOYMENT_KEY)
+        except (InputError, ValueError, IndexError):  # not a readable model: its loader says so
+            return None
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            return cls(str(data["backend"]), str(data.get("device", "cpu")), parse_sessions(data.get("sessions")),
+                       dict(data.get("budget") or {}), dict(data.get("backends") or {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: its deployment record ({DEPLOYMENT_KEY}) is not readable; re-run "
+                             "edgepipe quantize, or strip the entry from the file's metadata") from None
+
+    def refusal(self, backend: str) -> str | None:
+        """Why running the file on `backend` would run it outside its budget (None: it would not,
+        or nothing was measured there)."""
+        entry = self.backends.get(backend) or {}
+        if entry.get("within_budget", True):
+            return None
+        return (f"this model was quantized for {self.backend}; on {backend} the same file is out of its budget "
+                f"({entry.get('verdict', 'rejected')}, budget: accuracy drop <= "
+                f"{self.budget.get('max_accuracy_drop')}); run it on {self.backend} (the default), or allow it "
+                "anyway with --allow-out-of-budget (in Python: allow_out_of_budget=True)")
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "device": self.device, "budget": self.budget,
+                "sessions": {b: s.to_dict() for b, s in self.sessions.items()} or None,
+                "backends": self.backends}

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepipe.errors import InputError, first_line
-from edgepipe.runtime.deployment import find_deployment
+from edgepipe.runtime.deployment import MeasuredOn, find_deployment
 from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
 from edgepipe.runtime.placement import node_times, placement_report, profile_events
 from edgepipe.runtime.sessions import (
@@ -40,8 +40,13 @@ class Engine:
     {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "cache/"}}.
     On a GPU, `run_bound` keeps inputs/outputs on the device (IO binding) and `placement()`
     reports which nodes fell back to the CPU.
-    `backend`: "onnxruntime" (default) or "openvino" (OpenVINO's CPU plugin runs the same ONNX
-    file; needs `pip install 'edgepipe[openvino]'`; CPU only, no IO binding or placement).
+    `backend`: "onnxruntime" or "openvino" (OpenVINO's CPU plugin runs the same ONNX file; needs
+    `pip install 'edgepipe[openvino]'`; CPU only, no IO binding or placement). None (default):
+    the backend the file's deployment record names (quantize writes one into the file it ships:
+    where it was measured and judged), else onnxruntime. On the CPU, with no `threads` or
+    `batch_sessions`, the record's per-batch session settings apply too (`self.measured_on` is
+    the record). A backend on which the record says the file is out of its accuracy or speed
+    budget is refused unless `allow_out_of_budget=True`.
     `batch_sessions`: {batch size: SessionSetting or {"threads", "spinning"}}: one session per
     setting, and `run` sends a batch of n rows to the entry with the smallest batch size >= n
     (else the largest). On 2 cores a batch of 1 runs fastest on 1 thread and a batch of 32 on
@@ -63,11 +68,22 @@ class Engine:
         spinning: bool = True,
         provider_options: Mapping[str, Mapping[str, object]] | None = None,
         batch_sessions: Mapping[int, object] | None = None,
-        backend: str = "onnxruntime",
+        backend: str | None = None,
+        allow_out_of_budget: bool = False,
     ):
         self.path = None if isinstance(model, bytes) else Path(model)
         if self.path is not None and not self.path.is_file():
             raise InputError(f"ONNX model not found: {self.path}")
+        self.measured_on = MeasuredOn.read(self.path) if self.path is not None else None
+        on_cpu = providers in ("auto", "cpu", ["cpu"]) and not provider_options
+        record = self.measured_on if self.measured_on is not None and self.measured_on.device == "cpu" else None
+        if backend is None:
+            backend = record.backend if record is not None and on_cpu else "onnxruntime"
+        refused = record.refusal(backend) if record is not None and on_cpu else None
+        if refused and not allow_out_of_budget:
+            raise InputError(f"{self.path.name}: {refused}")
+        if record is not None and on_cpu and backend == record.backend and threads is None and not batch_sessions:
+            batch_sessions = record.sessions or None  # as it was measured
         self.backend = check_backend(backend)
         if backend == "openvino":
             if self.path is None or providers not in ("auto", "cpu", ["cpu"]) or provider_options:
@@ -256,6 +272,7 @@ class Engine:
         return {
             "model": str(self.path) if self.path else None,
             "backend": self.backend,
+            "measured_on": self.measured_on.describe() if self.measured_on else None,
             "providers": list(self.providers),
             "threads": self.threads or "ort-default",
             "batch_sessions": {b: s.to_dict() for b, s in self.batch_sessions} or None,

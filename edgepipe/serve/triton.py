@@ -45,6 +45,7 @@ class TritonConfig:
     kind: str = "cpu"                             # cpu | gpu
     gpus: tuple[int, ...] = ()                    # gpu: device ids, () = all
     tensorrt_fp16: bool = False                   # gpu: ORT's TensorRT accelerator in FP16
+    backend: str = "onnxruntime"                  # Triton's backend for the file: onnxruntime | openvino
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -53,6 +54,9 @@ class TritonConfig:
             raise ConfigError(f"instance kind must be cpu or gpu, got '{self.kind}'")
         if self.kind == "cpu" and (self.gpus or self.tensorrt_fp16):
             raise ConfigError("--gpus and --tensorrt-fp16 need --kind gpu")
+        if self.backend not in ("onnxruntime", "openvino") or (self.backend == "openvino" and self.kind != "cpu"):
+            raise ConfigError(f"backend must be onnxruntime, or openvino with --kind cpu; got {self.backend} "
+                              f"with --kind {self.kind}")
         if self.version < 1 or self.instances < 1 or self.max_batch < 0 or self.max_queue_delay_us < 0:
             raise ConfigError("version and instances must be >= 1; max batch and queue delay >= 0")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch]
@@ -86,7 +90,9 @@ def render_config(model: str | Path, config: TritonConfig) -> str:
     if batched and fixed:
         raise InputError(f"tensor(s) {', '.join(fixed)} have a fixed first dim, so Triton cannot batch "
                          "this model: export it with a dynamic batch dim or pass --max-batch 0")
-    lines = [f'name: "{config.name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {config.max_batch}",
+    runs_on = ['platform: "onnxruntime_onnx"'] if config.backend == "onnxruntime" else \
+        ['backend: "openvino"', 'default_model_filename: "model.onnx"']  # Triton's OpenVINO backend reads ONNX
+    lines = [f'name: "{config.name}"', *runs_on, f"max_batch_size: {config.max_batch}",
              "input [", ",\n".join(_tensor(n, t, s, batched) for n, t, s in inputs), "]",
              "output [", ",\n".join(_tensor(n, t, s, batched) for n, t, s in outputs), "]"]
     group = f"  {{\n    count: {config.instances}\n    kind: KIND_{config.kind.upper()}\n"
@@ -138,8 +144,9 @@ def validate_config(text: str, model: str | Path) -> dict:
         parsed = text_format.Parse(text, schema.ModelConfig())
     except text_format.ParseError as exc:
         raise InputError(f"config.pbtxt does not match Triton's ModelConfig schema: {exc}") from None
-    if parsed.platform != "onnxruntime_onnx" and parsed.backend != "onnxruntime":
-        raise InputError(f"config.pbtxt platform '{parsed.platform}' is not onnxruntime_onnx")
+    if parsed.platform != "onnxruntime_onnx" and parsed.backend not in ("onnxruntime", "openvino"):
+        raise InputError(f"config.pbtxt platform '{parsed.platform}' is not onnxruntime_onnx (nor backend "
+                         "onnxruntime or openvino)")
     inputs, outputs = _io(Path(model))
     batched = parsed.max_batch_size > 0
     type_names = schema.DataType.Name
