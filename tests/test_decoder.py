@@ -185,6 +185,14 @@ def test_the_int4_decoder_generates_text_and_is_profiled_per_token(int4, exporte
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") == 3 and "Time to first token vs prompt length" in html
     assert "| 2 | 40 |" in (tmp_path / "report.md").read_text()
+    result = cli("merge-profiles", str(out), str(out))  # a decoder's profile merges like any other
+    assert result.exit_code == 0 and result.output.count(model.name[:24]) == 8 and "TTFT ms" in result.output
+    # lengths a user names must fit the context (64) with the new tokens; the defaults are capped
+    result = cli("profile", str(model), "--prompt-lengths", "8,60", "--new-tokens", "6")
+    assert result.exit_code == 2 and "--prompt-lengths 60 does not fit" in result.output
+    assert "a prompt can have at most 58" in result.output and "Traceback" not in result.output
+    result = cli("profile", str(model), "--batch", "1", "--new-tokens", "6")
+    assert result.exit_code == 0 and "default prompt length(s) 128,512 capped to 58" in result.output
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(exported):

@@ -24,10 +24,12 @@ def profile(
     dim: Annotated[Optional[list[str]], typer.Option(
         help="Size of a named dynamic dim, NAME=SIZE (repeatable), e.g. seq=128. Default: the export's example size (else 16); the size used is printed and recorded.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(
-        help="Runtime: onnxruntime (default) or openvino (CPU; needs the openvino extra). One value for every model, or one per model in order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
+        help="Runtime: onnxruntime or openvino (CPU; needs the openvino extra). Default: the one the model was quantized for (its file records it), else onnxruntime. One value for every model, or one per model in order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
+    allow_out_of_budget: Annotated[bool, typer.Option(
+        help="Run a quantized model on a backend where its own record says it is out of its accuracy or speed budget (refused otherwise).")] = False,
     ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
-    prompt_lengths: Annotated[str, typer.Option(help="Decoders: prompt lengths for time to first token, comma-separated (capped by the context).")] = "128,512",
+    prompt_lengths: Annotated[Optional[str], typer.Option(help="Decoders: prompt lengths for time to first token, comma-separated. Lengths you name must fit the context with --new-tokens (refused otherwise); the default 128,512 is capped to fit.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated per run (time per output token is their p50).")] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
 ) -> None:
@@ -49,6 +51,10 @@ def profile(
                              "generation (--prompt-lengths, --new-tokens, --batch)")
         return _profile_decoder(model, batch or "1,4", prompt_lengths, new_tokens, provider, threads,
                                 backend, json_out)
+    if prompt_lengths is not None:
+        from edgepipe.errors import InputError
+
+        raise InputError("--prompt-lengths is for decoders; this model is profiled per batch size (--batch, --dim)")
     batch = batch or "1,32"
     from edgepipe.runtime import compare_models, profile_model
     from edgepipe.runtime.sessions import parse_provider_options
@@ -56,7 +62,7 @@ def profile(
 
     provider_options = parse_provider_options(provider_option or [])
     paths = [model, *(compare or [])]
-    backends = [b.value for b in backend or [Backend.onnxruntime]]
+    backends = [b.value for b in backend] if backend else [None]  # None: the file's own, else onnxruntime
     if len(backends) not in (1, len(paths)):
         from edgepipe.errors import InputError
 
@@ -72,12 +78,13 @@ def profile(
     if compare:
         models = dict(zip(_labels(paths, backends), paths))
         record = compare_models(models, batches, providers=provider, threads=sweep[0], dims=parse_dims(dim or []),
-                                provider_options=provider_options, backends=dict(zip(models, backends)))
+                                provider_options=provider_options, backends=dict(zip(models, backends)),
+                                allow_out_of_budget=allow_out_of_budget)
         by_label = record["latency"]
     else:
         record = profile_model(model, batches, providers=provider, thread_sweep=sweep, min_time_s=seconds,
                                operators=ops, provider_options=provider_options, dims=parse_dims(dim or []),
-                               backend=backends[0])
+                               backend=backends[0], allow_out_of_budget=allow_out_of_budget)
         runs = record["thread_sweep"] or [{"threads": sweep[0] or "default", "latency": record["latency"]}]
         by_label = {f"{model.name} t={run['threads']}" if len(runs) > 1 else model.name: run["latency"]
                     for run in runs}
@@ -89,7 +96,8 @@ def profile(
     if record.get("dims"):
         typer.echo("dynamic dims: " + ", ".join(f"{k}={v}" for k, v in record["dims"].items())
                    + ("" if dim else " (the export's example sizes; set them with --dim NAME=SIZE)"))
-    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in (record.get('models') or {'': {'providers': providers}}).values()))}  threads: {threads or ' and '.join(f'{b} default' for b in dict.fromkeys(backends))}  "
+    engines = list((record.get("models") or {"": record.get("engine")}).values())
+    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in engines))}  threads: {threads or ' and '.join(f'{b} default' for b in dict.fromkeys(m['backend'] for m in engines))}  "
                f"cpu: {record['hardware']['cpu']['model']}")
     typer.echo(latency_table(record, by_label))
     if record.get("placement"):
@@ -119,20 +127,26 @@ def merge_profiles(
             raise InputError(f"profile file not found: {path}") from None
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} is not JSON: {exc}") from None
-        if "latency" not in records[-1] or "hardware" not in records[-1]:
+        if not isinstance(records[-1], dict) or "hardware" not in records[-1] or \
+                ("latency" not in records[-1] and records[-1].get("kind") != "decoder"):
             raise InputError(f"{path} is not an `edgepipe profile --json` result (no latency/hardware)")
     rows = merge(records)
     typer.echo(merged_table(rows))
     write_json_out(json_out, {"rows": rows})
 
 
-def _profile_decoder(model: Path, batch: str, prompt_lengths: str, new_tokens: int, provider: str,
+def _profile_decoder(model: Path, batch: str, prompt_lengths: Optional[str], new_tokens: int, provider: str,
                      threads: Optional[str], backend: Optional[list[Backend]], json_out: Optional[Path]) -> None:
     from edgepipe.runtime.decoder_profile import profile_decoder
 
-    record = profile_decoder(model, parse_ints(prompt_lengths, "--prompt-lengths"), parse_ints(batch, "--batch"),
-                             new_tokens, providers=provider, threads=int(threads) if threads else None,
-                             backend=(backend or [Backend.onnxruntime])[0].value)
+    record = profile_decoder(model, parse_ints(prompt_lengths or "128,512", "--prompt-lengths"),
+                             parse_ints(batch, "--batch"), new_tokens, providers=provider,
+                             threads=int(threads) if threads else None,
+                             backend=backend[0].value if backend else None, cap=prompt_lengths is None)
+    if record["capped_prompt_lengths"]:
+        capped = record["capped_prompt_lengths"]
+        typer.echo(f"note: default prompt length(s) {','.join(map(str, capped['asked']))} capped to {capped['to']} "
+                   f"(context {record['decoder']['context']} minus {new_tokens} new tokens)")
     typer.echo(f"load {record['load_s']:.2f} s (peak {record['load_peak_mb']} MB); file "
                f"{record['size_bytes'] / 1e6:.2f} MB; provider {record['engine']['providers'][0]}; "
                f"cpu: {record['hardware']['cpu']['model']}")

@@ -131,9 +131,19 @@ def operator_lines(operators: dict, batch: int) -> list[str]:
 
 
 def merged_table(rows: list[dict]) -> str:
-    lines = [f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
-    lines += [f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
-              f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}" for r in rows]
+    """One table for single-pass models and one for decoders (generation), as present."""
+    passes = [r for r in rows if r.get("kind") != "decoder"]
+    decoders = [r for r in rows if r.get("kind") == "decoder"]
+    lines = []
+    if passes:
+        lines = [f"{'device':48} {'model':24} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
+        lines += [f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['p50_ms']:>9.4f} "
+                  f"{r['p99_ms']:>9.4f} {r['throughput']:>11.1f}" for r in passes]
+    if decoders:
+        lines += [""] * bool(lines) + [f"{'device':48} {'decoder':24} {'batch':>5} {'prompt':>6} {'TTFT ms':>9} "
+                                       f"{'TPOT p50':>9} {'tokens/s':>9}"]
+        lines += [f"{r['device'][:48]:48} {Path(r['model']).name[:24]:24} {r['batch']:>5} {r['prompt']:>6} "
+                  f"{r['ttft_ms']:>9.2f} {r['tpot_ms']:>9.3f} {r['tokens_per_s']:>9.1f}" for r in decoders]
     return "\n".join(lines)
 
 

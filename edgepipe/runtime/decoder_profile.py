@@ -25,8 +25,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def profile_decoder(model: str | os.PathLike, prompt_lengths: Sequence[int] = (128, 512),
                     batch_sizes: Sequence[int] = (1, 4), new_tokens: int = 32, repeats: int = 3, *,
-                    providers: str = "cpu", threads: int | None = None, backend: str = "onnxruntime") -> dict:
-    """For each batch size and prompt length (capped at the context minus `new_tokens`):
+                    providers: str = "cpu", threads: int | None = None, backend: str | None = None,
+                    cap: bool = True) -> dict:
+    """For each batch size and prompt length (capped at the context minus `new_tokens`; with
+    `cap=False` a length that does not fit is refused instead, as for lengths a user named):
     `repeats` generations of `new_tokens` greedy tokens from a prompt of that length. TTFT is
     the prefill (p50 over repeats); TPOT the p50/p90 of every decode step after it."""
     if new_tokens < 2 or repeats < 1:
@@ -39,6 +41,11 @@ def profile_decoder(model: str | os.PathLike, prompt_lengths: Sequence[int] = (1
     room = spec.max_positions - new_tokens
     if room < 1:
         raise InputError(f"--new-tokens {new_tokens} leaves no room for a prompt in a context of {spec.max_positions}")
+    too_long = sorted({int(p) for p in prompt_lengths if int(p) > room})
+    if too_long and not cap:
+        raise InputError(f"--prompt-lengths {','.join(map(str, too_long))} does not fit: the model's context is "
+                         f"{spec.max_positions} positions and --new-tokens {new_tokens} takes {new_tokens}, so a "
+                         f"prompt can have at most {room}; choose lengths up to {room} (or fewer --new-tokens)")
     lengths = sorted({min(int(p), room) for p in prompt_lengths})
     rng = np.random.default_rng(0)
     rows = []
@@ -60,6 +67,7 @@ def profile_decoder(model: str | os.PathLike, prompt_lengths: Sequence[int] = (1
                          "runs": repeats})
     engine = generator.engine
     return {"kind": "decoder", "model": str(model), "size_bytes": model_bytes(model), "load_s": round(load_s, 3),
+            "capped_prompt_lengths": {"asked": too_long, "to": room} if too_long else None,
             "load_peak_mb": load_peak, "peak_rss_mb": peak_rss_mb(),
             "rows": rows, "decoder": {"layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim,
                                       "vocab_size": spec.vocab_size, "context": spec.max_positions,

@@ -31,9 +31,11 @@ def profile_model(
     operators: bool = False,
     seed: int = 0,
     provider_options: Mapping[str, Mapping] | None = None,
-    backend: str = "onnxruntime",
+    backend: str | None = None,
+    allow_out_of_budget: bool = False,
 ) -> dict:
-    """Profile one ONNX model (on onnxruntime, or on OpenVINO with `backend="openvino"`): cold
+    """Profile one ONNX model (on the backend its file records, else onnxruntime; or the one
+    `backend` names, see Engine): cold
     start (session creation + first inference), warm latency over a batch sweep (and a thread
     sweep), peak RSS, file size, optionally the per-operator breakdown; with the engine's actual
     providers and the hardware fingerprint. On a GPU (or any provider but the CPU) `placement`
@@ -44,7 +46,7 @@ def profile_model(
     for thread_count in sweep:
         t0 = time.perf_counter()
         engine = Engine(model_path, providers=providers, threads=thread_count, provider_options=provider_options,
-                        backend=backend)
+                        backend=backend, allow_out_of_budget=allow_out_of_budget)
         created = time.perf_counter()
         sizes = dynamic_sizes(engine.inputs, dims)  # refuses a --dim the model does not have
         first_feeds = make_feeds(engine.inputs, batch=1, dims=dims, seed=seed)
@@ -70,21 +72,27 @@ def profile_model(
         "thread_sweep": runs if len(runs) > 1 else None,
         "peak_rss_mb": peak_rss_mb(),
         "hardware": fingerprint(),
-        "placement": (None if engine.providers[0] == "CPUExecutionProvider" or backend != "onnxruntime"
+        "placement": (None if engine.providers[0] == "CPUExecutionProvider" or engine.backend != "onnxruntime"
                       else engine.placement()),
     }
-    if operators and backend == "onnxruntime":  # onnxruntime's own profiler
+    if operators and engine.backend == "onnxruntime":  # onnxruntime's own profiler
         feeds = make_feeds(engine.inputs, batch=max(batch_sizes), dims=dims, seed=seed)
         record["operators"] = operator_profile(model_path, feeds, providers=providers, threads=sweep[0])
     return record
 
 
 def merge_profiles(records: list[dict]) -> list[dict]:
-    """Rows (device, model, batch, p50/p99, throughput) from profile JSONs of several devices."""
+    """Rows (device, model, batch, p50/p99, throughput) from profile JSONs of several devices; a
+    decoder's profile gives rows per batch and prompt length (TTFT, time per token, tokens/s)."""
     rows = []
     for record in records:
         cpu = record.get("hardware", {}).get("cpu", {})
         device = f"{cpu.get('model', '?')} [{record.get('hardware', {}).get('hostname', '?')}]"
+        if record.get("kind") == "decoder":
+            rows += [{"device": device, "model": record.get("model"), "kind": "decoder"}
+                     | {k: r[k] for k in ("batch", "prompt", "ttft_ms", "tpot_ms", "tpot_p90_ms", "tokens_per_s")}
+                     | {"onnxruntime": record.get("hardware", {}).get("onnxruntime")} for r in record["rows"]]
+            continue
         for stats in record.get("latency", []):
             rows.append({"device": device, "model": record.get("model"), "batch": stats["batch"],
                          "p50_ms": stats["p50_ms"], "p99_ms": stats["p99_ms"], "throughput": stats["throughput"],
@@ -105,11 +113,12 @@ def compare_models(
     provider_options: Mapping[str, Mapping] | None = None,
     sessions: Mapping[str, Mapping[int, SessionSetting]] | None = None,
     dims: Mapping[str, int] | None = None,
-    backends: Mapping[str, str] | None = None,
+    backends: Mapping[str, str | None] | None = None,
+    allow_out_of_budget: bool = False,
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
-    reported against the first. `backends`: a model's runtime when not onnxruntime (e.g.
-    {"int8": "openvino"}, as quantize chose it). `data` supplies real input rows; else inputs are generated.
+    reported against the first. `backends`: a model's runtime (e.g. {"int8": "openvino"});
+    a model not named runs on the backend its file records, else onnxruntime. `data` supplies real input rows; else inputs are generated.
     `sessions`: a model's own settings per batch size (Engine's batch_sessions), e.g. those
     quantize found fastest for it; the others run with `threads` and spinning off.
 
@@ -127,7 +136,7 @@ def compare_models(
         return {label: Engine(path, providers=providers, threads=threads, spinning=False,
                               provider_options=provider_options,
                               batch_sessions=(sessions or {}).get(label),
-                              backend=(backends or {}).get(label, "onnxruntime"))
+                              backend=(backends or {}).get(label), allow_out_of_budget=allow_out_of_budget)
                 for label, path in models.items()}
 
     per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in models} for b in batch_sizes}
