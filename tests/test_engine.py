@@ -117,3 +117,17 @@ def test_placement_lists_nodes_that_left_the_preferred_provider(zoo):
     assert report["fell_back"] == [{"node": "topk", "op": "NonMaxSuppression", "provider": "CPUExecutionProvider"}]
     assert report["memcpy_nodes"] == 1
     assert report["nodes_per_provider"] == {"CUDAExecutionProvider": 2, "CPUExecutionProvider": 1}
+
+
+def test_a_runtime_error_reads_as_a_sentence_without_onnxruntime_internals():
+    from edgepipe.runtime.engine import runtime_message
+
+    broadcast = RuntimeError(
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running Add node. "
+        "Name:'/embeddings/Add' Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/math/"
+        "element_wise_ops.h:583 void onnxruntime::BroadcastIterator::Append(ptrdiff_t, ptrdiff_t) axis == 1 || "
+        "axis == largest was false. Attempting to broadcast an axis by a dimension other than 1. 5 by 7\n"
+        "second line")
+    assert runtime_message(broadcast) == ("Add node '/embeddings/Add': axis == 1 || axis == largest was false. "
+                                          "Attempting to broadcast an axis by a dimension other than 1. 5 by 7")
+    assert runtime_message(ValueError("")) == "ValueError"

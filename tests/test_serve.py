@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 
@@ -134,3 +135,119 @@ def _saved(array, **kwargs) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, **kwargs)
     return buffer.getvalue()
+
+
+def _token_model(path, *, limits: bool, vocab: int = 50, positions: int = 16):
+    """input_ids and attention_mask [batch, seq] -> logits [batch, 4]: a masked sum of embedding
+    rows (Gather). With `limits`, the input specs carry the vocabulary and the position limit, as
+    an exported Hugging Face model's do; without, the server knows only names, dtypes and ranks."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepipe.runtime.spec import METADATA_KEY, InputSpec, specs_to_json
+
+    table = np.random.default_rng(0).standard_normal((vocab, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),
+             helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+             helper.make_node("ReduceSum", ["masked", "seq_axis"], ["logits"], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "tokens",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1], np.int64), "last"),
+         numpy_helper.from_array(np.array([1], np.int64), "seq_axis")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    if limits:
+        specs = [InputSpec("input_ids", "int64", ("batch", "seq"), 0, vocab, vocab=vocab, max_dims={"seq": positions}),
+                 InputSpec("attention_mask", "int64", ("batch", "seq"), 1, 2, vocab=2, max_dims={"seq": positions})]
+        helper.set_model_props(model, {METADATA_KEY: specs_to_json(specs)})
+    onnx.save(model, path)
+    return Engine(path), table
+
+
+def test_one_bad_request_does_not_fail_the_requests_batched_with_it(tmp_path):
+    # no limits in the file: the bad id reaches onnxruntime's Gather, which fails the merged call
+    engine, table = _token_model(tmp_path / "tokens.onnx", limits=False)
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(0, 50, (1, 6)) for _ in range(24)]
+    ids[5] = np.array([[1, 2, 5000, 3, 4, 5]])
+    bodies = [{"inputs": {"input_ids": x.tolist(), "attention_mask": np.ones_like(x).tolist()}} for x in ids]
+    app = create_app(engine, max_batch=32, max_delay_ms=20)
+    with LoopbackServer(app) as server:
+        for _ in range(3):
+            responses = asyncio.run(_post_all(server.url, bodies, 24))
+            assert responses[5].status_code == 422 and "Gather node" in responses[5].json()["error"]
+            assert "onnxruntime_src" not in responses[5].text and "[ONNXRuntimeError]" not in responses[5].text
+            for i, (x, response) in enumerate(zip(ids, responses)):
+                if i != 5:
+                    assert response.status_code == 200, response.text
+                    np.testing.assert_allclose(response.json()["outputs"]["logits"], table[x].sum(1), rtol=1e-5)
+        metrics = httpx.get(server.url + "/metrics").text
+    assert float(metrics.split("edgepipe_batch_size_count ")[1].split()[0]) < 72  # they were merged
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"input_ids": [[1, 2, 5000]], "attention_mask": [[1, 1, 1]]}, "holds 5000, outside the model's range 0..49"),
+    ({"input_ids": [[1, -2, 3]], "attention_mask": [[1, 1, 1]]}, "holds -2, outside the model's range 0..49"),
+    ({"input_ids": [[1.5, 2.7]], "attention_mask": [[1, 1]]}, "holds 1.5, not an integer"),
+    ({"input_ids": [list(range(20))], "attention_mask": [[1] * 20]}, "has seq = 20, more than the model's 16"),
+    ({"input_ids": [[]], "attention_mask": [[]]}, "input 'input_ids' is empty"),
+    ({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1]]}, "has seq = 2 but 'input_ids' has seq = 3"),
+    ({"input_ids": [[1, 2]], "attention_mask": [[1, 7]]}, "'attention_mask' holds 7, outside the model's range 0..1"),
+])
+def test_predict_checks_values_against_the_models_own_limits(tmp_path, inputs, message):
+    engine, table = _token_model(tmp_path / "tokens.onnx", limits=True)
+    with LoopbackServer(create_app(engine)) as server:
+        bad = httpx.post(server.url + "/v1/predict", json={"inputs": inputs})
+        good = httpx.post(server.url + "/v1/predict", json={"inputs": {"input_ids": [[1.0, 2.0]], "attention_mask": [[1, 1]]}})
+    assert bad.status_code == 422 and message in bad.json()["error"], bad.text
+    assert "onnxruntime" not in bad.text
+    assert good.status_code == 200 and np.allclose(good.json()["outputs"]["logits"], table[[[1, 2]]].sum(1))
+
+
+def test_an_api_key_guards_the_v1_routes_and_probes_stay_open(zoo):
+    app = create_app(Engine(zoo["mlp"].onnx), api_key="s3cret")
+    body = {"inputs": {"x": zoo["mlp"].dataset.x_test[:2].tolist()}}
+    with LoopbackServer(app) as server:
+        missing = httpx.post(server.url + "/v1/predict", json=body)
+        wrong = httpx.post(server.url + "/v1/predict", json=body, headers={"authorization": "Bearer s3cre"})
+        right = httpx.post(server.url + "/v1/predict", json=body, headers={"authorization": "Bearer s3cret"})
+        probes = [httpx.get(server.url + p).status_code for p in ("/healthz", "/readyz", "/metrics")]
+    assert missing.status_code == wrong.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert right.status_code == 200 and probes == [200, 200, 200]
+
+
+def test_serving_off_loopback_warns_what_is_exposed_and_tls_needs_both_files(tmp_path):
+    from edgepipe.cli.serve_cmd import check_tls, exposure_warnings
+    from edgepipe.errors import ConfigError
+
+    assert exposure_warnings("127.0.0.1", None, {}) == exposure_warnings("::1", None, {}) == []
+    assert exposure_warnings("localhost", None, {}) == []
+    bare = exposure_warnings("0.0.0.0", None, {})
+    assert len(bare) == 2 and "without an API key" in bare[0] and "plain HTTP" in bare[1]
+    assert exposure_warnings("10.1.2.3", "k", {"ssl_certfile": "c", "ssl_keyfile": "k"}) == []
+    (tmp_path / "cert.pem").write_text("x")
+    with pytest.raises(ConfigError, match="needs both --ssl-certfile and --ssl-keyfile"):
+        check_tls(tmp_path / "cert.pem", None)
+    with pytest.raises(ConfigError, match="--ssl-keyfile .*: no such file"):
+        check_tls(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def test_serve_starts_on_a_run_that_deployed_an_openvino_model(tmp_path, cli, monkeypatch):
+    pytest.importorskip("openvino")
+    from test_openvino import _cnn
+
+    run = tmp_path / "run"
+    (run / "cnn").mkdir(parents=True)
+    _cnn(run / "cnn" / "model.int8.onnx")
+    chosen = {"backend": "openvino", "sessions": {"1": {"threads": 1, "spinning": False}}}
+    (run / "manifest.json").write_text(json.dumps({"schema": 2, "models": {"cnn": {"stages": {"quantize": {
+        "status": "ok", "record": {"chosen": chosen, "fp32": {"sessions": {}}}}}}}}))
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+    result = cli("serve", run, "--port", "18431")
+    assert result.exit_code == 0, result.output
+    assert "openvino" in result.output and started["app"].state.engine.backend == "openvino"

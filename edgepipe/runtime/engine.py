@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -25,6 +26,18 @@ from edgepipe.runtime.spec import make_feeds, specs_from_session
 from edgepipe.runtime.validation import FeedChecker
 
 __all__ = ["Engine", "resolve_providers"]
+
+
+_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+_SOURCE = re.compile(r"\S*onnxruntime_src\S*:\d+ (?:[\w:<>,*& ~]+\([^)]*\)(?: const)? )?")
+
+
+def runtime_message(exc: BaseException) -> str:
+    """A runtime's error as a sentence: onnxruntime's status prefix and the source file, line
+    and C++ signature it quotes are left out; the node and what went wrong stay."""
+    text = _SOURCE.sub("", _NODE.sub(r"\1 node '\2': ", _STATUS.sub("", first_line(exc))))
+    return text.strip() or type(exc).__name__
 
 
 class Engine:
@@ -202,7 +215,7 @@ class Engine:
         try:
             values = session.run(None if outputs is None else names, feeds)
         except Exception as exc:
-            raise InputError(f"{self.backend} failed to run the model: {first_line(exc)}") from exc
+            raise InputError(f"{self.backend} could not run the model on these inputs: {runtime_message(exc)}") from exc
         return dict(zip(names, values))
 
     def to_device(self, array: np.ndarray, device: str = "cuda", device_id: int = 0) -> ort.OrtValue:
@@ -238,7 +251,7 @@ class Engine:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
-            raise InputError(f"{self.backend} failed to run the model: {first_line(exc)}") from exc
+            raise InputError(f"{self.backend} could not run the model on these inputs: {runtime_message(exc)}") from exc
         if keep_on_device:
             return dict(zip(self.output_names, binding.get_outputs()))
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))

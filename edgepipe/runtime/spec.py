@@ -32,6 +32,10 @@ class InputSpec:
 
     `low`/`high` bound generated integer inputs (token ids: high = vocabulary size);
     `example` gives the size used for a named dim when none is asked for.
+    `vocab`: the model accepts only integers in [0, vocab) here (token ids: the vocabulary size;
+    an attention mask: 2); `max_dims`: the largest size a named dim may take (the sequence: the
+    model's position embeddings). Both come from the model's own config and are checked on every
+    run; None/empty where unknown.
     """
 
     name: str
@@ -40,6 +44,8 @@ class InputSpec:
     low: float | None = None
     high: float | None = None
     example: Mapping[str, int] = field(default_factory=dict)
+    vocab: int | None = None
+    max_dims: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -57,6 +63,7 @@ class InputSpec:
         data = asdict(self)
         data["shape"] = list(self.shape)
         data["example"] = dict(self.example)
+        data["max_dims"] = dict(self.max_dims)
         return data
 
     @classmethod
@@ -68,6 +75,8 @@ class InputSpec:
             low=data.get("low"),
             high=data.get("high"),
             example=dict(data.get("example") or {}),
+            vocab=data.get("vocab"),
+            max_dims=dict(data.get("max_dims") or {}),
         )
 
     @classmethod
@@ -176,5 +185,6 @@ def specs_from_session(session, metadata: Mapping[str, str]) -> list[InputSpec]:
             name=arg.name, dtype=str(dtype), shape=shape,
             low=extra.low if extra else None, high=extra.high if extra else None,
             example=extra.example if extra else {},
+            vocab=extra.vocab if extra else None, max_dims=extra.max_dims if extra else {},
         ))
     return specs

@@ -28,26 +28,40 @@ def signature(feeds: dict[str, np.ndarray]) -> tuple:
     return tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
 
 
+def run_isolated(engine: Engine, requests: list[dict[str, np.ndarray]]) -> list:
+    """Run mergeable requests (same signature) as one model call and split the outputs back, in
+    request order. When the call fails, the requests are split in halves and each half retried, so
+    only the requests that fail alone get an error (their exception) and their neighbours their
+    outputs: one bad request never fails the batch it was merged into."""
+    if len(requests) == 1:
+        merged = requests[0]
+    else:
+        merged = {k: np.concatenate([r[k] for r in requests]) for k in requests[0]}
+    try:
+        outputs = engine.run(merged)
+    except Exception as exc:  # noqa: BLE001 - handed to its caller, or narrowed down by splitting
+        if len(requests) == 1:
+            return [exc]
+        half = len(requests) // 2
+        return run_isolated(engine, requests[:half]) + run_isolated(engine, requests[half:])
+    results, start = [], 0
+    for feeds in requests:
+        rows = len(next(iter(feeds.values())))
+        results.append({k: v[start:start + rows] for k, v in outputs.items()})
+        start += rows
+    return results
+
+
 def run_merged(engine: Engine, requests: list[dict[str, np.ndarray]]) -> list:
-    """Run many requests as few model calls: one per group of mergeable requests, results split
-    back in request order. A group that fails gives its exception to each of its requests."""
+    """Run many requests as few model calls: one per group of mergeable requests, results (or
+    each failing request's own exception) in request order."""
     groups: dict[tuple, list[int]] = {}
     for index, feeds in enumerate(requests):
         groups.setdefault(signature(feeds), []).append(index)
     results: list = [None] * len(requests)
     for members in groups.values():
-        names = requests[members[0]]
-        try:
-            outputs = engine.run({k: np.concatenate([requests[i][k] for i in members]) for k in names})
-        except Exception as exc:  # noqa: BLE001 - handed to each caller of the group
-            for i in members:
-                results[i] = exc
-            continue
-        start = 0
-        for i in members:
-            rows = len(next(iter(requests[i].values())))
-            results[i] = {k: v[start:start + rows] for k, v in outputs.items()}
-            start += rows
+        for i, result in zip(members, run_isolated(engine, [requests[i] for i in members])):
+            results[i] = result
     return results
 
 
@@ -165,18 +179,12 @@ class DynamicBatcher:
             live = [r for r in batch if not r.future.done()]  # timed-out callers are gone
             if not live:
                 continue
-            merged = {k: np.concatenate([r.feeds[k] for r in live]) for k in first.feeds}
             self.on_batch(sum(r.rows for r in live))
-            try:
-                outputs = await loop.run_in_executor(None, self.engine.run, merged)
-            except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
-                for r in live:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            start = 0
-            for r in live:
-                part = {k: v[start:start + r.rows] for k, v in outputs.items()}
-                start += r.rows
-                if not r.future.done():
-                    r.future.set_result(part)
+            results = await loop.run_in_executor(None, run_isolated, self.engine, [r.feeds for r in live])
+            for r, result in zip(live, results):
+                if r.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    r.future.set_exception(result)
+                else:
+                    r.future.set_result(result)

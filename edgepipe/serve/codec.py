@@ -91,17 +91,31 @@ def parse_body(engine: Engine, body: bytes, content_type: str) -> dict[str, np.n
             raise InputError("; ".join(
                 [f"unknown input(s) {', '.join(map(repr, unknown))}"] * bool(unknown)
                 + [f"missing input '{s.name}' (expected {s.describe()})" for s in missing]))
-        feeds = {}
-        for spec in engine.inputs:
-            try:
-                feeds[spec.name] = np.asarray(data[spec.name], dtype=spec.np_dtype)
-            except (ValueError, TypeError):
-                raise InputError(f"input '{spec.name}' is not a rectangular array of {spec.dtype}") from None
+        feeds = {spec.name: _as_array(data[spec.name], spec) for spec in engine.inputs}
     for name, array in feeds.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InputError(f"input '{name}' contains NaN or infinity")
     engine.validate(feeds)
     return feeds
+
+
+def _as_array(value, spec) -> np.ndarray:
+    """A JSON value as an array of the input's dtype. Numbers with a fraction are refused for an
+    integer input (token ids): casting would truncate 1.5 to 1 and answer for another input."""
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and spec.np_dtype.kind in "iu":
+            if not np.isfinite(array).all():
+                raise InputError(f"input '{spec.name}' contains NaN or infinity")
+            fraction = array[array != np.round(array)]
+            if fraction.size:
+                raise InputError(f"input '{spec.name}' holds {fraction.flat[0]:g}, not an integer: "
+                                 f"it takes {spec.dtype} values")
+        if array.dtype.kind not in "biuf" and array.size:
+            raise TypeError
+        return array.astype(spec.np_dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise InputError(f"input '{spec.name}' is not a rectangular array of {spec.dtype}") from None
 
 
 def _loads(body: bytes):
