@@ -76,6 +76,16 @@ def test_folder_errors_are_one_line_and_exit_2(tmp_path, cli):
     assert result.exit_code == 2 and "--task applies to Hugging Face model folders" in result.output
 
 
+def test_a_corrupt_safetensors_file_in_a_classifier_folder_is_one_line_and_exit_2(tmp_path, cli):
+    folder = tiny_bert(tmp_path / "bert")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated: safetensors raises SafetensorError
+    result = cli("export", folder, "-o", tmp_path / "m.onnx")
+    assert result.exit_code == 2, result.output
+    assert "transformers cannot build a text-classification model" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "m.onnx").exists()
+
+
 @pytest.mark.slow
 def test_a_text_classifier_folder_exports_and_matches_torch_at_a_new_length(tmp_path, cli):
     from edgepipe.runtime import Engine
@@ -100,6 +110,14 @@ def test_a_text_classifier_folder_exports_and_matches_torch_at_a_new_length(tmp_
         expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     got = engine.run({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})["logits"]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+    # the model's own limits travel in the file: vocabulary (500), positions (64), mask values
+    bad = ids.copy()
+    bad[1, 2] = -3  # Gather would wrap a negative id into another token: refused instead
+    with pytest.raises(InputError, match="'input_ids' holds -3, outside the model's range 0..499"):
+        engine.run({"input_ids": bad, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+    long = rng.integers(0, 500, size=(1, 65))
+    with pytest.raises(InputError, match="'input_ids' has seq = 65, more than the model's 64"):
+        engine.run({"input_ids": long, "attention_mask": np.ones_like(long), "token_type_ids": np.zeros_like(long)})
 
     # Calibration outputs every intermediate tensor, so its rows per call come from their size.
     # ONNX's shape inference stops at the exported graph's first data-dependent shape; the

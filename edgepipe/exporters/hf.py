@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.spec import InputSpec
 
@@ -92,10 +93,14 @@ def input_specs(task: Task, config: Any, forward_params: set[str]) -> list[Input
         return [InputSpec("pixel_values", "float32", ("batch", channels, size, size))]
     max_positions = getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ
     example = {"seq": min(DEFAULT_SEQ, max_positions)}
-    specs = [InputSpec("input_ids", "int64", ("batch", "seq"), low=0, high=config.vocab_size, example=example),
-             InputSpec("attention_mask", "int64", ("batch", "seq"), low=1, high=2, example=example)]
+    limit = {"seq": max_positions} if getattr(config, "max_position_embeddings", None) else {}
+    specs = [InputSpec("input_ids", "int64", ("batch", "seq"), low=0, high=config.vocab_size, example=example,
+                       vocab=config.vocab_size, max_dims=limit),
+             InputSpec("attention_mask", "int64", ("batch", "seq"), low=1, high=2, example=example,
+                       vocab=2, max_dims=limit)]
     if "token_type_ids" in forward_params and getattr(config, "type_vocab_size", 0):
-        specs.append(InputSpec("token_type_ids", "int64", ("batch", "seq"), low=0, high=1, example=example))
+        specs.append(InputSpec("token_type_ids", "int64", ("batch", "seq"), low=0, high=1, example=example,
+                               vocab=config.type_vocab_size, max_dims=limit))
     return specs
 
 
@@ -134,8 +139,10 @@ def load_folder(folder: str | Path, task: str | None = None):
     auto = getattr(transformers, spec.auto_class)
     try:
         model = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: {first_line(exc)}") from exc
+    except Exception as exc:  # unsupported architecture, corrupt safetensors (SafetensorError), missing weights
+        interrupts.reraise()
+        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: "
+                         f"{first_line(exc)[:300]}") from exc
     model.eval()
     params = set(inspect.signature(model.forward).parameters)
     specs = input_specs(spec, model.config, params)
