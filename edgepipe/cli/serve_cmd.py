@@ -36,6 +36,16 @@ def serve(
     autoscale: Annotated[Optional[str], typer.Option(
         help="ray: MIN:MAX replicas, scaled by Ray Serve on requests in flight (replaces --replicas).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="ray: address of an existing cluster.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="EDGEPIPE_API_KEY", show_envvar=True,
+        help="http: require 'Authorization: Bearer KEY' on every /v1/ route (401 without it); "
+             "/healthz, /readyz and /metrics stay open. Prefer the environment variable: a command "
+             "line is visible to other users of the machine.")] = None,
+    ssl_certfile: Annotated[Optional[Path], typer.Option(help="http: serve HTTPS with this certificate (PEM).")] = None,
+    ssl_keyfile: Annotated[Optional[Path], typer.Option(help="http: the certificate's private key (PEM).")] = None,
+    allow_out_of_budget: Annotated[bool, typer.Option(
+        help="Serve a quantized model on a backend where its own record says it is out of its accuracy or "
+             "speed budget (refused otherwise).")] = False,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict (JSON {"inputs": {...}} or a raw .npy body).
     A decoder (from `edgepipe export` of a causal LM folder) also answers POST /v1/generate:
@@ -53,14 +63,58 @@ def serve(
 
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     if backend is ServeBackend.ray:
+        if api_key or ssl_certfile or ssl_keyfile:
+            from edgepipe.errors import ConfigError
+
+            raise ConfigError("--api-key and --ssl-* are for the http backend; secure Ray Serve with its own "
+                              "proxy settings")
         return _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
-                             replicas, autoscale, ray_address, parse_provider_options(provider_option or []))
+                             replicas, autoscale, ray_address, parse_provider_options(provider_option or []),
+                             allow_out_of_budget)
+    tls = check_tls(ssl_certfile, ssl_keyfile)
     _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, timeout,
                 {"providers": provider, "threads": threads, "spinning": spin,
-                 "provider_options": parse_provider_options(provider_option or [])})
+                 "provider_options": parse_provider_options(provider_option or []),
+                 "allow_out_of_budget": allow_out_of_budget}, api_key, tls)
 
 
-def _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, timeout, options) -> None:
+def check_tls(certfile: Optional[Path], keyfile: Optional[Path]) -> dict:
+    """uvicorn's TLS settings from --ssl-certfile/--ssl-keyfile: both or neither, both readable."""
+    from edgepipe.errors import ConfigError
+
+    if (certfile is None) != (keyfile is None):
+        raise ConfigError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+    if certfile is None:
+        return {}
+    for what, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if not path.is_file():
+            raise ConfigError(f"{what} {path}: no such file")
+    return {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)}
+
+
+def exposure_warnings(host: str, api_key: Optional[str], tls: dict) -> list[str]:
+    """What to warn about when the server is reachable from other machines."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return []
+    warnings = []
+    if not api_key:
+        warnings.append(f"warning: serving on {host} without an API key: anyone who can reach this port can run "
+                        "the model and load the machine (set EDGEPIPE_API_KEY or --api-key)")
+    if not tls:
+        warnings.append(f"warning: serving on {host} over plain HTTP: requests, results"
+                        + (" and the API key" if api_key else "") + " travel unencrypted "
+                        "(add --ssl-certfile and --ssl-keyfile, or put a TLS proxy in front)")
+    return warnings
+
+
+def _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, timeout, options,
+                api_key=None, tls=None) -> None:
     from edgepipe.serve.batcher import ensure_port_free
 
     try:
@@ -78,20 +132,23 @@ def _serve_http(model, name, host, port, max_batch, max_delay_ms, max_queue, tim
     from edgepipe.runtime.generate import DECODER_KEY
 
     routes = " (POST /v1/generate streams tokens)" if DECODER_KEY in engine.metadata else ""
-    typer.echo(f"serving {engine.path} on http://{host}:{port} ({engine.providers[0]}, max batch {max_batch})"
-               + routes)
-    if engine.providers[0] != "CPUExecutionProvider":
+    scheme = "https" if tls else "http"
+    typer.echo(f"serving {engine.path} on {scheme}://{host}:{port} ({engine.backend}, {engine.providers[0]}, "
+               f"max batch {max_batch})" + routes + (", API key required on /v1/" if api_key else ""))
+    for line in exposure_warnings(host, api_key, tls or {}):
+        typer.echo(line, err=True)
+    if engine.backend == "onnxruntime" and engine.providers[0] != "CPUExecutionProvider":  # placement is ORT's
         fell = engine.placement()["fell_back"]
         if fell:
             typer.echo(f"note: {len(fell)} node(s) run on the CPU, not {engine.providers[0]}: "
                        + ", ".join(f"{r['node']} ({r['op']})" for r in fell[:8]))
     application = create_app(engine, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                             timeout_s=timeout)
-    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+                             timeout_s=timeout, api_key=api_key)
+    uvicorn.run(application, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10, **(tls or {}))
 
 
 def _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, threads, provider,
-                  replicas, autoscale, ray_address, provider_options) -> None:
+                  replicas, autoscale, ray_address, provider_options, allow_out_of_budget=False) -> None:
     from edgepipe.errors import InputError
     from edgepipe.runtime import Engine
     from edgepipe.serve.ray_app import RayServeConfig, build_app, parse_autoscale
@@ -101,8 +158,10 @@ def _serve_on_ray(model, name, host, port, max_batch, max_delay_ms, max_queue, t
         from ray import serve
     except ImportError:
         raise InputError("the ray backend needs the ray extra: pip install 'edgepipe[ray]'") from None
-    path = (Engine.from_run(model, name) if model.is_dir() else Engine(model)).path  # checks it loads
-    options = {"providers": provider, "provider_options": provider_options} | ({"threads": threads} if threads else {})
+    checked = {"allow_out_of_budget": allow_out_of_budget}
+    path = (Engine.from_run(model, name, **checked) if model.is_dir() else Engine(model, **checked)).path  # it loads
+    options = {"providers": provider, "provider_options": provider_options, **checked} | (
+        {"threads": threads} if threads else {})
     config = RayServeConfig(replicas=replicas, autoscaling=parse_autoscale(autoscale), max_batch=max_batch,
                             max_delay_ms=max_delay_ms, max_queue=max_queue,
                             gpus_per_replica=1.0 if provider in ("cuda", "gpu", "tensorrt", "trt") else 0.0,

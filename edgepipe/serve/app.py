@@ -5,6 +5,7 @@ graceful shutdown. Needs the `serve` extra (fastapi, uvicorn, prometheus-client)
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from contextlib import asynccontextmanager
@@ -60,18 +61,35 @@ class ServingApp:
     FastAPI's routing and middleware cost more per request than a small model's inference);
     every other path, and the lifespan, goes to the FastAPI app in `.fastapi`."""
 
-    def __init__(self, fastapi: FastAPI, predict):
+    def __init__(self, fastapi: FastAPI, predict, api_key: str | None = None):
         self.fastapi, self.state, self._predict = fastapi, fastapi.state, predict
+        self._bearer = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self._bearer is not None and scope["path"].startswith("/v1/") \
+                and not self._authorized(scope):
+            body = _json_error("missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", JSON), (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
         if scope["type"] == "http" and scope["path"] == "/v1/predict" and scope["method"] == "POST":
             await self._predict(scope, receive, send)
         else:
             await self.fastapi(scope, receive, send)
 
+    def _authorized(self, scope) -> bool:
+        """The request's Authorization header against the key, in constant time."""
+        sent = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        return hmac.compare_digest(sent, self._bearer)
+
 
 def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
-               timeout_s: float = 5.0, max_body_bytes: int = 8 << 20) -> ServingApp:
+               timeout_s: float = 5.0, max_body_bytes: int = 8 << 20, api_key: str | None = None) -> ServingApp:
+    """The server for `engine`. `api_key`: every /v1/ route then needs the header
+    `Authorization: Bearer <api_key>` (401 otherwise); /healthz, /readyz and /metrics stay open
+    for probes and scrapers."""
     # One function on purpose (~100 lines): the route handlers are closures over this app's own
     # metrics registry, batcher and readiness state, so two apps in one process never share them.
     registry = CollectorRegistry()
@@ -147,7 +165,7 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
     async def readyz():
         if not state["ready"]:
             return _error(503, "not ready")
-        return {"status": "ready", "model": str(engine.path), "providers": engine.providers,
+        return {"status": "ready", "model": str(engine.path), "backend": engine.backend, "providers": engine.providers,
                 "inputs": [s.to_dict() for s in engine.inputs]} | (
             {"generate": "/v1/generate"} if DECODER_KEY in engine.metadata else {})
 
@@ -170,7 +188,7 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         from edgepipe.serve.generation import add_generate_route
 
         add_generate_route(app, Generator(engine), registry, state, max_queue=max_queue, timeout_s=timeout_s)
-    return ServingApp(app, predict)
+    return ServingApp(app, predict, api_key)
 
 
 JSON = b"application/json"
