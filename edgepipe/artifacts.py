@@ -115,3 +115,34 @@ def require_writable(path: str | os.PathLike, what: str = "output", folder: bool
     except OSError as exc:
         raise InputError(f"cannot write {what} {path}: {exc.strerror or exc} ({exc.filename or target})") from None
     return path
+
+
+LOCK_NAME = ".edgepipe.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "run directory") -> Iterator[Path]:
+    """Hold an exclusive OS lock on `folder` (a `.edgepipe.lock` file in it, holding the owner's
+    PID) for as long as the block runs, or raise InputError naming the process that holds it.
+    The OS drops the lock when the process ends, however it ends: a killed run never leaves
+    a folder locked."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise InputError(f"another edgepipe run (PID {holder}) is writing {what} {folder}; wait for it "
+                             "to finish or choose another output folder (--out)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -421,7 +421,7 @@ def test_a_provider_error_suggests_only_options_that_exist(tmp_path):
 
 
 def test_an_exporter_error_is_shown_by_its_error_line_not_its_log():
-    from edgepipe.exporters.onnx_export import error_line
+    from edgepipe.exporters.failures import error_line
 
     log = "\n".join(["[torch.onnx] Obtain model graph ...", "  line of log"] * 20
                     + ["torch._dynamo.exc.Unsupported: data-dependent branching", "", "Next steps:"])
@@ -858,3 +858,62 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     assert not search.timed_apart([0, 1])
     search.settings = [SessionSetting(1, False), setting]
     assert search.timed_apart([0, 1]) and not search.timed_apart([0])
+
+
+def test_one_run_per_output_folder_and_the_lock_is_released_on_every_exit(tmp_path, cli):
+    from edgepipe.artifacts import folder_lock
+
+    config = export_config(factory_dir(tmp_path))
+    (tmp_path / "run").mkdir()
+    with folder_lock(tmp_path / "run"):  # another run holds it (a second open file: flock refuses it too)
+        result = cli("run", config)
+        assert result.exit_code == 2, result.output
+        assert f"another edgepipe run (PID {os.getpid()}) is writing run directory" in result.output
+        assert not (tmp_path / "run" / "manifest.json").exists()  # it wrote nothing
+    (tmp_path / "weights.pt").write_bytes(b"broken")  # a run that fails still lets the next one in
+    assert cli("run", config).exit_code == 2
+    with folder_lock(tmp_path / "run"):
+        pass
+    factory_dir(tmp_path)
+    result = cli("run", config)
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_into_a_folder_of_another_config_keeps_nothing_of_it(tmp_path):
+    config = export_config(factory_dir(tmp_path))
+    run_pipeline(config_mod.load(config))
+    assert (tmp_path / "run" / "mine" / "model.onnx").exists()
+    other = config.read_text().replace('name = "mine"', 'name = "theirs"')
+    config.write_text(other)
+    logs = resumed(config)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"theirs"} and manifest["status"] == "passed"
+    assert not (tmp_path / "run" / "mine").exists() and any("model 'mine' is not in this config" in m for m in logs)
+    assert "mine" not in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_an_exporters_io_error_is_an_error_and_a_fallback_names_its_reason(tmp_path, monkeypatch):
+    from edgepipe.exporters import onnx_export
+    from edgepipe.exporters.onnx_export import ExportConfig, export
+    from edgepipe.pipeline.report import _export_label
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    config = ExportConfig(exporters=("dynamo", "torchscript"))
+
+    def vanished(source, example, path, opset):  # the staging folder removed under the exporter
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(onnx_export, "_dynamo_export", vanished)
+    with pytest.raises(InputError, match="export could not write .*model.onnx: No such file or directory"):
+        export(model, tmp_path / "model.onnx", config, inputs=["x:float32:batch,6"])
+
+    def unsupported(source, example, path, opset):
+        raise RuntimeError("torch._dynamo.exc.Unsupported: data-dependent branching")
+
+    monkeypatch.setattr(onnx_export, "_dynamo_export", unsupported)
+    report = export(model, tmp_path / "model.onnx", config, inputs=["x:float32:batch,6"]).report
+    assert report.exporter == "torchscript"
+    label = _export_label(report)
+    assert label.startswith("export (torchscript; dynamo failed: RuntimeError: torch._dynamo.exc.Unsupported")
+    assert _export_label(export(model, tmp_path / "ts.onnx", ExportConfig(exporters=("torchscript",)),
+                                inputs=["x:float32:batch,6"]).report) == "export (torchscript)"

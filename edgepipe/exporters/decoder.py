@@ -18,8 +18,9 @@ import torch
 from edgepipe import onnxfile
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ExportError, InputError, ParityError, first_line
+from edgepipe.exporters.failures import error_line
 from edgepipe.exporters.hf import is_hf_folder, read_config
-from edgepipe.exporters.onnx_export import MAX_IR_VERSION, error_line
+from edgepipe.exporters.onnx_export import MAX_IR_VERSION
 from edgepipe.exporters.report import ExportReport
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY, TOKENIZER_KEY, DecoderSpec

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import re
 import time
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -16,9 +15,10 @@ import numpy as np
 import onnx
 import torch
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult
-from edgepipe.errors import ConfigError, ExportError, ParityError
+from edgepipe.errors import ConfigError, ExportError, InputError, ParityError
+from edgepipe.exporters.failures import error_line, is_io_error
 from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
 from edgepipe.logs import quiet_logs
@@ -196,27 +196,6 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
     return model
 
 
-def error_line(exc: Exception) -> str:
-    """The one line of an exporter's error worth showing: torch.onnx's exception summary (with
-    the line of the model's code that raised it) rather than its "Next steps:" advice or the
-    first of tens of lines of log."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    summary = next((line for line in lines if line.startswith("<class '")), None)
-    if summary:
-        summary = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:", r"\1:", summary)
-        if "The following call raised this error:" in lines:
-            at = lines.index("The following call raised this error:")
-            where = " ".join(lines[at + 1:at + 3])
-            summary += f" [{where}]" if where.startswith("File ") else ""
-        return summary
-    for line in lines:
-        if ("Error" in line or "error:" in line or "Unsupported" in line) and not line.endswith(":"):
-            return line
-    meaningful = [line for line in lines if not line.endswith(":")]
-    return (meaningful or lines or [type(exc).__name__])[0]
-
-
 class _Rejected(Exception):
     """An export attempt failed or missed parity; the next exporter is tried."""
 
@@ -230,6 +209,9 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
             (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
         graph = finalize_graph(tmp, src, exporter)
     except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
+        interrupts.reraise()
+        if is_io_error(exc, tmp):  # the disk, not the exporter: another exporter would hide it
+            raise InputError(f"export could not write {exc.filename or tmp.parent}: {exc.strerror or exc}") from exc
         message = error_line(exc)
         attempts.append({"exporter": exporter, "ok": False, "error": f"{type(exc).__name__}: {message[:300]}",
                          "seconds": round(time.perf_counter() - started, 2)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,24 @@ def file_entry(path: Path, root: Path) -> dict:
 class Manifest:
     """`manifest.json` of a run directory: one entry per (model, stage)."""
 
-    def __init__(self, run_dir: Path, config: dict, resume: bool = False):
+    def __init__(self, run_dir: Path, config: dict, resume: bool = False,
+                 scope: tuple[set[str], set[str]] | None = None, log=lambda message: None):
+        """`resume`: keep the previous run's entries (stages are reused only where config and
+        inputs match). `scope` (model names, stage names): what this config runs; a previous
+        model outside it is dropped with its folder, and a previous stage outside it is dropped,
+        so the run directory never mixes two configs' results."""
         self.run_dir = run_dir
         self.path = run_dir / "manifest.json"
         previous = read_manifest(run_dir) if resume and self.path.exists() else {}
+        models = previous.get("models", {})
+        if scope is not None and models:
+            names, stages = scope
+            for gone in sorted(set(models) - names):
+                if (run_dir / gone).resolve().parent == run_dir.resolve():  # a model's own folder only
+                    shutil.rmtree(run_dir / gone, ignore_errors=True)
+                log(f"resume: model '{gone}' is not in this config: dropped from {run_dir} with its folder")
+            models = {name: entry | {"stages": {s: e for s, e in entry.get("stages", {}).items() if s in stages}}
+                      for name, entry in models.items() if name in names}
         self.data: dict[str, Any] = {
             "schema": MANIFEST_SCHEMA,
             "edgepipe": __version__,
@@ -46,7 +61,7 @@ class Manifest:
             "versions": tool_versions(),
             "hardware": fingerprint(),
             "config": config,
-            "models": previous.get("models", {}),
+            "models": models,
             "status": "running",
         }
         self.save()

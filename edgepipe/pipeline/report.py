@@ -61,6 +61,15 @@ def _quantize_row(name: str, q, status: str | None, profile, gate: str) -> dict:
     return _row(name, label, accuracy, _latency(profile, "int8"), _mb(q.size_bytes if q else None), gate=gate)
 
 
+def _export_label(exp) -> str:
+    """"export (dynamo)"; after a fallback, which exporter was passed over and why."""
+    passed_over = [a for a in exp.attempts if not a.get("ok")]
+    if not passed_over:
+        return f"export ({exp.exporter})"
+    why = "; ".join(f"{a['exporter']} failed: {str(a.get('error') or a.get('parity'))[:60]}" for a in passed_over)
+    return f"export ({exp.exporter}; {why})"
+
+
 def build_rows(manifest: dict) -> list[dict]:
     rows = []
     for name, model in manifest.get("models", {}).items():
@@ -74,7 +83,7 @@ def build_rows(manifest: dict) -> list[dict]:
         if "export" in reports:
             exp, quant = reports["export"], reports.get("quantize")
             fp32_acc = quant.fp32.accuracy if quant is not None else None
-            rows.append(_row(name, f"export ({exp.exporter})", f"{fp32_acc:.4f}" if fp32_acc is not None else "-",
+            rows.append(_row(name, _export_label(exp), f"{fp32_acc:.4f}" if fp32_acc is not None else "-",
                              _latency(profile, "fp32"), _mb(exp.size_bytes),
                              parity=f"ok {exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
                              gate=_gates(model, "export")))

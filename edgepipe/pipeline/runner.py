@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepipe.artifacts import StageResult, read_npz, require_writable, sha256
+from edgepipe.artifacts import StageResult, folder_lock, read_npz, require_writable, sha256
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.memory import PeakMemory
 from edgepipe.pipeline import gates as gates_mod
@@ -263,7 +263,13 @@ def run_pipeline(config: PipelineConfig, *, resume: bool = False,
     """Run every model of `config`; gate failures are collected (RunResult.failed_gates), input
     errors raise StageFailed naming the stage and what already ran."""
     require_writable(config.out_dir, "run directory", folder=True)
-    manifest = Manifest(config.out_dir, config.raw, resume=resume)
+    with folder_lock(config.out_dir):
+        return _run_locked(config, resume, log)
+
+
+def _run_locked(config: PipelineConfig, resume: bool, log: Callable[[str], None]) -> RunResult:
+    manifest = Manifest(config.out_dir, config.raw, resume=resume,
+                        scope=({m.name for m in config.models}, set(config.stages)), log=log)
     runs = []
     try:
         for model in config.models:
