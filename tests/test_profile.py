@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 from edgepipe.runtime.profiling import profile_model
@@ -73,3 +74,27 @@ def test_fresh_venv_with_only_the_base_package_runs_profile(zoo, tmp_path):
                            "--seconds", "0.05", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(out.read_text())["latency"][1]["batch"] == 4
+
+
+def test_per_operator_times_are_of_warm_calls_and_fit_inside_a_whole_call(tmp_path):
+    """A session's first calls start its thread pool and allocate its buffers; averaged in, they
+    made one Gemm read 3x a whole warm call of its model. The nodes' times, summed, must fit
+    in the whole call's p50 measured in this process (profiling adds a little per node)."""
+    import torch
+
+    from edgepipe.exporters import export
+    from edgepipe.exporters.onnx_export import ExportConfig
+    from edgepipe.runtime import Engine, measure
+    from edgepipe.runtime.placement import operator_profile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    path = export(model, tmp_path / "mlp.onnx", ExportConfig(exporters=("torchscript",)),
+                  inputs=["x:float32:batch,64"]).artifacts["onnx"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)}
+    operators = operator_profile(path, feeds, providers="cpu")
+    whole_us = measure(Engine(path, providers="cpu").runner(feeds), 32).p50_ms * 1000
+    nodes_us = sum(r["us_per_run"] for r in operators["by_op_type"])
+    assert nodes_us <= 1.6 * whole_us, (nodes_us, whole_us, operators["by_node"])
+    assert max(r["us_per_run"] for r in operators["by_node"]) <= whole_us
