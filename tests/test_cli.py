@@ -54,6 +54,22 @@ def test_user_errors_exit_2_with_one_line(cli, zoo, tmp_path, args, message):
     assert message in result.output
     assert "Traceback" not in result.output
     assert result.output.strip().startswith("error:") and result.output.strip().count("\n") == 0
+    assert not (tmp_path / "r").exists()  # a rejected command leaves no empty output folder
+
+
+def test_rejected_arguments_leave_no_folder_and_generate_asks_for_the_exported_file(cli, tmp_path):
+    result = cli("train", "--model", "tiny-lm", "--seconds", "-1", "-o", tmp_path / "lm" / "deep")
+    assert result.exit_code == 2 and "seconds > 0" in result.output
+    assert not (tmp_path / "lm").exists()
+    (tmp_path / "kept").mkdir()
+    assert cli("train", "--model", "resnet", "-o", tmp_path / "kept").exit_code == 2
+    assert (tmp_path / "kept").is_dir()  # a folder that was there stays
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    result = cli("generate", folder, "--prompt", "hi")
+    assert result.exit_code == 2 and "is a folder; generate runs an exported decoder file" in result.output
+    assert f"edgepipe export {folder} -o model.onnx" in result.output
 
 
 def test_debug_flag_shows_the_traceback(cli, tmp_path):

@@ -461,3 +461,15 @@ def test_a_large_builder_graph_is_placed_without_reading_its_weights(tmp_path, m
     genai_route.place_graph(built / "model.onnx", small, rename)
     assert not sidecar(small).exists()
     np.testing.assert_array_equal(ort.InferenceSession(str(small)).run(None, {"z": x})[0], expected)
+
+
+def test_the_genai_builders_error_is_whole_where_it_introduces_a_list():
+    from edgepipe.exporters.genai_route import builder_error
+
+    output = ("Valid precision + execution provider combinations are: ...\nTraceback (most recent call last):\n"
+              "  File \"builder.py\", line 806\nValueError: FooForCausalLM is not supported; choose from one of:\n"
+              "  LlamaForCausalLM\n  MistralForCausalLM\n")
+    assert builder_error(output, 1) == ("ValueError: FooForCausalLM is not supported; choose from one of: "
+                                        "LlamaForCausalLM, MistralForCausalLM")
+    assert builder_error("", 3) == "exit 3"
+    assert len(builder_error("Error: " + "x" * 400, 1)) == 300

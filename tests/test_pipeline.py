@@ -205,3 +205,17 @@ def test_profile_deploys_fp32_when_int8_measures_slower_and_int8_is_optional(tmp
         'out_dir = "run"', 'out_dir = "strict"'))))
     assert not strict.ok
     assert any(g["gate"] == "min_int8_speedup" for g in strict.failed_gates)
+
+
+def test_every_problem_of_a_config_is_named_at_once(tmp_path, cli):
+    text = ('stages = ["export", "deploy"]\n[train]\nepoch = 3\n[quantize]\nmode = "fast"\n'
+            '[[models]]\nname = "mlp"\nsource = "missing.pt"\n[[models]]\nname = "cnn"\n')
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(write_config(tmp_path, text))
+    message = str(err.value)
+    for part in ("unknown stage(s) deploy", "unknown key(s) epoch in [cnn.train]", "quantize mode 'fast' unknown",
+                 "source = 'missing.pt': file not found"):
+        assert part in message, message
+    assert message.startswith("3 problems: ") and "\n" not in message  # the model cnn names two
+    result = cli("run", write_config(tmp_path, text))
+    assert result.exit_code == 2 and result.output.count("error: ") == 1

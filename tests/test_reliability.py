@@ -516,6 +516,7 @@ def test_a_pipeline_killed_mid_quantize_resumes_without_stale_results_or_stray_f
     assert "quantize" not in manifest["models"]["two"]["stages"]  # nothing half-done is recorded
     if sig == signal.SIGTERM:
         assert proc.returncode == 128 + sig and manifest["status"] == "interrupted"
+        assert f"terminated (signal {int(sig)}): stopping" in err  # a word, not a silent exit
         assert not list(scratch.glob("edgepipe-*"))
     resume = subprocess.run([sys.executable, "-m", "edgepipe", "run", str(config), "--resume"], env=env,
                             capture_output=True, text=True, timeout=600)

@@ -103,3 +103,15 @@ def test_charts_keep_one_colour_per_precision_full_labels_and_log_axes(tmp_path,
     assert "QLinearMatMulWithAVeryLongFusedOperatorName" in html  # operator names whole
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "tiny: time per operator type (deployed model)" in markdown and "| Relu | 3.1 | 20.0% |" in markdown
+
+
+def test_every_line_of_a_chart_has_its_own_colour_unless_it_names_a_stage():
+    from edgepipe.pipeline.charts import STAGE_COLORS, line_colors, lines
+
+    rate = {"prompt 8": [(1, 100.0), (2, 180.0)], "prompt 40": [(1, 90.0), (2, 170.0)]}
+    colors = line_colors(list(rate))
+    assert colors["prompt 8"] != colors["prompt 40"]  # their hashed colours collide
+    svg = lines("Tokens per second vs batch", rate, "batch", "tokens/s")
+    assert all(c in svg for c in colors.values())
+    staged = line_colors(["mlp fp32", "cnn fp32", "mlp int8"])
+    assert staged == {"mlp fp32": STAGE_COLORS["fp32"], "cnn fp32": STAGE_COLORS["fp32"], "mlp int8": STAGE_COLORS["int8"]}

@@ -76,6 +76,7 @@ def _terminate(signum, frame) -> None:
     error cannot make the search carry on."""
     from edgepipe import interrupts
 
+    sys.stderr.write(f"terminated (signal {signum}): stopping, removing scratch files; exit {128 + signum}\n")
     interrupts.request(128 + signum)
 
 

@@ -25,6 +25,18 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _created.clear()
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:  # a command that fails leaves no empty output folder behind
+            _remove_created_if_empty()
+            raise
+    return _report_errors(wrapper)
+
+
+def _report_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EdgepipeError as exc:
@@ -45,16 +57,31 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# Folders check_outputs created for the running command, removed again (when still empty) if the
+# command fails: a rejected argument must not leave an empty output folder.
+_created: list[Path] = []
+
+
+def _remove_created_if_empty() -> None:
+    for folder in sorted(_created, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the command wrote something), or gone
+            pass
+    _created.clear()
+
+
 def check_outputs(*paths: Path | None, folders: tuple[Path | None, ...] = ()) -> None:
-    """Refuse, before any work, output files (or folders) that cannot be written."""
+    """Refuse, before any work, output files (or folders) that cannot be written. Folders made
+    here are removed again if the command then fails before writing into them."""
     from edgepipe.artifacts import require_writable
 
-    for path in paths:
-        if path is not None:
-            require_writable(path)
-    for folder in folders:
-        if folder is not None:
-            require_writable(folder, folder=True)
+    targets = [(Path(p), False) for p in paths if p is not None] + [(Path(f), True) for f in folders if f is not None]
+    for target, folder in targets:
+        parent = (target if folder else target.parent).absolute()
+        missing = [p for p in (parent, *parent.parents) if not p.exists()]
+        require_writable(target, folder=folder)
+        _created.extend(missing)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:

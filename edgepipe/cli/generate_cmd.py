@@ -30,6 +30,10 @@ def generate(
 
     if (prompt_ids is None) == (prompt is None):
         raise InputError("give the prompt as --prompt-ids 1,2,3 or as --prompt TEXT (one of them)")
+    if model.is_dir():
+        hint = (f"export it first: edgepipe export {model} -o model.onnx, then generate from model.onnx"
+                if (model / "config.json").is_file() else "give the .onnx file `edgepipe export` wrote")
+        raise InputError(f"{model} is a folder; generate runs an exported decoder file: {hint}")
     generator = Generator(model, providers=provider)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if prompt is not None:

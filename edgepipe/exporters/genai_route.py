@@ -58,12 +58,24 @@ def build_genai(folder: Path, out: Path, spec: DecoderSpec, attach, precision: s
                               capture_output=True, text=True)
         seconds = time.perf_counter() - started
         if proc.returncode or not (built / "model.onnx").is_file():
-            lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-            why = next((line for line in reversed(lines) if "Error" in line or "not" in line.lower()),
-                       lines[-1] if lines else f"exit {proc.returncode}")
-            raise ExportError(f"ONNX Runtime GenAI's builder could not build {spec.architecture}: {why.strip()[:300]}")
+            raise ExportError(f"ONNX Runtime GenAI's builder could not build {spec.architecture}: "
+                              f"{builder_error(proc.stdout + proc.stderr, proc.returncode)}")
         place_graph(built / "model.onnx", out, lambda model: (rename_cache_inputs(model, spec), attach(model)))
     return seconds
+
+
+def builder_error(output: str, returncode: int, limit: int = 300) -> str:
+    """The builder's reason in one line: its last error line, and where that line ends in a colon
+    ("... use a model from one of:"), the lines it introduces, joined, up to `limit` characters."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        return f"exit {returncode}"
+    at = next((i for i in range(len(lines) - 1, -1, -1) if "Error" in lines[i] or "not" in lines[i].lower()),
+              len(lines) - 1)
+    why = lines[at]
+    if why.endswith(":") and at + 1 < len(lines):
+        why += " " + ", ".join(lines[at + 1:])
+    return why if len(why) <= limit else why[:limit - 1] + "…"
 
 
 def place_graph(src: Path, out: Path, edit) -> None:

@@ -24,6 +24,18 @@ def color_for(label: str) -> str:
     return PALETTE[3 + zlib.crc32(label.encode()) % (len(PALETTE) - 3)]
 
 
+def line_colors(labels: list[str]) -> dict[str, str]:
+    """color_for each label, except that labels naming no stage never share a colour within one
+    chart (a hash can give "prompt 8" and "prompt 40" the same): those take the palette's free
+    colours in order. Stage colours may repeat: the marker tells those lines' models apart."""
+    colors = {label: color_for(label) for label in labels}
+    free = PALETTE[3:]
+    plain = [label for label in labels if colors[label] in free]
+    if len({colors[label] for label in plain}) < len(plain):
+        colors |= {label: free[i % len(free)] for i, label in enumerate(plain)}
+    return colors
+
+
 def _wrap(label: str, width: int = 34) -> str:
     return "\n".join(textwrap.wrap(label, width, break_long_words=False, break_on_hyphens=False)) or label
 
@@ -112,9 +124,10 @@ def lines(title: str, series: dict[str, list[tuple[float, float]]], x_label: str
     fig = _figure(height=4.2)
     ax = fig.add_subplot()
     models = list(dict.fromkeys(name.split()[0] for name in series))  # "mlp int8" -> model "mlp"
+    colors = line_colors(list(series))
     for name, pts in series.items():
         xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, marker=MARKERS[models.index(name.split()[0]) % len(MARKERS)], color=color_for(name),
+        ax.plot(xs, ys, marker=MARKERS[models.index(name.split()[0]) % len(MARKERS)], color=colors[name],
                 label=name, linestyle="--" if "unpruned" in name.lower() else "-")
     ax.set_xscale("log", base=2)
     ticks = sorted({x for pts in series.values() for x, _ in pts})

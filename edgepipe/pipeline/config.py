@@ -99,16 +99,16 @@ def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
     values out of range are all refused here, before any work, each naming its key."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [{where}]; known: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(cls)
     values, problems = {}, []
     for key, value in data.items():
-        values[key], problem = check_value(key, value, hints[key])
-        if problem:
-            problems.append(problem)
-    if problems:
-        raise ConfigError(f"[{where}] " + "; ".join(problems))
+        if key in known:
+            values[key], problem = check_value(key, value, hints[key])
+            problems += [problem] if problem else []
+    if unknown or problems:
+        raise ConfigError("; ".join(
+            [f"unknown key(s) {', '.join(unknown)} in [{where}]; known: {', '.join(sorted(known))}"] * bool(unknown)
+            + [f"[{where}] " + "; ".join(problems)] * bool(problems)))
     try:
         return cls(**values)
     except ConfigError as exc:
@@ -124,7 +124,7 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
 
     classes = {"train": TrainConfig, "prune": PruneConfig, "export": ExportConfig,
                "quantize": QuantizeConfig, "profile": ProfileConfig, "budgets": Budgets}
-    out = {}
+    out, problems = {}, []
     for section, cls in classes.items():
         data = dict(model.sections.get(section, {}))
         if section in ("train", "prune"):
@@ -134,7 +134,12 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
             drop = model.sections.get("budgets", {}).get("max_accuracy_drop", Budgets.max_accuracy_drop)
             if drop is not None:
                 data["max_accuracy_drop"] = drop
-        out[section] = build_section(cls, data, f"{model.name}.{section}")
+        try:
+            out[section] = build_section(cls, data, f"{model.name}.{section}")
+        except ConfigError as exc:  # every section's problems at once
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
     device, providers = out["quantize"].device, out["profile"].providers
     if device != "cpu" and providers not in ("auto", device):
         raise ConfigError(f"[{model.name}] quantize device = '{device}' measures the model on the GPU, but profile "
@@ -220,26 +225,37 @@ def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, see
 def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfig:
     """A validated PipelineConfig: every key, type, range and file path is checked here, before
     any stage runs; each error names its key, its value and what is expected."""
+    problems: list[str] = []  # every problem of the file, refused at once
+
+    def checked(check, *args):
+        try:
+            return check(*args)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            return None
+
     known = {*TOP_LEVEL, *SECTIONS}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    top = _checked(data, TOP_LEVEL, "config")
+        problems.append(f"unknown top-level key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    top = checked(_checked, data, TOP_LEVEL, "config") or {}
     for section in SECTIONS:
         if not isinstance(data.get(section, {}), dict):
-            raise ConfigError(f"config: [{section}] must be a table, got {data[section]!r}")
+            problems.append(f"config: [{section}] must be a table, got {data[section]!r}")
     stages = top.get("stages", STAGES)
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise ConfigError(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
-    if not top.get("models"):
-        raise ConfigError("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
-    shared = {k: data.get(k, {}) for k in SECTIONS}
+        problems.append(f"unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGES)}")
+    if "models" not in data:
+        problems.append("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
+    shared = {k: data[k] if isinstance(data.get(k), dict) else {} for k in SECTIONS}
     seed = top.get("seed", 0)
-    models = [_model(i, entry, shared, base_dir, stages, seed) for i, entry in enumerate(top["models"])]
-    names = [m.name for m in models]
+    models = [checked(_model, i, entry, shared, base_dir, stages, seed) for i, entry in enumerate(top.get("models", ()))]
+    names = [m.name for m in models if m is not None]
     if len(set(names)) != len(names):
-        raise ConfigError(f"model names must be unique, got {names}")
+        problems.append(f"model names must be unique, got {names}")
+    if problems:
+        raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems))
     out_dir = Path(top.get("out_dir", "runs/edgepipe"))
     return PipelineConfig(out_dir=out_dir if out_dir.is_absolute() else base_dir / out_dir,
                           stages=stages, models=models, seed=seed, raw=data)
