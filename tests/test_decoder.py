@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from edgepipe.errors import InputError  # noqa: E402
+from edgepipe.errors import ConfigError, InputError  # noqa: E402
 from edgepipe.runtime.generate import Generator, Sampling  # noqa: E402
 
 
@@ -96,7 +96,7 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
     assert result.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
 
 
-@pytest.mark.slow  # trains a tiny LM (60 s), exports and quantizes it
+@pytest.mark.slow  # trains a tiny LM (300 steps, about 90 s), exports and quantizes it
 def test_the_readme_language_model_block_runs_as_written(tmp_path):
     import os
     import re
@@ -123,6 +123,11 @@ def test_the_readme_language_model_block_runs_as_written(tmp_path):
     profile = json.loads((tmp_path / "lm-profile.json").read_text())
     assert [(r["batch"], r["prompt"]) for r in profile["rows"]] == [(1, 16), (1, 128), (4, 16), (4, 128)]
     assert (tmp_path / "lm-report" / "report.html").exists()
+    train = json.loads((tmp_path / "tiny-lm" / "edgepipe_train.json").read_text())
+    assert train["steps"] == 300  # by steps, not by a wall clock a busy machine shortens
+    text = subprocess.run(["edgepipe", "generate", "lm-q.onnx", "--prompt", "The assert statement",
+                           "--max-new-tokens", "40"], cwd=tmp_path, env=env, capture_output=True, text=True).stdout
+    assert len(re.findall(r"[A-Za-z]{2,}", text)) >= 4, repr(text)  # words, as the README says, not spaces
 
 
 @pytest.fixture(scope="module")
@@ -473,3 +478,14 @@ def test_the_genai_builders_error_is_whole_where_it_introduces_a_list():
                                         "LlamaForCausalLM, MistralForCausalLM")
     assert builder_error("", 3) == "exit 3"
     assert len(builder_error("Error: " + "x" * 400, 1)) == 300
+
+
+def test_the_tiny_lm_trains_by_steps_whatever_the_clock_says(tmp_path):
+    from edgepipe.models.lm import LMConfig, train_tiny_lm
+
+    config = LMConfig(hidden_size=32, intermediate_size=64, layers=1, heads=2, kv_heads=1, seq=16, batch_size=2,
+                      seconds=1e-6, steps=3)  # a wall clock that has run out before the first step
+    record = train_tiny_lm(tmp_path / "lm", config).record
+    assert record["steps"] == 3 and (tmp_path / "lm" / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="steps >= 1"):
+        LMConfig(steps=0)

@@ -20,6 +20,7 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for data split, init and shuffling.")] = 0,
     seconds: Annotated[float, typer.Option(help="tiny-lm: training time in seconds (AdamW, cosine decay to zero at the end).")] = 180.0,
+    steps: Annotated[Optional[int], typer.Option(help="tiny-lm: train exactly this many steps instead of --seconds: the same model on any machine, however loaded (about 0.3 s a step on 2 cores).")] = None,
 ) -> None:
     """Train a zoo model with Adam (seeded) and write a safe checkpoint (config + state_dict,
     loadable with torch.load(weights_only=True)). Reports held-out accuracy.
@@ -29,7 +30,7 @@ def train(
     model.safetensors, tokenizer.json) that `edgepipe export` takes. Reports held-out
     perplexity (nats per byte)."""
     if model == "tiny-lm":
-        return _train_lm(output, seconds, seed)
+        return _train_lm(output, seconds, seed, steps)
     check_outputs(output if output.suffix in (".pt", ".pth") else output / "checkpoint.pt")
     from edgepipe.models.training import TrainConfig
     from edgepipe.models.training import train as train_stage
@@ -47,10 +48,11 @@ def train(
                f"({rec['params']:,} params, {rec['train_seconds']} s) -> {path}")
 
 
-def _train_lm(output: Path, seconds: float, seed: int) -> None:
+def _train_lm(output: Path, seconds: float, seed: int, steps: Optional[int]) -> None:
     from edgepipe.models.lm import LMConfig, train_tiny_lm
 
+    config = LMConfig(seconds=seconds, seed=seed, steps=steps)  # refused before a folder is made
     check_outputs(folders=(output,))
-    rec = train_tiny_lm(output, LMConfig(seconds=seconds, seed=seed), progress=lambda m: typer.echo(f"  {m}", err=True)).record
+    rec = train_tiny_lm(output, config, progress=lambda m: typer.echo(f"  {m}", err=True)).record
     typer.echo(f"tiny-lm ({rec['params']:,} params, {rec['steps']} steps in {rec['train_seconds']} s): held-out "
                f"{rec['heldout_nll']:.3f} nats/byte (untrained {rec['heldout_nll_before']:.3f}) -> {output}")

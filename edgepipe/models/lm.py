@@ -37,10 +37,13 @@ class LMConfig:
     seconds: float = 180.0  # training stops at this wall time ...
     max_steps: int = 100_000  # ... or this many steps
     seed: int = 0
+    steps: int | None = None  # exactly this many steps, whatever they take (reproducible); seconds is ignored
 
     def __post_init__(self):
         if self.seconds <= 0 or self.max_steps < 1 or self.seq < 2 or self.seq > self.context:
             raise ConfigError(f"tiny LM config needs seconds > 0, max_steps >= 1 and 2 <= seq <= context; got {self}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"tiny LM training needs steps >= 1, got {self.steps}")
 
 
 @dataclass
@@ -90,10 +93,12 @@ def _heldout_nll(model, windows: torch.Tensor) -> float:
 
 def train_tiny_lm(out_dir: str | Path, config: LMConfig | None = None,
                   progress: Callable[[str], None] | None = None) -> StageResult:
-    """Train for `config.seconds` (AdamW, cosine decay) and save the folder to `out_dir`;
+    """Train for `config.steps` steps (the same model on any machine, however loaded), else for
+    `config.seconds` (AdamW, cosine decay to zero at the end), and save the folder to `out_dir`;
     the record has the held-out NLL (nats per byte) before and after."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # the record and `progress` say what matters
     config = config or LMConfig()
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
@@ -115,11 +120,12 @@ def train_tiny_lm(out_dir: str | Path, config: LMConfig | None = None,
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01, betas=(0.9, 0.95))
     started, step, loss = time.perf_counter(), 0, float("nan")
-    while step < config.max_steps:
+    last = config.steps or config.max_steps
+    while step < last:
         elapsed = time.perf_counter() - started
-        if elapsed >= config.seconds:
+        if config.steps is None and elapsed >= config.seconds:
             break
-        fraction = min(1.0, max(elapsed / config.seconds, step / config.max_steps))
+        fraction = step / last if config.steps else min(1.0, max(elapsed / config.seconds, step / last))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * fraction))
         starts = rng.integers(0, len(train) - config.seq, config.batch_size)
