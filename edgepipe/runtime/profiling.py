@@ -128,9 +128,11 @@ def compare_models(
     1.7-1.9x otherwise), and one such trial must not decide a verdict.
     """
     default = SessionSetting(threads or 0, False)  # no spinning: sessions share the cores (see Engine)
-    chosen = {label: {int(b): (sessions[label][route_batch(sessions[label], b)] if (sessions or {}).get(label)
-                               else default) for b in batch_sizes}
-              for label in models}
+    chosen: dict[str, dict[int, SessionSetting]] = {}  # what each engine runs each batch with
+
+    def settings_of(engine: Engine) -> dict[int, SessionSetting]:
+        table = dict(engine.batch_sessions)  # `sessions`, or those the file records (see Engine)
+        return {int(b): table[route_batch(table, b)] if table else default for b in batch_sizes}
 
     def fresh() -> dict[str, Engine]:
         return {label: Engine(path, providers=providers, threads=threads, spinning=False,
@@ -142,6 +144,7 @@ def compare_models(
     per_trial: dict[int, dict[str, list[LatencyStats]]] = {b: {label: [] for label in models} for b in batch_sizes}
     for trial in range(max(1, trials)):
         engines = fresh()
+        chosen = chosen or {label: settings_of(engine) for label, engine in engines.items()}
         if not trial:
             dynamic_sizes(next(iter(engines.values())).inputs, dims)  # refuses a dim the model lacks
         for batch in batch_sizes:
