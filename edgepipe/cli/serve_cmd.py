@@ -107,8 +107,8 @@ def exposure_warnings(host: str, api_key: Optional[str], tls: dict) -> list[str]
         warnings.append(f"warning: serving on {host} without an API key: anyone who can reach this port can run "
                         "the model and load the machine (set EDGEPIPE_API_KEY or --api-key)")
     if not tls:
-        warnings.append(f"warning: serving on {host} over plain HTTP: requests, results"
-                        + (" and the API key" if api_key else "") + " travel unencrypted "
+        warnings.append(f"warning: serving on {host} over plain HTTP: requests" + (", results and the API key"
+                        if api_key else " and results") + " travel unencrypted "
                         "(add --ssl-certfile and --ssl-keyfile, or put a TLS proxy in front)")
     return warnings
 
