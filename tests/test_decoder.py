@@ -480,6 +480,7 @@ def test_the_genai_builders_error_is_whole_where_it_introduces_a_list():
     assert len(builder_error("Error: " + "x" * 400, 1)) == 300
 
 
+@pytest.mark.slow  # trains (three steps of a tiny model)
 def test_the_tiny_lm_trains_by_steps_whatever_the_clock_says(tmp_path):
     from edgepipe.models.lm import LMConfig, train_tiny_lm
 

@@ -78,14 +78,15 @@ def test_fresh_venv_with_only_the_base_package_runs_profile(zoo, tmp_path):
 
 def test_per_operator_times_are_of_warm_calls_and_fit_inside_a_whole_call(tmp_path):
     """A session's first calls start its thread pool and allocate its buffers; averaged in, they
-    made one Gemm read 3x a whole warm call of its model. The nodes' times, summed, must fit
-    in the whole call's p50 measured in this process (profiling adds a little per node)."""
+    made an MLP's nodes sum to 3x a whole warm call. The nodes' times, summed, must fit in a
+    whole call of the same profiled runs (nodes run one after another), and stay near a whole
+    call of an unprofiled session measured in this process."""
     import torch
 
     from edgepipe.exporters import export
     from edgepipe.exporters.onnx_export import ExportConfig
     from edgepipe.runtime import Engine, measure
-    from edgepipe.runtime.placement import operator_profile
+    from edgepipe.runtime.placement import node_times, operator_profile, profile_events
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -93,8 +94,11 @@ def test_per_operator_times_are_of_warm_calls_and_fit_inside_a_whole_call(tmp_pa
     path = export(model, tmp_path / "mlp.onnx", ExportConfig(exporters=("torchscript",)),
                   inputs=["x:float32:batch,64"]).artifacts["onnx"]
     feeds = {"x": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)}
+    events = profile_events(path, feeds, ["CPUExecutionProvider"], iterations=30, warmup=10)
+    assert sum(e.get("name") == "model_run" for e in events) == 40  # ten warm-up calls ran ...
+    assert {len(n["runs_us"]) for n in node_times(events).values()} == {30}  # ... and are left out
     operators = operator_profile(path, feeds, providers="cpu")
     whole_us = measure(Engine(path, providers="cpu").runner(feeds), 32).p50_ms * 1000
     nodes_us = sum(r["us_per_run"] for r in operators["by_op_type"])
-    assert nodes_us <= 1.6 * whole_us, (nodes_us, whole_us, operators["by_node"])
-    assert max(r["us_per_run"] for r in operators["by_node"]) <= whole_us
+    assert nodes_us <= 1.1 * operators["run_us_p50"], (nodes_us, operators["run_us_p50"], operators["by_node"])
+    assert nodes_us <= 2 * whole_us, (nodes_us, whole_us)

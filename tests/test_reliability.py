@@ -861,6 +861,7 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     assert search.timed_apart([0, 1]) and not search.timed_apart([0])
 
 
+@pytest.mark.slow  # runs pipelines
 def test_one_run_per_output_folder_and_the_lock_is_released_on_every_exit(tmp_path, cli):
     from edgepipe.artifacts import folder_lock
 
@@ -880,6 +881,7 @@ def test_one_run_per_output_folder_and_the_lock_is_released_on_every_exit(tmp_pa
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow  # runs pipelines
 def test_resume_into_a_folder_of_another_config_keeps_nothing_of_it(tmp_path):
     config = export_config(factory_dir(tmp_path))
     run_pipeline(config_mod.load(config))

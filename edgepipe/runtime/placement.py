@@ -66,7 +66,9 @@ def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="
     over `iterations` runs, summed by op type, with the provider each node ran in. The shares
     are of the nodes' summed medians, which a whole warm call's p50 bounds."""
     names = resolve_providers(providers)[0]
-    by_node = node_times(profile_events(model_path, feeds, names, threads=threads, iterations=iterations))
+    events = profile_events(model_path, feeds, names, threads=threads, iterations=iterations)
+    by_node = node_times(events)
+    runs = [e.get("dur", 0) for e in events if e.get("name") == "model_run"][-iterations:]
     median = {name: float(np.median(n["runs_us"])) for name, n in by_node.items()}
     by_op: dict[str, float] = defaultdict(float)
     for name, entry in by_node.items():
@@ -77,6 +79,7 @@ def operator_profile(model_path, feeds: Mapping[str, np.ndarray], *, providers="
     nodes = sorted(by_node.values(), key=lambda r: median[r["node"]], reverse=True)
     return {
         "iterations": iterations,
+        "run_us_p50": round(float(np.median(runs)), 2) if runs else None,  # a whole profiled call
         "by_op_type": ops,
         "by_node": [{"node": n["node"], "op": n["op"], "provider": n["provider"],
                      "us_per_run": round(median[n["node"]], 2), "share": round(median[n["node"]] / total, 4)}
