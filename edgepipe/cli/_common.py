@@ -27,18 +27,11 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         _created.clear()
         try:
-            return fn(*args, **kwargs)
-        except BaseException:  # a command that fails leaves no empty output folder behind
-            _remove_created_if_empty()
-            raise
-    return _report_errors(wrapper)
-
-
-def _report_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except BaseException:  # a command that fails leaves no empty output folder behind
+                _remove_created_if_empty()
+                raise
         except EdgepipeError as exc:
             if state.debug:
                 raise

@@ -38,7 +38,7 @@ def triton(
     written. Serve it with: tritonserver --model-repository OUT"""
     check_outputs(json_out, folders=(out,))
     from edgepipe.runtime import Engine
-    from edgepipe.runtime.deployment import MeasuredOn
+    from edgepipe.runtime.deployment import MeasuredOn, choose_backend
     from edgepipe.serve.triton import TritonConfig, export_triton
 
     if model.is_dir():
@@ -46,7 +46,8 @@ def triton(
         path, default_name = engine.path, engine.run_info["model"]
     else:
         path, default_name = model, model.name.split(".")[0]
-    runs_on = _triton_backend(MeasuredOn.read(require_file(path, "ONNX model")), backend, kind, allow_out_of_budget)
+    runs_on = choose_backend(MeasuredOn.read(require_file(path, "ONNX model")), backend.value if backend else None,
+                             kind == "cpu", allow_out_of_budget, Path(path).name)
     config = TritonConfig(name=name or default_name, version=version, max_batch=max_batch, backend=runs_on,
                           preferred_batch_sizes=parse_ints(preferred, "--preferred") if preferred else (),
                           max_queue_delay_us=max_queue_delay_us, max_queue_size=max_queue, instances=instances,
@@ -56,18 +57,6 @@ def triton(
     typer.echo(f"wrote {result.artifacts['config']} and {result.artifacts['onnx']} ({checked})")
     typer.echo(f"serve it with: tritonserver --model-repository {out}")
     write_json_out(json_out, result.record)
-
-
-def _triton_backend(record, asked, kind: str, allow_out_of_budget: bool) -> str:
-    """The backend Triton runs the file on: the one asked for, else the one its record names (on
-    a CPU instance); refused where the record says the file is out of budget there."""
-    backend = asked.value if asked else (record.backend if record and kind == "cpu" else "onnxruntime")
-    refused = record.refusal(backend) if record and kind == "cpu" else None
-    if refused and not allow_out_of_budget:
-        from edgepipe.errors import InputError
-
-        raise InputError(refused)
-    return backend
 
 
 def _device_ids(text: str | None) -> tuple[int, ...]:

@@ -137,3 +137,16 @@ class MeasuredOn:
         return {"backend": self.backend, "device": self.device, "budget": self.budget,
                 "sessions": {b: s.to_dict() for b, s in self.sessions.items()} or None,
                 "backends": self.backends}
+
+
+def choose_backend(record: MeasuredOn | None, asked: str | None, on_cpu: bool, allow_out_of_budget: bool,
+                   name: str) -> str:
+    """The backend to run file `name` on: the one asked for, else the one its CPU record names
+    (when running on the CPU), else onnxruntime. InputError where the record says the file is out
+    of budget on it, unless `allow_out_of_budget`."""
+    record = record if record is not None and record.device == "cpu" and on_cpu else None
+    backend = asked or (record.backend if record is not None else "onnxruntime")
+    refused = record.refusal(backend) if record is not None else None
+    if refused and not allow_out_of_budget:
+        raise InputError(f"{name}: {refused}")
+    return backend

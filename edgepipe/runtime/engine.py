@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepipe.errors import InputError, first_line
-from edgepipe.runtime.deployment import MeasuredOn, find_deployment
+from edgepipe.runtime.deployment import MeasuredOn, choose_backend, find_deployment
 from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
 from edgepipe.runtime.placement import node_times, placement_report, profile_events
 from edgepipe.runtime.sessions import (
@@ -87,15 +87,11 @@ class Engine:
         self.path = None if isinstance(model, bytes) else Path(model)
         if self.path is not None and not self.path.is_file():
             raise InputError(f"ONNX model not found: {self.path}")
-        self.measured_on = MeasuredOn.read(self.path) if self.path is not None else None
+        self.measured_on = record = MeasuredOn.read(self.path) if self.path is not None else None
         on_cpu = providers in ("auto", "cpu", ["cpu"]) and not provider_options
-        record = self.measured_on if self.measured_on is not None and self.measured_on.device == "cpu" else None
-        if backend is None:
-            backend = record.backend if record is not None and on_cpu else "onnxruntime"
-        refused = record.refusal(backend) if record is not None and on_cpu else None
-        if refused and not allow_out_of_budget:
-            raise InputError(f"{self.path.name}: {refused}")
-        if record is not None and on_cpu and backend == record.backend and threads is None and not batch_sessions:
+        backend = choose_backend(record, backend, on_cpu, allow_out_of_budget, self.path.name if self.path else "model")
+        if record is not None and record.device == "cpu" and on_cpu and backend == record.backend \
+                and threads is None and not batch_sessions:
             batch_sessions = record.sessions or None  # as it was measured
         self.backend = check_backend(backend)
         if backend == "openvino":
