@@ -74,6 +74,16 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def tree_digest(folder: str | os.PathLike) -> str:
+    """sha256 over a folder's files (their relative paths and contents), e.g. an image dataset."""
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(sha256(path).encode())
+    return digest.hexdigest()
+
+
 def read_npz(path: str | os.PathLike, what: str = "data file"):
     """np.load an .npz without pickles, or raise InputError saying what is wrong."""
     import zipfile

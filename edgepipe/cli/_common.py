@@ -109,6 +109,29 @@ def load_npz(path: Path, input_names: list[str],
     return inputs, labels
 
 
+def read_data(path: Path, model: Path, input_names: list[str], judges: bool = False,
+              options=None) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, np.ndarray] | None]:
+    """(held-out inputs, labels, calibration inputs or None) from an .npz of ready inputs, or from
+    rows (CSV, JSONL, Parquet, save_to_disk, image folder) through the model's own tokenizer or
+    image processor, which the model file carries."""
+    from edgepipe.data.for_model import DataOptions, file_preprocess, is_rows, read_for_model
+
+    if not is_rows(path):
+        return (*load_npz(path, input_names, judges=judges), None)
+    named = read_for_model(path, file_preprocess(model), model, options or DataOptions(),
+                           say=lambda m: typer.echo(m, err=True))
+    typer.echo(f"data: {named.split}", err=True)
+    if named.labels is None and judges:
+        typer.echo(f"note: {path} has no label column: judging top-1 agreement with FP32, not accuracy", err=True)
+    return named.test, named.labels, named.calibration
+
+
+def data_options(input_column: list[str] | None, label_column: str | None, rows: int | None = None):
+    from edgepipe.data.for_model import DataOptions
+
+    return DataOptions(tuple(input_column or ()), label_column, **({"max_test": rows} if rows else {}))
+
+
 def write_json_out(path: Path | None, record: dict) -> None:
     if path is not None:
         from edgepipe.artifacts import write_json

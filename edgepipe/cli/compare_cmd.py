@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import check_outputs, handle_errors, load_npz, write_json_out
+from edgepipe.cli._common import check_outputs, data_options, handle_errors, read_data, write_json_out
 from edgepipe.cli.render import compare_summary
 
 
@@ -15,7 +15,8 @@ from edgepipe.cli.render import compare_summary
 def compare(
     a: Annotated[str, typer.Argument(help="Reference: ONNX model, checkpoint, or file.py:factory.")],
     b: Annotated[str, typer.Argument(help="Candidate: ONNX model (e.g. its INT8 version), checkpoint, or file.py:factory.")],
-    data: Annotated[Optional[Path], typer.Option(help=".npz of inputs (by input name, or x). Default: a checkpoint's held-out split, else seeded generated inputs.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Inputs to compare on: an .npz (by input name, or x), or rows (CSV/TSV, JSONL, Parquet, an image folder, a datasets save_to_disk folder) that the ONNX model's own tokenizer or image processor turns into inputs (its held-out 20%, seeded). Default: a checkpoint's held-out split, else seeded generated inputs.")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="With rows: the text column (repeat for a text pair) or the image column; default: found by its usual name.")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance per element.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance per element.")] = 1e-3,
     tol: Annotated[Optional[list[str]], typer.Option(help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable), e.g. logits=1e-2:1e-2.")] = None,
@@ -39,7 +40,9 @@ def compare(
     if data is not None:
         from edgepipe.compare import load_side
 
-        feeds, _ = load_npz(data, [s.name for s in load_side(a).inputs])
+        names = [s.name for s in load_side(a).inputs]
+        carrier = Path(a) if str(a).endswith(".onnx") else Path(b)  # the ONNX file carries the preprocessing
+        feeds = read_data(data, carrier, names, options=data_options(input_column, None))[0]
     per_output = {}
     for item in tol or []:
         name, _, value = item.partition("=")

@@ -8,7 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import check_outputs, handle_errors, load_npz, parse_ints, write_json_out
+from edgepipe.cli._common import (
+    check_outputs,
+    data_options,
+    handle_errors,
+    parse_ints,
+    read_data,
+    write_json_out,
+)
 from edgepipe.cli.choices import Backend, Calibration, QuantizeDevice, QuantizeMode
 from edgepipe.cli.render import candidate_table, quantize_summary
 from edgepipe.errors import GateFailed
@@ -19,11 +26,15 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
     mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = QuantizeMode.auto,
-    data: Annotated[Optional[Path], typer.Option(help="Held-out .npz (inputs by name or x; labels y) to judge accuracy. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration .npz for static recipes (default: --data).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Labelled data to judge accuracy: CSV/TSV, JSONL or Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them (seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data format (default: --data's calibration rows).")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="Column holding the text (repeat for a text pair) or the image; default: found by its usual name (text, sentence, sentence1/sentence2, image, ...).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Column holding the labels, as names (config.json's label2id) or ids; default: label, labels, class, target ...")] = None,
+    eval_rows: Annotated[int, typer.Option(help="Most held-out rows to judge accuracy on (reading stops once they and the calibration rows are read).")] = 1000,
     calibration_method: Annotated[Calibration, typer.Option(help="How static recipes set activation ranges from the calibration data.")] = Calibration.minmax,
     batch: Annotated[Optional[str], typer.Option(help="Batch sizes the model must be faster at, comma-separated (default 1,32; decoders: 1, timed per output token).")] = None,
-    max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point.")] = 0.01,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point. Every drop carries a 95% interval: one whose interval straddles the budget is flagged 'unresolved' with the rows that would resolve it.")] = 0.01,
+    require_resolved: Annotated[bool, typer.Option(help="Ship only a candidate whose accuracy drop's whole 95% interval is within the budget (an unresolved one is refused, not flagged).")] = False,
     exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
     exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
@@ -68,12 +79,16 @@ def quantize(
 
     names = [s.name for s in Engine(model, providers="cpu").inputs]
     eval_data = calib = None
+    options = data_options(input_column, label_column, eval_rows)
     if data is not None:
-        eval_data = EvalData(*load_npz(data, names, judges=True))
+        inputs, labels, calib_inputs = read_data(data, model, names, judges=True, options=options)
+        eval_data = EvalData(inputs, labels)
+        calib = EvalData(calib_inputs) if calib_inputs is not None else None
     if calibration is not None:
-        calib = EvalData(load_npz(calibration, names)[0])
+        held_out, _, rest = read_data(calibration, model, names, options=options)
+        calib = EvalData(rest if rest is not None else held_out)
     config = QuantizeConfig(mode=mode.value, calibration=calibration_method.value, batch_sizes=parse_ints(batch, "--batch"),
-                            max_accuracy_drop=max_accuracy_drop,
+                            max_accuracy_drop=max_accuracy_drop, require_resolved=require_resolved,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
                             tune_session=tune_session, try_spinning=try_spinning, try_fusions=try_fusions,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgepipe.metrics import unresolved_text
+
 
 def session_label(sessions: dict | None) -> str:
     """{"1": {"threads": 1, "spinning": False}, "32": ...} -> "1t/2t" (one per batch; s: spinning)."""
@@ -17,8 +19,8 @@ def candidate_table(report) -> str:
     setting, size, verdict."""
     batches = list(report.fp32.p50_ms)
     w = max([19, *(len(c.recipe) for c in report.candidates)])  # recipe column: the longest name
-    head = (f"{'recipe':{w}} {'acc/agree':>9} {'relL2':>7} " + " ".join(f"{'x@b' + b:>8}" for b in batches)
-            + f" {'session':>8} {'size':>8}  verdict")
+    head = (f"{'recipe':{w}} {'acc/agree':>9} {'drop [95% interval]':>24} {'relL2':>7} "
+            + " ".join(f"{'x@b' + b:>8}" for b in batches) + f" {'session':>8} {'size':>8}  verdict")
     lines = [head, "-" * len(head)]
     for c in report.candidates:
         metric = c.accuracy if c.accuracy is not None else c.agreement
@@ -27,17 +29,37 @@ def candidate_table(report) -> str:
         size = f"{c.size_bytes / 1e6:.2f}MB" if c.size_bytes else "-"
         verdict = c.verdict + (f": {c.error}" if c.error else "") + (
             f" (timing of its kernel twin {c.timed_as})" if c.timed_as else "")
+        if c.accuracy_resolution == "unresolved" and not c.verdict.startswith("accuracy"):
+            verdict += f" (accuracy {unresolved_text(c.rows_needed)})"
         rel_l2 = f"{c.rel_l2:.4f}" if c.rel_l2 is not None else "-"
-        lines.append(f"{c.recipe:{w}} {metric_s:>9} {rel_l2:>7} {speed} {session_label(c.sessions):>8} {size:>8}  {verdict}")
+        lines.append(f"{c.recipe:{w}} {metric_s:>9} {_drop(c.accuracy_drop_interval):>24} {rel_l2:>7} {speed} "
+                     f"{session_label(c.sessions):>8} {size:>8}  {verdict}")
     for s in report.skipped_recipes:
         lines.append(f"{s['recipe']:{w}} skipped: {s['why']}")
     fp32 = report.fp32
-    lines.append(f"{'FP32 (the baseline)':{w}} {'':9} {'':7} " + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches)
-                 + f" {session_label(fp32.sessions):>8}")
+    own = f"{fp32.accuracy:.4f}" if fp32.accuracy is not None else ""
+    lines.append(f"{'FP32 (the baseline)':{w}} {own:>9} {'':24} {'':7} "
+                 + " ".join(f"{fp32.p50_ms[b]:>6.3f}ms" for b in batches) + f" {session_label(fp32.sessions):>8}")
     lines.append(f"timing: {report.timing}")
     if report.judged_on:
         lines.append(f"accuracy: {report.judged_on}")
+    if fp32.scores:
+        lines.append("scores (95% interval): " + score_line("FP32", fp32.scores) + "".join(
+            f"; {score_line(c.recipe, c.scores)}" for c in report.candidates if c.scores and c.verdict in
+            ("chosen", "ok")))
     return "\n".join(lines)
+
+
+def score_line(name: str, scores: dict) -> str:
+    return f"{name} " + ", ".join(f"{k.replace('_', '-')} {v['value']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+                                  for k, v in scores.items())
+
+
+def _drop(interval: dict | None) -> str:
+    if not interval:
+        return "-"
+    return f"{interval['value']:+.4f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
 
 
 def quantize_summary(report, output: Path) -> str:
@@ -49,6 +71,9 @@ def quantize_summary(report, output: Path) -> str:
         lines.append(f"transformer graph fusions: {'kept' if opt['kept'] else 'not kept'} ({opt['why']})")
     if chosen.excluded_nodes:
         lines.append(f"kept in FP32 for accuracy: {', '.join(chosen.excluded_nodes)}")
+    if chosen.accuracy_resolution == "unresolved":
+        lines.append(f"warning: the chosen model's accuracy drop is {unresolved_text(chosen.rows_needed)}: judge it "
+                     "on more labelled rows (--data, --eval-rows), or refuse such a drop with --require-resolved")
     lines.append(f"chosen: {chosen.recipe} ({report.recipe_reason}); "
                  f"{report.fp32.size_bytes / 1e6:.2f} MB -> {report.size_bytes / 1e6:.2f} MB -> {output}")
     if chosen.backend != "onnxruntime":

@@ -24,6 +24,7 @@ from edgepipe.exporters.source import ModelSource, load_source
 from edgepipe.logs import quiet_logs
 from edgepipe.parity import ParityCase, ParityReport, diff_outputs
 from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.preprocess import PREPROCESS_KEY
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -182,8 +183,11 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
             if dim.dim_param in renames:
                 dim.dim_param = renames[dim.dim_param]
     meta = {p.key: p for p in model.metadata_props}
-    for key, value in ((METADATA_KEY, specs_to_json(source.inputs)), ("edgepipe.exporter", exporter),
-                       ("edgepipe.source", source.origin)):
+    entries = [(METADATA_KEY, specs_to_json(source.inputs)), ("edgepipe.exporter", exporter),
+               ("edgepipe.source", source.origin)]
+    if source.meta.get("preprocess"):  # a Hugging Face classifier's tokenizer or image settings
+        entries.append((PREPROCESS_KEY, source.meta["preprocess"]))
+    for key, value in entries:
         entry = meta.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

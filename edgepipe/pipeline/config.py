@@ -49,7 +49,7 @@ class Budgets:
 @dataclass
 class ModelConfig:
     name: str  # zoo model name (mlp, cnn, lstm, transformer) or a label for `source`
-    dataset: str | None = None  # bundled dataset name or .npz path
+    dataset: str | None = None  # bundled dataset name, .npz, or rows (CSV, JSONL, Parquet, folder)
     source: str | None = None  # checkpoint, file.py:factory or Hugging Face folder; skips training
     task: str | None = None  # Hugging Face folders: the head (default: from config.json)
     inputs: list[str] = field(default_factory=list)  # for sources without declared inputs
@@ -181,6 +181,12 @@ def _resolve_path(key: str, value: str, base_dir: Path, where: str) -> str:
                               f"nor a Hugging Face model folder with config.json ({folder}; paths are relative "
                               "to the config file)")
         return str(folder)
+    if key == "dataset" and _is_rows(value, base_dir):  # a table or a folder of the user's rows
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if not path.exists():
+            raise ConfigError(f"{where}: dataset = {value!r}: not found ({path}; paths are relative to the "
+                              "config file)")
+        return str(path)
     if not (value.endswith((".npz", ".pt", ".pth")) or ".py:" in value):
         return value  # a bundled dataset's name
     file_part, sep, factory = value.partition(":") if ".py:" in value else (value, "", "")
@@ -189,6 +195,13 @@ def _resolve_path(key: str, value: str, base_dir: Path, where: str) -> str:
         raise ConfigError(f"{where}: {key} = {value!r}: file not found ({path}; paths are relative to the "
                           "config file)")
     return str(path) + sep + factory
+
+
+def _is_rows(value: str, base_dir: Path) -> bool:
+    from edgepipe.data.rows import TABLE_SUFFIXES
+
+    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    return Path(value).suffix.lower() in TABLE_SUFFIXES or path.is_dir()
 
 
 def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, seed: int) -> ModelConfig:

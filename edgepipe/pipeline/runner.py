@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgepipe.artifacts import StageResult, folder_lock, read_npz, require_writable, sha256
+from edgepipe.artifacts import (
+    StageResult,
+    folder_lock,
+    read_npz,
+    require_writable,
+    sha256,
+    tree_digest,
+)
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.memory import PeakMemory
 from edgepipe.pipeline import gates as gates_mod
@@ -64,11 +71,15 @@ class ModelRun:
         source, an .npz keyed by its input names (NamedInputs). How its held-out rows were
         chosen is logged and recorded."""
         if self._dataset is None and self.model.dataset:
+            from edgepipe.data.for_model import DataOptions, is_rows, source_rows
             from edgepipe.models.data import load_dataset, named_inputs_npz
 
             path = Path(self.model.dataset)
             names = [s.name for s in self.source().inputs] if self.model.source else []
-            if names and path.suffix == ".npz" and path.is_file() and set(names) <= set(read_npz(path).files):
+            if self.model.source and is_rows(path):  # through the source folder's tokenizer or processor
+                self._dataset = source_rows(path, self.source(), DataOptions(seed=self.config.seed),
+                                            say=lambda m: self.log(f"[{self.model.name}] {m}"))
+            elif names and path.suffix == ".npz" and path.is_file() and set(names) <= set(read_npz(path).files):
                 self._dataset = named_inputs_npz(path, names, seed=self.config.seed)
             else:
                 self._dataset = load_dataset(self.model.dataset, seed=self.config.seed)
@@ -116,7 +127,8 @@ class ModelRun:
 
                 weights = "folder " + folder_digest(Path(source))
             dataset = self.model.dataset
-            data = "file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else dataset
+            data = ("file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else
+                    "folder " + tree_digest(Path(dataset)) if dataset and Path(dataset).is_dir() else dataset)
             inputs = [s.to_dict() for s in self.source().inputs] if source else list(self.model.inputs)
             self._fingerprint = {"weights": weights, "data": data, "inputs": inputs, "versions": tool_versions()}
         return self._fingerprint

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepipe.metrics import Interval
 from edgepipe.quantize.evaluation import Flips
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import CandidateRow
@@ -38,6 +39,9 @@ class Candidate:
     accuracy_drop: float | None = None
     fidelity: dict[str, float] | None = None  # rel_l2 and cosine of the first output vs FP32's
     flips: Flips | None = None  # rows lost and gained vs FP32
+    scores: dict[str, Interval] | None = None  # task metrics against labels, with intervals
+    resolution: str | None = None  # the drop's interval vs the budget: within, over or unresolved
+    rows_needed: int | None = None  # unresolved: about how many more rows would resolve it
     built_from: str = ""
     p50_ms: dict[int, float] = field(default_factory=dict)
     speedup: dict[int, float] = field(default_factory=dict)
@@ -69,6 +73,9 @@ class Candidate:
             rel_l2=round(self.fidelity["rel_l2"], 6) if self.fidelity else None,
             cosine=round(self.fidelity["cosine"], 6) if self.fidelity else None,
             rows_lost=self.flips.losses if self.flips else None, rows_gained=self.flips.gains if self.flips else None,
+            scores={k: v.to_dict() for k, v in self.scores.items()} if self.scores else None,
+            accuracy_drop_interval=self.flips.interval.to_dict() if self.flips else None,
+            accuracy_resolution=self.resolution, rows_needed=self.rows_needed,
             p50_ms={str(b): round(v, 4) for b, v in self.p50_ms.items()},
             speedup={str(b): round(v, 3) for b, v in self.speedup.items()},
             speedup_trials={str(b): v for b, v in self.speedup_trials.items()} or None,

@@ -3,12 +3,12 @@ agreement with a reference."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgepipe.metrics import Interval, paired_drop
 from edgepipe.quantize.calibration import rows_per_batch
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
@@ -48,10 +48,6 @@ def fidelity(out: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"rel_l2": rel_l2, "cosine": cosine}
 
 
-# One-sided 95% normal quantile: the bound on an accuracy drop measured on few rows.
-Z95 = 1.645
-
-
 @dataclass(frozen=True)
 class Flips:
     """Rows a candidate got wrong that FP32 got right (losses), and the reverse (gains), against
@@ -66,12 +62,15 @@ class Flips:
         return (self.losses - self.gains) / self.rows
 
     @property
+    def interval(self) -> Interval:
+        """The drop with its 95% interval (metrics.paired_drop)."""
+        return paired_drop(self.losses, self.gains, self.rows)
+
+    @property
     def drop_lower_bound(self) -> float:
-        """One-sided 95% lower bound on the true drop (paired normal approximation): above the
-        budget, the candidate is worse than allowed beyond the noise of `rows` rows."""
-        n = self.rows
-        variance = (self.losses + self.gains) / n ** 2 - (self.losses - self.gains) ** 2 / n ** 3
-        return self.drop - Z95 * math.sqrt(max(variance, 0.0))
+        """The interval's lower end: above the budget, the candidate is worse than allowed beyond
+        the noise of `rows` rows."""
+        return self.interval.low
 
 
 def flips(out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Flips:

@@ -1,10 +1,14 @@
 """The judging side of a quantize search: whether a candidate is accurate and fast enough, and
-its verdict. A mixin of Search, which provides config and resolved (whether the held-out rows
+its verdict. A mixin of Search, which provides config, eval_data, reference, rows and resolved (whether the held-out rows
 can resolve the accuracy budget)."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from edgepipe.metrics import UNRESOLVED, WITHIN, resolution, rows_needed, scores, unresolved_text
 from edgepipe.quantize.candidate import Candidate
+from edgepipe.quantize.evaluation import flips
 from edgepipe.quantize.verdict import OK, Verdict
 
 
@@ -14,10 +18,25 @@ class Judging:
         """The speedup a candidate must show at every batch size to count as faster."""
         return self.config.min_speedup * (1 + self.config.speedup_margin)
 
+    def rate(self, cand: Candidate, out: np.ndarray) -> None:
+        """A built candidate's rows lost and gained against FP32, its task scores against the
+        labels, and whether its drop's 95% interval resolves the budget."""
+        labels = self.eval_data.labels
+        cand.flips = flips(out, self.reference, labels)
+        if labels is not None:
+            cand.scores = scores(out.argmax(-1), labels[:len(out)])
+        budget, drop = self.config.max_accuracy_drop, cand.flips.interval
+        cand.resolution = resolution(drop, budget)
+        cand.rows_needed = rows_needed(drop, budget, self.rows) if cand.resolution == UNRESOLVED else None
+
     def accurate(self, cand: Candidate) -> bool:
+        """Within the budget: the measured drop is at most the budget (or, on rows too few to
+        resolve it, its interval's lower end is); with require_resolved the whole interval is."""
         if cand.error is not None:
             return False
         budget = self.config.max_accuracy_drop
+        if self.config.require_resolved and cand.resolution is not None and cand.resolution != WITHIN:
+            return False
         if cand.accuracy_drop <= budget:
             return True
         return not self.resolved and cand.flips is not None and cand.flips.drop_lower_bound <= budget
@@ -27,6 +46,8 @@ class Judging:
             counted = f"{cand.flips.losses} of {cand.flips.rows} rows lost, {cand.flips.gains} gained"
             if not self.resolved:
                 counted += f"; 95% lower bound {cand.flips.drop_lower_bound:.4f} is above the budget too"
+            if cand.resolution == UNRESOLVED:
+                counted += "; " + unresolved_text(cand.rows_needed)
             detail = f"{detail}; {counted}" if detail else counted
         return Verdict.accuracy(cand.accuracy_drop, self.config.max_accuracy_drop, detail)
 
@@ -41,3 +62,4 @@ class Judging:
             cand.verdict = Verdict.too_slow(slow, self.needed)
         else:
             cand.verdict = Verdict(OK)
+

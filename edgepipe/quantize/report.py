@@ -41,6 +41,11 @@ class CandidateRow(Report):
     verdict: str
     backend: str = "onnxruntime"  # the runtime it was measured on (and is deployed with)
     timed_as: str | None = None  # a kernel twin (same kernels and shapes) whose timing it took
+    # accuracy and macro_f1 against labels, each {"value", "low", "high"} (95% interval)
+    scores: dict[str, dict] | None = optional()
+    accuracy_drop_interval: dict | None = optional()  # the drop vs FP32 with its 95% interval
+    accuracy_resolution: str | None = optional()  # within, over or unresolved (interval vs budget)
+    rows_needed: int | None = optional()  # unresolved: about how many more rows would resolve it
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Baseline(Report):
     sessions: dict[str, dict]
     p50_ms_by_session: list[dict]
     size_bytes: int
+    scores: dict[str, dict] | None = optional()  # FP32's own accuracy and macro_f1, with intervals
 
 
 @dataclass

@@ -14,12 +14,13 @@ import numpy as np
 from edgepipe import interrupts, onnxfile
 from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
+from edgepipe.metrics import scores
 from edgepipe.quantize.bias_correction import correct_biases, source_of
 from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
-from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
+from edgepipe.quantize.evaluation import evaluate, fidelity, resolves
 from edgepipe.quantize.judging import Judging
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import Baseline
@@ -67,6 +68,8 @@ class Search(TimeBudget, Judging):
             self.inputs = self.fp32.inputs
             self.fp32_providers = list(self.fp32.providers)  # where the search runs (CUDA first on device cuda)
         self.rows = len(self.reference)
+        labels = eval_data.labels
+        self.fp32_scores = scores(self.reference.argmax(-1), labels[:self.rows]) if labels is not None else None
         # Whether one row is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
         self.resolved = resolves(self.rows, config.max_accuracy_drop)
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
@@ -104,6 +107,7 @@ class Search(TimeBudget, Judging):
 
     def baseline(self) -> Baseline:
         return Baseline(accuracy=self.fp32_accuracy,
+                        scores={k: v.to_dict() for k, v in self.fp32_scores.items()} if self.fp32_scores else None,
                         p50_ms={str(b): round(v, 4) for b, v in self.fp32_p50.items()},
                         sessions={str(b): s.to_dict() for b, s in self.fp32_settings.items()},
                         p50_ms_by_session=by_session_rows(self.fp32_p50_by_setting),
@@ -139,7 +143,7 @@ class Search(TimeBudget, Judging):
             engine = self.engine(cand.path, threads=self.config.threads, spinning=False, backend=recipe.backend)
             out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
             cand.fidelity = fidelity(out, self.reference)
-            cand.flips = flips(out, self.reference, self.eval_data.labels)
+            self.rate(cand, out)
         except Exception as exc:
             interrupts.reraise()
             cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -25,15 +25,18 @@ from edgepipe.errors import EdgepipeError
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY
 from edgepipe.serve.batcher import DynamicBatcher, Overloaded
-from edgepipe.serve.codec import NPY, encode_outputs, parse_body
+from edgepipe.serve.codec import NPY, TextIn, encode_outputs, parse_request
 
 _ARRAY = {"type": "array", "description": "nested list, shaped as the model input (batch first)"}
 PREDICT_OPENAPI = {
     "requestBody": {"required": True, "content": {
         "application/json": {"schema": {
-            "type": "object", "required": ["inputs"],
+            "type": "object",
             "properties": {"inputs": {"type": "object", "additionalProperties": _ARRAY,
-                                      "description": "input name -> array (GET /readyz lists names, dtypes, shapes)"}},
+                                      "description": "input name -> array (GET /readyz lists names, dtypes, shapes)"},
+                           "text": {"description": "instead of inputs, for a classifier whose file carries its "
+                                                   "tokenizer: a string or a list of strings"},
+                           "text_pair": {"description": "with text: the second text of each pair"}},
         }},
         NPY: {"schema": {"type": "string", "format": "binary",
                          "description": "one .npy array (numpy.save), single-input models only"}},
@@ -41,7 +44,9 @@ PREDICT_OPENAPI = {
     "responses": {
         "200": {"description": "the model's outputs", "content": {
             "application/json": {"schema": {"type": "object", "properties": {
-                "outputs": {"type": "object", "additionalProperties": _ARRAY}}}},
+                "outputs": {"type": "object", "additionalProperties": _ARRAY},
+                "label": {"type": "string", "description": "text requests: the class name (also id, score)"},
+                "labels": {"type": "array", "description": "text requests with a list: one label per text"}}}},
             NPY: {"schema": {"type": "string", "format": "binary",
                              "description": "with Accept: application/x-npy, single-output models"}}}},
         "413": {"description": "body too large"},
@@ -102,6 +107,7 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
     by_status: dict[int, object] = {}
     state = {"ready": False}
     batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s, on_batch=batch_sizes.observe)
+    text = TextIn(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -134,7 +140,8 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
             if not message.get("more_body"):
                 break
         try:
-            feeds = parse_body(engine, b"".join(chunks), headers.get(b"content-type", b"application/json").decode("latin-1"))
+            feeds, single = parse_request(engine, text, b"".join(chunks),
+                                          headers.get(b"content-type", b"application/json").decode("latin-1"))
             outputs = await batcher.submit(feeds)
         except Overloaded as exc:
             return 503, _json_error(str(exc)), JSON, [(b"retry-after", b"1")]
@@ -142,6 +149,8 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
             return 504, _json_error(f"no result within {timeout_s} s"), JSON, []
         except EdgepipeError as exc:
             return 422, _json_error(str(exc)), JSON, []
+        if single is not None:  # a text request: label names back
+            return 200, text.labels(outputs, single), JSON, []
         body, media_type = encode_outputs(outputs, headers.get(b"accept", b"").decode("latin-1"))
         return 200, body, NPY_BYTES if media_type == NPY else JSON, []
 

@@ -71,9 +71,67 @@ def write_npy(array: np.ndarray) -> bytes:
     return header + array.tobytes()
 
 
-def parse_body(engine: Engine, body: bytes, content_type: str) -> dict[str, np.ndarray]:
+class TextIn:
+    """Raw text requests for a classifier whose file carries its tokenizer: {"text": "..."} or
+    {"text": [...], "text_pair": [...]} -> token feeds, and logits -> label names. Rows are padded
+    to a multiple of PAD_MULTIPLE tokens, so requests of similar length batch together."""
+
+    PAD_MULTIPLE = 16
+
+    def __init__(self, engine: Engine):
+        from edgepipe.runtime.preprocess import TEXT, Preprocess
+
+        pre = Preprocess.from_metadata(engine.metadata)
+        self.engine, self.pre = engine, pre if pre is not None and pre.kind == TEXT else None
+        self._encoder = None
+
+    def feeds(self, data: dict) -> tuple[dict[str, np.ndarray], bool]:
+        """(feeds, whether the request sent a single text)."""
+        from edgepipe.runtime.preprocess import TextEncoder
+
+        if self.pre is None:
+            raise InputError("this model takes no text (its file carries no tokenizer): send "
+                             "{\"inputs\": {\"<name>\": [...]}}")
+        texts, pairs = data.get("text"), data.get("text_pair")
+        single = isinstance(texts, str)
+        texts = [texts] if single else texts
+        pairs = [pairs] if isinstance(pairs, str) else pairs
+        if not texts or not all(isinstance(t, str) for t in texts) or (
+                pairs is not None and (len(pairs) != len(texts) or not all(isinstance(p, str) for p in pairs))):
+            raise InputError("\"text\" must be a string or a non-empty list of strings (and \"text_pair\", "
+                             "when given, one string per text)")
+        self._encoder = self._encoder or TextEncoder(self.pre)
+        rows = self._encoder.token_rows(texts, pairs)
+        longest = max(len(r["input_ids"]) for r in rows)
+        length = -(-longest // self.PAD_MULTIPLE) * self.PAD_MULTIPLE
+        return self._encoder.pad(rows, min(length, self.pre.max_length or length)), single
+
+    def labels(self, outputs: dict[str, np.ndarray], single: bool) -> bytes:
+        from edgepipe.runtime.preprocess import softmax
+
+        probs = softmax(outputs[self.engine.output_names[0]].astype(np.float64))
+        rows = [{"label": self.pre.label_name(int(p.argmax())), "id": int(p.argmax()),
+                 "score": round(float(p.max()), 6)} for p in probs]
+        return json.dumps(rows[0] if single else {"labels": rows}).encode()
+
+
+def parse_request(engine: Engine, text: TextIn | None, body: bytes,
+                  content_type: str) -> tuple[dict[str, np.ndarray], bool | None]:
+    """(feeds, None) for tensor requests (parse_body); (feeds, single) for a text request."""
+    if text is not None and not content_type.startswith(NPY):
+        data = _loads(body)
+        if isinstance(data, dict) and "text" in data and "inputs" not in data:
+            feeds, single = text.feeds(data)
+            engine.validate(feeds)
+            return feeds, single
+        return parse_body(engine, body, content_type, parsed=data), None
+    return parse_body(engine, body, content_type), None
+
+
+def parse_body(engine: Engine, body: bytes, content_type: str, parsed=None) -> dict[str, np.ndarray]:
     """JSON {"inputs": {name: nested list}} (or {name: ...}), cast to the model's dtypes; or a
-    raw .npy array for single-input models (dtype must match). Non-finite floats are refused."""
+    raw .npy array for single-input models (dtype must match). Non-finite floats are refused.
+    `parsed`: the JSON body, already decoded."""
     if content_type.startswith(NPY):
         if len(engine.inputs) != 1:
             raise InputError(f"npy bodies need a single-input model; this one takes "
@@ -81,7 +139,7 @@ def parse_body(engine: Engine, body: bytes, content_type: str) -> dict[str, np.n
         array = read_npy(body)
         feeds = {engine.inputs[0].name: array}
     else:
-        data = _loads(body)
+        data = _loads(body) if parsed is None else parsed
         data = data.get("inputs", data) if isinstance(data, dict) else None
         if not isinstance(data, dict):
             raise InputError("JSON body must be an object: {\"inputs\": {\"<name>\": [...]}}")
