@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-
 from byod import LABELS, sentences, word_tokenizer, write_csv, write_jsonl
+
 from edgepipe import metrics
 from edgepipe.data.labelled import load_labelled, pick_columns
 from edgepipe.errors import InputError

@@ -7,7 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from edgepipe.cli._common import check_outputs, data_options, handle_errors, read_data, write_json_out
+from edgepipe.cli._common import (
+    check_outputs,
+    data_options,
+    handle_errors,
+    read_data,
+    write_json_out,
+)
 from edgepipe.cli.render import compare_summary
 
 

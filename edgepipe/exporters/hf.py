@@ -86,10 +86,11 @@ def infer_task(config: dict[str, Any], folder: Path) -> str:
                      f"{', '.join(architectures) or 'none'}); pass --task ({', '.join(TASKS)})")
 
 
-def input_specs(task: Task, config: Any, forward_params: set[str]) -> list[InputSpec]:
-    """Example inputs from the config: image size and channels, or vocabulary and positions."""
+def input_specs(task: Task, config: Any, forward_params: set[str], image_side: int | None = None) -> list[InputSpec]:
+    """Example inputs from the config: image size (else the image processor's, else 224) and
+    channels, or vocabulary and positions."""
     if task.modality == "image":
-        size = config.image_size if isinstance(getattr(config, "image_size", None), int) else 224
+        size = config.image_size if isinstance(getattr(config, "image_size", None), int) else image_side or 224
         channels = getattr(config, "num_channels", 3)
         return [InputSpec("pixel_values", "float32", ("batch", channels, size, size))]
     max_positions = getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ
@@ -146,7 +147,9 @@ def load_folder(folder: str | Path, task: str | None = None):
                          f"{first_line(exc)[:300]}") from exc
     model.eval()
     params = set(inspect.signature(model.forward).parameters)
-    specs = input_specs(spec, model.config, params)
+    from edgepipe.exporters.hf_preprocess import processor_size
+
+    specs = input_specs(spec, model.config, params, processor_size(folder) if spec.modality == "image" else None)
     meta = {"hf": {"task": task_name, "model_type": raw.get("model_type"),
                    "architectures": raw.get("architectures"), "transformers": transformers.__version__,
                    "parameters": sum(p.numel() for p in model.parameters())}}

@@ -62,3 +62,20 @@ def folder_preprocess(folder: str | Path, modality: str, input_names: list[str],
     return Preprocess(TEXT, tuple(input_names), labels, max_length=min(limits) if limits else None,
                       pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
                       tokenizer=tok.backend_tokenizer.to_str())
+
+
+def processor_size(folder: Path) -> int | None:
+    """The square side the folder's image processor outputs (its crop, else its resize), or None."""
+    path = Path(folder) / "preprocessor_config.json"
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    size = settings.get("crop_size") if settings.get("do_center_crop") else None
+    size = size or settings.get("size")
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        side = size.get("height") or size.get("shortest_edge")
+        return side if isinstance(side, int) else None
+    return None

@@ -2,6 +2,7 @@
 
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import CpuInfo, fingerprint, read_cpu
+from edgepipe.runtime.preprocess import Preprocess, TextClassifier
 from edgepipe.runtime.profiling import compare_models, profile_model
 from edgepipe.runtime.sessions import (
     SessionSetting,
@@ -18,7 +19,9 @@ __all__ = [
     "Engine",
     "InputSpec",
     "LatencyStats",
+    "Preprocess",
     "SessionSetting",
+    "TextClassifier",
     "compare_models",
     "fastest_per_batch",
     "fingerprint",
