@@ -67,6 +67,14 @@ def macro_f1(pred: np.ndarray, labels: np.ndarray, seed: int = 0) -> Interval:
     return _quantiles(np.asarray(draws), macro_f1_value(pred, labels, classes))
 
 
+def bootstrap_mean(values: np.ndarray, seed: int = 0) -> Interval:
+    """The mean of per-unit values (e.g. one per text window) with a bootstrap interval over units."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = values[rng.integers(0, len(values), size=(DRAWS, len(values)))].mean(axis=1)
+    return _quantiles(draws, float(values.mean()))
+
+
 def paired_drop(losses: int, gains: int, rows: int, seed: int = 0) -> Interval:
     """(losses - gains) / rows with its interval, from the Dirichlet posterior of the shares of
     rows lost, gained and unchanged."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -490,3 +491,35 @@ def test_the_tiny_lm_trains_by_steps_whatever_the_clock_says(tmp_path):
     assert record["steps"] == 3 and (tmp_path / "lm" / "model.safetensors").exists()
     with pytest.raises(ConfigError, match="steps >= 1"):
         LMConfig(steps=0)
+
+
+def test_quantize_judges_a_decoder_on_a_plain_text_file_with_intervals(exported, cli, tmp_path):
+    """--data corpus.txt: the file's own tokenizer (bytes here) cuts it into held-out windows;
+    FP32 and every candidate carry perplexity and token accuracy with 95% intervals, and each
+    candidate's perplexity increase its own interval."""
+    from edgepipe.data.lm_text import text_windows
+    from edgepipe.runtime.generate import TOKENIZER_KEY
+    from edgepipe.runtime.modelfile import onnx_metadata
+
+    model = exported.artifacts["onnx"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40)))
+    windows = text_windows(corpus, onnx_metadata(model)[TOKENIZER_KEY], 32, 5)
+    assert windows.shape == (5, 32) and bytes(windows[0].tolist()) == corpus.read_bytes()[:32]
+    record = tmp_path / "q.json"
+    result = cli("quantize", model, "-o", tmp_path / "q.onnx", "--recipe", "int4-rtn-b32-acc4", "--allow-slower",
+                 "--min-agreement", "0", "--data", corpus, "--json", record)
+    assert result.exit_code == 0, result.output
+    report = json.loads(record.read_text())
+    assert "given held-out tokens" in report["judged_on"]
+    ppl = report["fp32"]["perplexity"]
+    assert ppl["low"] <= ppl["value"] <= ppl["high"] and ppl["value"] == pytest.approx(np.exp(report["fp32"]["nll"]),
+                                                                                       rel=1e-3)
+    (row,) = report["candidates"]
+    band = row["nll_increase_interval"]
+    assert band["low"] <= row["nll_increase"] <= band["high"] and 0 <= row["token_accuracy"]["value"] <= 1
+    assert "scores (95% interval over windows): FP32 perplexity" in result.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = cli("quantize", model, "-o", tmp_path / "q2.onnx", "--data", empty)
+    assert result.exit_code == 2 and "holds 0 tokens; one held-out window needs" in result.output

@@ -26,7 +26,7 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
     mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = QuantizeMode.auto,
-    data: Annotated[Optional[Path], typer.Option(help="Labelled data to judge accuracy: CSV/TSV, JSONL or Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them (seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Decoders: a plain .txt file (tokenized by the tokenizer the file carries) or an .npz with input_ids. Others: labelled data to judge accuracy: CSV/TSV, JSONL or Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them (seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data format (default: --data's calibration rows).")] = None,
     input_column: Annotated[Optional[list[str]], typer.Option(help="Column holding the text (repeat for a text pair) or the image; default: found by its usual name (text, sentence, sentence1/sentence2, image, ...).")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Column holding the labels, as names (config.json's label2id) or ids; default: label, labels, class, target ...")] = None,
@@ -126,7 +126,20 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
     from edgepipe.quantize.decoder import DecoderQuantizeConfig, quantize_decoder
 
     heldout = None
-    if data is not None:
+    config = DecoderQuantizeConfig(recipes=tuple(recipe or ()), max_nll_increase=max_nll_increase,
+                                   min_agreement=min_agreement, batch_sizes=parse_ints(batch or "1", "--batch"),
+                                   time_budget_s=900.0 if time_budget is None else time_budget,
+                                   require_faster=not allow_slower)
+    if data is not None and data.suffix.lower() == ".txt":  # plain text through the file's own tokenizer
+        from edgepipe.data.lm_text import text_windows
+        from edgepipe.quantize.decoder import decoder_spec_of
+        from edgepipe.runtime.generate import TOKENIZER_KEY
+        from edgepipe.runtime.modelfile import onnx_metadata
+
+        spec = decoder_spec_of(model)
+        heldout = text_windows(data, onnx_metadata(model).get(TOKENIZER_KEY),
+                               min(config.window, spec.max_positions), config.text_windows)
+    elif data is not None:
         from edgepipe.artifacts import read_npz
         from edgepipe.errors import InputError
 
@@ -135,10 +148,6 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
             raise InputError(f"{data} has arrays {', '.join(arrays.files)}; a decoder is judged on held-out "
                              "token ids: an array 'input_ids' [rows, length]")
         heldout = arrays["input_ids"]
-    config = DecoderQuantizeConfig(recipes=tuple(recipe or ()), max_nll_increase=max_nll_increase,
-                                   min_agreement=min_agreement, batch_sizes=parse_ints(batch or "1", "--batch"),
-                                   time_budget_s=900.0 if time_budget is None else time_budget,
-                                   require_faster=not allow_slower)
     with _table_on_refusal(decoder_table, json_out):
         result = quantize_decoder(model, output, config, heldout_ids=heldout,
                                   progress=lambda m: typer.echo(f"  {m}", err=True))

@@ -199,21 +199,28 @@ def decoder_table(report) -> str:
     per output token per batch, time to first token, size, verdict."""
     batches = list(report.fp32["tpot_ms"])
     w = max([19, *(len(c["recipe"]) for c in report.candidates)])
-    head = (f"{'recipe':{w}} {'+nll':>7} {'agree':>6} " + " ".join(f"{'tpot x@b' + b:>10}" for b in batches)
-            + f" {'ttft ms':>8} {'size':>9}  verdict")
+    head = (f"{'recipe':{w}} {'+nll [95% interval]':>26} {'agree':>6} "
+            + " ".join(f"{'tpot x@b' + b:>10}" for b in batches) + f" {'ttft ms':>8} {'size':>9}  verdict")
     lines = [head, "-" * len(head)]
     for c in report.candidates:
-        nll = f"{c['nll_increase']:+.4f}" if "nll_increase" in c else "-"
+        band = c.get("nll_increase_interval")
+        nll = (f"{c['nll_increase']:+.4f}" + (f" [{band['low']:+.3f}, {band['high']:+.3f}]" if band else "")
+               if "nll_increase" in c else "-")
         agree = f"{c['agreement']:.3f}" if "agreement" in c else "-"
         speed = " ".join(f"{c['speedup'][b]:>9.2f}x" if "speedup" in c else f"{'-':>10}" for b in batches)
         ttft = f"{c['ttft_ms']:.2f}" if "ttft_ms" in c else "-"
         size = f"{c['size_bytes'] / 1e6:.2f}MB" if "size_bytes" in c else "-"
-        lines.append(f"{c['recipe']:{w}} {nll:>7} {agree:>6} {speed} {ttft:>8} {size:>9}  {c.get('verdict', '')}")
+        lines.append(f"{c['recipe']:{w}} {nll:>26} {agree:>6} {speed} {ttft:>8} {size:>9}  {c.get('verdict', '')}")
     fp32 = report.fp32
-    lines.append(f"{'FP32 (the baseline)':{w}} {'':7} {'':6} "
+    lines.append(f"{'FP32 (the baseline)':{w}} {'':26} {'':6} "
                  + " ".join(f"{fp32['tpot_ms'][b]:>8.3f}ms" for b in batches)
                  + f" {fp32['ttft_ms']:>8.2f} {fp32['size_bytes'] / 1e6:>7.2f}MB  nll {fp32['nll']:.4f} nats/token")
     lines.append(f"quality: {report.judged_on}")
+    if "perplexity" in fp32:
+        lines.append("scores (95% interval over windows): " + score_line("FP32", {
+            k: fp32[k] for k in ("perplexity", "token_accuracy")}) + "".join(
+            f"; {score_line(c['recipe'], {k: c[k] for k in ('perplexity', 'token_accuracy')})}"
+            for c in report.candidates if "perplexity" in c))
     lines.append(f"budgets: perplexity +{report.budgets['max_nll_increase']} nats/token, greedy agreement >= "
                  f"{report.budgets['min_agreement']}, faster by {report.budgets['noise_band']:.0%} (time per token "
                  f"after {report.budgets['past_length']} cached positions; TTFT: prefill of "

@@ -23,6 +23,7 @@ from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, InputError, LatencyError, first_line
 from edgepipe.memory import PeakMemory
+from edgepipe.metrics import bootstrap_mean
 from edgepipe.quantize.decoder_build import BY_NAME, RECIPES, DecoderRecipe, build
 from edgepipe.quantize.decoder_measure import Probe, greedy_reference, time_per_token
 from edgepipe.reports import Report, optional
@@ -188,13 +189,13 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
                 f"+ {steps} FP32 greedy tokens ({sequences.size and len(sequences) * steps} predictions)"),
             budgets={"max_nll_increase": config.max_nll_increase, "min_agreement": config.min_agreement,
                      "noise_band": NOISE_BAND, "past_length": probe.past, "ttft_prompt": probe.prompt_for_ttft},
-            fp32=fp32_row, candidates=[{k: v for k, v in r.items() if k != "path"} for r in rows],
+            fp32=_recorded(fp32_row), candidates=[_recorded(r) for r in rows],
             chosen=chosen["recipe"] if chosen else None, seconds=0.0, phases=phases)
         if chosen is None:
             report.seconds = round(time.perf_counter() - started, 2)
             raise _refusal(rows, report)
         chosen["verdict"] = "chosen"
-        report.candidates = [{k: v for k, v in r.items() if k != "path"} for r in rows]
+        report.candidates = [_recorded(r) for r in rows]
         out_path = onnxfile.copy(chosen["path"], out_path)
         report.size_bytes = onnxfile.model_bytes(out_path)
     report.peak_mb = peak.mb
@@ -202,8 +203,14 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
     return StageResult("quantize", {"onnx": out_path}, report)
 
 
+def _recorded(row: dict) -> dict:
+    """A row as the report holds it: no path, no per-window arrays."""
+    return {k: v for k, v in row.items() if k != "path" and not k.startswith("_")}
+
+
 def _judge(row: dict, fp32: dict, config: DecoderQuantizeConfig) -> None:
     row["nll_increase"] = round(row["nll"] - fp32["nll"], 4)
+    row["nll_increase_interval"] = bootstrap_mean(row["_nll_windows"] - fp32["_nll_windows"]).to_dict()
     row["speedup"] = {b: round(fp32["tpot_ms"][b] / row["tpot_ms"][b], 3) for b in fp32["tpot_ms"]}
     if row["nll_increase"] > config.max_nll_increase:
         row["verdict"] = f"quality: perplexity +{row['nll_increase']:.3f} nats/token > {config.max_nll_increase}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepipe import onnxfile
+from edgepipe.metrics import bootstrap_mean
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import (
     DecoderSpec,
@@ -21,15 +22,25 @@ from edgepipe.runtime.generate import (
 from edgepipe.runtime.timing import measure
 
 
-def mean_nll(engine: Engine, spec: DecoderSpec, windows: np.ndarray, batch: int = 4) -> float:
-    """Mean next-token NLL (nats) over `windows` [n, length], prefilled `batch` rows at a time."""
-    total, count = 0.0, 0
+def window_scores(engine: Engine, spec: DecoderSpec, windows: np.ndarray,
+                  batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Per window of `windows` [n, length]: the mean next-token NLL (nats) and the share of next
+    tokens predicted (top-1), prefilled `batch` rows at a time."""
+    nlls, hits = [], []
     for start in range(0, len(windows), batch):
         ids = windows[start:start + batch]
         logits = engine.run(prefill_feeds(spec, ids), outputs=["logits"])["logits"]
-        nll = next_token_nll(logits, ids)
-        total, count = total + float(nll.sum()), count + nll.size
-    return total / count
+        nlls.append(next_token_nll(logits, ids).mean(axis=1))
+        hits.append((logits[:, :-1].argmax(axis=-1) == ids[:, 1:]).mean(axis=1))
+    return np.concatenate(nlls), np.concatenate(hits)
+
+
+def quality(nll: np.ndarray, hits: np.ndarray) -> dict:
+    """Perplexity and token accuracy, each with a 95% bootstrap interval over the windows."""
+    mean = bootstrap_mean(nll)
+    ppl = {"value": float(np.exp(mean.value)), "low": float(np.exp(mean.low)), "high": float(np.exp(mean.high))}
+    return {"perplexity": {k: round(v, 4) for k, v in ppl.items()},
+            "token_accuracy": bootstrap_mean(hits).to_dict()}
 
 
 def greedy_reference(engine: Engine, spec: DecoderSpec, prompts: np.ndarray, steps: int) -> np.ndarray:
@@ -73,7 +84,8 @@ class Probe:
 
     def measure(self, path: Path) -> dict:
         with Engine(path, providers="cpu") as engine:
-            row = {"nll": round(mean_nll(engine, self.spec, self.text), 4)}
+            nll, hits = window_scores(engine, self.spec, self.text)
+            row = {"nll": round(float(nll.mean()), 4), **quality(nll, hits), "_nll_windows": nll}
             if len(self.sequences):
                 row["agreement"] = round(agreement(engine, self.spec, self.sequences, self.prompt_length), 4)
             row["tpot_ms"] = {str(b): round(time_per_token(engine, self.spec, b, self.past), 3)
