@@ -85,3 +85,19 @@ def test_the_cli_walkthrough_runs_as_written_in_an_empty_folder(tmp_path):
     assert "reused from previous run" in result.stderr  # the --resume line
     assert '{"outputs":{"logits":[[' in result.stdout  # the served model answered the curl
     assert (tmp_path / "model_repository/mlp/config.pbtxt").exists()
+
+
+@pytest.mark.slow
+def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block("--data reviews.csv")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    out = result.stdout + result.stderr
+    assert "scores (95% interval): FP32 accuracy" in out and "data: a seeded 80/20 split" in out
+    assert "parity ok" in out and "'label': '" in out
+    assert (tmp_path / "bert.int8.onnx").exists()

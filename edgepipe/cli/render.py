@@ -30,7 +30,7 @@ def candidate_table(report) -> str:
         verdict = c.verdict + (f": {c.error}" if c.error else "") + (
             f" (timing of its kernel twin {c.timed_as})" if c.timed_as else "")
         if c.accuracy_resolution == "unresolved" and not c.verdict.startswith("accuracy"):
-            verdict += f" (accuracy {unresolved_text(c.rows_needed)})"
+            verdict += f" (accuracy unresolved: {f'~{c.rows_needed} more rows needed' if c.rows_needed else 'on the budget'})"
         rel_l2 = f"{c.rel_l2:.4f}" if c.rel_l2 is not None else "-"
         lines.append(f"{c.recipe:{w}} {metric_s:>9} {_drop(c.accuracy_drop_interval):>24} {rel_l2:>7} {speed} "
                      f"{session_label(c.sessions):>8} {size:>8}  {verdict}")
