@@ -178,3 +178,16 @@ def test_macro_f1_matches_scikit_learn():
     f1 = metrics.macro_f1(pred, labels)
     assert f1.value == pytest.approx(sklearn.f1_score(labels, pred, average="macro"))
     assert f1.low < f1.value < f1.high
+
+
+def test_with_calibration_rows_from_elsewhere_every_row_judges(tmp_path, text_pre):
+    path = write_csv(tmp_path / "d.csv", sentences(70))
+    named = load_labelled(path, text_pre, test_fraction=1.0)
+    assert len(named.labels) == 70 and named.split == "the first 70 rows of d.csv judge"
+
+
+def test_a_bad_label_is_named_by_its_row_in_the_file(tmp_path, text_pre):
+    rows = sentences(30)
+    rows[17]["label"] = "neutral"
+    with pytest.raises(InputError, match="row 18: label 'neutral'"):
+        load_labelled(write_csv(tmp_path / "d.csv", rows), text_pre, seed=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,7 +28,7 @@ def quantize(
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
     mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = QuantizeMode.auto,
     data: Annotated[Optional[Path], typer.Option(help="Decoders: a plain .txt file (tokenized by the tokenizer the file carries) or an .npz with input_ids. Others: labelled data to judge accuracy: CSV/TSV, JSONL or Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them (seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data format (default: --data's calibration rows).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data format (default: --data's calibration rows; given, every row of --data judges).")] = None,
     input_column: Annotated[Optional[list[str]], typer.Option(help="Column holding the text (repeat for a text pair) or the image; default: found by its usual name (text, sentence, sentence1/sentence2, image, ...).")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Column holding the labels, as names (config.json's label2id) or ids; default: label, labels, class, target ...")] = None,
     eval_rows: Annotated[int, typer.Option(help="Most held-out rows to judge accuracy on (reading stops once they and the calibration rows are read).")] = 1000,
@@ -80,8 +81,9 @@ def quantize(
     names = [s.name for s in Engine(model, providers="cpu").inputs]
     eval_data = calib = None
     options = data_options(input_column, label_column, eval_rows)
-    if data is not None:
-        inputs, labels, calib_inputs = read_data(data, model, names, judges=True, options=options)
+    if data is not None:  # with its own calibration data, every row of --data judges
+        judge_all = replace(options, test_fraction=1.0) if calibration is not None else options
+        inputs, labels, calib_inputs = read_data(data, model, names, judges=True, options=judge_all)
         eval_data = EvalData(inputs, labels)
         calib = EvalData(calib_inputs) if calib_inputs is not None else None
     if calibration is not None:

@@ -23,6 +23,7 @@ class DataOptions:
     max_test: int = 1000  # held-out rows that judge accuracy
     max_calibration: int = 256
     seed: int = 0
+    test_fraction: float = 0.2  # of the rows, seeded; 1.0 when calibration rows come from elsewhere
 
 
 def file_preprocess(model: str | Path) -> Preprocess | None:
@@ -48,7 +49,7 @@ def read_for_model(data: str | Path, pre: Preprocess | None, model: str | Path, 
         raise no_preprocess(model, data)
     return load_labelled(data, pre, seed=options.seed, max_test=options.max_test,
                          max_calibration=options.max_calibration, text_columns=options.input_columns,
-                         label_column=options.label_column, say=say)
+                         label_column=options.label_column, test_fraction=options.test_fraction, say=say)
 
 
 def is_rows(data: str | Path) -> bool:

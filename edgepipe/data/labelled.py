@@ -115,15 +115,16 @@ class _Part:
         return len(self.items) >= self.limit
 
 
-def _labels(rows: list[dict], column: str | None, pre: Preprocess, where: str, first_row: int) -> list[int]:
+def _labels(rows: list[dict], numbers: list[int], column: str | None, pre: Preprocess, where: str) -> list[int]:
+    """Label ids of `rows` (their row numbers in the file: `numbers`, from 1)."""
     if column is None:
         return []
     ids = []
-    for i, row in enumerate(rows):
+    for number, row in zip(numbers, rows):
         value = pre.label_id(row.get(column))
         if value is None:
             heads = ", ".join(pre.labels) if pre.labels else "integer ids"
-            raise InputError(f"{where}, row {first_row + i + 1}: label {row.get(column)!r} is not one of the "
+            raise InputError(f"{where}, row {number}: label {row.get(column)!r} is not one of the "
                              f"model's labels ({heads})")
         ids.append(value)
     return ids
@@ -137,9 +138,10 @@ def _fill(batches: Iterator[list[dict]], encoder: RowEncoder, parts: list[_Part]
     for rows in batches:
         chosen = pick(len(rows)) if pick is not None else np.ones(len(rows), dtype=bool)
         for part, mask in zip(parts, (chosen, ~chosen)):
-            take = [r for r, m in zip(rows, mask) if m][:max(0, part.limit - len(part.items))]
+            numbers = [seen + i + 1 for i in np.flatnonzero(mask)][:max(0, part.limit - len(part.items))]
+            take = [rows[n - seen - 1] for n in numbers]
             if take:
-                part.labels += _labels(take, encoder.columns.label, encoder.pre, where, seen)
+                part.labels += _labels(take, numbers, encoder.columns.label, encoder.pre, where)
                 part.items += encoder.encode(take)
         seen += len(rows)
         if all(p.full for p in parts):
@@ -149,10 +151,11 @@ def _fill(batches: Iterator[list[dict]], encoder: RowEncoder, parts: list[_Part]
 
 def load_labelled(path: str | Path, pre: Preprocess, *, seed: int = 0, max_test: int = 1000,
                   max_calibration: int = 256, text_columns: tuple[str, ...] = (), label_column: str | None = None,
-                  say: Callable[[str], None] | None = None) -> NamedInputs:
+                  test_fraction: float = TEST_FRACTION, say: Callable[[str], None] | None = None) -> NamedInputs:
     """Held-out and calibration inputs (and labels) for a model whose preprocessing is `pre`.
     A save_to_disk DatasetDict gives its test (or validation) split to judge and its train split
-    to calibrate; any other source a seeded 80/20 split of its rows."""
+    to calibrate; any other source a seeded split of its rows (`test_fraction` judge; 1.0: every
+    row judges, for data whose calibration rows come from elsewhere)."""
     path = Path(path)
     kind = data_format(path)
     splits = saved_splits(path) if kind == "saved" else [""]
@@ -181,9 +184,11 @@ def load_labelled(path: str | Path, pre: Preprocess, *, seed: int = 0, max_test:
         how = f"{path.name}'s '{held}' split judges, its '{train}' split calibrates"
     else:
         rng = np.random.default_rng(seed)
-        read = _fill(chained(), encoder, [test, calib], where, lambda n: rng.random(n) < TEST_FRACTION)
-        how = (f"a seeded {int((1 - TEST_FRACTION) * 100)}/{int(TEST_FRACTION * 100)} split of the first {read} "
-               f"rows of {path.name} (seed {seed}): {len(test.items)} judge, {len(calib.items)} calibrate")
+        parts = [test, calib] if test_fraction < 1 else [test]  # 1.0: calibration rows come from elsewhere
+        read = _fill(chained(), encoder, parts, where, lambda n: rng.random(n) < test_fraction)
+        how = (f"a seeded {round((1 - test_fraction) * 100)}/{round(test_fraction * 100)} split of the first {read} "
+               f"rows of {path.name} (seed {seed}): {len(test.items)} judge, {len(calib.items)} calibrate"
+               if test_fraction < 1 else f"the first {len(test.items)} rows of {path.name} judge")
     if not test.items:
         raise InputError(f"{where}: the held-out split is empty (no row was drawn to judge); give more rows")
     if encoder.text is not None and encoder.text.truncated and say is not None:

@@ -67,9 +67,8 @@ class ModelRun:
 
     @property
     def dataset(self):
-        """The model's data: a Dataset (x, y; what training takes), or for a model given as a
-        source, an .npz keyed by its input names (NamedInputs). How its held-out rows were
-        chosen is logged and recorded."""
+        """The model's data: a Dataset (x, y; what training takes), or for a model given as a source,
+        NamedInputs (an .npz keyed by its input names, or rows). How they were split is recorded."""
         if self._dataset is None and self.model.dataset:
             from edgepipe.data.for_model import DataOptions, is_rows, source_rows
             from edgepipe.models.data import load_dataset, named_inputs_npz
@@ -77,8 +76,9 @@ class ModelRun:
             path = Path(self.model.dataset)
             names = [s.name for s in self.source().inputs] if self.model.source else []
             if self.model.source and is_rows(path):  # through the source folder's tokenizer or processor
-                self._dataset = source_rows(path, self.source(), DataOptions(seed=self.config.seed),
-                                            say=lambda m: self.log(f"[{self.model.name}] {m}"))
+                self._dataset = source_rows(path, self.source(), DataOptions(
+                    seed=self.config.seed, max_calibration=self.settings["quantize"].calibration_samples),
+                    say=lambda m: self.log(f"[{self.model.name}] {m}"))
             elif names and path.suffix == ".npz" and path.is_file() and set(names) <= set(read_npz(path).files):
                 self._dataset = named_inputs_npz(path, names, seed=self.config.seed)
             else:
