@@ -222,3 +222,11 @@ def test_text_classification_on_the_device_needs_no_torch(text_model):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() in LABELS
+
+
+def test_export_checks_parity_on_rows_through_the_folders_tokenizer(tmp_path, cli, text_model):
+    folder, _ = text_model
+    data = write_csv(tmp_path / "d.csv", sentences(50))
+    result = cli("export", folder, "-o", tmp_path / "m.onnx", "--exporter", "torchscript", "--data", data)
+    assert result.exit_code == 0, result.output
+    assert "real held-out inputs" in result.output

@@ -18,7 +18,7 @@ def export(
     input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input spec name:dtype:dims[:low..high] (repeat per input), e.g. ids:int64:batch,seq:0..30000. Overrides what the factory declares.")] = None,
     output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output name(s) in order (default: logits for checkpoints, output otherwise).")] = None,
     task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction, text-generation). Default: from config.json's architectures; a *ForCausalLM folder is exported as a decoder with its KV cache (text-generation).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Held-out inputs (.npz keyed by input name, or x) for the parity check. Checkpoints of bundled datasets use their held-out split.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Held-out inputs for the parity check: an .npz keyed by input name (or x), or for a Hugging Face folder rows (CSV/TSV, JSONL, Parquet, an image folder, a save_to_disk folder) through its own tokenizer or image processor. Checkpoints of bundled datasets use their held-out split.")] = None,
     exporter: Annotated[Optional[list[str]], typer.Option(help="Exporter(s) to try in order: dynamo, torchscript.")] = None,
     atol: Annotated[float, typer.Option(help="Parity absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Parity relative tolerance.")] = 1e-3,
@@ -30,6 +30,7 @@ def export(
     first whose model matches PyTorch in ONNX Runtime (batch 1 and 7, two lengths of every other
     dynamic dim) wins. A parity violation fails with exit 1 and the max abs/rel diff per output."""
     check_outputs(output, json_out)
+    from edgepipe.data.for_model import is_rows
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
     from edgepipe.exporters.hf import is_hf_folder, read_config
@@ -46,7 +47,11 @@ def export(
                          f"{source} is exported with --exporter (dynamo, torchscript)")
     src = load_source(source, input or None, output_name or None, task=task)
     held_out = None
-    if data is not None:
+    if data is not None and is_rows(data):  # rows through the folder's own tokenizer or image processor
+        from edgepipe.data.for_model import DataOptions, source_rows
+
+        held_out = source_rows(data, src, DataOptions(), say=lambda m: typer.echo(m, err=True)).test
+    elif data is not None:
         held_out, _ = load_npz(data, [s.name for s in src.inputs])
     elif src.meta.get("dataset", {}).get("name") in ("digits", "marker"):
         from edgepipe.models.data import load_dataset

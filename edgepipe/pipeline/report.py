@@ -52,13 +52,30 @@ def _prune_row(name: str, pr, gate: str) -> dict:
 def _quantize_row(name: str, q, status: str | None, profile, gate: str) -> dict:
     chosen = q.chosen if q is not None else None
     if chosen:
-        accuracy = (f"{chosen.accuracy:.4f} ({-chosen.accuracy_drop * 100:+.1f} pt)" if chosen.accuracy is not None
-                    else f"agree {chosen.agreement or 0:.4f}")
+        accuracy = (f"{chosen.accuracy:.4f} ({-chosen.accuracy_drop * 100:+.1f} pt{_points(chosen)})"
+                    if chosen.accuracy is not None else f"agree {chosen.agreement or 0:.4f}")
         label = f"quantize ({chosen.recipe}" + ("; slower in profile: FP32 kept)" if status == "not_deployed" else ")")
     else:
         accuracy = "-"
         label = "quantize (none faster: FP32 kept)" if status == "not_deployed" else "quantize (refused)"
     return _row(name, label, accuracy, _latency(profile, "int8"), _mb(q.size_bytes if q else None), gate=gate)
+
+
+def _points(chosen) -> str:
+    """The drop's 95% interval in points (as a change: negative is a loss), and "unresolved"."""
+    band = chosen.accuracy_drop_interval
+    if not band:
+        return ""
+    text = f" [{-band['high'] * 100:+.1f}, {-band['low'] * 100:+.1f}]"
+    return text + (", unresolved" if chosen.accuracy_resolution == "unresolved" else "")
+
+
+def _score(quant) -> str:
+    """FP32's accuracy, with its 95% interval where labels gave one."""
+    if quant is None or quant.fp32.accuracy is None:
+        return "-"
+    band = (quant.fp32.scores or {}).get("accuracy")
+    return f"{quant.fp32.accuracy:.4f}" + (f" [{band['low']:.3f}, {band['high']:.3f}]" if band else "")
 
 
 def _export_label(exp) -> str:
@@ -82,8 +99,7 @@ def build_rows(manifest: dict) -> list[dict]:
             rows.append(_prune_row(name, reports["prune"], _gates(model, "prune")))
         if "export" in reports:
             exp, quant = reports["export"], reports.get("quantize")
-            fp32_acc = quant.fp32.accuracy if quant is not None else None
-            rows.append(_row(name, _export_label(exp), f"{fp32_acc:.4f}" if fp32_acc is not None else "-",
+            rows.append(_row(name, _export_label(exp), _score(quant),
                              _latency(profile, "fp32"), _mb(exp.size_bytes),
                              parity=f"ok {exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
                              gate=_gates(model, "export")))
