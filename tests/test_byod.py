@@ -84,21 +84,28 @@ def test_quantize_judges_a_datasets_test_split_through_the_models_own_tokenizer(
                          and c["accuracy_resolution"] in ("within", "over", "unresolved") for c in built)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
-def test_quantize_and_compare_take_tables(tmp_path, cli, text_model, fmt):
-    folder, onnx_path = text_model
-    rows = sentences(300, seed=7)
+def write_rows(tmp_path, fmt: str, rows: list[dict]):
+    """`rows` as a user would bring them: (path, flags naming the columns when they are unusual)."""
     if fmt == "csv":  # column names a user chose, named by flags
         data = write_csv(tmp_path / "d.csv", rows, {"text": "review", "label": "sentiment"})
-        flags = ("--input-column", "review", "--label-column", "sentiment")
-    elif fmt == "jsonl":
-        data, flags = write_jsonl(tmp_path / "d.jsonl", rows), ()
-    else:
+        return data, ("--input-column", "review", "--label-column", "sentiment")
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / "d.jsonl", rows), ()
+    if fmt == "parquet":
         pa = pytest.importorskip("pyarrow")
         import pyarrow.parquet as pq
 
-        data, flags = tmp_path / "d.parquet", ()
-        pq.write_table(pa.Table.from_pylist(rows), data)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+        return tmp_path / "d.parquet", ()
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    return tmp_path / "saved", ()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "saved"])
+def test_quantize_and_compare_take_tables(tmp_path, cli, text_model, fmt):
+    folder, onnx_path = text_model
+    data, flags = write_rows(tmp_path, fmt, sentences(300, seed=7))
     out = tmp_path / "record.json"
     result = cli("quantize", onnx_path, "-o", tmp_path / "q.onnx", "--data", data, *flags, *QUICK, "--json", out)
     record = _record(result, out)
@@ -112,19 +119,22 @@ def test_quantize_and_compare_take_tables(tmp_path, cli, text_model, fmt):
     assert compared.exit_code == 0 and "parity ok" in compared.output, compared.output
 
 
-def test_a_pipeline_runs_a_folder_on_a_csv(tmp_path, text_model):
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "saved"])
+def test_a_pipeline_runs_a_folder_on_the_users_rows(tmp_path, text_model, fmt):
     folder, _ = text_model
-    write_csv(tmp_path / "reviews.csv", sentences(200, seed=8))
+    data, _ = write_rows(tmp_path, fmt, sentences(200, seed=8))
+    if fmt == "csv":  # a pipeline finds the columns by their usual names
+        data = write_csv(tmp_path / "reviews.csv", sentences(200, seed=8))
     (tmp_path / "run.toml").write_text(
         f'stages = ["export", "quantize"]\nout_dir = "out"\n[export]\nexporters = ["torchscript"]\n'
         f'[quantize]\nmode = "dynamic"\ntune_session = false\nbatch_sizes = [4]\n'
-        f'[[models]]\nname = "reviews"\nsource = "{folder}"\ndataset = "reviews.csv"\n')
+        f'[[models]]\nname = "reviews"\nsource = "{folder}"\ndataset = "{data.name}"\n')
     proc = subprocess.run([sys.executable, "-m", "edgepipe", "run", str(tmp_path / "run.toml")],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode in (0, 1), proc.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     model = manifest["models"]["reviews"]
-    assert "split of the first 200 rows of reviews.csv" in model["data"]["split"]
+    assert f"split of the first 200 rows of {data.name}" in model["data"]["split"]
     quantize = model["stages"]["quantize"]["record"]
     assert quantize["fp32"]["scores"]["accuracy"]["low"] <= quantize["fp32"]["accuracy"]
 
@@ -148,6 +158,17 @@ def test_an_image_folder_goes_through_the_models_image_processor(tmp_path, cli):
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
     theirs = processor(images=[Image.open(images / "digit3" / "1.png").convert("RGB")], return_tensors="np")
     np.testing.assert_allclose(ours, theirs["pixel_values"][0], atol=1e-6)
+    compared = cli("compare", onnx_path, onnx_path, "--data", images)
+    assert compared.exit_code == 0 and "parity ok" in compared.output, compared.output
+    (tmp_path / "run.toml").write_text(
+        'stages = ["export", "quantize"]\nout_dir = "out"\n[export]\nexporters = ["torchscript"]\n'
+        '[quantize]\nmode = "static"\ntune_session = false\nbatch_sizes = [4]\n'
+        '[[models]]\nname = "digits"\nsource = "resnet"\ndataset = "digits"\n')
+    proc = subprocess.run([sys.executable, "-m", "edgepipe", "run", str(tmp_path / "run.toml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode in (0, 1), proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "rows of digits" in manifest["models"]["digits"]["data"]["split"]
 
 
 @pytest.mark.parametrize("case, message", [

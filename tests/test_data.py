@@ -191,3 +191,10 @@ def test_a_bad_label_is_named_by_its_row_in_the_file(tmp_path, text_pre):
     rows[17]["label"] = "neutral"
     with pytest.raises(InputError, match="row 18: label 'neutral'"):
         load_labelled(write_csv(tmp_path / "d.csv", rows), text_pre, seed=5)
+
+
+def test_plain_text_for_a_classifier_says_what_it_takes(tmp_path, text_pre):
+    path = tmp_path / "notes.txt"
+    path.write_text("good film\n")
+    with pytest.raises(InputError, match="holds no labelled rows; a classifier takes CSV/TSV.*plain .txt is for language"):
+        load_labelled(path, text_pre)

@@ -56,7 +56,7 @@ def is_rows(data: str | Path) -> bool:
     """Whether `data` is rows to preprocess (a table or a folder), not an .npz of ready inputs
     (any other file is read as one, and refused as one when it is not)."""
     data = Path(data)
-    return data.is_dir() or data.suffix.lower() in TABLE_SUFFIXES
+    return data.is_dir() or data.suffix.lower() in (*TABLE_SUFFIXES, ".txt")
 
 
 def source_rows(data: str | Path, source, options: DataOptions,

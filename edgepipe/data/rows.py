@@ -139,5 +139,7 @@ def iter_rows(path: Path, split: str = "") -> Rows:
     if kind == "saved":
         return _saved(path, split)
     if kind not in readers:
-        raise InputError(f"{path}: {kind} data holds no labelled rows")
+        raise InputError(f"{path}: a .{kind} file holds no labelled rows; a classifier takes CSV/TSV, JSONL, "
+                         "Parquet, an image folder, a save_to_disk folder or an .npz of its inputs (plain .txt "
+                         "is for language models)")
     return readers[kind](path)
