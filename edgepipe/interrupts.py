@@ -30,3 +30,27 @@ def clear() -> None:
     """Forget a request (tests that simulate one)."""
     global _pending
     _pending = None
+
+
+class Attempt:
+    """Record a failure and go on, without swallowing a termination: `with attempt() as tried:`
+    runs one try of a loop (an exporter, a route, a recipe); an Exception raised in it is kept in
+    `tried.error` and the block's caller goes on to the next try, except when a termination was
+    requested, which is raised again. BaseExceptions (KeyboardInterrupt, SystemExit) pass through."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        reraise()
+        self.error = exc
+        return True
+
+
+def attempt() -> Attempt:
+    return Attempt()

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError
 
 BATCH = 512
@@ -94,6 +95,7 @@ def _parquet(path: Path) -> Rows:
     try:
         source = pa.parquet.ParquetFile(str(path))
     except Exception as exc:  # pyarrow raises ArrowInvalid and others on a damaged file
+        interrupts.reraise()  # a termination, not this call's failure
         raise InputError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0][:200]}") from None
     for batch in source.iter_batches(batch_size=BATCH):
         yield batch.to_pylist()

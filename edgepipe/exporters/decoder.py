@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgepipe import onnxfile
+from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ExportError, InputError, ParityError, first_line
 from edgepipe.exporters.failures import error_line
@@ -49,6 +49,7 @@ def load_causal_lm(folder: str | Path):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True,
                                                                   dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:  # unsupported architecture, corrupt safetensors, missing weights ...
+        interrupts.reraise()  # a termination, not this call's failure
         raise InputError(f"{folder}: transformers cannot load it as a causal LM: {first_line(exc)[:300]}") from exc
     return model.eval()
 
@@ -182,12 +183,13 @@ def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e
                 attempt["error"] = "onnxruntime-genai is not installed (pip install 'edgepipe[genai]')"
                 continue
             started = time.perf_counter()
-            try:
+            with interrupts.attempt() as tried:  # a failed route is recorded; the next is tried
                 if name == "dynamo":
                     _export(FlatCache(model, spec).eval(), spec, path, tokenizer)
                 else:
                     build_genai(Path(folder), path, spec, lambda m: attach_metadata(m, spec, tokenizer))
-            except Exception as exc:
+            if tried.error is not None:
+                exc = tried.error
                 attempt["error"] = (f"{name} could not export {spec.architecture} with its KV cache: "
                                     f"{first_line(exc) if isinstance(exc, ExportError) else error_line(exc)}")
                 continue
@@ -232,10 +234,10 @@ def _int4_time_per_token(path: Path, spec: DecoderSpec) -> dict:
 
     int4 = path.with_name(path.stem + ".int4.onnx")
     try:
-        build(BY_NAME["int4-rtn-b128-acc4"], path, int4, spec, None)
-        return {"int4_tpot_ms": _time_per_token(int4, spec)}
-    except Exception as exc:  # the choice falls back to FP32 speed alone
-        return {"int4_error": error_line(exc)}
+        with interrupts.attempt() as tried:  # failed, the choice falls back to FP32 speed alone
+            build(BY_NAME["int4-rtn-b128-acc4"], path, int4, spec, None)
+            return {"int4_tpot_ms": _time_per_token(int4, spec)}
+        return {"int4_error": error_line(tried.error)}
     finally:
         for made in (int4, onnxfile.sidecar(int4)):
             made.unlink(missing_ok=True)

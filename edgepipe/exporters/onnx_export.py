@@ -98,19 +98,19 @@ def check_parity(source: ModelSource, onnx_path: Path, config: ExportConfig,
                  data: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> ParityReport:
     """ORT vs PyTorch on real (or seeded) inputs, at every parity case. A verdict, not a warning."""
     report = ParityReport(atol=config.atol, rtol=config.rtol)
-    try:
+    with interrupts.attempt() as tried:  # a model ORT cannot load is this attempt's verdict
         engine = Engine(onnx_path, providers="cpu")
-    except Exception as exc:
-        report.error = str(exc)
+    if tried.error is not None:
+        report.error = str(tried.error)
         return report
     for sizes in parity_cases(source.inputs, config.parity_batches):
         label = " ".join(f"{k}={v}" for k, v in sizes.items())
         feeds = case_feeds(source.inputs, sizes, data, seed)
         expected = torch_outputs(source.model, feeds, source.inputs, source.output_names)
-        try:
+        with interrupts.attempt() as tried:
             actual = engine.run(feeds)
-        except Exception as exc:
-            report.error = f"{label}: onnxruntime rejected the input: {exc}"
+        if tried.error is not None:
+            report.error = f"{label}: onnxruntime rejected the input: {tried.error}"
             return report
         report.cases.append(ParityCase(label, diff_outputs(expected, actual, config.atol, config.rtol)))
     return report
@@ -208,12 +208,12 @@ def _attempt(src: ModelSource, exporter: str, example: tuple, tmp: Path, config:
              data: Mapping[str, np.ndarray] | None, seed: int, attempts: list[dict]) -> ExportReport:
     """Export with one exporter into `tmp` and judge it; appends to `attempts`, raises _Rejected."""
     started = time.perf_counter()
-    try:
+    with interrupts.attempt() as tried:  # exporters raise many types; each is recorded, the next is tried
         with _quiet_exporters():
             (_dynamo_export if exporter == "dynamo" else _torchscript_export)(src, example, tmp, config.opset)
         graph = finalize_graph(tmp, src, exporter)
-    except Exception as exc:  # exporters raise many types; each is recorded, the next is tried
-        interrupts.reraise()
+    if tried.error is not None:
+        exc = tried.error
         if is_io_error(exc, tmp):  # the disk, not the exporter: another exporter would hide it
             raise InputError(f"export could not write {exc.filename or tmp.parent}: {exc.strerror or exc}") from exc
         message = error_line(exc)

@@ -142,16 +142,14 @@ def build_with_fallback(recipe: Recipe, models, out: Path,
     retried)."""
     first_error: Exception | None = None
     for model_path in models:
-        try:
+        with interrupts.attempt() as tried:  # onnxruntime.quantization raises many types
             build(recipe, model_path, out, calibration, samples)
             return model_path.name
-        except QuantizationError:
-            raise
-        except Exception as exc:  # onnxruntime.quantization raises many types
-            interrupts.reraise()
-            if hasattr(models, "failed"):
-                models.failed(model_path, exc)
-            first_error = first_error or exc
+        if isinstance(tried.error, QuantizationError):
+            raise tried.error
+        if hasattr(models, "failed"):
+            models.failed(model_path, tried.error)
+        first_error = first_error or tried.error
     if first_error is None:
         raise InternalError("build_with_fallback was given no model to build from")
     raise first_error

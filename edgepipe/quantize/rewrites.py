@@ -51,32 +51,32 @@ def preprocess(model_path: Path, work_dir: Path) -> tuple[Path, list[dict]]:
     attempts = []
     model_path, work_dir = Path(model_path).resolve(), Path(work_dir).resolve()
     if onnxfile.model_bytes(model_path) > LEAN_PREPROCESS_BYTES:
-        try:
+        with interrupts.attempt() as tried:
             out = lean_preprocess(model_path, work_dir / "pre_lean.onnx")
             attempts.append({"step": "lean", "ok": True})
             return out, attempts
-        except Exception as exc:
-            interrupts.reraise()
-            attempts.append({"step": "lean", "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            attempts.append({"step": "raw", "ok": True})
-            return model_path, attempts
+        attempts.append({"step": "lean", "ok": False, "error": _failure(tried.error)})
+        attempts.append({"step": "raw", "ok": True})
+        return model_path, attempts
     for label, kwargs in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True})):
         out = work_dir / f"pre_{label}.onnx"
         if onnxfile.is_large(model_path):  # one external-data file named as edgepipe names it
             kwargs |= {"save_as_external_data": True, "all_tensors_to_one_file": True,
                        "external_data_location": onnxfile.sidecar(out).name}
-        try:
+        with interrupts.attempt() as tried:
             # When symbolic shape inference gives up, ORT saves sym_shape_infer_temp.onnx plus
             # a uuid-named .data file into the current directory: keep that in work_dir.
             with contextlib.chdir(work_dir), quiet_logs():  # its shape warnings are not the user's
                 quant_pre_process(str(model_path), str(out), **kwargs)
             attempts.append({"step": label, "ok": True})
             return out, attempts
-        except Exception as exc:
-            interrupts.reraise()
-            attempts.append({"step": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        attempts.append({"step": label, "ok": False, "error": _failure(tried.error)})
     attempts.append({"step": "raw", "ok": True})
     return model_path, attempts
+
+
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def with_activations(graph: onnx.GraphProto, excluded) -> list[str]:

@@ -126,7 +126,7 @@ class Search(TimeBudget, Judging):
         self.say(f"{recipe.name}: the file of {twin.recipe.name}, run by {recipe.backend}" if twin else
                  f"{recipe.name}: the file of {base.recipe.name}, its biases corrected" if base else
                  f"building {recipe.name}")
-        try:
+        with interrupts.attempt() as tried:  # a recipe that fails is recorded; the search goes on
             if twin:  # same file, another runtime: no second build
                 onnxfile.copy(twin.path, cand.path)
                 cand.built_from, cand.integer_nodes = twin.built_from, twin.integer_nodes
@@ -144,9 +144,8 @@ class Search(TimeBudget, Judging):
             out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
             cand.fidelity = fidelity(out, self.reference)
             self.rate(cand, out)
-        except Exception as exc:
-            interrupts.reraise()
-            cand.error = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+        if tried.error is not None:
+            cand.error = f"{type(tried.error).__name__}: {str(tried.error).strip()[:200]}"
             cand.verdict = Verdict(FAILED)
             return cand
         cand.accuracy_drop = (self.fp32_accuracy - cand.accuracy if self.fp32_accuracy is not None

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -39,6 +40,7 @@ def _value_runner(session, names: list[str]) -> Runner:
         try:
             out = session.run_with_ort_values(names, values)
         except Exception as exc:
+            interrupts.reraise()  # a termination, not this call's failure
             raise InputError(f"onnxruntime failed to run the decoder: {first_line(exc)}") from exc
         return out[0].numpy(), list(out[1:])
     return run_values
@@ -63,6 +65,7 @@ def _bound_runner(session, provider: str, names: list[str]) -> Runner:
         try:
             session.run_with_iobinding(binding)
         except Exception as exc:
+            interrupts.reraise()  # a termination, not this call's failure
             raise InputError(f"onnxruntime failed to run the decoder: {first_line(exc)}") from exc
         out = binding.get_outputs()
         return out[0].numpy(), list(out[1:])

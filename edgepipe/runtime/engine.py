@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.deployment import MeasuredOn, choose_backend, find_deployment
 from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
@@ -211,6 +212,7 @@ class Engine:
         try:
             values = session.run(None if outputs is None else names, feeds)
         except Exception as exc:
+            interrupts.reraise()  # a termination, not this call's failure
             raise InputError(f"{self.backend} could not run the model on these inputs: {runtime_message(exc)}") from exc
         return dict(zip(names, values))
 
@@ -247,6 +249,7 @@ class Engine:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
+            interrupts.reraise()  # a termination, not this call's failure
             raise InputError(f"{self.backend} could not run the model on these inputs: {runtime_message(exc)}") from exc
         if keep_on_device:
             return dict(zip(self.output_names, binding.get_outputs()))

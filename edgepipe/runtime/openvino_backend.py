@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import METADATA_KEY, specs_from_json
@@ -81,6 +82,7 @@ class OpenVINOSession:
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line messages
+            interrupts.reraise()  # a termination, not this call's failure
             raise InputError(f"OpenVINO cannot load {path}: {first_line(exc)}") from exc
         self._meta = _Meta(onnx_metadata(path))
         # OpenVINO drops the names of dynamic dims; the export's recorded spec has them ("batch")

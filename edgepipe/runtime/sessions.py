@@ -9,6 +9,7 @@ from typing import Iterator, Mapping, Sequence
 
 import onnxruntime as ort
 
+from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
 
 # Lenient provider names -> ORT names, in "auto" preference order (best first).
@@ -159,6 +160,7 @@ def new_session(model: str | os.PathLike | bytes, providers: Sequence = CPU, *, 
     try:
         return ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises several private exception types for bad models
+        interrupts.reraise()  # a termination, not this call's failure
         where = "<bytes>" if isinstance(model, bytes) else model
         raise InputError(f"cannot load ONNX model {where}: {first_line(exc)}") from exc
 
