@@ -26,14 +26,12 @@ def module_name(path: Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> edgepipe modules it imports anywhere in its body (module level or in functions);
-    `if TYPE_CHECKING:` blocks are left out: they never run."""
+    """module -> edgepipe modules it imports anywhere in its body (module level, in functions,
+    and under `if TYPE_CHECKING:`: a type-only import is a dependency of the design too)."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
-            block.body = []
         deps = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -71,6 +69,16 @@ def test_no_import_circle_inside_edgepipe():
     graph = import_graph()
     assert "edgepipe.runtime.profiling" in graph["edgepipe.pipeline.profile_stage"]  # the graph sees imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_type_only_imports_count_as_dependencies(tmp_path, monkeypatch):
+    (tmp_path / "edgepipe").mkdir()
+    (tmp_path / "edgepipe" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                                "    from edgepipe.b import B\n")
+    (tmp_path / "edgepipe" / "b.py").write_text("from edgepipe.a import A\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path / "edgepipe")
+    graph = import_graph()
+    assert graph["edgepipe.a"] == {"edgepipe.b"} and find_cycle(graph) == ["edgepipe.a", "edgepipe.b", "edgepipe.a"]
 
 
 def test_the_cycle_finder_finds_a_hidden_circle():

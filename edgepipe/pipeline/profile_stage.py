@@ -5,20 +5,18 @@ breakdown and, after pruning, the cumulative speedup over the unpruned FP32 mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from edgepipe.artifacts import StageResult, write_json
 from edgepipe.errors import ConfigError
 from edgepipe.pipeline.deploy import int8_rejection
+from edgepipe.pipeline.stage_context import StageRun
 from edgepipe.reports import Report, optional
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.placement import operator_profile
 from edgepipe.runtime.profiling import compare_models
 from edgepipe.runtime.sessions import parse_sessions, resolve_providers
 from edgepipe.runtime.spec import make_feeds
-
-if TYPE_CHECKING:
-    from edgepipe.pipeline.runner import ModelRun
 
 
 @dataclass
@@ -43,7 +41,7 @@ def on_cpu(settings) -> bool:
     return resolve_providers(settings.providers)[0][:1] == ["CPUExecutionProvider"]
 
 
-def tuned_sessions(run: "ModelRun", models: dict) -> dict:
+def tuned_sessions(run: StageRun, models: dict) -> dict:
     """Each model's fastest session setting per batch size as quantize measured it (FP32's
     also for the unpruned baseline), unless the profile config pins threads or the provider
     is not the CPU."""
@@ -59,7 +57,7 @@ def tuned_sessions(run: "ModelRun", models: dict) -> dict:
     return sessions
 
 
-def profile_stage(run: "ModelRun") -> StageResult:
+def profile_stage(run: StageRun) -> StageResult:
     settings = run.settings["profile"]
     models = {"fp32": run.path("export")}
     quant = run.reports.get("quantize")

@@ -5,27 +5,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from edgepipe.artifacts import StageResult
 from edgepipe.exporters.report import ExportReport
 from edgepipe.models.report import TrainReport
 from edgepipe.pipeline.profile_stage import ProfileReport, profile_stage
+from edgepipe.pipeline.stage_context import StageRun
 from edgepipe.prune.report import PruneReport
 from edgepipe.quantize.report import QuantizeReport
 from edgepipe.reports import Report
 
-if TYPE_CHECKING:
-    from edgepipe.pipeline.runner import ModelRun
 
-
-def train_stage(run: "ModelRun") -> StageResult:
+def train_stage(run: StageRun) -> StageResult:
     from edgepipe.models.training import train
 
     return train(run.model.name, run.dataset, run.path("train"), run.settings["train"], progress=False)
 
 
-def prune_stage(run: "ModelRun") -> StageResult:
+def prune_stage(run: StageRun) -> StageResult:
     from edgepipe.exporters import export_module
     from edgepipe.prune import prune
 
@@ -33,11 +31,11 @@ def prune_stage(run: "ModelRun") -> StageResult:
                  exporter=export_module, dataset=run.dataset, log=run.log)
 
 
-def export_stage(run: "ModelRun") -> StageResult:
+def export_stage(run: StageRun) -> StageResult:
     return run.export(run.export_source(), run.path("export"), inputs=run.model.inputs or None)
 
 
-def quantize_stage(run: "ModelRun") -> StageResult:
+def quantize_stage(run: StageRun) -> StageResult:
     from edgepipe.quantize import quantize
 
     eval_data, calibration = run.eval_sets()
@@ -48,7 +46,7 @@ def quantize_stage(run: "ModelRun") -> StageResult:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[["ModelRun"], StageResult]
+    run: Callable[[StageRun], StageResult]
     reads: tuple[str, ...]  # stages whose artifacts this one reads (their hashes decide reuse)
     writes: str  # artifact file name in the model's directory
     config: str  # the config section it takes ([train], [quantize] …)
@@ -82,7 +80,7 @@ def model_reports(model_entry: dict) -> dict[str, Report]:
             for stage, entry in model_entry.get("stages", {}).items() if entry.get("record")}
 
 
-def reads_paths(run: "ModelRun", stage: str) -> list[Path]:
+def reads_paths(run: StageRun, stage: str) -> list[Path]:
     """The files `stage` reads for this model, for the reuse check (missing ones are the
     stage's own error to report)."""
     reads = list(STAGES[stage].reads)
