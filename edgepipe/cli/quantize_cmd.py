@@ -130,8 +130,8 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
     heldout = None
     config = DecoderQuantizeConfig(recipes=tuple(recipe or ()), max_nll_increase=max_nll_increase,
                                    min_agreement=min_agreement, batch_sizes=parse_ints(batch or "1", "--batch"),
-                                   time_budget_s=900.0 if time_budget is None else time_budget,
-                                   require_faster=not allow_slower)
+                                   require_faster=not allow_slower,
+                                   **({} if time_budget is None else {"time_budget_s": time_budget}))
     if data is not None and data.suffix.lower() == ".txt":  # plain text through the file's own tokenizer
         from edgepipe.data.lm_text import text_windows
         from edgepipe.quantize.decoder import decoder_spec_of

@@ -35,6 +35,7 @@ from edgepipe.runtime.workdirs import work_dir
 # under 40 s: its first build ended past 40%, and OpenVINO's run of it, 2.0x against 1.8x, was lost;
 # at 0.6 under 25 s on a VNNI EPYC it was lost again, 3.55x against 3.07x, its 3 s past 15 s).
 BUILD_SHARE, TWIN_SHARE = 0.4, 0.7
+TIME_BUDGET = "time_budget"  # a skipped recipe's cause when the budget left it unbuilt
 
 
 def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Recipe], list[dict], set[str]]:
@@ -114,7 +115,7 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
     accurate = [c for c in measured if search.accurate(c)]
     best = max(accurate or measured, key=lambda c: c.score)
     error_cls = LatencyError if accurate else AccuracyError
-    untried = sum(s["why"].startswith("time budget") for s in report.skipped_recipes)
+    untried = sum(s.get("cause") == TIME_BUDGET for s in report.skipped_recipes)
     stopped = any(s.get("step") == "stopped" for s in report.accuracy_fallback)
     timing = ""
     if untried or stopped:
@@ -232,7 +233,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
                 if any(search.accurate(search.candidates[i]) for i in search.usable) and \
                         not search.build_fits(recipe, seconds, share):
                     estimate = search.build_estimate(recipe, seconds)
-                    skipped.append({"recipe": recipe.name, "why": f"time budget ({config.time_budget_s} s): building "
+                    skipped.append({"recipe": recipe.name, "cause": TIME_BUDGET,
+                                    "why": f"time budget ({config.time_budget_s} s): building "
                                     f"stops at {share:.0%} of it (this one: about {estimate:.0f} s) so the timing "
                                     "of what was built fits"})
                     continue
