@@ -1,8 +1,8 @@
 """Decoder language models: a tiny Llama folder (random weights, built offline, with a byte
 tokenizer) exported with its KV cache, proven against torch on prefill and decode, quantized to
 INT4, generated from in the torch-free runtime (ids and text), profiled and served as a stream.
-The fast tier covers it end to end with one export; the trained model's quality is in the README
-walkthrough (slow)."""
+The fast tier covers it end to end with one export; the trained model's quality is checked by the
+docs/language-models.md walkthrough (slow)."""
 
 from __future__ import annotations
 
@@ -98,15 +98,15 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
 
 
 @pytest.mark.slow  # trains a tiny LM (300 steps, about 90 s), exports and quantizes it
-def test_the_readme_language_model_block_runs_as_written(tmp_path):
+def test_the_language_model_docs_block_runs_as_written(tmp_path):
     import os
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme.read_text(), flags=re.S) if "edgepipe generate" in b]
+    page = Path(__file__).resolve().parents[1] / "docs" / "language-models.md"
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S) if "edgepipe generate" in b]
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)

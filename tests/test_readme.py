@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+DOCS = README.parent / "docs"
 
 
 def python_blocks() -> list[str]:
@@ -59,14 +60,17 @@ def test_the_example_pipeline_passes_as_written_from_another_directory(tmp_path,
         assert row in result.output
 
 
-def bash_block(marker: str) -> str:
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if marker in b]
+def bash_block(marker: str, page: Path = README) -> str:
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S) if marker in b]
     return block
 
 
 def cli_walkthrough() -> str:
-    """The CLI walkthrough, then the serving and Triton blocks, which run in its folder."""
-    return "\n".join(bash_block(m) for m in ("my_net.py <<", "localhost:8000/readyz", "edgepipe triton "))
+    """The README's CLI walkthrough, then docs/serving.md's serving and Triton blocks, which run
+    in its folder."""
+    serving = DOCS / "serving.md"
+    return "\n".join([bash_block("my_net.py <<"), bash_block("localhost:8000/readyz", serving),
+                      bash_block("edgepipe triton ", serving)])
 
 
 @pytest.mark.slow

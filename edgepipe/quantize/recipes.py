@@ -81,11 +81,11 @@ class Recipe:
 DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "LSTM", "Attention", "Gather", "EmbedLayerNormalization"})
 STATIC_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "LayerNormalization"})
 
-# Graph op -> methods allowed for it, each with its reason (measured on this project's machine,
-# see the README). A recipe is a candidate when it covers at least one compute op and is
+# Graph op -> methods allowed for it, each with its reason (benchmarks/kernel_ceiling.py measures
+# the kernels behind them). A recipe is a candidate when it covers at least one compute op and is
 # not vetoed by any op in the graph.
 VETOES = {
-    # ConvInteger (dynamic Conv) ran 6-9x slower than FP32: CNNs need static QDQ.
+    # ConvInteger (dynamic Conv) is many times slower than FP32: CNNs need static QDQ.
     ("Conv", "dynamic"): "dynamic Conv (ConvInteger) is many times slower than FP32 on CPU",
     # QDQ leaves LSTM in float; only dynamic quantization has an integer LSTM kernel.
     ("LSTM", "static"): "static QDQ does not quantize LSTM (dynamic has DynamicQuantizeLSTM)",
