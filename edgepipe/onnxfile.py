@@ -29,6 +29,12 @@ __all__ = ["EXTERNAL_BYTES", "commit", "copy", "is_large", "model_bytes", "model
 EXTERNAL_BYTES = 1_800_000_000
 
 
+# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 cannot load (max 13). Exports are
+# pinned to IR 10, which every onnxruntime since 1.16 loads: artifacts stay deployable on older
+# runtimes on the device.
+MAX_IR_VERSION = 10
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's initializers (raw or typed fields), external ones included."""
     total = 0

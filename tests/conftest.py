@@ -91,7 +91,7 @@ def tiny_decoder(tiny_llama):
     """The tiny Llama exported as a decoder with its KV cache (one export for the session): the
     graph traced by torch.onnx (the default route, auto, keeps the builder's graph for this model
     where onnxruntime-genai is installed; test_decoder covers that route and the choice)."""
-    from edgepipe.exporters.decoder import export_decoder
+    from edgepipe.exporters import ExportConfig, export
 
-    root, _ = tiny_llama
-    return export_decoder(root / "folder", root / "decoder.onnx", route="dynamo")
+    root, _ = tiny_llama  # the public export(): a causal LM folder goes to the decoder export itself
+    return export(root / "folder", root / "decoder.onnx", ExportConfig(route="dynamo"))

@@ -71,11 +71,14 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
     # generated inputs are a consistent prefill (16 tokens, empty cache): profile runs it
     result = cli("profile", str(exported.artifacts["onnx"]), "--batch", "1,2", "--seconds", "0.05")
     assert result.exit_code == 0, result.output
-    from edgepipe.errors import QuantizationError
-    from edgepipe.quantize import quantize
+    from edgepipe.quantize import EvalData, QuantizeConfig, quantize
 
-    with pytest.raises(QuantizationError, match="is a decoder with a KV cache: quantize it with"):
-        quantize(exported.artifacts["onnx"], tmp_path / "q.onnx")  # the classifier search refuses it
+    # one quantize() for every kind: a decoder takes the decoder search's config and token ids
+    with pytest.raises(InputError, match="is a decoder with a KV cache: its search takes a DecoderQuantizeConfig"):
+        quantize(exported.artifacts["onnx"], tmp_path / "q.onnx", QuantizeConfig())
+    with pytest.raises(InputError, match="not 'input_ids'"):
+        quantize(exported.artifacts["onnx"], tmp_path / "q.onnx", eval_data=EvalData({"x": np.zeros((2, 8))}))
+    assert not (tmp_path / "q.onnx").exists()
     bert = tmp_path / "bert"
     transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
@@ -134,13 +137,14 @@ def test_the_language_model_docs_block_runs_as_written(tmp_path):
 @pytest.fixture(scope="module")
 def int4(exported, tmp_path_factory):
     """One INT4 recipe, taken for its size: on a model this small INT4 is not faster than FP32
-    and the random weights' flat logits make greedy agreement weak (the gate is tested below)."""
-    from edgepipe.quantize.decoder import DecoderQuantizeConfig, quantize_decoder
+    and the random weights' flat logits make greedy agreement weak (the gate is tested below).
+    Through the public quantize(), which sends a decoder to the decoder search."""
+    from edgepipe.quantize import DecoderQuantizeConfig, quantize
 
     out = tmp_path_factory.mktemp("int4") / "decoder_int4.onnx"
     config = DecoderQuantizeConfig(recipes=("int4-rtn-b32-acc4",), require_faster=False, min_agreement=0.5,
                                    text_windows=4, prompts=4)
-    return quantize_decoder(exported.artifacts["onnx"], out, config)
+    return quantize(exported.artifacts["onnx"], out, config)
 
 
 def test_int4_weight_only_keeps_the_perplexity_of_fp32(int4):
@@ -523,3 +527,19 @@ def test_quantize_judges_a_decoder_on_a_plain_text_file_with_intervals(exported,
     empty.write_text("")
     result = cli("quantize", model, "-o", tmp_path / "q2.onnx", "--data", empty)
     assert result.exit_code == 2 and "holds 0 tokens; one held-out window needs" in result.output
+
+
+def test_one_quantize_for_every_kind_takes_a_classifier_config_for_a_classifier(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgepipe.quantize import DecoderQuantizeConfig, quantize
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.ones((4, 2), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "mm.onnx"))
+    with pytest.raises(InputError, match="is not a decoder with a KV cache: quantize it with a QuantizeConfig"):
+        quantize(tmp_path / "mm.onnx", tmp_path / "q.onnx", DecoderQuantizeConfig())

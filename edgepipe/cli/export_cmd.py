@@ -33,14 +33,10 @@ def export(
     from edgepipe.data.for_model import is_rows
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
-    from edgepipe.exporters.hf import is_hf_folder, read_config
+    from edgepipe.exporters.hf import is_causal_lm_folder, is_hf_folder
 
-    if is_hf_folder(source) and task in (None, "text-generation"):
-        from edgepipe.exporters.decoder import is_causal_lm
-
-        if task == "text-generation" or is_causal_lm(read_config(Path(source))):
-            _export_decoder(source, output, atol, json_out, route or "auto")
-            return
+    if is_hf_folder(source) and (task == "text-generation" or (task is None and is_causal_lm_folder(source))):
+        return _export_decoder(source, output, atol, json_out, route or "auto")
 
     if route is not None:
         raise InputError(f"--route {route} applies to causal LM folders (a *ForCausalLM config.json); "
@@ -72,10 +68,10 @@ def export(
 
 def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[Path], route: str) -> None:
     """A causal LM folder: the decoder with its KV cache, parity on prefill and 16 decode steps."""
-    from edgepipe.exporters.decoder import export_decoder
+    from edgepipe.exporters import ExportConfig, export
 
     typer.echo("  a causal LM: exporting the decoder with its KV cache (prefill and decode in one graph)", err=True)
-    rec = export_decoder(source, output, atol=max(atol, 1e-3), route=route).record
+    rec = export(source, output, ExportConfig(atol=atol, route=route), task="text-generation").record
     if len(rec["attempts"]) > 1:
         for attempt in rec["attempts"]:
             if attempt["ok"]:

@@ -125,7 +125,7 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
                       min_agreement: float, recipe: Optional[list[str]], allow_slower: bool, time_budget: Optional[float],
                       json_out: Optional[Path]) -> None:
     from edgepipe.cli.render import decoder_table
-    from edgepipe.quantize.decoder import DecoderQuantizeConfig, quantize_decoder
+    from edgepipe.quantize import DecoderQuantizeConfig, EvalData, quantize
 
     heldout = None
     config = DecoderQuantizeConfig(recipes=tuple(recipe or ()), max_nll_increase=max_nll_increase,
@@ -151,8 +151,8 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
                              "token ids: an array 'input_ids' [rows, length]")
         heldout = arrays["input_ids"]
     with _table_on_refusal(decoder_table, json_out):
-        result = quantize_decoder(model, output, config, heldout_ids=heldout,
-                                  progress=lambda m: typer.echo(f"  {m}", err=True))
+        result = quantize(model, output, config, eval_data=None if heldout is None else EvalData({"input_ids": heldout}),
+                          progress=lambda m: typer.echo(f"  {m}", err=True))
     report = result.report
     typer.echo(decoder_table(report))
     chosen = next(c for c in report.candidates if c["recipe"] == report.chosen)

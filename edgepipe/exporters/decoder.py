@@ -19,16 +19,11 @@ from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ExportError, InputError, ParityError, first_line
 from edgepipe.exporters.failures import error_line
-from edgepipe.exporters.hf import is_hf_folder, read_config
-from edgepipe.exporters.onnx_export import MAX_IR_VERSION
+from edgepipe.exporters.hf import is_causal_lm, is_hf_folder, read_config
 from edgepipe.exporters.report import ExportReport
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY, TOKENIZER_KEY, DecoderSpec
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, specs_to_json
-
-
-def is_causal_lm(config: dict) -> bool:
-    return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.get("architectures") or [])
 
 
 def load_causal_lm(folder: str | Path):
@@ -119,7 +114,7 @@ def attach_metadata(model: onnx.ModelProto, spec: DecoderSpec, tokenizer: Path |
     for key, value in entries:
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    model.ir_version = min(model.ir_version, onnxfile.MAX_IR_VERSION)
 
 
 def decoder_parity(model, path: Path, spec: DecoderSpec, prompt_lengths=(5, 11), steps: int = 16,

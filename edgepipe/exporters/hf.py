@@ -51,6 +51,15 @@ def is_hf_folder(path: str | Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def is_causal_lm(config: dict) -> bool:
+    """A config.json that names a causal LM head (*ForCausalLM, *LMHeadModel)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
+def is_causal_lm_folder(path: str | Path) -> bool:
+    return is_hf_folder(path) and is_causal_lm(read_config(Path(path)))
+
+
 def folder_digest(folder: Path) -> str:
     """sha256 over the files a model is built from (config, weights, their index)."""
     import hashlib

@@ -19,6 +19,8 @@ from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, ExportError, InputError, ParityError
 from edgepipe.exporters.failures import error_line, is_io_error
+from edgepipe.exporters.genai_route import ROUTES as DECODER_ROUTES
+from edgepipe.exporters.hf import is_causal_lm_folder
 from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
 from edgepipe.logs import quiet_logs
@@ -28,10 +30,6 @@ from edgepipe.runtime.preprocess import PREPROCESS_KEY
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, make_feeds, specs_to_json
 
 EXPORTERS = ("dynamo", "torchscript")
-# onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 cannot load (max 13).
-# Exports are pinned to IR 10, which every onnxruntime since 1.16 loads: artifacts stay
-# deployable on older runtimes on the device.
-MAX_IR_VERSION = 10
 
 
 @dataclass
@@ -44,6 +42,7 @@ class ExportConfig:
     rtol: float = 1e-3
     parity_batches: tuple[int, ...] = (1, 7)  # batch 1 and one >= 3 catch 0/1 specialization
     example_batch: int = 2  # never 1: the dynamo exporter would bake batch=1 in
+    route: str = "auto"  # causal LM folders only: dynamo, genai or auto (exporters.decoder)
 
     def __post_init__(self):
         unknown = [e for e in self.exporters if e not in EXPORTERS]
@@ -51,6 +50,8 @@ class ExportConfig:
             raise ConfigError(f"unknown exporter(s) {unknown}; choose from {', '.join(EXPORTERS)}")
         if self.example_batch < 2:
             raise ConfigError("export example_batch must be >= 2 (batch 1 gets specialised)")
+        if self.route not in DECODER_ROUTES:
+            raise ConfigError(f"unknown decoder route '{self.route}'; choose one of {', '.join(DECODER_ROUTES)}")
         if self.atol < 0 or self.rtol < 0:
             raise ConfigError("export tolerances atol/rtol must be >= 0")
         self.exporters = tuple(self.exporters)
@@ -190,7 +191,7 @@ def finalize_graph(path: Path, source: ModelSource, exporter: str) -> onnx.Model
     for key, value in entries:
         entry = meta.get(key) or model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    model.ir_version = min(model.ir_version, onnxfile.MAX_IR_VERSION)
     if onnxfile.is_large(model):  # the checker cannot hold it in memory: it reads the files
         onnxfile.save(model, path)
         onnx.checker.check_model(str(path), full_check=True)
@@ -243,11 +244,19 @@ def _quiet_exporters():
 
 def export(source: str | Path | ModelSource, out_path: str | Path, config: ExportConfig | None = None,
            *, inputs: Sequence | None = None, data: Mapping[str, np.ndarray] | None = None,
-           seed: int = 0) -> StageResult:
+           seed: int = 0, task: str | None = None) -> StageResult:
     """Stage: export `source` to ONNX at `out_path`, proving parity; the first exporter that
-    passes wins and is recorded. Raises ParityError / ExportError naming every attempt."""
+    passes wins and is recorded. A causal LM folder becomes a decoder with its KV cache, proven
+    on prefill and cached greedy steps (`config.route` picks the graph). Raises ParityError /
+    ExportError naming every attempt. `task` picks a Hugging Face folder's head (default: from
+    its config.json; "text-generation" asks for the decoder)."""
     config = config or ExportConfig()
-    src = source if isinstance(source, ModelSource) else load_source(source, inputs)
+    if not isinstance(source, ModelSource) and (task == "text-generation" or (
+            task is None and inputs is None and is_causal_lm_folder(source))):
+        from edgepipe.exporters.decoder import export_decoder
+
+        return export_decoder(source, out_path, atol=max(config.atol, 1e-3), rtol=config.rtol, route=config.route)
+    src = source if isinstance(source, ModelSource) else load_source(source, inputs, task=task)
     example_feeds = case_feeds(src.inputs, {"batch": config.example_batch}, data, seed)
     example = tuple(torch.from_numpy(example_feeds[s.name]) for s in src.inputs)
     attempts: list[dict] = []

@@ -2,7 +2,8 @@
 
 Layout: `recipes` (which candidates fit a graph and CPU), `rewrites` (graph rewrites),
 `builders` (one model per recipe), `search` (timing and confirmation), `fallback`
-(accuracy-aware exclusion), `verdict`, `report` (the typed record) and `stage` (the stage)."""
+(accuracy-aware exclusion), `verdict`, `report` (the typed record), `stage` (the classifier search), `decoder` (the
+decoder search) and `api` (`quantize()`, which sends a model to the search for its kind)."""
 
 from edgepipe.lazy import lazy_exports
 
@@ -11,6 +12,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "edgepipe.quantize.config": ["EvalData", "QuantizeConfig"],
     "edgepipe.quantize.recipes": ["Recipe", "candidate_recipes"],
     "edgepipe.quantize.report": ["CandidateRow", "QuantizeReport"],
-    "edgepipe.quantize.stage": ["quantize"],
+    "edgepipe.quantize.api": ["quantize"],
+    "edgepipe.quantize.decoder": ["DecoderQuantizeConfig"],
     "edgepipe.quantize.verdict": ["Verdict"],
 })

@@ -195,9 +195,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     config = config or QuantizeConfig()
     onnx_path = require_file(onnx_path, "ONNX model")
     if DECODER_KEY in onnx_metadata(onnx_path):
-        raise QuantizationError(f"{onnx_path.name} is a decoder with a KV cache: quantize it with "
-                                "edgepipe.quantize.decoder.quantize_decoder (`edgepipe quantize` does this itself); "
-                                "this search judges classifier-style outputs and would mislead")
+        raise QuantizationError(f"{onnx_path.name} is a decoder with a KV cache: edgepipe.quantize.quantize sends it "
+                                "to the decoder search; this one judges classifier-style outputs and would mislead")
     cpu = cpu or read_cpu()
     say = progress or (lambda message: None)
     started = time.perf_counter()
