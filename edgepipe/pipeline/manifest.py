@@ -7,13 +7,18 @@ import platform
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from edgepipe import __version__
 from edgepipe.artifacts import sha256, write_json
 from edgepipe.runtime.deployment import MANIFEST_SCHEMA, read_manifest
 from edgepipe.runtime.hardware import fingerprint
 from edgepipe.runtime.modelfile import model_bytes
+
+# What a stage's entry and the whole run may say. not_deployed: the quantize stage ran, but its
+# INT8 model was refused or measured slower, so the FP32 model is deployed.
+StageStatus = Literal["ok", "error", "not_deployed", "gate_failed"]
+RunStatus = Literal["running", "passed", "failed", "error", "interrupted", "crashed"]
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scikit-learn")
 
@@ -73,6 +78,7 @@ class Manifest:
         return self.data["models"].get(model, {}).get("stages", {}).get(stage)
 
     def record_stage(self, model: str, stage: str, entry: dict) -> None:
+        _check(entry.get("status"), StageStatus)
         self.data["models"].setdefault(model, {"stages": {}, "gates": []})["stages"][stage] = entry
         self.save()
 
@@ -100,7 +106,13 @@ class Manifest:
                 return None
         return entry
 
-    def finish(self, status: str) -> None:
-        self.data["status"] = status
+    def finish(self, status: RunStatus) -> None:
+        self.data["status"] = _check(status, RunStatus)
         self.data["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         self.save()
+
+
+def _check(status: str | None, kind) -> str:
+    if status not in get_args(kind):
+        raise ValueError(f"manifest status {status!r} is not one of {', '.join(get_args(kind))}")
+    return status

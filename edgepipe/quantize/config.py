@@ -129,11 +129,11 @@ class QuantizeConfig:
     @property
     def active_backends(self) -> tuple[str, ...]:
         """The backends this search measures candidates on."""
-        from edgepipe.runtime.openvino_backend import available
+        from edgepipe.runtime.openvino_backend import BACKENDS, available
 
         if self.device != "cpu":
             return ("onnxruntime",)
-        return self.backends or (("onnxruntime", "openvino") if available() else ("onnxruntime",))
+        return self.backends or (BACKENDS if available() else ("onnxruntime",))
 
 
 @dataclass

@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable
+from typing import Iterable, Literal, get_args
 
 from edgepipe.runtime.hardware import CpuInfo
+from edgepipe.runtime.openvino_backend import Backend
+
+# The closed sets a recipe is made of; a value outside them is a bug, caught where it is built.
+Method = Literal["dynamic", "static", "int4", "fp16"]  # int4: weight-only MatMulNBits
+Format = Literal["QDQ", "QOperator"]
+QuantType = Literal["U8", "S8"]
+Calibration = Literal["minmax", "entropy", "percentile"]
 
 
 @dataclass(frozen=True)
 class Recipe:
     """One way to quantize a model with onnxruntime.quantization."""
 
-    method: str  # "dynamic" | "static" | "int4" (weight-only MatMulNBits) | "fp16"
-    format: str = "QDQ"  # static only: "QDQ" | "QOperator"
-    activation_type: str = "U8"  # static only: "U8" | "S8"
-    weight_type: str = "S8"
+    method: Method
+    format: Format = "QDQ"  # static only
+    activation_type: QuantType = "U8"  # static only
+    weight_type: QuantType = "S8"
     per_channel: bool = False
-    calibration: str = "minmax"  # static only: "minmax" | "entropy" | "percentile"
+    calibration: Calibration = "minmax"  # static only
     reduce_range: bool = False
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_exclude: tuple[str, ...] = ()
-    backend: str = "onnxruntime"  # the runtime that runs the built model: "onnxruntime" | "openvino"
+    backend: Backend = "onnxruntime"  # the runtime that runs the built model
     # static only: zero-point-free activations and every MatMul, attention's too (static_matmul)
     symmetric: bool = False
     # static QDQ only: Conv and Gemm biases corrected for their weights' rounding (bias_correction)
     bias_correction: bool = False
     reasons: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        for value, kind in ((self.method, Method), (self.format, Format), (self.activation_type, QuantType),
+                            (self.weight_type, QuantType), (self.calibration, Calibration), (self.backend, Backend)):
+            if value not in get_args(kind):
+                raise ValueError(f"recipe value {value!r} is not one of {', '.join(get_args(kind))}")
 
     @property
     def name(self) -> str:
