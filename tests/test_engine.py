@@ -131,3 +131,42 @@ def test_a_runtime_error_reads_as_a_sentence_without_onnxruntime_internals():
     assert runtime_message(broadcast) == ("Add node '/embeddings/Add': axis == 1 || axis == largest was false. "
                                           "Attempting to broadcast an axis by a dimension other than 1. 5 by 7")
     assert runtime_message(ValueError("")) == "ValueError"
+
+
+def test_a_backend_is_one_class_behind_the_engine(tmp_path, monkeypatch):
+    """The Engine holds a backend and asks it for sessions and features; it never branches on the
+    backend's name, so a runtime registered in `backends.BACKENDS` runs like the built-in ones."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgepipe.runtime import backends
+
+    weight = np.arange(8, dtype=np.float32).reshape(4, 2)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+                              [onnx.numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "mm.onnx"))
+    made = []
+
+    class Recording(backends.OnnxruntimeBackend):
+        name = "recording"
+        features = frozenset()
+
+        def new_session(self, threads, spinning):
+            made.append(threads)
+            return super().new_session(threads, spinning)
+
+    monkeypatch.setitem(backends.BACKENDS, "recording", Recording)
+    monkeypatch.setattr(backends, "NAMES", (*backends.NAMES, "recording"))
+    engine = Engine(tmp_path / "mm.onnx", backend="recording",
+                    batch_sessions={1: {"threads": 1, "spinning": False}, 32: {"threads": 2, "spinning": False}})
+    x = np.ones((3, 4), np.float32)
+    np.testing.assert_allclose(engine.run({"x": x})["y"], x @ weight)
+    assert engine.backend == "recording" and sorted(made) == [1, 2]  # one session per setting
+    with pytest.raises(InputError, match=r"run_bound \(IO binding\) is an onnxruntime feature; this Engine runs on recording"):
+        engine.run_bound({"x": x}, device="cpu")
+    with pytest.raises(InputError, match="unknown backend 'nope'; choose one of onnxruntime, openvino, recording"):
+        Engine(tmp_path / "mm.onnx", backend="nope")

@@ -12,17 +12,10 @@ import onnxruntime as ort
 
 from edgepipe import interrupts
 from edgepipe.errors import InputError, first_line
+from edgepipe.runtime.backends import make_backend
 from edgepipe.runtime.deployment import MeasuredOn, choose_backend, find_deployment
-from edgepipe.runtime.openvino_backend import OpenVINOSession, check_backend
 from edgepipe.runtime.placement import node_times, placement_report, profile_events
-from edgepipe.runtime.sessions import (
-    SessionSetting,
-    new_session,
-    resolve_providers,
-    route_batch,
-    session_providers,
-    tensorrt_libraries_present,
-)
+from edgepipe.runtime.sessions import SessionSetting, resolve_providers, route_batch
 from edgepipe.runtime.spec import make_feeds, specs_from_session
 from edgepipe.runtime.validation import FeedChecker
 
@@ -94,41 +87,20 @@ class Engine:
         if record is not None and record.device == "cpu" and on_cpu and backend == record.backend \
                 and threads is None and not batch_sessions:
             batch_sessions = record.sessions or None  # as it was measured
-        self.backend = check_backend(backend)
-        if backend == "openvino":
-            if self.path is None or providers not in ("auto", "cpu", ["cpu"]) or provider_options:
-                raise InputError("the openvino backend runs a model file on the CPU: pass a path, "
-                                 "providers 'cpu' (or 'auto') and no provider options")
-            providers = "cpu"
-        wanted, missing = resolve_providers(providers)
-        if missing and not allow_fallback:
-            raise InputError(
-                f"execution provider(s) {', '.join(missing)} not available "
-                f"(available: {', '.join(ort.get_available_providers())}); "
-                "on the CLI choose an available one with --provider (e.g. --provider cpu); in Python "
-                "pass allow_fallback=True to run on the others"
-            )
-        source = model if isinstance(model, bytes) else str(self.path)
-        self._session_providers = session_providers(wanted, provider_options)
-        self._source = source
+        self._backend = make_backend(backend, model if isinstance(model, bytes) else self.path, providers=providers,
+                                     provider_options=provider_options, allow_fallback=allow_fallback,
+                                     optimization=optimization)
+        self.backend = self._backend.name
+        self._source = model if isinstance(model, bytes) else str(self.path)
         self.optimization = optimization
         self.batch_sessions: list[tuple[int, SessionSetting]] = []
         self._route_map: dict[int, ort.InferenceSession] = {}  # batch size -> its session
         if batch_sessions:  # every batch routes to one of these: no session beside them
             self.session = self._build_routes(batch_sessions)
         else:
-            self.session = self._new_session(threads, spinning)
+            self.session = self._backend.new_session(threads, spinning)
         self.providers = self.session.get_providers()
-        lost = [p for p in wanted if p not in self.providers and self.backend == "onnxruntime"]
-        if lost and not allow_fallback and providers != "auto":
-            check = "check the CUDA/cuDNN install"
-            if "TensorrtExecutionProvider" in lost and not tensorrt_libraries_present():
-                check = "TensorRT's own libraries (libnvinfer.so.10) are not installed: install TensorRT 10 for this CUDA"
-            raise InputError(
-                f"onnxruntime could not initialise {', '.join(lost)} (running on "
-                f"{', '.join(self.providers)}); {check}, or choose another --provider (in Python: "
-                "allow_fallback=True)"
-            )
+        self._backend.check_session(self.session, allow_fallback)
         self.threads = threads
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.inputs = specs_from_session(self.session, self.metadata)
@@ -140,12 +112,6 @@ class Engine:
             for _ in range(warmup):
                 self.session.run(None, feeds)
 
-    def _new_session(self, threads: int | None, spinning: bool) -> ort.InferenceSession:
-        if self.backend == "openvino":  # spinning is an onnxruntime thread-pool setting
-            return OpenVINOSession(self.path, threads=threads)
-        return new_session(self._source, self._session_providers, threads=threads, spinning=spinning,
-                           optimization=self.optimization)
-
     def _build_routes(self, batch_sessions: Mapping[int, object]) -> ort.InferenceSession:
         """One session per distinct setting in `batch_sessions`; returns the smallest batch's (the
         Engine's `session`). Another for the Engine's own threads would hold a second copy of the
@@ -154,7 +120,7 @@ class Engine:
         for batch, setting in sorted((int(b), v) for b, v in batch_sessions.items()):
             setting = setting if isinstance(setting, SessionSetting) else SessionSetting.from_dict(setting)
             if setting not in made:
-                made[setting] = self._new_session(setting.threads, setting.spinning)
+                made[setting] = self._backend.new_session(setting.threads, setting.spinning)
             self.batch_sessions.append((batch, setting))
             self._route_map[batch] = made[setting]
         return self._route_map[min(self._route_map)]
@@ -227,7 +193,7 @@ class Engine:
         there. Returns numpy arrays, or the OrtValues themselves with `keep_on_device=True`
         so the next model or call can take them without a round trip through host memory.
         `device="cpu"` works everywhere (same results as `run`)."""
-        self._onnxruntime_only("run_bound (IO binding)")
+        self._needs("io_binding", "run_bound (IO binding)")
         feeds = self.as_feeds(inputs)
         if self._validate and all(isinstance(v, np.ndarray) for v in feeds.values()):
             self.validate(feeds)  # OrtValues already on the device are checked by ORT itself
@@ -260,13 +226,14 @@ class Engine:
         same providers and options). `fell_back` lists the nodes that did not run on the
         preferred provider, e.g. ops CUDA has no kernel for; `memcpy_nodes` counts the copies
         ORT inserted between devices because of them."""
-        self._onnxruntime_only("placement")
+        self._needs("placement", "placement")
         feeds = self.as_feeds(inputs) if inputs is not None else make_feeds(self.inputs, batch=1)
-        events = profile_events(self._source, feeds, self._session_providers, threads=self.threads, iterations=1)
+        events = profile_events(self._source, feeds, self._backend.session_providers, threads=self.threads,
+                                iterations=1)
         return placement_report(node_times(events), self.providers)
 
-    def _onnxruntime_only(self, what: str) -> None:
-        if self.backend != "onnxruntime":
+    def _needs(self, feature: str, what: str) -> None:
+        if feature not in self._backend.features:
             raise InputError(f"{what} is an onnxruntime feature; this Engine runs on {self.backend} "
                              "(create it with backend='onnxruntime')")
 

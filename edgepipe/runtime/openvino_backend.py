@@ -2,16 +2,15 @@
 
 OpenVINO reads ONNX directly and runs a static QDQ model (QuantizeLinear/DequantizeLinear
 around Conv/MatMul) with its own INT8 kernels; on CNNs those beat onnxruntime's on some CPUs
-(ResNet-50 on a 2-core AVX2 EPYC: 1.85x FP32 at batch 1 against onnxruntime's 0.98x for the
-same file). Quantize measures it as one more candidate; a deployment records which backend won.
+for the same file. Quantize measures it as one more candidate; a deployment records which backend won.
 
 Optional: `pip install 'edgepipe[openvino]'`. Torch-free and onnx-free like the rest of the
 runtime; the model's metadata (edgepipe's input specs) is read from the file with a small
 protobuf walker, since OpenVINO does not keep ONNX metadata_props.
 
 Float precision is pinned to f32. Left to itself, OpenVINO's CPU plugin computes float ops in
-bf16 on CPUs with native bf16 (AVX512_BF16 or AMX): an FP32 model's outputs then move by about
-0.5% relative, and which CPU runs it changes the numbers. Parity checks and the accuracy a
+bf16 on CPUs with native bf16 (AVX512_BF16 or AMX): an FP32 model's outputs then move
+visibly, and which CPU runs it changes the numbers. Parity checks and the accuracy a
 quantize search measured must hold on the target, so every CPU computes float ops the same way.
 """
 
@@ -21,7 +20,7 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
@@ -30,7 +29,8 @@ from edgepipe.errors import InputError, first_line
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import METADATA_KEY, specs_from_json
 
-BACKENDS = ("onnxruntime", "openvino")
+Backend = Literal["onnxruntime", "openvino"]  # the runtimes an Engine runs a model on
+BACKENDS: tuple[str, ...] = get_args(Backend)
 PROVIDER_NAME = "OpenVINO-CPU"  # what Engine.providers reports for this backend
 INSTALL_HINT = "pip install 'edgepipe[openvino]'"
 FLOAT_PRECISION = "f32"  # see the module docstring: never the CPU-dependent bf16 default
@@ -45,14 +45,10 @@ def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def check_backend(backend: str) -> str:
-    """`backend` if it is known and installed, else InputError saying what to do."""
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    if backend == "openvino" and not available():
+def require_openvino() -> None:
+    if not available():
         raise InputError(f"the openvino backend needs the openvino package: {INSTALL_HINT} "
                          "(or run the model with backend 'onnxruntime')")
-    return backend
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ class OpenVINOSession:
     get_modelmeta). Safe to call from several threads: each has its own infer request."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        check_backend("openvino")
+        require_openvino()
         import openvino as ov
 
         config: dict = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": FLOAT_PRECISION}
