@@ -1,6 +1,6 @@
 """A termination (SIGTERM) ends every "record a failure and go on" loop, even when a native
 library turns the handler's exit into its own error: the export routes and the decoder search
-here, the classifier quantize search in test_reliability."""
+here, the classifier quantize search in test_termination."""
 
 from __future__ import annotations
 

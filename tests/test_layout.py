@@ -126,3 +126,17 @@ def test_every_artifact_a_stage_claims_is_checked(tmp_path):
     (tmp_path / "c.pt").write_bytes((tmp_path / "c.npy").read_bytes())
     with pytest.raises(InternalError, match="not a torch checkpoint"):
         check_artifacts(StageResult("train", {"checkpoint": tmp_path / "c.pt"}, Report()))
+
+
+MAX_TEST_LINES = 500
+
+
+def test_tests_mirror_the_package_and_no_test_file_grows_past_its_cap():
+    tests = PACKAGE.parent / "tests"
+    sizes = {p.relative_to(tests): len(p.read_text().splitlines()) for p in tests.rglob("test_*.py")}
+    assert not {p: n for p, n in sizes.items() if n > MAX_TEST_LINES}
+    # a stage package's tests sit in the folder of its name
+    for folder in ("exporters", "quantize", "runtime", "serve", "pipeline"):
+        assert (PACKAGE / folder).is_dir() and list((tests / folder).glob("test_*.py")), folder
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))  # pytest imports them by basename (no __init__.py)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_quantize import AVX2_ONLY
+from quantize_common import AVX2_ONLY
 
 from edgepipe.errors import ConfigError, InputError
 from edgepipe.quantize import QuantizeConfig, candidate_recipes, quantize

@@ -144,7 +144,7 @@ def test_demo_end_to_end(tmp_path, cli):
 def test_train_prune_export_quantize_reports_each_step_and_the_cumulative_result(tmp_path, cli):
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "examples" / "prune_pipeline.toml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "prune_pipeline.toml"
     out = tmp_path / "prune-run"
     result = cli("run", example, "--out", out)
     assert result.exit_code == 0, result.output[-2500:]

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from quantize_common import AVX2_ONLY
 from test_openvino import needs_openvino
-from test_quantize import AVX2_ONLY
 
 from edgepipe.errors import QuantizationError
 from edgepipe.quantize import candidate_recipes, static_matmul

@@ -15,7 +15,7 @@ from edgepipe.exporters.onnx_export import parity_cases
 from edgepipe.exporters.source import load_factory
 from edgepipe.runtime import Engine, InputSpec
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "transformer"])
