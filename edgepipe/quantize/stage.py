@@ -7,35 +7,39 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from edgepipe import interrupts, onnxfile
+from edgepipe import onnxfile
 from edgepipe.artifacts import StageResult, require_file
-from edgepipe.errors import AccuracyError, GateFailed, LatencyError, QuantizationError
+from edgepipe.errors import QuantizationError
 from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.bias_correction import nothing_to_correct
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
 from edgepipe.quantize.evaluation import generated_eval_data
 from edgepipe.quantize.fallback import accuracy_fallback
+from edgepipe.quantize.outcome import (
+    TIME_BUDGET,
+    describe_search,
+    initial_report,
+    kernel_ceiling,
+    refusal,
+)
 from edgepipe.quantize.recipes import Recipe, candidate_recipes
 from edgepipe.quantize.record import deployment_metadata
-from edgepipe.quantize.report import QuantizeReport
 from edgepipe.quantize.rewrites import TRANSFORMER_OPS, Sources, preprocess
 from edgepipe.quantize.search import Candidate, Search
 from edgepipe.quantize.twins import group, inherit, judge_twin
 from edgepipe.quantize.verdict import CHOSEN, NOT_RETIMED, Verdict
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY
-from edgepipe.runtime.hardware import CpuInfo, read_cpu, read_gpu
+from edgepipe.runtime.hardware import CpuInfo, read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.sessions import shared_cpu_arena
 from edgepipe.runtime.workdirs import work_dir
 
-# Budget shares past which no build starts; another backend's run of a built file is a copy, and a
-# bias-corrected file an FP32 and an INT8 pass more (neither adds a model to time; ResNet-50
-# under 40 s: its first build ended past 40%, and OpenVINO's run of it, 2.0x against 1.8x, was lost;
-# at 0.6 under 25 s on a VNNI EPYC it was lost again, 3.55x against 3.07x, its 3 s past 15 s).
+# Budget shares past which no build starts. Another backend's run of a built file is a copy, and a
+# bias-corrected file an FP32 and an INT8 pass more: neither adds a model to time, so they may
+# start later than a build that does.
 BUILD_SHARE, TWIN_SHARE = 0.4, 0.7
-TIME_BUDGET = "time_budget"  # a skipped recipe's cause when the budget left it unbuilt
 
 
 def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Recipe], list[dict], set[str]]:
@@ -107,66 +111,6 @@ def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
     return chosen
 
 
-def refusal(search: Search, report: QuantizeReport) -> GateFailed:
-    """The error for 'no candidate qualifies', naming the one that came closest: the fastest
-    accurate one when there is one (it missed on speed), else the fastest one (it missed on
-    accuracy). It carries the report with every candidate."""
-    measured = [c for c in search.candidates if c.speedup]
-    accurate = [c for c in measured if search.accurate(c)]
-    best = max(accurate or measured, key=lambda c: c.score)
-    error_cls = LatencyError if accurate else AccuracyError
-    untried = sum(s.get("cause") == TIME_BUDGET for s in report.skipped_recipes)
-    stopped = any(s.get("step") == "stopped" for s in report.accuracy_fallback)
-    timing = ""
-    if untried or stopped:
-        timing = (f"; the {search.config.time_budget_s:g} s time budget left "
-                  + (f"{untried} recipe(s) untried" if untried else "")
-                  + (" and " if untried and stopped else "") + ("the accuracy fallback unfinished" if stopped else "")
-                  + " (--time-budget 0, or [quantize] time_budget_s = 0, tries everything)")
-    return error_cls(f"no quantized candidate is both faster than FP32 and within the accuracy budget "
-                     f"(drop <= {search.config.max_accuracy_drop}); best was {best.recipe.name}: "
-                     f"{best.verdict}{timing}. Keep the FP32 model or relax the budget", report=report)
-
-
-def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],
-                   pre_attempts: list[dict], optimizer_record: dict, fallback_steps: list[dict]) -> QuantizeReport:
-    """Everything the search measured, before the candidates' rows and the choice are added."""
-    config = search.config
-    return QuantizeReport(
-        cpu={"model": cpu.model, "features": cpu.features, "vnni": cpu.has_vnni},
-        recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
-        device=None if config.device == "cpu" else {"provider": search.fp32_providers, "gpu": read_gpu()},
-        preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
-        fp32=search.baseline(), accuracy_fallback=fallback_steps,
-        budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
-                "speedup_margin": config.speedup_margin},
-        timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
-                "the rest interleaved with FP32 at each session setting (rounds per phase in 'rounds': fewer "
-                "when a time budget would not hold them all) ("
-                + "; ".join(f"batch {b}: {' or '.join(map(str, ss))}" for b, ss in search.sweep.items())
-                + "); each model judged at its fastest per batch size (recorded in 'sessions'); kernel twins "
-                "(same nodes, initializer types and ranks: 'timed_as') are timed once; re-timed "
-                "candidates show the median of their trials, and the choice is the fastest by those"))
-
-
-def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
-    """The chosen recipe on the model's dominant kernel alone, at the largest batch size, and the
-    model's speedup there as a fraction of it (ceiling.py), over 4 rounds past the time budget
-    (a kernel's calls are short: 20-50 of them per model even so). Never fails the stage."""
-    from edgepipe.quantize.ceiling import ceiling_record, measure_ceiling
-
-    batch = max(search.config.batch_sizes)
-    search.say(f"measuring the INT8 kernel ceiling of the dominant op at batch {batch}")
-    try:
-        # the pre-processed model the candidates were built from: weights there are constants
-        measured = measure_ceiling(search.sources.first, search.inputs, chosen.recipe, batch,
-                                   chosen.settings[batch], search.work, rounds=4 if search.out_of_time() else 8)
-    except Exception as exc:  # a diagnostic: its failure is recorded, not raised
-        interrupts.reraise()
-        return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
-    return ceiling_record(measured, chosen.speedup.get(batch))
-
-
 def prepare(search: Search, graph_ops: set[str]) -> tuple[list[dict], dict]:
     """Transformer fusions (with try_fusions; kept only when faster), then pre-processing. Sets
     the sources each candidate is built from (rewrites.Sources, in fallback order)."""
@@ -184,6 +128,53 @@ def prepare(search: Search, graph_ops: set[str]) -> tuple[list[dict], dict]:
     model_in, pre_attempts = preprocess(source, search.work)
     search.sources = Sources(model_in, source, search.work)
     return pre_attempts, optimizer_record
+
+
+def build_all(search: Search, recipes: list[Recipe], skipped: list[dict]) -> None:
+    """Build every planned recipe the time budget leaves room for; the rest go to `skipped`."""
+    config = search.config
+    seconds: dict[str, list[float]] = {}  # per build kind: what each build and evaluation took
+    for recipe in recipes:
+        if nothing_to_correct(search, recipe):
+            skipped.append({"recipe": recipe.name, "why": "no quantized Conv or Gemm has a bias to correct"})
+            continue
+        kind = search.build_kind(recipe)
+        share = TWIN_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
+        # until one candidate is built within the accuracy budget, the budget stops nothing
+        if any(search.accurate(search.candidates[i]) for i in search.usable) and \
+                not search.build_fits(recipe, seconds, share):
+            estimate = search.build_estimate(recipe, seconds)
+            skipped.append({"recipe": recipe.name, "cause": TIME_BUDGET,
+                            "why": f"time budget ({config.time_budget_s} s): building "
+                            f"stops at {share:.0%} of it (this one: about {estimate:.0f} s) so the timing "
+                            "of what was built fits"})
+            continue
+        began = time.perf_counter()
+        search.build(recipe)
+        seconds.setdefault(kind, []).append(time.perf_counter() - began)
+
+
+def measure_and_judge(search: Search) -> None:
+    """Screen, then time the finalists against FP32, and judge them; twins take the figures of
+    the one timed for them. FP32's and the finalists' sessions are released afterwards."""
+    config = search.config
+    say = search.say
+    timed, twins = group(search.candidates, sorted(search.usable))
+    # Screening and measurement run their sessions one at a time: one arena for all. Evaluation's
+    # and confirmation's keep their own: confirmation in a shared arena misreads its trials.
+    with shared_cpu_arena():
+        with search.phase("screen"):
+            finalists = search.screen(timed)
+        say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
+        with search.phase("measure"):
+            search.measure(finalists)
+    for i in finalists:
+        search.judge(search.candidates[i])
+    for i in timed:  # twins take the figures of the one timed for them
+        for t in twins[i]:
+            inherit(search.candidates[t], search.candidates[i])
+            judge_twin(search, search.candidates[t], search.candidates[i])
+    search.release("fp32", *finalists)  # confirmation and the fallback time with fresh sessions
 
 
 def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig | None = None, *,
@@ -221,44 +212,11 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         with search.phase("prepare"):
             pre_attempts, optimizer_record = prepare(search, graph_ops)
         with search.phase("build"):
-            seconds: dict[str, list[float]] = {}  # per build kind: what each build and evaluation took
-            for recipe in recipes:
-                if nothing_to_correct(search, recipe):
-                    skipped.append({"recipe": recipe.name, "why": "no quantized Conv or Gemm has a bias to correct"})
-                    continue
-                kind = search.build_kind(recipe)
-                share = TWIN_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
-                # until one candidate is built within the accuracy budget, the budget stops nothing
-                if any(search.accurate(search.candidates[i]) for i in search.usable) and \
-                        not search.build_fits(recipe, seconds, share):
-                    estimate = search.build_estimate(recipe, seconds)
-                    skipped.append({"recipe": recipe.name, "cause": TIME_BUDGET,
-                                    "why": f"time budget ({config.time_budget_s} s): building "
-                                    f"stops at {share:.0%} of it (this one: about {estimate:.0f} s) so the timing "
-                                    "of what was built fits"})
-                    continue
-                began = time.perf_counter()
-                search.build(recipe)
-                seconds.setdefault(kind, []).append(time.perf_counter() - began)
+            build_all(search, recipes, skipped)
         if not search.usable:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
-        timed, twins = group(search.candidates, sorted(search.usable))
-        # Screening and measurement run their sessions one at a time: one arena for all (evaluation's
-        # and confirmation's keep their own: shared, a CI run confirmed 1.43x candidates at 0.93-1.07x)
-        with shared_cpu_arena():
-            with search.phase("screen"):
-                finalists = search.screen(timed)
-            say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
-            with search.phase("measure"):
-                search.measure(finalists)
-        for i in finalists:
-            search.judge(search.candidates[i])
-        for i in timed:  # twins take the figures of the one timed for them
-            for t in twins[i]:
-                inherit(search.candidates[t], search.candidates[i])
-                judge_twin(search, search.candidates[t], search.candidates[i])
-        search.release("fp32", *finalists)  # confirmation and the fallback time with fresh sessions
+        measure_and_judge(search)
         with search.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
@@ -269,16 +227,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             with search.phase("accuracy_fallback"):
                 chosen, fallback_steps = accuracy_fallback(search)
         report = initial_report(search, cpu, recipes, skipped, pre_attempts, optimizer_record, fallback_steps)
-        report.judged_on = judged_on + (
-            "" if search.resolved else
-            f"; {search.rows} rows cannot resolve a {config.max_accuracy_drop} budget (one row is "
-            f"{1 / search.rows:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
-        report.choice = search.choice
-        report.phases = search.phases
-        report.phase_peak_mb = search.phase_peaks or None
-        report.rounds = search.rounds_used or None
-        if chosen is not None and chosen.recipe.reasons:
-            report.recipe_reason = chosen.recipe.reasons[0]
+        describe_search(report, search, judged_on, chosen)
         if chosen is None:
             report.candidates = [c.row() for c in search.candidates]
             report.seconds = round(time.perf_counter() - started, 2)
