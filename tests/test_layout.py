@@ -140,3 +140,21 @@ def test_tests_mirror_the_package_and_no_test_file_grows_past_its_cap():
         assert (PACKAGE / folder).is_dir() and list((tests / folder).glob("test_*.py")), folder
     names = [p.name for p in tests.rglob("test_*.py")]
     assert len(names) == len(set(names))  # pytest imports them by basename (no __init__.py)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_oversized():
+    """Counted from a function's first statement (its docstring included): a CLI command's Typer
+    options are its signature, not its body."""
+    import ast
+
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.body[0].lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{module_name(path)}.{node.name}"] = lines
+    assert not long

@@ -111,6 +111,39 @@ def _text(spec: DecoderSpec, config: DecoderQuantizeConfig, ids: np.ndarray | No
     return windows, f"{windows.size} tokens of bundled held-out text (bytes; {len(windows)} windows of {length})"
 
 
+def _candidate(recipe: DecoderRecipe, config: DecoderQuantizeConfig, onnx_path: Path, spec: DecoderSpec, work: Path,
+               calibration: np.ndarray, probe: Probe, fp32_row: dict, elapsed: float,
+               say: Callable[[str], None]) -> dict:
+    """One recipe's row: not tried, skipped for time, failed, or built, measured and judged."""
+    row = {"recipe": recipe.name, "describe": recipe.describe}
+    if recipe.opt_in and not config.recipes:
+        row["verdict"] = f"not tried: {recipe.opt_in}"
+        return row
+    if config.time_budget_s and elapsed > 0.7 * config.time_budget_s:
+        row["verdict"] = f"skipped: time budget ({config.time_budget_s:g} s; raise --time-budget to try it)"
+        return row
+    out = work / f"{recipe.name}.onnx"
+    say(f"building {recipe.name}: {recipe.describe}")
+    t0 = time.perf_counter()
+    with interrupts.attempt() as tried:  # the builders raise many types on shapes they do not support
+        build(recipe, onnx_path, out, spec, calibration)
+    if tried.error is not None:
+        row["verdict"] = f"failed to build: {first_line(tried.error)[:200]}"
+        return row
+    row["build_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    with interrupts.attempt() as tried:
+        row.update(probe.measure(out))
+    if tried.error is not None:
+        row["verdict"] = f"failed to run: {first_line(tried.error)[:200]}"
+        return row
+    row["measure_s"] = round(time.perf_counter() - t0, 2)
+    row["path"] = out
+    _judge(row, fp32_row, config)
+    say(f"  {recipe.name}: {row['verdict']}")
+    return row
+
+
 def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: DecoderQuantizeConfig | None = None, *,
                      heldout_ids: np.ndarray | None = None,
                      progress: Callable[[str], None] | None = None) -> StageResult:
@@ -143,34 +176,8 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
         rows: list[dict] = []
         calibration = windows[: config.calibration_windows]
         for recipe in config.chosen_recipes:
-            row = {"recipe": recipe.name, "describe": recipe.describe}
-            rows.append(row)
-            if recipe.opt_in and not config.recipes:
-                row["verdict"] = f"not tried: {recipe.opt_in}"
-                continue
-            elapsed = time.perf_counter() - started
-            if config.time_budget_s and elapsed > 0.7 * config.time_budget_s:
-                row["verdict"] = f"skipped: time budget ({config.time_budget_s:g} s; raise --time-budget to try it)"
-                continue
-            out = work / f"{recipe.name}.onnx"
-            say(f"building {recipe.name}: {recipe.describe}")
-            t0 = time.perf_counter()
-            with interrupts.attempt() as tried:  # the builders raise many types on shapes they do not support
-                build(recipe, onnx_path, out, spec, calibration)
-            if tried.error is not None:
-                row["verdict"] = f"failed to build: {first_line(tried.error)[:200]}"
-                continue
-            row["build_s"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            with interrupts.attempt() as tried:
-                row.update(probe.measure(out))
-            if tried.error is not None:
-                row["verdict"] = f"failed to run: {first_line(tried.error)[:200]}"
-                continue
-            row["measure_s"] = round(time.perf_counter() - t0, 2)
-            row["path"] = out
-            _judge(row, fp32_row, config)
-            say(f"  {recipe.name}: {row['verdict']}")
+            rows.append(_candidate(recipe, config, onnx_path, spec, work, calibration, probe, fp32_row,
+                                   time.perf_counter() - started, say))
         t0 = time.perf_counter()  # FP32 again: the machine drifts over a long search
         with Engine(onnx_path, providers="cpu") as engine:
             again = {str(b): round(time_per_token(engine, spec, b, probe.past), 3) for b in config.batch_sizes}

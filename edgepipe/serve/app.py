@@ -90,24 +90,96 @@ class ServingApp:
         return hmac.compare_digest(sent, self._bearer)
 
 
+class _Metrics:
+    """One app's Prometheus metrics, in its own registry: two apps in one process never share them."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=self.registry)
+        self.latency = Histogram("edgepipe_request_seconds", "Request latency", registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.batch_sizes = Histogram("edgepipe_batch_size", "Rows per model call", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.depth = Gauge("edgepipe_queue_depth", "Requests waiting", registry=self.registry)
+        self.by_status: dict[int, object] = {}
+
+    def count(self, status: int, seconds: float) -> None:
+        counter = self.by_status.get(status) or self.by_status.setdefault(status, self.requests.labels(str(status)))
+        counter.inc()
+        self.latency.observe(seconds)
+
+
+class _Predict:
+    """POST /v1/predict in plain ASGI: the body read within its limit, parsed, merged into a batch
+    by this app's batcher, and answered with the status its failure calls for."""
+
+    def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: _Metrics, state: dict, timeout_s: float,
+                 max_body_bytes: int):
+        self.engine, self.batcher, self.metrics, self.state = engine, batcher, metrics, state
+        self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
+        self.text = TextIn(engine)
+
+    async def body(self, headers: dict, receive) -> bytes | tuple[int, bytes]:
+        """The request body, or (status, error body) when it is over the limit or the client left."""
+        limit = self.max_body_bytes
+        declared = int(headers.get(b"content-length") or 0)
+        if declared > limit:
+            return 413, _json_error(f"body of {declared} bytes exceeds the limit of {limit}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 499, b""  # the client left; nobody reads this
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return 413, _json_error(f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def answer(self, headers: dict, receive) -> tuple[int, bytes, bytes, list]:
+        """(status, body, media type, extra headers) for one predict request."""
+        if not self.state["ready"]:
+            return 503, _json_error("shutting down"), JSON, [(b"retry-after", b"1")]
+        body = await self.body(headers, receive)
+        if isinstance(body, tuple):
+            return *body, JSON, []
+        try:
+            feeds, single = parse_request(self.engine, self.text, body,
+                                          headers.get(b"content-type", b"application/json").decode("latin-1"))
+            outputs = await self.batcher.submit(feeds)
+        except Overloaded as exc:
+            return 503, _json_error(str(exc)), JSON, [(b"retry-after", b"1")]
+        except asyncio.TimeoutError:
+            return 504, _json_error(f"no result within {self.timeout_s} s"), JSON, []
+        except EdgepipeError as exc:
+            return 422, _json_error(str(exc)), JSON, []
+        if single is not None:  # a text request: label names back
+            return 200, self.text.labels(outputs, single), JSON, []
+        body, media_type = encode_outputs(outputs, headers.get(b"accept", b"").decode("latin-1"))
+        return 200, body, NPY_BYTES if media_type == NPY else JSON, []
+
+    async def __call__(self, scope, receive, send):
+        started = time.perf_counter()
+        status, body, media_type, extra = await self.answer(dict(scope["headers"]), receive)
+        if status == 499:
+            return
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.count(status, time.perf_counter() - started)
+
+
 def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0, max_queue: int = 256,
                timeout_s: float = 5.0, max_body_bytes: int = 8 << 20, api_key: str | None = None) -> ServingApp:
     """The server for `engine`. `api_key`: every /v1/ route then needs the header
     `Authorization: Bearer <api_key>` (401 otherwise); /healthz, /readyz and /metrics stay open
     for probes and scrapers."""
-    # One function on purpose (~100 lines): the route handlers are closures over this app's own
-    # metrics registry, batcher and readiness state, so two apps in one process never share them.
-    registry = CollectorRegistry()
-    requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=registry)
-    latency = Histogram("edgepipe_request_seconds", "Request latency", registry=registry,
-                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
-    batch_sizes = Histogram("edgepipe_batch_size", "Rows per model call", registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    depth = Gauge("edgepipe_queue_depth", "Requests waiting", registry=registry)
-    by_status: dict[int, object] = {}
+    metrics = _Metrics()
     state = {"ready": False}
-    batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s, on_batch=batch_sizes.observe)
-    text = TextIn(engine)
+    batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s, on_batch=metrics.batch_sizes.observe)
+    predict = _Predict(engine, batcher, metrics, state, timeout_s, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -119,52 +191,6 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
 
     app = FastAPI(title="edgepipe", lifespan=lifespan)
     app.state.batcher, app.state.engine = batcher, engine
-
-    async def answer(headers: dict, receive) -> tuple[int, bytes, bytes, list]:
-        """(status, body, media type, extra headers) for one predict request."""
-        if not state["ready"]:
-            return 503, _json_error("shutting down"), JSON, [(b"retry-after", b"1")]
-        declared = int(headers.get(b"content-length") or 0)
-        if declared > max_body_bytes:
-            return 413, _json_error(f"body of {declared} bytes exceeds the limit of {max_body_bytes}"), JSON, []
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return 499, b"", JSON, []  # the client left; nobody reads this
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > max_body_bytes:
-                return 413, _json_error(f"body exceeds the limit of {max_body_bytes} bytes"), JSON, []
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        try:
-            feeds, single = parse_request(engine, text, b"".join(chunks),
-                                          headers.get(b"content-type", b"application/json").decode("latin-1"))
-            outputs = await batcher.submit(feeds)
-        except Overloaded as exc:
-            return 503, _json_error(str(exc)), JSON, [(b"retry-after", b"1")]
-        except asyncio.TimeoutError:
-            return 504, _json_error(f"no result within {timeout_s} s"), JSON, []
-        except EdgepipeError as exc:
-            return 422, _json_error(str(exc)), JSON, []
-        if single is not None:  # a text request: label names back
-            return 200, text.labels(outputs, single), JSON, []
-        body, media_type = encode_outputs(outputs, headers.get(b"accept", b"").decode("latin-1"))
-        return 200, body, NPY_BYTES if media_type == NPY else JSON, []
-
-    async def predict(scope, receive, send):
-        started = time.perf_counter()
-        status, body, media_type, extra = await answer(dict(scope["headers"]), receive)
-        if status == 499:
-            return
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", media_type), (b"content-length", str(len(body)).encode()), *extra]})
-        await send({"type": "http.response.body", "body": body})
-        counter = by_status.get(status) or by_status.setdefault(status, requests.labels(str(status)))
-        counter.inc()
-        latency.observe(time.perf_counter() - started)
 
     @app.get("/healthz")
     async def healthz():
@@ -180,15 +206,15 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (text format)",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics():
-        depth.set(batcher.depth)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_route():
+        metrics.depth.set(batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/predict", summary="Run the model on one request (merged with others into a batch)",
               response_class=Response, openapi_extra=PREDICT_OPENAPI)
     async def predict_route(request: Request):
         # Documents the route (and makes GET answer 405); POSTs are answered by ServingApp itself.
-        status, body, media_type, extra = await answer(dict(request.scope["headers"]), request.receive)
+        status, body, media_type, extra = await predict.answer(dict(request.scope["headers"]), request.receive)
         return Response(body, status_code=status, media_type=media_type.decode(),
                         headers={k.decode(): v.decode() for k, v in extra})
 
@@ -196,7 +222,7 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
         from edgepipe.runtime.generate import Generator
         from edgepipe.serve.generation import add_generate_route
 
-        add_generate_route(app, Generator(engine), registry, state, max_queue=max_queue, timeout_s=timeout_s)
+        add_generate_route(app, Generator(engine), metrics.registry, state, max_queue=max_queue, timeout_s=timeout_s)
     return ServingApp(app, predict, api_key)
 
 

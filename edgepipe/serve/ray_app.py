@@ -75,14 +75,73 @@ def parse_autoscale(text: str | None) -> tuple[int, int] | None:
     return low, high
 
 
+class _EngineService:
+    """What a replica answers, apart from Ray: token streams for Python callers, HTTP predict and
+    generate, and its counters. The deployment class adds the Engine and Ray's batching."""
+
+    engine: object
+    generator: object
+
+    def generate_tokens(self, prompt_ids: list[int], max_new_tokens: int = 32, **sampling):
+        """Python callers, decoders: `handle.options(stream=True).generate_tokens.remote(ids)`
+        yields token ids as they come."""
+        from edgepipe.runtime.generate import Sampling
+
+        if self.generator is None:
+            raise InputError(f"{self.engine.path} is not a decoder: nothing to generate")
+        stop_ids = sampling.pop("stop_ids", None)
+        yield from self.generator.stream(prompt_ids, max_new_tokens, sampling=Sampling(**sampling),
+                                         stop_ids=stop_ids)
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, Response
+
+        from edgepipe.serve.codec import encode_outputs, parse_body
+
+        if request.url.path.rstrip("/").endswith("/generate"):
+            return await self._generate(request)
+        try:
+            feeds = parse_body(self.engine, await request.body(),
+                               request.headers.get("content-type", "application/json"))
+            result = await self.infer(feeds)
+            if isinstance(result, Exception):
+                raise result
+        except EdgepipeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        body, media_type = encode_outputs(result, request.headers.get("accept", ""))
+        return Response(body, media_type=media_type)
+
+    async def _generate(self, request):
+        """POST .../generate: the same body, validation and event stream as `edgepipe serve`."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        from edgepipe.serve.generation import parse_request, sse_events
+
+        if self.generator is None:
+            return JSONResponse({"error": f"{self.engine.path.name} is not a decoder: POST /v1/predict"},
+                                status_code=404)
+        try:
+            body = parse_request(await request.body(), self.generator)
+        except EdgepipeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        if body["stream"]:
+            return StreamingResponse(sse_events(self.generator, body), media_type="text/event-stream")
+        tokens = self.generator.generate(body["prompt"], body["max_new_tokens"], sampling=body["sampling"],
+                                         stop_ids=body["stop_ids"])
+        return JSONResponse({"tokens": tokens} | (
+            {"text": self.generator.decode(tokens)} if body["text"] else {}))
+
+    def stats(self) -> dict:
+        return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest,
+                "providers": list(self.engine.providers)}
+
+
 def _deployment_class():
     """Defined on first use so that importing edgepipe.serve never needs Ray."""
     from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
 
     @serve.deployment(name="edgepipe")
-    class EngineDeployment:
+    class EngineDeployment(_EngineService):
         def __init__(self, model: str, max_batch: int, max_delay_ms: float, engine_options: dict):
             from edgepipe.runtime import Engine
             from edgepipe.runtime.generate import DECODER_KEY, Generator
@@ -109,57 +168,6 @@ def _deployment_class():
             if isinstance(result, Exception):
                 raise result
             return result
-
-        def generate_tokens(self, prompt_ids: list[int], max_new_tokens: int = 32, **sampling):
-            """Python callers, decoders: `handle.options(stream=True).generate_tokens.remote(ids)`
-            yields token ids as they come."""
-            from edgepipe.runtime.generate import Sampling
-
-            if self.generator is None:
-                raise InputError(f"{self.engine.path} is not a decoder: nothing to generate")
-            stop_ids = sampling.pop("stop_ids", None)
-            yield from self.generator.stream(prompt_ids, max_new_tokens, sampling=Sampling(**sampling),
-                                             stop_ids=stop_ids)
-
-        async def __call__(self, request: Request):
-            from edgepipe.serve.codec import encode_outputs, parse_body
-
-            if request.url.path.rstrip("/").endswith("/generate"):
-                return await self._generate(request)
-            try:
-                feeds = parse_body(self.engine, await request.body(),
-                                   request.headers.get("content-type", "application/json"))
-                result = await self.infer(feeds)
-                if isinstance(result, Exception):
-                    raise result
-            except EdgepipeError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=422)
-            body, media_type = encode_outputs(result, request.headers.get("accept", ""))
-            return Response(body, media_type=media_type)
-
-        async def _generate(self, request: Request):
-            """POST .../generate: the same body, validation and event stream as `edgepipe serve`."""
-            from starlette.responses import StreamingResponse
-
-            from edgepipe.serve.generation import parse_request, sse_events
-
-            if self.generator is None:
-                return JSONResponse({"error": f"{self.engine.path.name} is not a decoder: POST /v1/predict"},
-                                    status_code=404)
-            try:
-                body = parse_request(await request.body(), self.generator)
-            except EdgepipeError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=422)
-            if body["stream"]:
-                return StreamingResponse(sse_events(self.generator, body), media_type="text/event-stream")
-            tokens = self.generator.generate(body["prompt"], body["max_new_tokens"], sampling=body["sampling"],
-                                             stop_ids=body["stop_ids"])
-            return JSONResponse({"tokens": tokens} | (
-                {"text": self.generator.decode(tokens)} if body["text"] else {}))
-
-        def stats(self) -> dict:
-            return {"batches": self.batches, "rows": self.rows, "largest_batch": self.largest,
-                    "providers": list(self.engine.providers)}
 
     return EngineDeployment
 
