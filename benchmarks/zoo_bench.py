@@ -6,13 +6,14 @@ Runs the demo pipeline (unless --run points at a finished one), then times PyTor
 ORT FP32 and ORT INT8 interleaved in this process at batch 1 and 32: both as deployed
 (Engine.from_run: each batch size on the threads quantize found fastest for that model) and
 both at ONNX Runtime's defaults (all cores, spinning workers; the timer waits out the spin
-after each block). Absolute timings are for this machine only; the hardware fingerprint is
-written beside them.
+after each block). Absolute timings are for this machine only; the hardware fingerprint and the
+date are written beside them (benchmarks/results/zoo_bench.json, which make_docs.py renders).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -101,7 +102,8 @@ def main() -> None:
     rows = [bench_model(run_dir, name, manifest, args.rounds) for name in manifest["models"]]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "zoo_bench.json").write_text(json.dumps(
-        {"rows": rows, "demo_seconds": demo_seconds, "hardware": fingerprint()}, indent=2))
+        {"benchmark": "zoo", "date": dt.date.today().isoformat(), "machine": fingerprint(), "rows": rows,
+         "demo_seconds": demo_seconds, "rounds": args.rounds}, indent=2))
     text = markdown(rows, demo_seconds)
     (args.out / "zoo_bench.md").write_text(text)
     print(text)
