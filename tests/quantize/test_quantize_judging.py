@@ -18,11 +18,11 @@ def test_the_choice_is_the_fastest_by_the_figures_the_table_shows():
     from edgepipe.quantize.stage import choose
     from edgepipe.quantize.verdict import OK, Verdict
 
-    cands = [Candidate(Recipe("dynamic", weight_type=k), speedup={32: v}, verdict=Verdict(OK))
+    cands = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,)), speedup={32: v}, verdict=Verdict(OK))
              for k, v in {"a": 2.0, "b": 1.9, "c": 1.4}.items()]  # a's first trial flattered it
     chosen = choose(Trials({"a": 1.50, "b": 1.70, "c": 1.30}), cands)
-    assert chosen.recipe.weight_type == "b"
-    shown = {c.recipe.weight_type: c.speedup[32] for c in cands}
+    assert chosen.recipe.nodes_to_exclude[0] == "b"
+    shown = {c.recipe.nodes_to_exclude[0]: c.speedup[32] for c in cands}
     assert all(v <= shown["b"] for v in shown.values())  # no row shows a faster accepted candidate
     assert str(cands[2].verdict).startswith("ok in one trial, not re-timed")
 
@@ -36,7 +36,7 @@ class Trials:
         self.medians, self.config, self.choice = medians, QuantizeConfig(), None
 
     def confirm(self, cand, trials=2):
-        cand.speedup = {32: self.medians[cand.recipe.weight_type]}
+        cand.speedup = {32: self.medians[cand.recipe.nodes_to_exclude[0]]}
         return True
 
     def out_of_time(self, fraction=1.0):
@@ -50,7 +50,7 @@ def test_among_candidates_as_fast_within_the_noise_the_most_faithful_wins():
     from edgepipe.quantize.verdict import OK, Verdict
 
     def cand(key, first, rel_l2):
-        return Candidate(Recipe("dynamic", weight_type=key), speedup={32: first}, verdict=Verdict(OK),
+        return Candidate(Recipe("dynamic", nodes_to_exclude=(key,)), speedup={32: first}, verdict=Verdict(OK),
                          fidelity={"rel_l2": rel_l2, "cosine": 1.0})
 
     # a is fastest; b is 3% slower (inside the 5% band) and 5x more faithful; c is more faithful
@@ -58,12 +58,12 @@ def test_among_candidates_as_fast_within_the_noise_the_most_faithful_wins():
     cands = [cand("a", 1.70, 0.05), cand("b", 1.65, 0.01), cand("c", 1.50, 0.001)]
     search = Trials({"a": 1.70, "b": 1.65, "c": 1.50})
     chosen = choose(search, cands)
-    assert chosen.recipe.weight_type == "b"
+    assert chosen.recipe.nodes_to_exclude[0] == "b"
     assert "more faithful to FP32 (relative L2 0.01 vs 0.05)" in search.choice
     assert str(cands[2].verdict).startswith("ok in one trial, not re-timed")
 
     cands = [cand("a", 1.70, 0.05), cand("b", 1.60, 0.01)]  # b 6% slower: speed decides
-    assert choose(Trials({"a": 1.70, "b": 1.60}), cands).recipe.weight_type == "a"
+    assert choose(Trials({"a": 1.70, "b": 1.60}), cands).recipe.nodes_to_exclude[0] == "a"
 
 
 def test_peak_memory_is_measured_per_piece_of_work():
@@ -145,7 +145,7 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
     search.config, search.say, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), lambda message: None, {1: "sessions"}
     search.rounds_used, search.settings = {}, ["one setting"]
-    search.candidates = [Candidate(Recipe("dynamic", weight_type=k), accuracy_drop=0.0) for k in "abc"]
+    search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,)), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
 
     def measure(indices, rounds=None):
@@ -231,7 +231,7 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     search.sweep, search.rounds_used = {8: [setting]}, {}
     search.onnx_path = tmp_path / "big.onnx"
     search.onnx_path.write_bytes(b"0" * 64)
-    search.candidates = [Candidate(Recipe("dynamic", weight_type=k)) for k in "ab"]
+    search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,))) for k in "ab"]
     for k, cand in zip("ab", search.candidates):
         cand.path = tmp_path / f"{k}.onnx"
         cand.path.write_bytes(b"0" * 16)
