@@ -48,6 +48,12 @@ class LatencyError(GateFailed):
     """A model is slower than its budget allows (or slower than the model it replaces)."""
 
 
+class TrainingError(EdgepipeError):
+    """Training diverged (a loss that is not finite). Exit code 1: the run failed, not its input."""
+
+    exit_code = 1
+
+
 class StageFailed(EdgepipeError):
     """Wraps an error raised inside a pipeline stage, naming the stage and what already ran."""
 

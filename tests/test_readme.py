@@ -3,6 +3,7 @@ reader's own as the pipeline.toml it loads)."""
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -105,3 +106,5 @@ def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
     assert "scores (95% interval): FP32 accuracy" in out and "data: a seeded 80/20 split" in out
     assert "parity ok" in out and "'label': '" in out
     assert (tmp_path / "bert.int8.onnx").exists()
+    tuned = json.loads((tmp_path / "my-bert-tuned" / "edgepipe_train.json").read_text())
+    assert "fine-tuned my-bert" in out and tuned["eval_accuracy"]["value"] > tuned["eval_accuracy_before"]["value"]

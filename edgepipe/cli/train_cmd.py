@@ -12,23 +12,52 @@ from edgepipe.cli._common import check_outputs, handle_errors
 
 @handle_errors
 def train(
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer; or tiny-lm (a 3M-parameter Llama-style language model over bytes, trained on the bundled text and written as a Hugging Face folder with a tokenizer).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run directory (writes checkpoint.pt) or a .pt path.")],
-    dataset: Annotated[Optional[str], typer.Option(help="digits, marker, or an .npz with x and y. Default: the model's usual dataset.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
-    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 64,
+    source: Annotated[Optional[Path], typer.Argument(help="A Hugging Face classifier folder (text or image, with its tokenizer or preprocessor_config.json) to fine-tune on --data. Without it, --model trains a zoo model from scratch.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Zoo: run directory (writes checkpoint.pt) or a .pt path. Fine-tuning and tiny-lm: the folder to write (new, or the interrupted one with --resume).")] = ...,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer; or tiny-lm (a 3M-parameter Llama-style language model over bytes, trained on the bundled text and written as a Hugging Face folder with a tokenizer).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Zoo: digits, marker, or an .npz with x and y. Default: the model's usual dataset.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows (CSV/TSV, JSONL, Parquet, a save_to_disk folder, or an image folder with one subfolder per class); without --eval-data 20% of them (seeded) judge each epoch.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows that judge each epoch (all of --data then trains).")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair) or the image column; default: found by its usual name.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column (names from config.json's label2id, or ids); default: label, labels, class, ...")] = None,
+    resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: zoo 10, fine-tuning 3).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: zoo 2e-3 with Adam; fine-tuning 5e-5 with AdamW, linear warm-up over 10% of the steps, then linear decay).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default: zoo 64, fine-tuning 16).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data split, init and shuffling.")] = 0,
     seconds: Annotated[float, typer.Option(help="tiny-lm: training time in seconds (AdamW, cosine decay to zero at the end).")] = 180.0,
     steps: Annotated[Optional[int], typer.Option(help="tiny-lm: train exactly this many steps instead of --seconds: the same model on any machine, however loaded (about 0.3 s a step on 2 cores).")] = None,
 ) -> None:
-    """Train a zoo model with Adam (seeded) and write a safe checkpoint (config + state_dict,
-    loadable with torch.load(weights_only=True)). Reports held-out accuracy.
+    """Fine-tune a Hugging Face classifier folder on your labelled rows, or train a zoo model
+    from scratch.
 
+    edgepipe train FOLDER --data train.csv -o OUT fine-tunes the folder (AdamW, warm-up and
+    decay, gradient clipping, seeded), judges every epoch on held-out rows (accuracy with its
+    95% interval), keeps the best epoch and writes a save_pretrained folder with the source's
+    tokenizer or image processor, ready for `edgepipe export`. A checkpoint is written every 50
+    steps and when the run is interrupted: --resume continues it.
+
+    --model trains a zoo model with Adam (seeded) and writes a safe checkpoint (config +
+    state_dict, loadable with torch.load(weights_only=True)); it reports held-out accuracy.
     --model tiny-lm trains a small causal LM on Python's documentation texts (shipped with
     Python; one topic in eight held out) and writes a Hugging Face folder (config.json,
-    model.safetensors, tokenizer.json) that `edgepipe export` takes. Reports held-out
+    model.safetensors, tokenizer.json) that `edgepipe export` takes; it reports held-out
     perplexity (nats per byte)."""
+    from edgepipe.errors import InputError
+
+    if source is not None:
+        if model is not None or dataset is not None:
+            raise InputError("give either a folder to fine-tune (with --data) or --model to train from scratch, not both")
+        return _finetune(source, output, data, eval_data, input_column, label_column, resume, epochs, lr,
+                         batch_size, seed)
+    if model is None:
+        raise InputError("nothing to train: give a Hugging Face folder to fine-tune (edgepipe train FOLDER --data "
+                         "rows.csv -o OUT) or --model (mlp, cnn, lstm, transformer, tiny-lm)")
+    if data is not None or eval_data is not None or resume:
+        raise InputError("--data, --eval-data and --resume fine-tune a folder: edgepipe train FOLDER --data rows.csv "
+                         "-o OUT (a zoo model takes --dataset)")
+    epochs, lr, batch_size = (10 if epochs is None else epochs), (2e-3 if lr is None else lr), \
+        (64 if batch_size is None else batch_size)
     if model == "tiny-lm":
         return _train_lm(output, seconds, seed, steps)
     check_outputs(output if output.suffix in (".pt", ".pth") else output / "checkpoint.pt")
@@ -37,8 +66,6 @@ def train(
     from edgepipe.models.zoo import DEFAULT_DATASET, ZOO
 
     if model not in ZOO:
-        from edgepipe.errors import InputError
-
         raise InputError(f"unknown model '{model}'; the zoo has {', '.join(ZOO)}")
     path = output if output.suffix in (".pt", ".pth") else output / "checkpoint.pt"
     result = train_stage(model, dataset or DEFAULT_DATASET[model], path,
@@ -46,6 +73,29 @@ def train(
     rec = result.record
     typer.echo(f"{model} on {rec['dataset']['name']}: held-out accuracy {rec['test_accuracy']:.4f} "
                f"({rec['params']:,} params, {rec['train_seconds']} s) -> {path}")
+
+
+def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optional[Path],
+              input_column: Optional[list[str]], label_column: Optional[str], resume: bool, epochs: Optional[int],
+              lr: Optional[float], batch_size: Optional[int], seed: int) -> None:
+    from edgepipe.errors import InputError
+    from edgepipe.models.finetune import FinetuneConfig, finetune
+
+    if data is None:
+        raise InputError(f"fine-tuning {source} needs labelled rows: --data rows.csv (or JSONL, Parquet, a "
+                         "save_to_disk folder, an image folder)")
+    defaults = FinetuneConfig()
+    config = FinetuneConfig(epochs=defaults.epochs if epochs is None else epochs, lr=defaults.lr if lr is None else lr,
+                            batch_size=defaults.batch_size if batch_size is None else batch_size, seed=seed,
+                            input_columns=tuple(input_column or ()), label_column=label_column)
+    check_outputs(folders=(output,))
+    rec = finetune(source, data, output, config, eval_data=eval_data, resume=resume,
+                   progress=lambda m: typer.echo(f"  {m}", err=True)).report
+    before, after = rec.eval_accuracy_before, rec.eval_accuracy
+    typer.echo(f"fine-tuned {source.name} ({rec.task}, {rec.params:,} params) on {rec.rows['train']} rows in "
+               f"{rec.train_seconds} s: held-out accuracy {after['value']:.4f} [{after['low']:.4f}, "
+               f"{after['high']:.4f}] (before {before['value']:.4f}; epoch {rec.best_epoch} of "
+               f"{len(rec.epochs)} kept) -> {output}")
 
 
 def _train_lm(output: Path, seconds: float, seed: int, steps: Optional[int]) -> None:

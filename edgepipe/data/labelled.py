@@ -196,4 +196,5 @@ def load_labelled(path: str | Path, pre: Preprocess, *, seed: int = 0, max_test:
             "and were cut to fit")
     labels = np.asarray(test.labels, dtype=np.int64) if columns.label else None
     calibration = encoder.stack(calib.items or test.items)
-    return NamedInputs(path.stem, encoder.stack(test.items), labels, calibration, how)
+    calibration_labels = np.asarray(calib.labels or test.labels, dtype=np.int64) if columns.label else None
+    return NamedInputs(path.stem, encoder.stack(test.items), labels, calibration, how, calibration_labels)

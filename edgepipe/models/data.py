@@ -136,6 +136,7 @@ class NamedInputs:
     labels: np.ndarray | None
     calibration: dict[str, np.ndarray]
     split: str
+    calibration_labels: np.ndarray | None = None  # the calibration rows' labels: training rows for fine-tuning
 
 
 def named_inputs_npz(path: str | Path, input_names: list[str], seed: int = 0) -> NamedInputs:
