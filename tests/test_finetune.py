@@ -141,3 +141,21 @@ def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, cli):
     result = cli("train", lm, "--data", rows, "-o", tmp_path / "tuned")
     assert result.exit_code == 2 and "fine-tuning takes" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "rows.csv"]
+
+
+def test_a_student_cut_from_the_teacher_learns_from_its_logits(reviews, tmp_path, cli):
+    folder, rows = reviews
+    assert cli("train", folder, "--data", rows, "-o", tmp_path / "teacher", "--epochs", "3",
+               "--lr", "3e-3").exit_code == 0
+    result = cli("train", "--teacher", tmp_path / "teacher", "--keep-every", "2", "--data", rows,
+                 "-o", tmp_path / "student", "--epochs", "3", "--lr", "3e-3")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "student" / "edgepipe_train.json").read_text())
+    teacher = record["teacher"]
+    assert record["params"] < teacher["params"] and "the student has" in result.output
+    # on the same held-out rows, the student ends where the teacher is (within one row's worth)
+    assert record["eval_accuracy"]["value"] >= teacher["eval_accuracy"]["value"] - 1 / record["rows"]["eval"] - 1e-9
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "student").num_hidden_layers == 1
+    assert cli("export", tmp_path / "student", "-o", tmp_path / "student.onnx").exit_code == 0
+    result = cli("train", "--teacher", tmp_path / "teacher", "--data", rows, "-o", tmp_path / "neither")
+    assert result.exit_code == 2 and "one of the two" in result.output

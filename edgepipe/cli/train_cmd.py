@@ -21,6 +21,8 @@ def train(
     input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair) or the image column; default: found by its usual name.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column (names from config.json's label2id, or ids); default: label, labels, class, ...")] = None,
     resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
+    teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half the loss).")] = None,
+    keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: zoo 10, fine-tuning 3).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: zoo 2e-3 with Adam; fine-tuning 5e-5 with AdamW, linear warm-up over 10% of the steps, then linear decay).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default: zoo 64, fine-tuning 16).")] = None,
@@ -45,11 +47,16 @@ def train(
     perplexity (nats per byte)."""
     from edgepipe.errors import InputError
 
-    if source is not None:
+    if source is not None or teacher is not None:
         if model is not None or dataset is not None:
             raise InputError("give either a folder to fine-tune (with --data) or --model to train from scratch, not both")
+        if (source is None) == (keep_every is None):
+            raise InputError("distillation takes a student FOLDER or --keep-every K (the teacher with every k-th "
+                             "layer kept), one of the two")
         return _finetune(source, output, data, eval_data, input_column, label_column, resume, epochs, lr,
-                         batch_size, seed)
+                         batch_size, seed, teacher, keep_every)
+    if keep_every is not None:
+        raise InputError("--keep-every cuts a student from --teacher FOLDER")
     if model is None:
         raise InputError("nothing to train: give a Hugging Face folder to fine-tune (edgepipe train FOLDER --data "
                          "rows.csv -o OUT) or --model (mlp, cnn, lstm, transformer, tiny-lm)")
@@ -77,25 +84,37 @@ def train(
 
 def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optional[Path],
               input_column: Optional[list[str]], label_column: Optional[str], resume: bool, epochs: Optional[int],
-              lr: Optional[float], batch_size: Optional[int], seed: int) -> None:
+              lr: Optional[float], batch_size: Optional[int], seed: int, teacher: Optional[Path],
+              keep_every: Optional[int]) -> None:
     from edgepipe.errors import InputError
     from edgepipe.models.finetune import FinetuneConfig, finetune
 
     if data is None:
-        raise InputError(f"fine-tuning {source} needs labelled rows: --data rows.csv (or JSONL, Parquet, a "
-                         "save_to_disk folder, an image folder)")
+        raise InputError(f"fine-tuning {source or teacher} needs labelled rows: --data rows.csv (or JSONL, Parquet, "
+                         "a save_to_disk folder, an image folder)")
     defaults = FinetuneConfig()
     config = FinetuneConfig(epochs=defaults.epochs if epochs is None else epochs, lr=defaults.lr if lr is None else lr,
                             batch_size=defaults.batch_size if batch_size is None else batch_size, seed=seed,
                             input_columns=tuple(input_column or ()), label_column=label_column)
     check_outputs(folders=(output,))
-    rec = finetune(source, data, output, config, eval_data=eval_data, resume=resume,
-                   progress=lambda m: typer.echo(f"  {m}", err=True)).report
+    from edgepipe.runtime.workdirs import work_dir
+
+    with work_dir("student") as scratch:
+        if source is None:  # the student: the teacher with every k-th layer kept
+            from edgepipe.models.distil import student_from_teacher
+
+            source = student_from_teacher(teacher, scratch / f"{teacher.name}-every-{keep_every}", keep_every)
+        rec = finetune(source, data, output, config, eval_data=eval_data, resume=resume, teacher=teacher,
+                       progress=lambda m: typer.echo(f"  {m}", err=True)).report
     before, after = rec.eval_accuracy_before, rec.eval_accuracy
     typer.echo(f"fine-tuned {source.name} ({rec.task}, {rec.params:,} params) on {rec.rows['train']} rows in "
                f"{rec.train_seconds} s: held-out accuracy {after['value']:.4f} [{after['low']:.4f}, "
                f"{after['high']:.4f}] (before {before['value']:.4f}; epoch {rec.best_epoch} of "
                f"{len(rec.epochs)} kept) -> {output}")
+    if rec.teacher:
+        typer.echo(f"teacher {Path(rec.teacher['source']).name} ({rec.teacher['params']:,} params): held-out accuracy "
+                   f"{rec.teacher['eval_accuracy']['value']:.4f}; the student has "
+                   f"{rec.params / rec.teacher['params']:.0%} of its parameters")
 
 
 def _train_lm(output: Path, seconds: float, seed: int, steps: Optional[int]) -> None:

@@ -14,6 +14,19 @@ from edgepipe.runtime.preprocess import IMAGE, TEXT, Preprocess
 
 # Above this a tokenizer's model_max_length is transformers' "no limit" placeholder.
 _NO_LIMIT = 1 << 20
+# What turns rows into a folder's model inputs (beside config.json and the weights).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "preprocessor_config.json")
+
+
+def copy_processor_files(source: Path, target: Path) -> None:
+    """The tokenizer or image processor files of folder `source`, into folder `target`."""
+    import shutil
+
+    for name in PROCESSOR_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(target) / name)
 
 
 def label_names(config: dict[str, Any]) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,13 +28,10 @@ from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, InputError, TrainingError
 from edgepipe.metrics import proportion
 from edgepipe.models.data import NamedInputs
-from edgepipe.reports import Report, optional
+from edgepipe.models.distil import distillation_loss
+from edgepipe.models.report import FinetuneReport
 
 STATE_DIR = ".edgepipe-train"  # inside the output folder: the checkpoint and the best epoch so far
-# What turns rows into the model's inputs: copied from the source folder beside the new weights.
-_PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                    "preprocessor_config.json")
 
 
 @dataclass
@@ -52,6 +49,8 @@ class FinetuneConfig:
     checkpoint_steps: int = 50
     input_columns: tuple[str, ...] = ()
     label_column: str | None = None
+    temperature: float = 2.0  # distillation: the softening of both models' logits
+    distil_weight: float = 0.5  # distillation: the KL term's share of the loss (the labels' the rest)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_steps < 1:
@@ -60,25 +59,8 @@ class FinetuneConfig:
                               f"checkpoint steps {self.checkpoint_steps}")
         if not 0 <= self.warmup < 1 or not 0 < self.eval_fraction < 1 or self.max_grad_norm <= 0:
             raise ConfigError("warmup must be in [0, 1), eval_fraction in (0, 1) and max_grad_norm > 0")
-
-
-@dataclass
-class FinetuneReport(Report):
-    stage: ClassVar[str] = "train"
-
-    source: str
-    task: str
-    data: str  # which rows trained and which judged
-    rows: dict[str, int]
-    steps: int
-    epochs: list[dict]  # per epoch: mean train loss, eval accuracy with its interval
-    best_epoch: int
-    eval_accuracy: dict  # of the kept (best) epoch
-    eval_accuracy_before: dict  # the source folder's, on the same rows
-    train_seconds: float
-    params: int
-    config: dict
-    resumed_from_step: int | None = optional()
+        if not self.temperature > 0 or not 0 <= self.distil_weight <= 1:
+            raise ConfigError("distillation needs temperature > 0 and distil_weight in [0, 1]")
 
 
 @dataclass
@@ -131,9 +113,21 @@ def _rows(data: Path, eval_data: Path | None, pre, config: FinetuneConfig, say) 
     return _Rows(train, train_y, held.test, held.labels, how)
 
 
+@torch.no_grad()
+def accuracy(model, names: list[str], rows: _Rows, seed: int = 0) -> dict:
+    """Accuracy on the held-out rows, with its 95% interval."""
+    model.eval()
+    count = len(rows.eval_y)
+    pred = torch.cat([model(**{n: torch.from_numpy(rows.eval[n][i:i + 64]) for n in names}).logits.argmax(-1)
+                      for i in range(0, count, 64)]).numpy()
+    return proportion(int((pred == rows.eval_y).sum()), count, seed=seed).to_dict()
+
+
 class _Trainer:
-    def __init__(self, model, names: list[str], rows: _Rows, config: FinetuneConfig, out_dir: Path, say):
+    def __init__(self, model, names: list[str], rows: _Rows, config: FinetuneConfig, out_dir: Path, say,
+                 teacher=None):
         self.model, self.names, self.rows, self.config, self.say = model, names, rows, config, say
+        self.teacher = teacher.eval() if teacher is not None else None
         self.state_dir = out_dir / STATE_DIR
         self.per_epoch = math.ceil(len(rows.train_y) / config.batch_size)
         self.total = self.per_epoch * config.epochs
@@ -170,21 +164,17 @@ class _Trainer:
         self.resumed_from = self.step
         self.say(f"resuming at step {self.step} of {self.total}")
 
-    @torch.no_grad()
-    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        self.model.eval()
-        rows = len(next(iter(inputs.values())))
-        out = [self.model(**{n: torch.from_numpy(inputs[n][i:i + 64]) for n in self.names}).logits.argmax(-1)
-               for i in range(0, rows, 64)]
-        return torch.cat(out).numpy()
-
-    def accuracy(self) -> dict:
-        pred = self.predict(self.rows.eval)
-        return proportion(int((pred == self.rows.eval_y).sum()), len(pred), seed=self.config.seed).to_dict()
+    def accuracy(self, model=None) -> dict:
+        return accuracy(model or self.model, self.names, self.rows, self.config.seed)
 
     def train_step(self, index: np.ndarray) -> float:
         feeds = {n: torch.from_numpy(self.rows.train[n][index]) for n in self.names}
-        loss = self.model(**feeds, labels=torch.from_numpy(self.rows.train_y[index])).loss
+        out = self.model(**feeds, labels=torch.from_numpy(self.rows.train_y[index]))
+        loss = out.loss
+        if self.teacher is not None:
+            with torch.no_grad():
+                taught = self.teacher(**feeds).logits
+            loss = distillation_loss(out.logits, taught, loss, self.config.temperature, self.config.distil_weight)
         if not torch.isfinite(loss):
             kept = f"the checkpoint of step {self.saved_step()} is kept; " if self.saved_step() else ""
             raise TrainingError(f"the training loss became {loss.item()} at step {self.step + 1}: {kept}lower --lr "
@@ -246,16 +236,33 @@ def _publish(source: Path, best: Path, out_dir: Path) -> None:
     """The kept epoch's weights and the source's tokenizer or processor files, into `out_dir`."""
     for path in best.iterdir():
         os.replace(path, out_dir / path.name)
-    for name in _PROCESSOR_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out_dir / name)
+    from edgepipe.exporters.hf_preprocess import copy_processor_files
+
+    copy_processor_files(source, out_dir)
+
+
+def _teacher(teacher: str | Path | None, task: str, pre, names: list[str], rows: _Rows, seed: int):
+    """(teacher model, its record) for distillation, or (None, None); the teacher must read rows
+    as the student does."""
+    if teacher is None:
+        return None, None
+    model, teacher_names, teacher_task, teacher_pre = _load(Path(teacher))
+    same = (teacher_task, teacher_pre.labels, teacher_pre.tokenizer, teacher_pre.image) == (
+        task, pre.labels, pre.tokenizer, pre.image)
+    if not same or teacher_names != names:
+        raise InputError(f"{teacher} reads rows differently from the student (task, labels, tokenizer or image "
+                         "processor, inputs): a teacher must share them")
+    record = {"source": str(teacher), "params": sum(p.numel() for p in model.parameters()),
+              "eval_accuracy": accuracy(model, names, rows, seed)}
+    return model, record
 
 
 def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, *,
-             eval_data: str | Path | None = None, resume: bool = False,
+             eval_data: str | Path | None = None, resume: bool = False, teacher: str | Path | None = None,
              progress: Callable[[str], None] | None = None) -> StageResult:
     """Stage: a Hugging Face classifier folder + labelled rows -> the fine-tuned folder, with a
-    FinetuneReport (every epoch's held-out accuracy with its interval; the best one kept)."""
+    FinetuneReport (every epoch's held-out accuracy with its interval; the best one kept). With
+    `teacher`, the folder is a student distilled from it (distil.distillation_loss)."""
     config = config or FinetuneConfig()
     say = progress or (lambda message: None)
     folder, data, out_dir = Path(folder), Path(data), Path(out_dir)
@@ -266,12 +273,14 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
         raise InputError(f"{out_dir} is not empty: give a new folder, or --resume the run that was interrupted there")
     model, names, task, pre = _load(folder)
     rows = _rows(data, None if eval_data is None else Path(eval_data), pre, config, say)
-    trainer = _Trainer(model, names, rows, config, out_dir, say)
+    teacher_model, teacher_record = _teacher(teacher, task, pre, names, rows, config.seed)
+    trainer = _Trainer(model, names, rows, config, out_dir, say, teacher_model)
     before = trainer.accuracy()
     if resume:
         trainer.restore()
-    say(f"fine-tuning {folder.name} ({task}) on {len(rows.train_y)} rows, judged on {len(rows.eval_y)}: "
-        f"{trainer.total} steps; held-out accuracy before {before['value']:.4f}")
+    say(f"{'distilling into' if teacher else 'fine-tuning'} {folder.name} ({task}) on {len(rows.train_y)} rows, "
+        f"judged on {len(rows.eval_y)}: {trainer.total} steps; held-out accuracy before {before['value']:.4f}"
+        + (f", the teacher's {teacher_record['eval_accuracy']['value']:.4f}" if teacher_record else ""))
     started = time.perf_counter()
     trainer.run()
     _publish(folder, out_dir / STATE_DIR / "best", out_dir)
@@ -280,8 +289,7 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
         steps=trainer.step, epochs=trainer.history, best_epoch=trainer.best["epoch"],
         eval_accuracy=trainer.best["eval_accuracy"], eval_accuracy_before=before,
         train_seconds=round(time.perf_counter() - started, 1), params=sum(p.numel() for p in model.parameters()),
-        config=asdict(config), resumed_from_step=trainer.resumed_from)
+        config=asdict(config), resumed_from_step=trainer.resumed_from, teacher=teacher_record)
     (out_dir / "edgepipe_train.json").write_text(json.dumps(report.to_dict(), indent=2))
     shutil.rmtree(out_dir / STATE_DIR)
     return StageResult("train", {"folder": out_dir}, report)
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from edgepipe.reports import Report
+from edgepipe.reports import Report, optional
 
 
 @dataclass
@@ -18,3 +18,23 @@ class TrainReport(Report):
     final_loss: float
     train_seconds: float
     params: int
+
+
+@dataclass
+class FinetuneReport(Report):
+    stage: ClassVar[str] = "train"
+
+    source: str
+    task: str
+    data: str  # which rows trained and which judged
+    rows: dict[str, int]
+    steps: int
+    epochs: list[dict]  # per epoch: mean train loss, eval accuracy with its interval
+    best_epoch: int
+    eval_accuracy: dict  # of the kept (best) epoch
+    eval_accuracy_before: dict  # the source folder's, on the same rows
+    train_seconds: float
+    params: int
+    config: dict
+    resumed_from_step: int | None = optional()
+    teacher: dict | None = optional()  # distillation: the teacher's source, size and accuracy on the same rows
