@@ -81,7 +81,38 @@ def zoo(record: dict) -> list[str]:
     return lines + [""]
 
 
-RENDERERS = {"byod": byod, "zoo": zoo}
+def finetune(record: dict) -> list[str]:
+    lines = ["## Fine-tune, distil, quantize: real data shipped with Python and scikit-learn", "",
+             f"Machine: {machine(record)}. Command: `python benchmarks/finetune_bench.py`. Teachers start from "
+             "random weights (no pre-training); the text student is the teacher's every other layer, the image "
+             "student a ResNet of half the width. p50 interleaved in one process on the held-out rows.", ""]
+    for name, task in record["tasks"].items():
+        base = task["p50_ms"]["teacher FP32"]["32"]
+        lines += [f"### {name}", "",
+                  f"{task['train_rows']:,} rows train, {task['test_rows']:,} judge. The teacher fine-tuned in "
+                  f"{task['models']['teacher']['train_seconds']} s ({task['models']['teacher']['epochs']} epochs), the "
+                  f"student distilled in {task['models']['student']['train_seconds']} s "
+                  f"({task['models']['student']['epochs']} epochs).", "",
+                  "| model | params | accuracy [95%] | p50 ms batch 1 | p50 ms batch 32 | vs teacher FP32 at 32 | "
+                  "file MB | recipe |", "|---|---|---|---|---|---|---|---|"]
+        for role in ("teacher", "student"):
+            model = task["models"][role]
+            for precision in ("FP32", "INT8"):
+                key = f"{role} {precision}"
+                if key not in task["p50_ms"]:
+                    lines.append(f"| {key} | | refused: {model['refused']} | | | | | |")
+                    continue
+                int8 = model["int8"] if precision == "INT8" else None
+                score = int8["accuracy"] if int8 else model["fp32_accuracy"]
+                size = (int8["size_bytes"] if int8 else model["size_bytes"]) / 1e6
+                p50 = task["p50_ms"][key]
+                lines.append(f"| {key} | {model['params']:,} | {interval(score)} | {p50['1']:.3f} | {p50['32']:.3f} | "
+                             f"{base / p50['32']:.2f}x | {size:.2f} | {int8['recipe'] if int8 else '-'} |")
+        lines.append("")
+    return lines
+
+
+RENDERERS = {"byod": byod, "zoo": zoo, "finetune": finetune}
 
 
 def render(results: Path) -> str:

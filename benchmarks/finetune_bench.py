@@ -1,0 +1,202 @@
+"""Fine-tune, distil and quantize on real data that ships with Python and scikit-learn, through
+edgepipe's own API: accuracy with its 95% interval, p50 at batch 1 and 32, and size, for the
+fine-tuned teacher and the distilled student, each in FP32 and as the INT8 model quantize chose.
+
+    python benchmarks/finetune_bench.py [--out benchmarks/results] [--work /tmp/finetune-bench]
+
+Two tasks, no download:
+- text: sentences of Python's own documentation (pydoc_data, shipped with CPython), labelled by
+  the family of the topic they come from (statements, expressions, built-in types, classes and
+  the data model); a WordPiece tokenizer trained on the training sentences; a 4-layer BERT
+  (hidden 256) as the teacher, not pre-trained (random init), the student its every other layer;
+- images: scikit-learn's handwritten digits as PNG files, one folder per class; a ResNet
+  (hidden 32-256) as the teacher, a ResNet of half its width as the student.
+Each task: `finetune` the teacher, `finetune(..., teacher=...)` the student, `export` both and
+`quantize` both with the held-out rows (calibration: the training rows); then the four models
+are timed interleaved in one process on the held-out rows. Writes
+benchmarks/results/finetune.json with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import transformers
+
+from edgepipe.data.for_model import DataOptions, file_preprocess, read_for_model
+from edgepipe.errors import GateFailed
+from edgepipe.exporters import export
+from edgepipe.models.distil import student_from_teacher
+from edgepipe.models.finetune import FinetuneConfig, finetune
+from edgepipe.quantize import EvalData, QuantizeConfig, quantize
+from edgepipe.runtime import Engine, fingerprint, measure_interleaved
+
+FAMILIES = {
+    "statements": ("assert", "break", "continue", "del", "for", "global", "if", "import", "nonlocal", "pass", "raise",
+                   "return", "try", "while", "with", "assignment", "augassign", "compound", "exceptions", "async",
+                   "await", "yield", "else", "match", "type"),
+    "expressions": ("binary", "bitwise", "booleans", "comparisons", "lambda", "calls", "conversions",
+                    "atom-identifiers", "atom-literals", "attribute-references", "subscriptions", "slicings", "power",
+                    "unary", "shifting", "exprlists", "operator-summary", "in", "integers", "floating",
+                    "formatstrings", "strings", "numbers", "imaginary", "id-classes", "identifiers", "naming"),
+    "types": ("dict", "sequence-types", "typesseq", "typesseq-mutable", "typesmapping", "typesfunctions",
+              "typesmethods", "typesmodules", "string-methods", "specialattrs", "bltin-code-objects",
+              "bltin-ellipsis-object", "bltin-null-object", "bltin-type-objects", "truth", "types", "typesseq-range",
+              "frame-objects", "numeric-types"),
+    "classes": ("class", "customization", "attribute-access", "callable-types", "context-managers", "specialnames",
+                "objects", "function", "dynamic-features", "execmodel", "debugger"),
+}
+
+
+def docs_task(work: Path) -> tuple[Path, Path, Path]:
+    """(teacher folder, train.csv, test.csv): a seeded 80/20 split of the documentation's sentences."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    rows = []
+    for label, keys in FAMILIES.items():
+        for key in keys:
+            for sentence in re.split(r"(?<=[.!?])\s+|\n\n", topics.get(key, "")):
+                words = " ".join(sentence.split())
+                if 6 <= len(words.split()) <= 40:
+                    rows.append({"text": words, "label": label})
+    test = np.random.default_rng(0).random(len(rows)) < 0.2
+    paths = {}
+    for name, keep in (("train", ~test), ("test", test)):
+        paths[name] = work / f"docs-{name}.csv"
+        with paths[name].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(r for r, k in zip(rows, keep) if k)
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator([r["text"] for r, k in zip(rows, ~test) if k],
+                            trainers.WordPieceTrainer(vocab_size=4000, special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                                                       "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    folder = work / "docs-teacher"
+    transformers.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64).save_pretrained(folder)
+    labels = list(FAMILIES)
+    transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=1024, max_position_embeddings=64, id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)})).save_pretrained(folder)
+    return folder, paths["train"], paths["test"]
+
+
+def digits_task(work: Path) -> tuple[Path, Path, Path, Path]:
+    """(teacher folder, student folder, train images, test images)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    test = np.random.default_rng(0).random(len(bunch.target)) < 0.2
+    for i, (image, label) in enumerate(zip(bunch.images, bunch.target)):
+        path = work / f"digits-{'test' if test[i] else 'train'}" / f"digit{label}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 16).clip(0, 255).astype(np.uint8)).save(path)
+    folders = []
+    for name, widths in (("digits-teacher", [32, 64, 128, 256]), ("digits-student", [16, 32, 64, 128])):
+        folder = work / name
+        config = transformers.ResNetConfig(embedding_size=widths[0], hidden_sizes=widths, depths=[1, 1, 1, 1],
+                                           num_labels=10, id2label={i: f"digit{i}" for i in range(10)},
+                                           label2id={f"digit{i}": i for i in range(10)})
+        transformers.ResNetForImageClassification(config).save_pretrained(folder)
+        transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=1.0).save_pretrained(folder)
+        folders.append(folder)
+    return folders[0], folders[1], work / "digits-train", work / "digits-test"
+
+
+def quantized(onnx_path: Path, test: Path, train: Path, out: Path) -> dict:
+    pre = file_preprocess(onnx_path)
+    named = read_for_model(test, pre, onnx_path, DataOptions(test_fraction=1.0, max_test=5000))
+    calibration = read_for_model(train, pre, onnx_path, DataOptions(test_fraction=1.0, max_test=256)).test
+    try:
+        result = quantize(onnx_path, out, QuantizeConfig(), eval_data=EvalData(named.test, named.labels),
+                          calibration=EvalData(calibration))
+        report, path = result.report, out
+    except GateFailed as exc:
+        report, path = exc.report, None
+    chosen = report.chosen
+    return {"fp32_accuracy": report.fp32.scores["accuracy"], "rows": len(named.labels),
+            "int8": None if chosen is None else {"recipe": chosen.recipe, "accuracy": chosen.scores["accuracy"],
+                                                 "drop": chosen.accuracy_drop_interval, "path": str(path),
+                                                 "size_bytes": report.size_bytes},
+            "refused": None if chosen else report.candidates[0].verdict, "feeds": named.test}
+
+
+def timings(models: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
+    """p50 ms per model at batch 1 and 32, interleaved in this process."""
+    engines = {name: Engine(path, providers="cpu") for name, path in models.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in models}
+    for batch in (1, 32):
+        batch_feeds = {k: np.ascontiguousarray(v[:batch]) for k, v in feeds.items()}
+        stats = measure_interleaved({n: (lambda e=e: e.run(batch_feeds)) for n, e in engines.items()}, batch,
+                                    rounds=20)
+        for name, s in stats.items():
+            out[name][batch] = round(s.p50_ms, 3)
+    return out
+
+
+def run_task(name: str, teacher: Path, student: Path | None, train: Path, test: Path, work: Path,
+             config: FinetuneConfig) -> dict:
+    started = time.perf_counter()
+    tuned = finetune(teacher, train, work / f"{name}-tuned", config, eval_data=test, progress=print).report
+    teacher_seconds = time.perf_counter() - started
+    if student is None:
+        student = student_from_teacher(work / f"{name}-tuned", work / f"{name}-cut", keep_every=2)
+    started = time.perf_counter()
+    distilled = finetune(student, train, work / f"{name}-distilled", config, eval_data=test,
+                         teacher=work / f"{name}-tuned", progress=print).report
+    student_seconds = time.perf_counter() - started
+    rows, files = {}, {}
+    for role, folder, report, seconds in (("teacher", f"{name}-tuned", tuned, teacher_seconds),
+                                          ("student", f"{name}-distilled", distilled, student_seconds)):
+        onnx_path = work / f"{folder}.onnx"
+        export(work / folder, onnx_path)
+        q = quantized(onnx_path, test, train, work / f"{folder}.int8.onnx")
+        files[f"{role} FP32"] = onnx_path
+        if q["int8"]:
+            files[f"{role} INT8"] = Path(q["int8"].pop("path"))
+        feeds = q.pop("feeds")
+        rows[role] = {"params": report.params, "train_seconds": round(seconds, 1), "epochs": len(report.epochs),
+                      "finetune_accuracy": report.eval_accuracy, "size_bytes": onnx_path.stat().st_size, **q}
+    p50 = timings(files, feeds)
+    return {"train_rows": tuned.rows["train"], "test_rows": tuned.rows["eval"], "models": rows,
+            "p50_ms": {k: {str(b): v for b, v in t.items()} for k, t in p50.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-bench"))
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)  # every model is trained afresh
+    args.work.mkdir(parents=True)
+    transformers.utils.logging.set_verbosity_error()
+    results = {"benchmark": "finetune", "date": dt.date.today().isoformat(), "machine": fingerprint(), "tasks": {}}
+    teacher, train, test = docs_task(args.work)
+    results["tasks"]["Python docs sentences, 4 topic families (BERT 4x256)"] = run_task(
+        "docs", teacher, None, train, test, args.work, FinetuneConfig(epochs=4, lr=3e-4, batch_size=32))
+    teacher, student, train, test = digits_task(args.work)
+    results["tasks"]["handwritten digits, 10 classes (ResNet)"] = run_task(
+        "digits", teacher, student, train, test, args.work, FinetuneConfig(epochs=6, lr=2e-3, batch_size=32))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "finetune.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {args.out / 'finetune.json'}")
+
+
+if __name__ == "__main__":
+    main()
