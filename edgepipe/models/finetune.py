@@ -176,7 +176,8 @@ class _Trainer:
                 taught = self.teacher(**feeds).logits
             loss = distillation_loss(out.logits, taught, loss, self.config.temperature, self.config.distil_weight)
         if not torch.isfinite(loss):
-            kept = f"the checkpoint of step {self.saved_step()} is kept; " if self.saved_step() else ""
+            saved = self.saved_step()
+            kept = f"the checkpoint of step {saved} is kept; " if saved else ""
             raise TrainingError(f"the training loss became {loss.item()} at step {self.step + 1}: {kept}lower --lr "
                                 f"(it is {self.config.lr:g}) and start again")
         self.optimizer.zero_grad(set_to_none=True)

@@ -91,7 +91,6 @@ class Engine:
                                      provider_options=provider_options, allow_fallback=allow_fallback,
                                      optimization=optimization)
         self.backend = self._backend.name
-        self._source = model if isinstance(model, bytes) else str(self.path)
         self.optimization = optimization
         self.batch_sessions: list[tuple[int, SessionSetting]] = []
         self._route_map: dict[int, ort.InferenceSession] = {}  # batch size -> its session
@@ -228,7 +227,7 @@ class Engine:
         ORT inserted between devices because of them."""
         self._needs("placement", "placement")
         feeds = self.as_feeds(inputs) if inputs is not None else make_feeds(self.inputs, batch=1)
-        events = profile_events(self._source, feeds, self._backend.session_providers, threads=self.threads,
+        events = profile_events(self._backend.source, feeds, self._backend.session_providers, threads=self.threads,
                                 iterations=1)
         return placement_report(node_times(events), self.providers)
 
