@@ -66,21 +66,21 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupte
     folder, rows = reviews
     config = ft.FinetuneConfig(epochs=2, lr=3e-3, checkpoint_steps=5)
     whole = ft.finetune(folder, rows, tmp_path / "whole", config)
-    step = ft._Trainer.train_step
+    step = ft.Trainer.train_step
 
     def stopped_at_step_7(self, index):
         if self.step == 7:
             raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through the CLI's handler
         return step(self, index)
 
-    monkeypatch.setattr(ft._Trainer, "train_step", stopped_at_step_7)
+    monkeypatch.setattr(ft.Trainer, "train_step", stopped_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(folder, rows, tmp_path / "cut", config)
     state = torch.load(tmp_path / "cut" / ft.STATE_DIR / "state.pt", weights_only=True)
     assert state["step"] == 7 and not (tmp_path / "cut" / "config.json").exists()
     with pytest.raises(ft.InputError, match="is not empty: give a new folder, or --resume"):
         ft.finetune(folder, rows, tmp_path / "cut", config)
-    monkeypatch.setattr(ft._Trainer, "train_step", step)
+    monkeypatch.setattr(ft.Trainer, "train_step", step)
     resumed = ft.finetune(folder, rows, tmp_path / "cut", config, resume=True)
     assert resumed.report.resumed_from_step == 7 and resumed.report.steps == whole.report.steps
     assert resumed.report.epochs == whole.report.epochs  # the same losses and accuracies, epoch by epoch
@@ -159,3 +159,39 @@ def test_a_student_cut_from_the_teacher_learns_from_its_logits(reviews, tmp_path
     assert cli("export", tmp_path / "student", "-o", tmp_path / "student.onnx").exit_code == 0
     result = cli("train", "--teacher", tmp_path / "teacher", "--data", rows, "-o", tmp_path / "neither")
     assert result.exit_code == 2 and "one of the two" in result.output
+
+
+def test_quantization_aware_training_keeps_plain_weights_and_resumes_with_its_ranges(reviews, tmp_path, cli,
+                                                                                     monkeypatch):
+    from edgepipe.models import finetune as ft
+
+    folder, rows = reviews
+    assert cli("train", folder, "--data", rows, "-o", tmp_path / "tuned", "--epochs", "3",
+               "--lr", "3e-3").exit_code == 0
+    result = cli("train", tmp_path / "tuned", "--data", rows, "-o", tmp_path / "qat", "--qat", "--epochs", "1",
+                 "--lr", "1e-4")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "qat" / "edgepipe_train.json").read_text())
+    assert record["qat"]["activations"] == "symmetric" and "simulated INT8" in result.output
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "qat")
+    assert record["qat"]["layers"] == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert not any("parametrizations" in k or "fake_quant" in k for k in model.state_dict())
+    assert cli("export", tmp_path / "qat", "-o", tmp_path / "qat.onnx").exit_code == 0
+    # interrupted and resumed, QAT ends as it does in one go: its quantizers' ranges are in the checkpoint
+    config = ft.FinetuneConfig(epochs=2, lr=1e-4, checkpoint_steps=5, qat=True)
+    whole = ft.finetune(tmp_path / "tuned", rows, tmp_path / "whole", config)
+    step = ft.Trainer.train_step
+
+    def stopped_at_step_7(self, index):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return step(self, index)
+
+    monkeypatch.setattr(ft.Trainer, "train_step", stopped_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(tmp_path / "tuned", rows, tmp_path / "cut", config)
+    monkeypatch.setattr(ft.Trainer, "train_step", step)
+    resumed = ft.finetune(tmp_path / "tuned", rows, tmp_path / "cut", config, resume=True)
+    assert resumed.report.epochs == whole.report.epochs
+    result = cli("train", folder, "--data", rows, "-o", tmp_path / "bad", "--qat-activations", "asymmetric")
+    assert result.exit_code == 2 and "add --qat" in result.output and not (tmp_path / "bad").exists()

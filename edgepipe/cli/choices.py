@@ -37,3 +37,8 @@ class Importance(str, Enum):
 class ServeBackend(str, Enum):
     http = "http"
     ray = "ray"
+
+
+class QatActivations(str, Enum):
+    symmetric = "symmetric"  # zero-point-free INT8: the every-MatMul layout
+    asymmetric = "asymmetric"  # UINT8 with a zero point: onnxruntime's static default

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgepipe.cli._common import check_outputs, handle_errors
+from edgepipe.cli.choices import QatActivations
 
 
 @handle_errors
@@ -23,6 +24,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
     teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half the loss).")] = None,
     keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
+    qat: Annotated[bool, typer.Option(help="Fine-tuning: quantization-aware training. Every Linear and Conv2d trains through INT8 fake quantizers (weights symmetric per channel, inputs per tensor) so the weights settle where INT8 keeps them; judged epochs are simulated INT8. Best started from a fine-tuned folder, for an epoch or two at a low --lr; then export and quantize as usual.")] = False,
+    qat_activations: Annotated[Optional[QatActivations], typer.Option(help="QAT: input quantizers zero-point-free INT8 (symmetric, the layout quantize leads with for transformers) or UINT8 with a zero point (asymmetric, its default for image models). Default: by the task.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: zoo 10, fine-tuning 3).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: zoo 2e-3 with Adam; fine-tuning 5e-5 with AdamW, linear warm-up over 10% of the steps, then linear decay).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default: zoo 64, fine-tuning 16).")] = None,
@@ -54,14 +57,14 @@ def train(
             raise InputError("distillation takes a student FOLDER or --keep-every K (the teacher with every k-th "
                              "layer kept), one of the two")
         return _finetune(source, output, data, eval_data, input_column, label_column, resume, epochs, lr,
-                         batch_size, seed, teacher, keep_every)
+                         batch_size, seed, teacher, keep_every, qat, qat_activations and qat_activations.value)
     if keep_every is not None:
         raise InputError("--keep-every cuts a student from --teacher FOLDER")
     if model is None:
         raise InputError("nothing to train: give a Hugging Face folder to fine-tune (edgepipe train FOLDER --data "
                          "rows.csv -o OUT) or --model (mlp, cnn, lstm, transformer, tiny-lm)")
-    if data is not None or eval_data is not None or resume:
-        raise InputError("--data, --eval-data and --resume fine-tune a folder: edgepipe train FOLDER --data rows.csv "
+    if data is not None or eval_data is not None or resume or qat:
+        raise InputError("--data, --eval-data, --resume and --qat fine-tune a folder: edgepipe train FOLDER --data rows.csv "
                          "-o OUT (a zoo model takes --dataset)")
     epochs, lr, batch_size = (10 if epochs is None else epochs), (2e-3 if lr is None else lr), \
         (64 if batch_size is None else batch_size)
@@ -85,7 +88,7 @@ def train(
 def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optional[Path],
               input_column: Optional[list[str]], label_column: Optional[str], resume: bool, epochs: Optional[int],
               lr: Optional[float], batch_size: Optional[int], seed: int, teacher: Optional[Path],
-              keep_every: Optional[int]) -> None:
+              keep_every: Optional[int], qat: bool, qat_activations: Optional[str]) -> None:
     from edgepipe.errors import InputError
     from edgepipe.models.finetune import FinetuneConfig, finetune
 
@@ -95,7 +98,10 @@ def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optio
     defaults = FinetuneConfig()
     config = FinetuneConfig(epochs=defaults.epochs if epochs is None else epochs, lr=defaults.lr if lr is None else lr,
                             batch_size=defaults.batch_size if batch_size is None else batch_size, seed=seed,
-                            input_columns=tuple(input_column or ()), label_column=label_column)
+                            input_columns=tuple(input_column or ()), label_column=label_column, qat=qat,
+                            qat_activations=qat_activations)
+    if qat_activations and not qat:
+        raise InputError("--qat-activations chooses the layout of quantization-aware training: add --qat")
     check_outputs(folders=(output,))
     from edgepipe.runtime.workdirs import work_dir
 
@@ -111,6 +117,10 @@ def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optio
                f"{rec.train_seconds} s: held-out accuracy {after['value']:.4f} [{after['low']:.4f}, "
                f"{after['high']:.4f}] (before {before['value']:.4f}; epoch {rec.best_epoch} of "
                f"{len(rec.epochs)} kept) -> {output}")
+    if rec.qat:
+        typer.echo(f"quantization-aware ({rec.qat['activations']} activations): the held-out accuracies above are "
+                   f"simulated INT8; FP32 before was {rec.qat['fp32_eval_accuracy']['value']:.4f}. Export the folder "
+                   "and quantize it with the same rows")
     if rec.teacher:
         typer.echo(f"teacher {Path(rec.teacher['source']).name} ({rec.teacher['params']:,} params): held-out accuracy "
                    f"{rec.teacher['eval_accuracy']['value']:.4f}; the student has "

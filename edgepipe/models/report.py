@@ -38,3 +38,6 @@ class FinetuneReport(Report):
     config: dict
     resumed_from_step: int | None = optional()
     teacher: dict | None = optional()  # distillation: the teacher's source, size and accuracy on the same rows
+    # quantization-aware training: the layout trained for, and the FP32 accuracy before it (the
+    # accuracies above are then simulated INT8: before is what post-training rounding gives)
+    qat: dict | None = optional()

@@ -29,9 +29,12 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
                   + (f"{untried} recipe(s) untried" if untried else "")
                   + (" and " if untried and stopped else "") + ("the accuracy fallback unfinished" if stopped else "")
                   + " (--time-budget 0, or [quantize] time_budget_s = 0, tries everything)")
+    # accuracy, not speed, is what training through the INT8 rounding can win back
+    qat = ("; quantization-aware training is the next step where the model came from a Hugging Face folder "
+           "(edgepipe train FOLDER --qat --data ROWS -o OUT, then export and quantize OUT)") if not accurate else ""
     return error_cls(f"no quantized candidate is both faster than FP32 and within the accuracy budget "
                      f"(drop <= {search.config.max_accuracy_drop}); best was {best.recipe.name}: "
-                     f"{best.verdict}{timing}. Keep the FP32 model or relax the budget", report=report)
+                     f"{best.verdict}{timing}. Keep the FP32 model or relax the budget{qat}", report=report)
 
 
 def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped: list[dict],

@@ -262,3 +262,21 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     assert not search.timed_apart([0, 1])
     search.settings = [SessionSetting(1, False), setting]
     assert search.timed_apart([0, 1]) and not search.timed_apart([0])
+
+
+@pytest.mark.parametrize("accurate", [False, True])
+def test_a_refusal_names_quantization_aware_training_only_when_accuracy_is_what_was_missed(accurate):
+    from types import SimpleNamespace
+
+    from edgepipe.errors import AccuracyError, LatencyError
+    from edgepipe.quantize.outcome import refusal
+    from edgepipe.quantize.recipes import Recipe
+    from edgepipe.quantize.search import Candidate
+    from edgepipe.quantize.verdict import ACCURACY, Verdict
+
+    candidate = Candidate(Recipe("dynamic"), speedup={32: 1.0 if accurate else 2.0}, verdict=Verdict(ACCURACY, 0.05, 0.01))
+    search = SimpleNamespace(candidates=[candidate], accurate=lambda c: accurate,
+                             config=SimpleNamespace(max_accuracy_drop=0.01, time_budget_s=0))
+    error = refusal(search, SimpleNamespace(skipped_recipes=[], accuracy_fallback=[]))
+    assert isinstance(error, LatencyError if accurate else AccuracyError)
+    assert ("edgepipe train FOLDER --qat" in str(error)) is not accurate
