@@ -148,12 +148,12 @@ def load_folder(folder: str | Path, task: str | None = None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     auto = getattr(transformers, spec.auto_class)
-    try:
-        model = auto.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
-    except Exception as exc:  # unsupported architecture, corrupt safetensors (SafetensorError), missing weights
-        interrupts.reraise()
-        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: "
-                         f"{first_line(exc)[:300]}") from exc
+    from edgepipe.exporters import hf_pruned
+
+    if hf_pruned.is_pruned(folder):
+        model = hf_pruned.load(auto, folder)
+    else:
+        model = _from_pretrained(auto, folder, task_name)
     model.eval()
     params = set(inspect.signature(model.forward).parameters)
     from edgepipe.exporters.hf_preprocess import processor_size
@@ -169,3 +169,12 @@ def load_folder(folder: str | Path, task: str | None = None):
         if pre is not None:
             meta["preprocess"] = pre.to_json()
     return KeywordInputs(model, [s.name for s in specs], spec.outputs), specs, str(folder), meta
+
+
+def _from_pretrained(auto, folder: Path, task_name: str) -> nn.Module:
+    try:
+        return auto.from_pretrained(str(folder), local_files_only=True, attn_implementation="eager")
+    except Exception as exc:  # unsupported architecture, corrupt safetensors (SafetensorError), missing weights
+        interrupts.reraise()
+        raise InputError(f"{folder}: transformers cannot build a {task_name} model from it: "
+                         f"{first_line(exc)[:300]}") from exc

@@ -17,7 +17,7 @@ _NO_LIMIT = 1 << 20
 # What turns rows into a folder's model inputs (beside config.json and the weights).
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
-                   "preprocessor_config.json")
+                   "preprocessor_config.json", "edgepipe_pruned.json")  # the last: what a config cannot say
 
 
 def copy_processor_files(source: Path, target: Path) -> None:

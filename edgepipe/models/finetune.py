@@ -27,10 +27,10 @@ from edgepipe.models.data import NamedInputs
 from edgepipe.models.report import FinetuneReport
 from edgepipe.models.trainer import STATE_DIR, FinetuneConfig, Rows, Trainer, accuracy
 
-__all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune"]
+__all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune", "load_classifier", "read_rows"]
 
 
-def _load(folder: Path):
+def load_classifier(folder: Path):
     """(model, input names, task, preprocess) of a classifier folder, or InputError."""
     from edgepipe.exporters.hf import CLASSIFIERS, is_causal_lm_folder, is_hf_folder, load_folder
     from edgepipe.runtime.preprocess import Preprocess
@@ -52,7 +52,7 @@ def _load(folder: Path):
     return wrapper.model, wrapper.names, task, Preprocess.from_json(meta["preprocess"])
 
 
-def _rows(data: Path, eval_data: Path | None, pre, config: FinetuneConfig, say) -> Rows:
+def read_rows(data: Path, eval_data: Path | None, pre, config: FinetuneConfig, say) -> Rows:
     from edgepipe.data.labelled import load_labelled
 
     columns = {"text_columns": config.input_columns, "label_column": config.label_column, "seed": config.seed}
@@ -85,7 +85,7 @@ def _teacher(teacher: str | Path | None, task: str, pre, names: list[str], rows:
     as the student does."""
     if teacher is None:
         return None, None
-    model, teacher_names, teacher_task, teacher_pre = _load(Path(teacher))
+    model, teacher_names, teacher_task, teacher_pre = load_classifier(Path(teacher))
     same = (teacher_task, teacher_pre.labels, teacher_pre.tokenizer, teacher_pre.image) == (
         task, pre.labels, pre.tokenizer, pre.image)
     if not same or teacher_names != names:
@@ -119,8 +119,8 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
                          "run without --resume")
     if not resume and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} is not empty: give a new folder, or --resume the run that was interrupted there")
-    model, names, task, pre = _load(folder)
-    rows = _rows(data, None if eval_data is None else Path(eval_data), pre, config, say)
+    model, names, task, pre = load_classifier(folder)
+    rows = read_rows(data, None if eval_data is None else Path(eval_data), pre, config, say)
     teacher_model, teacher_record = _teacher(teacher, task, pre, names, rows, config.seed)
     quantization = _prepare_qat(model, names, rows, task, config) if config.qat else None
     trainer = Trainer(model, names, rows, config, out_dir, say, teacher_model)

@@ -20,8 +20,8 @@ class PruneReport(Report):
     accuracy_drop: float
     params_before: int
     params_after: int
-    macs_before: int
-    macs_after: int
+    macs_before: int | None  # None where the model's operations were not counted
+    macs_after: int | None
     p50_ms: dict[str, dict[str, float]]  # batch -> {"unpruned", "pruned"} ORT p50
     structure: dict | None
     seconds: float | None = None
@@ -31,3 +31,4 @@ class PruneReport(Report):
     compressed_bytes_before: int | None = optional()
     compressed_bytes_after: int | None = optional()
     note: str | None = optional()
+    accuracy_intervals: dict | None = optional()  # folders: before, after the cut, after recovery (95%)
