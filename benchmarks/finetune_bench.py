@@ -1,6 +1,8 @@
 """Fine-tune, distil and quantize on real data that ships with Python and scikit-learn, through
 edgepipe's own API: accuracy with its 95% interval, p50 at batch 1 and 32, and size, for the
-fine-tuned teacher and the distilled student, each in FP32 and as the INT8 model quantize chose.
+fine-tuned teacher, the distilled student, the teacher pruned to half its heads and FFN neurons
+(channels) and recovered by distillation, and the teacher after an epoch of quantization-aware
+training, each in FP32 and as the INT8 model quantize chose.
 
     python benchmarks/finetune_bench.py [--out benchmarks/results] [--work /tmp/finetune-bench]
 
@@ -11,9 +13,10 @@ Two tasks, no download:
   (hidden 256) as the teacher, not pre-trained (random init), the student its every other layer;
 - images: scikit-learn's handwritten digits as PNG files, one folder per class; a ResNet
   (hidden 32-256) as the teacher, a ResNet of half its width as the student.
-Each task: `finetune` the teacher, `finetune(..., teacher=...)` the student, `export` both and
-`quantize` both with the held-out rows (calibration: the training rows); then the four models
-are timed interleaved in one process on the held-out rows. Writes
+Each task: `finetune` the teacher, `finetune(..., teacher=...)` the student, `prune_folder` the
+teacher, `finetune(..., qat=True)` the teacher; `export` and `quantize` each with the held-out rows
+(calibration: the training rows); then every model is timed interleaved in one process on the
+held-out rows. Writes
 benchmarks/results/finetune.json with the machine and the date.
 """
 
@@ -26,6 +29,7 @@ import json
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,11 @@ import transformers
 from edgepipe.data.for_model import DataOptions, file_preprocess, read_for_model
 from edgepipe.errors import GateFailed
 from edgepipe.exporters import export
+from edgepipe.metrics import paired_drop
 from edgepipe.models.distil import student_from_teacher
 from edgepipe.models.finetune import FinetuneConfig, finetune
+from edgepipe.prune.hf import prune_folder
+from edgepipe.prune.structured import PruneConfig
 from edgepipe.quantize import EvalData, QuantizeConfig, quantize
 from edgepipe.runtime import Engine, fingerprint, measure_interleaved
 
@@ -134,7 +141,8 @@ def quantized(onnx_path: Path, test: Path, train: Path, out: Path) -> dict:
             "int8": None if chosen is None else {"recipe": chosen.recipe, "accuracy": chosen.scores["accuracy"],
                                                  "drop": chosen.accuracy_drop_interval, "path": str(path),
                                                  "size_bytes": report.size_bytes},
-            "refused": None if chosen else report.candidates[0].verdict, "feeds": named.test}
+            "refused": None if chosen else report.candidates[0].verdict, "feeds": named.test,
+            "labels": named.labels}
 
 
 def timings(models: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
@@ -150,32 +158,61 @@ def timings(models: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def _pruned(name: str, train: Path, test: Path, work: Path, config: FinetuneConfig):
+    """Half the teacher's heads and FFN neurons (channels of a CNN), recovered by distillation."""
+    report = prune_folder(work / f"{name}-tuned", train, work / f"{name}-pruned",
+                          PruneConfig(ratio=0.5, steps=1, finetune_epochs=config.epochs, batch_sizes=(32,)),
+                          eval_data=test, recovery=config, log=print).report
+    return report.accuracy_intervals["after"], report.params_after, report.seconds
+
+
+def against_teacher(models: dict[str, Path], feeds: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, dict]:
+    """Each model's accuracy drop against the teacher's FP32 model on the same held-out rows, with
+    its paired 95% interval (rows one gets right and the other wrong, counted both ways)."""
+    right = {}
+    for name, path in models.items():
+        engine = Engine(path, providers="cpu")
+        logits = np.concatenate([next(iter(engine.run({k: v[i:i + 64] for k, v in feeds.items()}).values()))
+                                 for i in range(0, len(labels), 64)])
+        right[name] = logits.argmax(-1) == labels
+    base = right["teacher FP32"]
+    return {name: paired_drop(int((base & ~r).sum()), int((~base & r).sum()), len(labels)).to_dict()
+            for name, r in right.items() if name != "teacher FP32"}
+
+
 def run_task(name: str, teacher: Path, student: Path | None, train: Path, test: Path, work: Path,
              config: FinetuneConfig) -> dict:
     started = time.perf_counter()
     tuned = finetune(teacher, train, work / f"{name}-tuned", config, eval_data=test, progress=print).report
-    teacher_seconds = time.perf_counter() - started
+    trained = {"teacher": (f"{name}-tuned", tuned.eval_accuracy, tuned.params, time.perf_counter() - started)}
     if student is None:
         student = student_from_teacher(work / f"{name}-tuned", work / f"{name}-cut", keep_every=2)
     started = time.perf_counter()
     distilled = finetune(student, train, work / f"{name}-distilled", config, eval_data=test,
                          teacher=work / f"{name}-tuned", progress=print).report
-    student_seconds = time.perf_counter() - started
+    trained["student"] = (f"{name}-distilled", distilled.eval_accuracy, distilled.params,
+                          time.perf_counter() - started)
+    trained["pruned"] = (f"{name}-pruned", *_pruned(name, train, test, work, config))
+    started = time.perf_counter()  # QAT: one epoch from the fine-tuned teacher at a tenth of its rate
+    aware = finetune(work / f"{name}-tuned", train, work / f"{name}-qat", replace(
+        config, epochs=1, lr=config.lr / 10, qat=True), eval_data=test, progress=print).report
+    trained["qat"] = (f"{name}-qat", aware.eval_accuracy, aware.params, time.perf_counter() - started)
     rows, files = {}, {}
-    for role, folder, report, seconds in (("teacher", f"{name}-tuned", tuned, teacher_seconds),
-                                          ("student", f"{name}-distilled", distilled, student_seconds)):
+    for role, (folder, accuracy, params, seconds) in trained.items():
         onnx_path = work / f"{folder}.onnx"
         export(work / folder, onnx_path)
         q = quantized(onnx_path, test, train, work / f"{folder}.int8.onnx")
         files[f"{role} FP32"] = onnx_path
         if q["int8"]:
             files[f"{role} INT8"] = Path(q["int8"].pop("path"))
-        feeds = q.pop("feeds")
-        rows[role] = {"params": report.params, "train_seconds": round(seconds, 1), "epochs": len(report.epochs),
-                      "finetune_accuracy": report.eval_accuracy, "size_bytes": onnx_path.stat().st_size, **q}
+        feeds, labels = q.pop("feeds"), q.pop("labels")
+        rows[role] = {"params": params, "train_seconds": round(seconds, 1), "finetune_accuracy": accuracy,
+                      "size_bytes": onnx_path.stat().st_size, **q}
+    rows["teacher"]["epochs"], rows["student"]["epochs"] = len(tuned.epochs), len(distilled.epochs)
     p50 = timings(files, feeds)
     return {"train_rows": tuned.rows["train"], "test_rows": tuned.rows["eval"], "models": rows,
-            "p50_ms": {k: {str(b): v for b, v in t.items()} for k, t in p50.items()}}
+            "p50_ms": {k: {str(b): v for b, v in t.items()} for k, t in p50.items()},
+            "drop_vs_teacher": against_teacher(files, feeds, labels)}
 
 
 def main() -> None:

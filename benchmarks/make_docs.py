@@ -81,35 +81,55 @@ def zoo(record: dict) -> list[str]:
     return lines + [""]
 
 
+ROLES = {"teacher": "fine-tuned teacher", "student": "distilled student", "pruned": "pruned teacher",
+         "qat": "teacher after QAT"}
+
+
 def finetune(record: dict) -> list[str]:
-    lines = ["## Fine-tune, distil, quantize: real data shipped with Python and scikit-learn", "",
+    lines = ["## Fine-tune, distil, prune, quantize: real data shipped with Python and scikit-learn", "",
              f"Machine: {machine(record)}. Command: `python benchmarks/finetune_bench.py`. Teachers start from "
              "random weights (no pre-training); the text student is the teacher's every other layer, the image "
-             "student a ResNet of half the width. p50 interleaved in one process on the held-out rows.", ""]
+             "student a ResNet of half the width; the pruned teacher lost half its attention heads and FFN neurons "
+             "(a CNN: channels) and recovered by distillation; QAT is one epoch of quantization-aware training from "
+             "the fine-tuned teacher. INT8 is what `quantize` chose on the held-out rows (refused: FP32 stays). "
+             "p50 interleaved in one process on the held-out rows.", ""]
     for name, task in record["tasks"].items():
         base = task["p50_ms"]["teacher FP32"]["32"]
-        lines += [f"### {name}", "",
-                  f"{task['train_rows']:,} rows train, {task['test_rows']:,} judge. The teacher fine-tuned in "
-                  f"{task['models']['teacher']['train_seconds']} s ({task['models']['teacher']['epochs']} epochs), the "
-                  f"student distilled in {task['models']['student']['train_seconds']} s "
-                  f"({task['models']['student']['epochs']} epochs).", "",
-                  "| model | params | accuracy [95%] | p50 ms batch 1 | p50 ms batch 32 | vs teacher FP32 at 32 | "
-                  "file MB | recipe |", "|---|---|---|---|---|---|---|---|"]
-        for role in ("teacher", "student"):
-            model = task["models"][role]
+        models = task["models"]
+        trained = ", ".join(f"{ROLES[r]} {m['train_seconds']} s" for r, m in models.items())
+        lines += [f"### {name}", "", f"{task['train_rows']:,} rows train, {task['test_rows']:,} judge. "
+                  f"Training time: {trained}.", "",
+                  "| model | params | accuracy [95%] | drop vs teacher FP32 [95%, paired] | p50 ms batch 1 | "
+                  "p50 ms batch 32 | vs teacher FP32 at 32 | file MB | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+        drops = task.get("drop_vs_teacher", {})
+        for role, model in models.items():
             for precision in ("FP32", "INT8"):
                 key = f"{role} {precision}"
+                label = f"{ROLES.get(role, role)} {precision}"
                 if key not in task["p50_ms"]:
-                    lines.append(f"| {key} | | refused: {model['refused']} | | | | | |")
+                    lines.append(f"| {label} | | refused: {model['refused']} | | | | | | |")
                     continue
                 int8 = model["int8"] if precision == "INT8" else None
                 score = int8["accuracy"] if int8 else model["fp32_accuracy"]
                 size = (int8["size_bytes"] if int8 else model["size_bytes"]) / 1e6
                 p50 = task["p50_ms"][key]
-                lines.append(f"| {key} | {model['params']:,} | {interval(score)} | {p50['1']:.3f} | {p50['32']:.3f} | "
-                             f"{base / p50['32']:.2f}x | {size:.2f} | {int8['recipe'] if int8 else '-'} |")
-        lines.append("")
+                drop = interval(drops[key]) if key in drops else "-"
+                lines.append(f"| {label} | {model['params']:,} | {interval(score)} | {drop} | {p50['1']:.3f} | "
+                             f"{p50['32']:.3f} | {base / p50['32']:.2f}x | {size:.2f} | "
+                             f"{int8['recipe'] if int8 else '-'} |")
+        lines += ["", *qat_line(models), ""]
     return lines
+
+
+def qat_line(models: dict) -> list[str]:
+    """What post-training INT8 cost the teacher, and what QAT won back, in accuracy points."""
+    teacher, aware = models["teacher"], models.get("qat")
+    if not aware or not teacher.get("int8") or not aware.get("int8"):
+        return []
+    lost = teacher["fp32_accuracy"]["value"] - teacher["int8"]["accuracy"]["value"]
+    won = aware["int8"]["accuracy"]["value"] - teacher["int8"]["accuracy"]["value"]
+    return [f"Post-training INT8 moved the teacher's accuracy by {-lost * 100:+.1f} points; after QAT its INT8 "
+            f"model scores {won * 100:+.1f} points against that post-training INT8 model."]
 
 
 RENDERERS = {"byod": byod, "zoo": zoo, "finetune": finetune}

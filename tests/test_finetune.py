@@ -117,7 +117,7 @@ def test_a_loss_that_is_not_finite_stops_with_one_line_and_keeps_the_last_checkp
     ((), "needs labelled rows: --data"),
     (("--data", "missing.csv"), "missing.csv"),
     (("--data", "{rows}", "--label-column", "stars"), "stars"),
-    (("--data", "{rows}", "--resume"), "holds no interrupted fine-tuning to resume"),
+    (("--data", "{rows}", "--resume"), "holds no interrupted training to resume"),
     (("--data", "{rows}", "--epochs", "0"), "epochs"),
     (("--data", "{rows}", "--model", "mlp"), "not both"),
 ])

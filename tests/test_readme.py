@@ -99,8 +99,9 @@ def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
     import sys
 
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block("--data reviews.csv")], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    script = bash_block("--data reviews.csv") + bash_block("--keep-every 2", DOCS / "training.md")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     out = result.stdout + result.stderr
     assert "scores (95% interval): FP32 accuracy" in out and "data: a seeded 80/20 split" in out
@@ -108,3 +109,10 @@ def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
     assert (tmp_path / "bert.int8.onnx").exists()
     tuned = json.loads((tmp_path / "my-bert-tuned" / "edgepipe_train.json").read_text())
     assert "fine-tuned my-bert" in out and tuned["eval_accuracy"]["value"] > tuned["eval_accuracy_before"]["value"]
+    # docs/training.md, after it: a distilled student, a pruned folder, QAT, each written whole
+    student = json.loads((tmp_path / "my-bert-student" / "edgepipe_train.json").read_text())
+    assert student["teacher"] and student["params"] < tuned["params"]
+    assert (tmp_path / "my-bert-pruned" / "edgepipe_pruned.json").is_file() and "ORT p50 at batch 32" in out
+    assert json.loads((tmp_path / "my-bert-qat" / "edgepipe_train.json").read_text())["qat"]
+    assert "simulated INT8" in out and (tmp_path / "bert-qat.onnx").is_file()
+    assert out.count("scores (95% interval): FP32 accuracy") == 2  # the QAT model judged like the first

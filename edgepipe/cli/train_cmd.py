@@ -24,6 +24,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
     teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half the loss).")] = None,
     keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
+    mlm: Annotated[bool, typer.Option(help="Pre-train FOLDER's encoder as a masked language model on --data, a .txt file with one passage per line (15% of tokens masked); writes the classifier folder again, its encoder pre-trained and its head fresh, ready to fine-tune. FOLDER needs config.json and a tokenizer; without weights the encoder starts from random init.")] = False,
     qat: Annotated[bool, typer.Option(help="Fine-tuning: quantization-aware training. Every Linear and Conv2d trains through INT8 fake quantizers (weights symmetric per channel, inputs per tensor) so the weights settle where INT8 keeps them; judged epochs are simulated INT8. Best started from a fine-tuned folder, for an epoch or two at a low --lr; then export and quantize as usual.")] = False,
     qat_activations: Annotated[Optional[QatActivations], typer.Option(help="QAT: input quantizers zero-point-free INT8 (symmetric, the layout quantize leads with for transformers) or UINT8 with a zero point (asymmetric, its default for image models). Default: by the task.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: zoo 10, fine-tuning 3).")] = None,
@@ -50,6 +51,8 @@ def train(
     perplexity (nats per byte)."""
     from edgepipe.errors import InputError
 
+    if mlm:
+        return _pretrain(source, data, output, resume, epochs, lr, batch_size, seed, teacher or keep_every or qat)
     if source is not None or teacher is not None:
         if model is not None or dataset is not None:
             raise InputError("give either a folder to fine-tune (with --data) or --model to train from scratch, not both")
@@ -125,6 +128,27 @@ def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optio
         typer.echo(f"teacher {Path(rec.teacher['source']).name} ({rec.teacher['params']:,} params): held-out accuracy "
                    f"{rec.teacher['eval_accuracy']['value']:.4f}; the student has "
                    f"{rec.params / rec.teacher['params']:.0%} of its parameters")
+
+
+def _pretrain(source: Optional[Path], data: Optional[Path], output: Path, resume: bool, epochs: Optional[int],
+              lr: Optional[float], batch_size: Optional[int], seed: int, other: object) -> None:
+    from edgepipe.errors import InputError
+    from edgepipe.models.mlm import PretrainConfig, pretrain_mlm
+
+    if source is None or data is None or other:
+        raise InputError("masked-LM pre-training takes a text classifier FOLDER and --data corpus.txt (one passage "
+                         "per line), without --teacher, --keep-every or --qat")
+    defaults = PretrainConfig()
+    config = PretrainConfig(epochs=epochs or defaults.epochs, lr=lr or defaults.lr,
+                            batch_size=batch_size or defaults.batch_size, seed=seed)
+    check_outputs(folders=(output,))
+    rec = pretrain_mlm(source, data, output, config, resume=resume,
+                       progress=lambda m: typer.echo(f"  {m}", err=True)).report
+    after, before = rec.eval_accuracy, rec.eval_accuracy_before
+    typer.echo(f"pre-trained {source.name}'s encoder ({rec.params:,} params) on {rec.rows['train']} passages in "
+               f"{rec.train_seconds} s: held-out masked-token accuracy {after['value']:.4f} [{after['low']:.4f}, "
+               f"{after['high']:.4f}] (before {before['value']:.4f}) -> {output}; fine-tune it: edgepipe train "
+               f"{output} --data rows.csv -o ...")
 
 
 def _train_lm(output: Path, seconds: float, seed: int, steps: Optional[int]) -> None:

@@ -71,6 +71,15 @@ def read_rows(data: Path, eval_data: Path | None, pre, config: FinetuneConfig, s
     return Rows(train, train_y, held.test, held.labels, how)
 
 
+def check_out_dir(out_dir: Path, resume: bool) -> None:
+    """A new or empty output folder, or with `resume` the one an interrupted run left."""
+    if resume and not (out_dir / STATE_DIR / "state.pt").is_file():
+        raise InputError(f"{out_dir} holds no interrupted training to resume ({STATE_DIR}/state.pt): "
+                         "run without --resume")
+    if not resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir} is not empty: give a new folder, or --resume the run that was interrupted there")
+
+
 def _publish(source: Path, best: Path, out_dir: Path) -> None:
     """The kept epoch's weights and the source's tokenizer or processor files, into `out_dir`."""
     for path in best.iterdir():
@@ -114,11 +123,7 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
     config = config or FinetuneConfig()
     say = progress or (lambda message: None)
     folder, data, out_dir = Path(folder), Path(data), Path(out_dir)
-    if resume and not (out_dir / STATE_DIR / "state.pt").is_file():
-        raise InputError(f"{out_dir} holds no interrupted fine-tuning to resume ({STATE_DIR}/state.pt): "
-                         "run without --resume")
-    if not resume and out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir} is not empty: give a new folder, or --resume the run that was interrupted there")
+    check_out_dir(out_dir, resume)
     model, names, task, pre = load_classifier(folder)
     rows = read_rows(data, None if eval_data is None else Path(eval_data), pre, config, say)
     teacher_model, teacher_record = _teacher(teacher, task, pre, names, rows, config.seed)

@@ -120,6 +120,7 @@ class Trainer:
         self.say(f"resuming at step {self.step} of {self.total}")
 
     def accuracy(self, model=None) -> dict:
+        """The held-out score that picks the best epoch, with its 95% interval."""
         model = model or self.model
         qat.observing(model, False)  # judging reads the ranges training learned, never its own rows'
         try:
@@ -136,9 +137,14 @@ class Trainer:
                                                                   len(self.rows.train_y)))
                 self.model(**{n: torch.from_numpy(self.rows.train[n][index]) for n in self.names})
 
+    def batch(self, index: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model's inputs and labels for training rows `index` (a subclass may make both)."""
+        return ({n: torch.from_numpy(self.rows.train[n][index]) for n in self.names},
+                torch.from_numpy(self.rows.train_y[index]))
+
     def train_step(self, index: np.ndarray) -> float:
-        feeds = {n: torch.from_numpy(self.rows.train[n][index]) for n in self.names}
-        out = self.model(**feeds, labels=torch.from_numpy(self.rows.train_y[index]))
+        feeds, labels = self.batch(index)
+        out = self.model(**feeds, labels=labels)
         loss = out.loss
         if self.teacher is not None:
             with torch.no_grad():
