@@ -154,6 +154,7 @@ def pretrain_mlm(folder: str | Path, text: str | Path, out_dir: str | Path, conf
     best = out_dir / STATE_DIR / "best"
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(best), config=classifier_config, local_files_only=True)  # the encoder kept, a fresh head
+    transformers.utils.logging.disable_progress_bar()
     classifier.save_pretrained(out_dir)
     copy_processor_files(folder, out_dir)
     report = FinetuneReport(

@@ -41,3 +41,8 @@ class FinetuneReport(Report):
     # quantization-aware training: the layout trained for, and the FP32 accuracy before it (the
     # accuracies above are then simulated INT8: before is what post-training rounding gives)
     qat: dict | None = optional()
+
+    @property
+    def test_accuracy(self) -> float:
+        """The kept epoch's held-out accuracy: what the pipeline's gates and table read."""
+        return self.eval_accuracy["value"]

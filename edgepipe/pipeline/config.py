@@ -50,10 +50,23 @@ class Budgets:
 class ModelConfig:
     name: str  # zoo model name (mlp, cnn, lstm, transformer) or a label for `source`
     dataset: str | None = None  # bundled dataset name, .npz, or rows (CSV, JSONL, Parquet, folder)
-    source: str | None = None  # checkpoint, file.py:factory or Hugging Face folder; skips training
+    # checkpoint or file.py:factory (training skipped), or a Hugging Face folder (fine-tuned by
+    # train and pruned by prune when `dataset` is labelled rows, else exported as it is)
+    source: str | None = None
     task: str | None = None  # Hugging Face folders: the head (default: from config.json)
     inputs: list[str] = field(default_factory=list)  # for sources without declared inputs
     sections: dict[str, Any] = field(default_factory=dict)  # merged per-stage settings
+
+    @property
+    def hf_folder(self) -> bool:
+        return bool(self.source) and Path(self.source).is_dir()
+
+    @property
+    def fine_tunes(self) -> bool:
+        """A Hugging Face folder with labelled rows: the train stage fine-tunes it on them."""
+        from edgepipe.data.for_model import is_rows
+
+        return self.hf_folder and bool(self.dataset) and is_rows(Path(self.dataset))
 
 
 @dataclass
@@ -118,17 +131,21 @@ def build_section(cls: type, data: dict[str, Any], where: str) -> Any:
 def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
     """Typed configs for every stage of `model` (global sections with the model's overrides)."""
     from edgepipe.exporters import ExportConfig
+    from edgepipe.models.finetune import FinetuneConfig
     from edgepipe.models.training import TrainConfig
     from edgepipe.prune import PruneConfig
     from edgepipe.quantize import QuantizeConfig
 
-    classes = {"train": TrainConfig, "prune": PruneConfig, "export": ExportConfig,
+    classes = {"train": FinetuneConfig if model.hf_folder else TrainConfig, "prune": PruneConfig, "export": ExportConfig,
                "quantize": QuantizeConfig, "profile": ProfileConfig, "budgets": Budgets}
     out, problems = {}, []
     for section, cls in classes.items():
         data = dict(model.sections.get(section, {}))
         if section in ("train", "prune"):
             data.setdefault("seed", seed)
+        if section == "prune" and model.hf_folder:  # cut once, then recovered by distillation
+            data.setdefault("steps", 1)
+            data.setdefault("lr", 1e-4)
         if section == "quantize" and "max_accuracy_drop" not in data:
             # The quantize stage searches inside the same accuracy budget the gate checks.
             drop = model.sections.get("budgets", {}).get("max_accuracy_drop", Budgets.max_accuracy_drop)
@@ -224,6 +241,9 @@ def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, see
     model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
                         task=entry.get("task"),
                         inputs=list(entry.get("inputs", ())), sections=sections)
+    if model.hf_folder and "prune" in stages and not model.fine_tunes:
+        raise ConfigError(f"{where}: pruning the folder {model.source} needs labelled rows as `dataset` (CSV, JSONL, "
+                          "Parquet, an image folder) to rank, recover and judge it")
     if model.source is None and "train" in stages:
         from edgepipe.models.zoo import DEFAULT_DATASET, ZOO
 

@@ -66,7 +66,7 @@ def profile_stage(run: StageRun) -> StageResult:
     if "prune" in run.reports:
         # The baseline of the chain: the unpruned model through the same export settings, so
         # the cumulative ratio compares like with like (exporters make different graphs).
-        models["unpruned"] = run.export_to(run.path("unpruned"), run.source() if run.model.source else run.path("train"))
+        models["unpruned"] = run.export_to(run.path("unpruned"), run.trained_source())
     backends = {}
     if "int8" in models and quant.chosen.backend != "onnxruntime":
         if not on_cpu(settings):

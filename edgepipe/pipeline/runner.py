@@ -13,15 +13,14 @@ from edgepipe.artifacts import (
     folder_lock,
     read_npz,
     require_writable,
-    sha256,
-    tree_digest,
 )
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.memory import PeakMemory
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.checks import check_artifacts, onnx_io
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
-from edgepipe.pipeline.manifest import Manifest, file_entry, tool_versions
+from edgepipe.pipeline.fingerprint import fingerprint
+from edgepipe.pipeline.manifest import Manifest, file_entry
 from edgepipe.pipeline.report import build_rows, render_table
 from edgepipe.pipeline.stages import STAGES, artifact_name, load_report, reads_paths
 from edgepipe.reports import Report
@@ -63,7 +62,7 @@ class ModelRun:
         self._fingerprint: dict | None = None
 
     def path(self, stage: str) -> Path:
-        return self.dir / artifact_name(stage)
+        return self.dir / artifact_name(stage, folder=self.model.hf_folder)
 
     @property
     def dataset(self):
@@ -109,28 +108,9 @@ class ModelRun:
         return self._source
 
     def fingerprint(self) -> dict:
-        """What every stage's result depends on besides its config and its input files: the
-        weights the model really has (a factory's built state, not only its .py file, which may
-        load them from anywhere), the data file's content, the declared inputs and the versions
-        of the tools. A change in any of them means no stage is reused."""
+        """What every stage's result depends on besides its config and input files (fingerprint.py)."""
         if self._fingerprint is None:
-            source = self.model.source
-            weights = None
-            if source and ".py:" in source:
-                from edgepipe.exporters.source import state_digest
-
-                weights = "state " + state_digest(self.source().model)
-            elif source and Path(source).is_file():
-                weights = "file " + sha256(Path(source))
-            elif source and Path(source).is_dir():  # a Hugging Face folder: its config and weights
-                from edgepipe.exporters.hf import folder_digest
-
-                weights = "folder " + folder_digest(Path(source))
-            dataset = self.model.dataset
-            data = ("file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else
-                    "folder " + tree_digest(Path(dataset)) if dataset and Path(dataset).is_dir() else dataset)
-            inputs = [s.to_dict() for s in self.source().inputs] if source else list(self.model.inputs)
-            self._fingerprint = {"weights": weights, "data": data, "inputs": inputs, "versions": tool_versions()}
+            self._fingerprint = fingerprint(self.model, self.source)
         return self._fingerprint
 
     def held_out(self) -> dict | None:
@@ -145,12 +125,15 @@ class ModelRun:
         return export(source, out, self.settings["export"], inputs=inputs, data=self.held_out(),
                       seed=self.config.seed)
 
-    def export_source(self):
-        """What the export stage exports: the pruned checkpoint, the user's source (loaded once,
-        as fingerprinted) or the trained checkpoint."""
-        if "prune" in self.reports:
-            return self.path("prune")
+    def trained_source(self):
+        """The fine-tuned folder, the user's source (loaded once, as fingerprinted) or the checkpoint."""
+        if self.model.fine_tunes and "train" in self.reports:
+            return self.path("train")
         return self.source() if self.model.source else self.path("train")
+
+    def export_source(self):
+        """What the export stage exports: the pruned model, else what training left."""
+        return self.path("prune") if "prune" in self.reports else self.trained_source()
 
     def export_to(self, out: Path, source) -> Path:
         return self.export(source, out).artifacts["onnx"]
@@ -169,7 +152,7 @@ class ModelRun:
     def run(self) -> None:
         completed: list[str] = []
         for stage in self.config.stages:
-            if stage == "train" and self.model.source:
+            if stage == "train" and self.model.source and not self.model.fine_tunes:
                 self.log(f"[{self.model.name}] train: skipped (source {self.model.source})")
                 continue
             if stage == "quantize" and "export" not in self.reports:

@@ -40,8 +40,11 @@ class StageRun(Protocol):
     def export(self, source: Any, out: Path, inputs: Any = None) -> StageResult:
         """Export with this run's export settings and held-out data."""
 
+    def trained_source(self) -> Any:
+        """What training left: the fine-tuned folder, the source, or the trained checkpoint."""
+
     def export_source(self) -> Any:
-        """What the export stage exports (pruned checkpoint, the source, or the trained one)."""
+        """What the export stage exports: the pruned model, else what training left."""
 
     def export_to(self, out: Path, source: Any) -> Path:
         """Export `source` to `out` as the export stage would; returns the ONNX path."""
