@@ -130,7 +130,7 @@ def test_bad_arguments_are_one_line_and_leave_no_output_folder(reviews, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, cli):
+def test_a_language_model_folder_with_labelled_rows_is_refused(tmp_path, cli):
     from edgepipe.models.lm import save_byte_tokenizer
 
     lm = tmp_path / "lm"
@@ -139,7 +139,7 @@ def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, cli):
     save_byte_tokenizer(lm)
     rows = write_csv(tmp_path / "rows.csv", sentences(20))
     result = cli("train", lm, "--data", rows, "-o", tmp_path / "tuned")
-    assert result.exit_code == 2 and "fine-tuning takes" in result.output, result.output
+    assert result.exit_code == 2 and "a language model reads a plain .txt file" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "rows.csv"]
 
 

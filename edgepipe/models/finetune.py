@@ -80,7 +80,7 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
         raise InputError(f"{out_dir} is not empty: give a new folder, or --resume the run that was interrupted there")
 
 
-def _publish(source: Path, best: Path, out_dir: Path) -> None:
+def publish(source: Path, best: Path, out_dir: Path) -> None:
     """The kept epoch's weights and the source's tokenizer or processor files, into `out_dir`."""
     for path in best.iterdir():
         os.replace(path, out_dir / path.name)
@@ -143,7 +143,7 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
         + (f", the teacher's {teacher_record['eval_accuracy']['value']:.4f}" if teacher_record else ""))
     started = time.perf_counter()
     trainer.run()
-    _publish(folder, out_dir / STATE_DIR / "best", out_dir)
+    publish(folder, out_dir / STATE_DIR / "best", out_dir)
     report = FinetuneReport(
         source=str(folder), task=task, data=rows.how, rows={"train": len(rows.train_y), "eval": len(rows.eval_y)},
         steps=trainer.step, epochs=trainer.history, best_epoch=trainer.best["epoch"],

@@ -41,6 +41,7 @@ class FinetuneReport(Report):
     # quantization-aware training: the layout trained for, and the FP32 accuracy before it (the
     # accuracies above are then simulated INT8: before is what post-training rounding gives)
     qat: dict | None = optional()
+    perplexity: dict | None = optional()  # causal LM: held-out perplexity before and after
 
     @property
     def test_accuracy(self) -> float:
