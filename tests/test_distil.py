@@ -28,6 +28,9 @@ def test_a_student_keeps_every_kth_layer_of_its_teacher_with_their_weights(tmp_p
     assert (student / "tokenizer.json").is_file()
     with pytest.raises(InputError, match="every k-th"):
         student_from_teacher(teacher, tmp_path / "bad", keep_every=5)
+    (teacher / "edgepipe_pruned.json").write_text('{"shapes": {}, "attributes": {}}')
+    with pytest.raises(InputError, match="is a pruned folder"):
+        student_from_teacher(teacher, tmp_path / "bad", keep_every=2)
 
 
 def test_the_loss_is_the_task_loss_at_weight_0_and_only_the_kl_at_weight_1():

@@ -35,8 +35,12 @@ def student_from_teacher(teacher: str | Path, out: str | Path, keep_every: int) 
     import transformers
 
     from edgepipe.exporters.hf import TASKS, infer_task, read_config
+    from edgepipe.exporters.hf_pruned import is_pruned
 
     teacher, out = Path(teacher), Path(out)
+    if is_pruned(teacher):
+        raise InputError(f"{teacher} is a pruned folder, whose layers its config no longer describes: cut the student "
+                         "from the unpruned teacher, or give a student FOLDER of your own")
     config = transformers.AutoConfig.from_pretrained(str(teacher), local_files_only=True)
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or keep_every < 2 or layers < keep_every:
