@@ -82,27 +82,32 @@ def zoo(record: dict) -> list[str]:
 
 
 ROLES = {"teacher": "fine-tuned teacher", "student": "distilled student", "pruned": "pruned teacher",
-         "qat": "teacher after QAT"}
+         "qat": "teacher after QAT", "nncf": "NNCF"}
 
 
 def finetune(record: dict) -> list[str]:
     lines = ["## Fine-tune, distil, prune, quantize: real data shipped with Python and scikit-learn", "",
-             f"Machine: {machine(record)}. Command: `python benchmarks/finetune_bench.py`. Teachers start from "
-             "random weights (no pre-training); the text student is the teacher's every other layer, the image "
+             f"Machine: {machine(record)}. Command: `python benchmarks/finetune_bench.py`. The text teacher is "
+             "pre-trained as a masked LM on the sentences of Python's documentation and its standard library's docstrings (the judged rows left out), the image teacher starts from random weights; "
+             "the text student is the teacher's every other layer, the image "
              "student a ResNet of half the width; the pruned teacher lost half its attention heads and FFN neurons "
              "(a CNN: channels) and recovered by distillation; QAT is one epoch of quantization-aware training from "
              "the fine-tuned teacher. INT8 is what `quantize` chose on the held-out rows (refused: FP32 stays). "
-             "p50 interleaved in one process on the held-out rows.", ""]
+             "p50 interleaved in one process on the held-out rows; the drop against the teacher's FP32 model is "
+             "paired (the same rows, counted both ways).", ""]
     for name, task in record["tasks"].items():
         base = task["p50_ms"]["teacher FP32"]["32"]
         models = task["models"]
-        trained = ", ".join(f"{ROLES[r]} {m['train_seconds']} s" for r, m in models.items())
+        trained = ", ".join(f"{ROLES[r]} {m['train_seconds']} s" for r, m in models.items() if "train_seconds" in m)
         lines += [f"### {name}", "", f"{task['train_rows']:,} rows train, {task['test_rows']:,} judge. "
-                  f"Training time: {trained}.", "",
+                  f"Training time: {trained}.{pretraining(task)}", "",
                   "| model | params | accuracy [95%] | drop vs teacher FP32 [95%, paired] | p50 ms batch 1 | "
                   "p50 ms batch 32 | vs teacher FP32 at 32 | file MB | recipe |", "|---|---|---|---|---|---|---|---|---|"]
         drops = task.get("drop_vs_teacher", {})
         for role, model in models.items():
+            if role == "nncf":  # the peer: its INT8 model of the fine-tuned teacher, nothing else
+                lines.append(nncf_row(model, task, base))
+                continue
             for precision in ("FP32", "INT8"):
                 key = f"{role} {precision}"
                 label = f"{ROLES.get(role, role)} {precision}"
@@ -119,6 +124,24 @@ def finetune(record: dict) -> list[str]:
                              f"{int8['recipe'] if int8 else '-'} |")
         lines += ["", *qat_line(models), ""]
     return lines
+
+
+def nncf_row(model: dict, task: dict, base: float) -> str:
+    p50, drop = task["p50_ms"]["nncf INT8"], task["drop_vs_teacher"].get("nncf INT8")
+    return (f"| NNCF INT8 of the teacher (peer) | {model['params']:,} | {interval(model['accuracy'])} | "
+            f"{interval(drop)} | {p50['1']:.3f} | {p50['32']:.3f} | {base / p50['32']:.2f}x | "
+            f"{model['size_bytes'] / 1e6:.2f} | {model['recipe']} |")
+
+
+def pretraining(task: dict) -> str:
+    """What masked-LM pre-training took and bought, where the task had it."""
+    pre, scratch = task.get("pretraining"), task.get("without_pretraining")
+    if not pre or not scratch:
+        return ""
+    return (f" The teacher was pre-trained as a masked LM on {pre['passages']['train']:,} passages in "
+            f"{pre['seconds']} s (held-out masked-token accuracy {interval(pre['before'])} before, "
+            f"{interval(pre['masked_token_accuracy'])} after); fine-tuned from random init instead it scores "
+            f"{interval(scratch['accuracy'])} ({scratch['seconds']} s).")
 
 
 def qat_line(models: dict) -> list[str]:
