@@ -146,14 +146,11 @@ def _finetune_lm(source: Path, data: Optional[Path], output: Path, resume: bool,
                  lr: Optional[float], batch_size: Optional[int], seed: int, other: object) -> None:
     from edgepipe.errors import InputError
     from edgepipe.models.clm import finetune_lm
-    from edgepipe.models.mlm import PretrainConfig
 
     if data is None or other:
         raise InputError(f"fine-tuning the language model {source} takes --data text.txt, without --eval-data, "
                          "--teacher, --keep-every or --qat")
-    defaults = PretrainConfig(lr=1e-4, batch_size=8)
-    config = PretrainConfig(epochs=epochs or defaults.epochs, lr=lr or defaults.lr,
-                            batch_size=batch_size or defaults.batch_size, seed=seed)
+    config = _text_config(epochs, lr or 1e-4, batch_size or 8, seed)
     check_outputs(folders=(output,))
     rec = finetune_lm(source, data, output, config, resume=resume,
                       progress=lambda m: typer.echo(f"  {m}", err=True)).report
@@ -164,17 +161,23 @@ def _finetune_lm(source: Path, data: Optional[Path], output: Path, resume: bool,
                f"{rec.perplexity['after']} -> {output}")
 
 
+def _text_config(epochs: Optional[int], lr: Optional[float], batch_size: Optional[int], seed: int):
+    """Training settings on plain text, the options given over PretrainConfig's defaults."""
+    from edgepipe.models.mlm import PretrainConfig
+
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
+    return PretrainConfig(seed=seed, **{k: v for k, v in given.items() if v is not None})
+
+
 def _pretrain(source: Optional[Path], data: Optional[Path], output: Path, resume: bool, epochs: Optional[int],
               lr: Optional[float], batch_size: Optional[int], seed: int, other: object) -> None:
     from edgepipe.errors import InputError
-    from edgepipe.models.mlm import PretrainConfig, pretrain_mlm
+    from edgepipe.models.mlm import pretrain_mlm
 
     if source is None or data is None or other:
         raise InputError("masked-LM pre-training takes a text classifier FOLDER and --data corpus.txt (one passage "
                          "per line), without --teacher, --keep-every or --qat")
-    defaults = PretrainConfig()
-    config = PretrainConfig(epochs=epochs or defaults.epochs, lr=lr or defaults.lr,
-                            batch_size=batch_size or defaults.batch_size, seed=seed)
+    config = _text_config(epochs, lr, batch_size, seed)
     check_outputs(folders=(output,))
     rec = pretrain_mlm(source, data, output, config, resume=resume,
                        progress=lambda m: typer.echo(f"  {m}", err=True)).report

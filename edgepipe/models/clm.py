@@ -9,11 +9,8 @@ save_pretrained folder with the tokenizer files, which `edgepipe export` takes a
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -23,9 +20,8 @@ import torch
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import InputError
 from edgepipe.metrics import proportion
-from edgepipe.models.finetune import check_out_dir, publish
+from edgepipe.models.finetune import check_out_dir, finish, publish
 from edgepipe.models.mlm import PretrainConfig
-from edgepipe.models.report import FinetuneReport
 from edgepipe.models.trainer import STATE_DIR, Rows, Trainer
 
 TASK = "text-generation"
@@ -109,13 +105,5 @@ def finetune_lm(folder: str | Path, text: str | Path, out_dir: str | Path, confi
     trainer.run()
     publish(folder, out_dir / STATE_DIR / "best", out_dir)
     kept = transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True)
-    report = FinetuneReport(
-        source=str(folder), task=TASK, data=rows.how, rows={"train": len(rows.train_y), "eval": len(rows.eval_y)},
-        steps=trainer.step, epochs=trainer.history, best_epoch=trainer.best["epoch"],
-        eval_accuracy=trainer.best["eval_accuracy"], eval_accuracy_before=before,
-        train_seconds=round(time.perf_counter() - started, 1), params=sum(p.numel() for p in model.parameters()),
-        config=asdict(config), resumed_from_step=trainer.resumed_from,
-        perplexity={"before": perplexity_before, "after": trainer.scores(kept)[1]})
-    (out_dir / "edgepipe_train.json").write_text(json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(out_dir / STATE_DIR)
-    return StageResult("train", {"folder": out_dir}, report)
+    return finish(trainer, folder, TASK, before, started, out_dir,
+                  perplexity={"before": perplexity_before, "after": trainer.scores(kept)[1]})

@@ -27,7 +27,7 @@ from edgepipe.models.data import NamedInputs
 from edgepipe.models.report import FinetuneReport
 from edgepipe.models.trainer import STATE_DIR, FinetuneConfig, Rows, Trainer, accuracy
 
-__all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune", "load_classifier", "read_rows"]
+__all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune", "finish", "load_classifier", "read_rows"]
 
 
 def load_classifier(folder: Path):
@@ -144,12 +144,20 @@ def finetune(folder: str | Path, data: str | Path, out_dir: str | Path, config: 
     started = time.perf_counter()
     trainer.run()
     publish(folder, out_dir / STATE_DIR / "best", out_dir)
+    return finish(trainer, folder, task, before, started, out_dir, teacher=teacher_record, qat=quantization)
+
+
+def finish(trainer: Trainer, source: Path, task: str, before: dict, started: float, out_dir: Path,
+           **extra) -> StageResult:
+    """The run's FinetuneReport, written beside the folder (edgepipe_train.json); the checkpoint goes."""
+    rows = trainer.rows
     report = FinetuneReport(
-        source=str(folder), task=task, data=rows.how, rows={"train": len(rows.train_y), "eval": len(rows.eval_y)},
+        source=str(source), task=task, data=rows.how, rows={"train": len(rows.train_y), "eval": len(rows.eval_y)},
         steps=trainer.step, epochs=trainer.history, best_epoch=trainer.best["epoch"],
         eval_accuracy=trainer.best["eval_accuracy"], eval_accuracy_before=before,
-        train_seconds=round(time.perf_counter() - started, 1), params=sum(p.numel() for p in model.parameters()),
-        config=asdict(config), resumed_from_step=trainer.resumed_from, teacher=teacher_record, qat=quantization)
+        train_seconds=round(time.perf_counter() - started, 1),
+        params=sum(p.numel() for p in trainer.model.parameters()), config=asdict(trainer.config),
+        resumed_from_step=trainer.resumed_from, **extra)
     (out_dir / "edgepipe_train.json").write_text(json.dumps(report.to_dict(), indent=2))
     shutil.rmtree(out_dir / STATE_DIR)
     return StageResult("train", {"folder": out_dir}, report)

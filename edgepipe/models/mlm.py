@@ -11,10 +11,8 @@ OUT --data rows.csv`."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,8 +23,7 @@ from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, InputError
 from edgepipe.exporters.hf_preprocess import copy_processor_files
 from edgepipe.metrics import proportion
-from edgepipe.models.finetune import check_out_dir
-from edgepipe.models.report import FinetuneReport
+from edgepipe.models.finetune import check_out_dir, finish
 from edgepipe.models.trainer import STATE_DIR, FinetuneConfig, Rows, Trainer
 
 TASK = "masked-lm pre-training"
@@ -157,12 +154,4 @@ def pretrain_mlm(folder: str | Path, text: str | Path, out_dir: str | Path, conf
     transformers.utils.logging.disable_progress_bar()
     classifier.save_pretrained(out_dir)
     copy_processor_files(folder, out_dir)
-    report = FinetuneReport(
-        source=str(folder), task=TASK, data=rows.how, rows={"train": len(rows.train_y), "eval": len(rows.eval_y)},
-        steps=trainer.step, epochs=trainer.history, best_epoch=trainer.best["epoch"],
-        eval_accuracy=trainer.best["eval_accuracy"], eval_accuracy_before=before,
-        train_seconds=round(time.perf_counter() - started, 1), params=sum(p.numel() for p in model.parameters()),
-        config=asdict(config), resumed_from_step=trainer.resumed_from)
-    (out_dir / "edgepipe_train.json").write_text(json.dumps(report.to_dict(), indent=2))
-    shutil.rmtree(out_dir / STATE_DIR)
-    return StageResult("train", {"folder": out_dir}, report)
+    return finish(trainer, folder, TASK, before, started, out_dir)
