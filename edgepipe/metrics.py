@@ -2,6 +2,8 @@
 
 - A score (accuracy, token accuracy) on n rows: the Jeffreys interval, Beta(k + 1/2, n - k + 1/2).
 - Macro-F1: a bootstrap over rows (seeded, so a report is reproducible).
+- A share of words tagged right (token classification): a bootstrap over rows, since the words of
+  one row are not independent of each other.
 - A drop against FP32 on the same rows: the rows split into lost (FP32 right, candidate wrong),
   gained and unchanged; the interval comes from the Dirichlet posterior of those three shares
   with the same Jeffreys prior. It stays honest at zero flips (0 of 100 rows is not "exactly 0").
@@ -20,6 +22,7 @@ import numpy as np
 DRAWS = 4000  # posterior draws / bootstrap resamples per interval
 LEVEL = 0.95
 WITHIN, OVER, UNRESOLVED = "within", "over", "unresolved"
+IGNORED = -100  # a label that is neither trained on nor judged (a token that is not a word's first, padding)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,15 @@ def proportion(hits: int, rows: int, seed: int = 0) -> Interval:
     """A share of `rows` (accuracy): the Jeffreys interval."""
     rng = np.random.default_rng(seed)
     return _quantiles(rng.beta(hits + 0.5, rows - hits + 0.5, DRAWS), hits / max(rows, 1))
+
+
+def clustered_proportion(hits: np.ndarray, counts: np.ndarray, seed: int = 0) -> Interval:
+    """sum(hits) / sum(counts) over rows (words tagged right / words), bootstrapped over rows."""
+    hits, counts = np.asarray(hits, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(counts), size=(DRAWS, len(counts)))
+    draws = hits[picks].sum(axis=1) / np.maximum(counts[picks].sum(axis=1), 1)
+    return _quantiles(draws, float(hits.sum() / max(counts.sum(), 1)))
 
 
 def macro_f1_value(pred: np.ndarray, labels: np.ndarray, classes: int) -> float:
@@ -102,8 +114,19 @@ def rows_needed(drop: Interval, budget: float, rows: int) -> int | None:
     return max(1, math.ceil(rows * (half / gap) ** 2) - rows)
 
 
+def judged(pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, labels) of what labels judge: each row's, or with a label per token (token
+    classification) each tagged word's, flattened."""
+    labels = labels[:len(pred)]
+    if labels.ndim == 2:
+        keep = labels != IGNORED
+        return pred[keep], labels[keep]
+    return pred, labels
+
+
 def scores(pred: np.ndarray, labels: np.ndarray) -> dict[str, Interval]:
     """Accuracy and macro-F1 of class predictions against labels, each with its interval."""
+    pred, labels = judged(pred, labels)
     hits = int((pred == labels).sum())
     return {"accuracy": proportion(hits, len(labels)), "macro_f1": macro_f1(pred, labels)}
 

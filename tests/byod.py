@@ -1,4 +1,4 @@
-"""Tiny Hugging Face classifiers that carry a tokenizer or an image processor, and labelled data
+"""Tiny Hugging Face classifiers (and a token classifier) that carry a tokenizer or an image processor, and labelled data
 for them in the formats users bring (CSV, JSONL, Parquet, image folders, save_to_disk), built
 offline with random weights."""
 
@@ -46,6 +46,57 @@ def text_classifier(folder: Path, seed: int = 0, tokenizer: bool = True, positio
     if tokenizer:
         word_tokenizer(folder)
     return folder
+
+
+TAGS = ("O", "B-POS", "B-NEG")
+
+
+def token_classifier(folder: Path, seed: int = 0) -> Path:
+    """A tiny BERT that tags each word with one of TAGS, with its tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                     num_labels=len(TAGS), id2label=dict(enumerate(TAGS)),
+                                     label2id={n: i for i, n in enumerate(TAGS)})
+    transformers.BertForTokenClassification(config).save_pretrained(folder)
+    word_tokenizer(folder)
+    return folder
+
+
+def tagged_sentences(n: int, seed: int = 0) -> list[dict]:
+    """Words tagged B-POS (good words), B-NEG (bad words, and good ones after "not") or O; some
+    words are hyphenated pairs, which the tokenizer cuts into several tokens."""
+    rng = np.random.default_rng(seed)
+    good, bad, rest = WORDS[:3], WORDS[3:6], [w for w in WORDS[6:] if w != "not"]
+    rows = []
+    for _ in range(n):
+        tokens, tags = [], []
+        for _ in range(int(rng.integers(4, 10))):
+            kind = rng.random()
+            if kind < 0.15 and tokens and tokens[-1] != "not":
+                tokens.append("not")
+                tags.append("O")
+            elif kind < 0.4:
+                word = str(rng.choice(good))
+                tokens.append(word)
+                tags.append("B-NEG" if tokens[-2:-1] == ["not"] else "B-POS")
+            elif kind < 0.55:
+                tokens.append(str(rng.choice(bad)) + ("-" + str(rng.choice(rest)) if rng.random() < 0.5 else ""))
+                tags.append("B-NEG")
+            else:
+                tokens.append(str(rng.choice(rest)))
+                tags.append("O")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def write_conll(path: Path, rows: list[dict]) -> Path:
+    path.write_text("-DOCSTART- O\n\n" + "".join("".join(f"{w} {t}\n" for w, t in zip(r["tokens"], r["tags"]))
+                                                    + "\n" for r in rows))
+    return path
 
 
 def image_classifier(folder: Path, seed: int = 0, size: int = 32) -> Path:

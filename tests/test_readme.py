@@ -116,3 +116,22 @@ def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
     assert json.loads((tmp_path / "my-bert-qat" / "edgepipe_train.json").read_text())["qat"]
     assert "simulated INT8" in out and (tmp_path / "bert-qat.onnx").is_file()
     assert out.count("scores (95% interval): FP32 accuracy") == 2  # the QAT model judged like the first
+
+
+@pytest.mark.slow
+def test_the_token_classification_block_runs_as_written_in_an_empty_folder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", bash_block("WordTagger", DOCS / "training.md")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    tuned = json.loads((tmp_path / "my-tagger-tuned" / "edgepipe_train.json").read_text())
+    assert tuned["task"] == "token-classification" and tuned["eval_accuracy"]["low"] > 0.9
+    assert "(each word judged)" in result.stdout + result.stderr
+    import ast
+
+    tagged = [w["tag"] for w in ast.literal_eval(result.stdout.strip().splitlines()[-1])[0]]  # the printed list
+    assert tagged == ["B-PER", "O", "B-LOC"]

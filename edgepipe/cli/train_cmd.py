@@ -13,14 +13,14 @@ from edgepipe.cli.choices import QatActivations
 
 @handle_errors
 def train(
-    source: Annotated[Optional[Path], typer.Argument(help="A Hugging Face folder to fine-tune on --data: a classifier (text or image, with its tokenizer or preprocessor_config.json) on labelled rows, or a causal language model (with tokenizer.json) on a .txt file. Without it, --model trains a zoo model from scratch.")] = None,
+    source: Annotated[Optional[Path], typer.Argument(help="A Hugging Face folder to fine-tune on --data: a classifier (text or image, with its tokenizer or preprocessor_config.json) or a token classifier (with its tokenizer) on labelled rows, or a causal language model (with tokenizer.json) on a .txt file. Without it, --model trains a zoo model from scratch.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Zoo: run directory (writes checkpoint.pt) or a .pt path. Fine-tuning and tiny-lm: the folder to write (new, or the interrupted one with --resume).")] = ...,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer; or tiny-lm (a 3M-parameter Llama-style language model over bytes, trained on the bundled text and written as a Hugging Face folder with a tokenizer).")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="Zoo: digits, marker, or an .npz with x and y. Default: the model's usual dataset.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows (CSV/TSV, JSONL, Parquet, a save_to_disk folder, or an image folder with one subfolder per class); without --eval-data 20% of them (seeded) judge each epoch.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows (CSV/TSV, JSONL, Parquet, a save_to_disk folder, or an image folder with one subfolder per class; for a token classifier a row's words and their tags, as lists or space-separated, or a .conll file); without --eval-data 20% of them (seeded) judge each epoch.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows that judge each epoch (all of --data then trains).")] = None,
-    input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair) or the image column; default: found by its usual name.")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column (names from config.json's label2id, or ids); default: label, labels, class, ...")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair), the words column (token classification) or the image column; default: found by its usual name.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column, or the tags column of a token classifier (names from config.json's label2id, or ids); default: label, labels, class, ... (tags: ner_tags, tags, labels, ...)")] = None,
     resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
     teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half the loss).")] = None,
     keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
@@ -39,7 +39,8 @@ def train(
 
     edgepipe train FOLDER --data train.csv -o OUT fine-tunes the folder (AdamW, warm-up and
     decay, gradient clipping, seeded), judges every epoch on held-out rows (accuracy with its
-    95% interval), keeps the best epoch and writes a save_pretrained folder with the source's
+    95% interval; a token classifier's is the share of words tagged right, each word judged by
+    its first token), keeps the best epoch and writes a save_pretrained folder with the source's
     tokenizer or image processor, ready for `edgepipe export`. A checkpoint is written every 50
     steps and when the run is interrupted: --resume continues it.
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgepipe.data.rows import data_format, iter_rows, saved_splits
 from edgepipe.errors import InputError
+from edgepipe.metrics import IGNORED
 from edgepipe.models.data import NamedInputs
 from edgepipe.runtime.preprocess import IMAGE, Preprocess, TextEncoder
 
@@ -22,6 +23,8 @@ PAIR_COLUMNS = {"sentence1": "sentence2", "premise": "hypothesis", "text_a": "te
                 "text": "text_pair"}
 IMAGE_COLUMNS = ("image", "img", "picture", "file", "path")
 LABEL_COLUMNS = ("label", "labels", "class", "target", "category", "y")
+WORD_COLUMNS = ("tokens", "words")  # token classification: a row's words, as a list or space-separated
+TAG_COLUMNS = ("ner_tags", "tags", "labels", "label", "pos_tags", "chunk_tags")  # one tag per word
 HELD_OUT_SPLITS = ("test", "validation", "valid", "dev")
 TEST_FRACTION = 0.2
 
@@ -40,15 +43,17 @@ def pick_columns(names: list[str], pre: Preprocess, where: str, text: tuple[str,
         raise InputError(f"{where} has no column {', '.join(repr(c) for c in missing)}; its columns are "
                          f"{', '.join(names) or 'none'}")
     if not text:
-        usual = IMAGE_COLUMNS if pre.kind == IMAGE else TEXT_COLUMNS
+        usual = IMAGE_COLUMNS if pre.kind == IMAGE else WORD_COLUMNS if pre.per_word else TEXT_COLUMNS
         first = next((c for c in usual if c in names), None)
         if first is None:
-            raise InputError(f"{where} has no {pre.kind} column (its columns: {', '.join(names) or 'none'}); "
+            what = "words" if pre.per_word else pre.kind
+            raise InputError(f"{where} has no {what} column (its columns: {', '.join(names) or 'none'}); "
                              "name it with --input-column")
-        pair = PAIR_COLUMNS.get(first) if pre.kind != IMAGE else None
+        pair = PAIR_COLUMNS.get(first) if pre.kind != IMAGE and not pre.per_word else None
         text = (first, pair) if pair in names else (first,)
     if label is None:
-        label = next((c for c in LABEL_COLUMNS if c in names and c not in text), None)
+        usual = TAG_COLUMNS if pre.per_word else LABEL_COLUMNS
+        label = next((c for c in usual if c in names and c not in text), None)
     return Columns(tuple(text), label)
 
 
@@ -91,6 +96,8 @@ class RowEncoder:
         self.images = _image_processor(pre) if pre.kind == IMAGE else None
 
     def encode(self, rows: list[dict]) -> list:
+        if self.pre.per_word:
+            return self.text.word_rows([words(r[self.columns.inputs[0]]) for r in rows])
         if self.text is not None:
             texts = [[str(r[c] if r[c] is not None else "") for r in rows] for c in self.columns.inputs]
             return self.text.token_rows(texts[0], texts[1] if len(texts) > 1 else None)
@@ -115,19 +122,48 @@ class _Part:
         return len(self.items) >= self.limit
 
 
-def _labels(rows: list[dict], numbers: list[int], column: str | None, pre: Preprocess, where: str) -> list[int]:
-    """Label ids of `rows` (their row numbers in the file: `numbers`, from 1)."""
-    if column is None:
+def words(value: Any) -> list[str]:
+    """A row's words: a list as it is, a string split at white space."""
+    if value is None:
         return []
+    return value.split() if isinstance(value, str) else [str(v) for v in value]
+
+
+def _label_id(value: Any, pre: Preprocess, where: str) -> int:
+    index = pre.label_id(value)
+    if index is None:
+        heads = ", ".join(pre.labels) if pre.labels else "integer ids"
+        raise InputError(f"{where}: label {value!r} is not one of the model's labels ({heads})")
+    return index
+
+
+def _labels(rows: list[dict], numbers: list[int], columns: Columns, pre: Preprocess, where: str) -> list:
+    """Label ids of `rows` (their row numbers in the file: `numbers`, from 1): one per row, or for
+    token classification a list per row, one per word."""
+    if columns.label is None:
+        return []
+    if not pre.per_word:
+        return [_label_id(row.get(columns.label), pre, f"{where}, row {n}") for n, row in zip(numbers, rows)]
     ids = []
     for number, row in zip(numbers, rows):
-        value = pre.label_id(row.get(column))
-        if value is None:
-            heads = ", ".join(pre.labels) if pre.labels else "integer ids"
-            raise InputError(f"{where}, row {number}: label {row.get(column)!r} is not one of the "
-                             f"model's labels ({heads})")
-        ids.append(value)
+        tags, said = words(row.get(columns.label)), words(row.get(columns.inputs[0]))
+        if len(tags) != len(said):
+            raise InputError(f"{where}, row {number}: {len(said)} words but {len(tags)} tags; token "
+                             "classification needs one tag per word")
+        ids.append([_label_id(t, pre, f"{where}, row {number}") for t in tags])
     return ids
+
+
+def tag_array(items: list[dict], tags: list[list[int]], width: int) -> np.ndarray:
+    """Per-word tags placed on each word's first token ([rows, width]); every other token IGNORED."""
+    out = np.full((len(items), width), IGNORED, dtype=np.int64)
+    for row, (item, row_tags) in enumerate(zip(items, tags)):
+        seen = set()
+        for position, word in enumerate(item["word_ids"][:width]):
+            if word is not None and word not in seen:
+                out[row, position] = row_tags[word]
+                seen.add(word)
+    return out
 
 
 def _fill(batches: Iterator[list[dict]], encoder: RowEncoder, parts: list[_Part], where: str,
@@ -141,7 +177,7 @@ def _fill(batches: Iterator[list[dict]], encoder: RowEncoder, parts: list[_Part]
             numbers = [seen + i + 1 for i in np.flatnonzero(mask)][:max(0, part.limit - len(part.items))]
             take = [rows[n - seen - 1] for n in numbers]
             if take:
-                part.labels += _labels(take, numbers, encoder.columns.label, encoder.pre, where)
+                part.labels += _labels(take, numbers, encoder.columns, encoder.pre, where)
                 part.items += encoder.encode(take)
         seen += len(rows)
         if all(p.full for p in parts):
@@ -194,7 +230,13 @@ def load_labelled(path: str | Path, pre: Preprocess, *, seed: int = 0, max_test:
     if encoder.text is not None and encoder.text.truncated and say is not None:
         say(f"note: {encoder.text.truncated} rows were longer than the model's {pre.max_length} positions "
             "and were cut to fit")
-    labels = np.asarray(test.labels, dtype=np.int64) if columns.label else None
-    calibration = encoder.stack(calib.items or test.items)
-    calibration_labels = np.asarray(calib.labels or test.labels, dtype=np.int64) if columns.label else None
-    return NamedInputs(path.stem, encoder.stack(test.items), labels, calibration, how, calibration_labels)
+    held_inputs, calibration = encoder.stack(test.items), encoder.stack(calib.items or test.items)
+    labels = _label_array(test, held_inputs, encoder) if columns.label else None
+    calibration_labels = _label_array(calib if calib.items else test, calibration, encoder) if columns.label else None
+    return NamedInputs(path.stem, held_inputs, labels, calibration, how, calibration_labels)
+
+
+def _label_array(part: _Part, inputs: dict[str, np.ndarray], encoder: RowEncoder) -> np.ndarray:
+    if not encoder.pre.per_word:
+        return np.asarray(part.labels, dtype=np.int64)
+    return tag_array(part.items, part.labels, next(iter(inputs.values())).shape[1])

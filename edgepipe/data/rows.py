@@ -1,11 +1,13 @@
 """Labelled rows streamed from the files users have: CSV/TSV, JSON Lines, Parquet, a folder
-written by `datasets`' save_to_disk, and an image folder with one subfolder per class. Each
+written by `datasets`' save_to_disk, an image folder with one subfolder per class, and CoNLL
+files of tagged words (token classification). Each
 reader yields lists of row dicts, a batch at a time, so a file larger than memory is read
 through without being held."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -15,12 +17,12 @@ from edgepipe.errors import InputError
 
 BATCH = 512
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".conll")
 Rows = Iterator[list[dict]]
 
 
 def data_format(path: Path) -> str:
-    """csv, jsonl, parquet, saved (save_to_disk), images (class folders) or npz."""
+    """csv, jsonl, parquet, conll, saved (save_to_disk), images (class folders), txt or npz."""
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "saved"
@@ -35,10 +37,11 @@ def data_format(path: Path) -> str:
         return "csv"
     if suffix in (".jsonl", ".json"):
         return "jsonl"
-    if suffix in (".parquet", ".npz", ".txt"):
+    if suffix in (".parquet", ".npz", ".txt", ".conll"):
         return suffix[1:]
     raise InputError(f"{path}: unknown data format '{suffix}'; give .npz, .csv, .tsv, .jsonl, .parquet, "
-                     ".txt (language models), an image folder or a datasets save_to_disk folder")
+                     ".conll (tagged words), .txt (language models), an image folder or a datasets "
+                     "save_to_disk folder")
 
 
 def _csv(path: Path) -> Rows:
@@ -76,6 +79,31 @@ def _jsonl(path: Path) -> Rows:
                 batch = []
         if batch:
             yield batch
+
+
+def _conll(path: Path) -> Rows:
+    """One row per sentence: {"tokens": [...], "tags": [...]}, from lines of a word and its tag
+    (the word in the first column, the tag in the last), sentences apart by a blank line."""
+    batch: list[dict] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(itertools.chain(handle, [""]), 1):  # "": the last sentence ends
+            fields = line.split()
+            if fields and fields[0] != "-DOCSTART-":
+                if len(fields) < 2:
+                    raise InputError(f"{path}, line {number}: a word without its tag; a CoNLL line is "
+                                     "'WORD ... TAG', and a blank line ends a sentence")
+                tokens.append(fields[0])
+                tags.append(fields[-1])
+            elif tokens:
+                batch.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
 
 
 def _pyarrow():
@@ -137,7 +165,7 @@ def _images(path: Path) -> Rows:
 
 def iter_rows(path: Path, split: str = "") -> Rows:
     kind = data_format(path)
-    readers = {"csv": _csv, "jsonl": _jsonl, "parquet": _parquet, "images": _images}
+    readers = {"csv": _csv, "jsonl": _jsonl, "parquet": _parquet, "conll": _conll, "images": _images}
     if kind == "saved":
         return _saved(path, split)
     if kind not in readers:

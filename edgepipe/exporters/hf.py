@@ -33,6 +33,8 @@ TASKS = {t.name: t for t in (
     Task("feature-extraction", "AutoModel", "text", None),
 )}
 CLASSIFIERS = ("image-classification", "text-classification")  # one label per row
+TAGGER = "token-classification"  # one label per word
+LABELLED = (*CLASSIFIERS, TAGGER)  # the tasks fine-tuning and labelled rows serve
 # Suffixes of config.json's "architectures" entries, most specific first.
 _ARCHITECTURE_TASKS = (
     ("ForImageClassification", "image-classification"),
@@ -162,10 +164,10 @@ def load_folder(folder: str | Path, task: str | None = None):
     meta = {"hf": {"task": task_name, "model_type": raw.get("model_type"),
                    "architectures": raw.get("architectures"), "transformers": transformers.__version__,
                    "parameters": sum(p.numel() for p in model.parameters())}}
-    if task_name in CLASSIFIERS:  # the file carries what turns raw rows into its inputs
+    if task_name in LABELLED:  # the file carries what turns raw rows into its inputs
         from edgepipe.exporters.hf_preprocess import folder_preprocess
 
-        pre = folder_preprocess(folder, spec.modality, [s.name for s in specs], raw)
+        pre = folder_preprocess(folder, spec.modality, [s.name for s in specs], raw, task_name == TAGGER)
         if pre is not None:
             meta["preprocess"] = pre.to_json()
     return KeywordInputs(model, [s.name for s in specs], spec.outputs), specs, str(folder), meta

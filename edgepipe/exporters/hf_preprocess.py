@@ -53,9 +53,9 @@ def _tokenizer(folder: Path):
 
 
 def folder_preprocess(folder: str | Path, modality: str, input_names: list[str],
-                      config: dict[str, Any]) -> Preprocess | None:
+                      config: dict[str, Any], per_word: bool = False) -> Preprocess | None:
     """What turns raw rows into this folder's model inputs, or None when the folder has no
-    tokenizer (text) or no preprocessor_config.json (images)."""
+    tokenizer (text) or no preprocessor_config.json (images). `per_word`: its labels tag words."""
     folder = Path(folder)
     labels = label_names(config)
     if modality == IMAGE:
@@ -74,7 +74,7 @@ def folder_preprocess(folder: str | Path, modality: str, input_names: list[str],
               if isinstance(v, int) and 0 < v < _NO_LIMIT]
     return Preprocess(TEXT, tuple(input_names), labels, max_length=min(limits) if limits else None,
                       pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-                      tokenizer=tok.backend_tokenizer.to_str())
+                      tokenizer=tok.backend_tokenizer.to_str(), per_word=per_word)
 
 
 def processor_size(folder: Path) -> int | None:

@@ -32,19 +32,19 @@ __all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune", "finish", "load
 
 def load_classifier(folder: Path):
     """(model, input names, task, preprocess) of a classifier folder, or InputError."""
-    from edgepipe.exporters.hf import CLASSIFIERS, is_causal_lm_folder, is_hf_folder, load_folder
+    from edgepipe.exporters.hf import LABELLED, is_causal_lm_folder, is_hf_folder, load_folder
     from edgepipe.runtime.preprocess import Preprocess
 
     if not is_hf_folder(folder):
         raise InputError(f"{folder} is not a Hugging Face model folder (no config.json): fine-tuning takes a "
                          "save_pretrained folder")
     if is_causal_lm_folder(folder):
-        raise InputError(f"{folder} is a causal language model; fine-tuning takes {' or '.join(CLASSIFIERS)} "
+        raise InputError(f"{folder} is a causal language model; fine-tuning takes {', '.join(LABELLED)} "
                          "folders (train --model tiny-lm trains a small language model from scratch)")
     wrapper, _, _, meta = load_folder(folder)
     task = meta["hf"]["task"]
-    if task not in CLASSIFIERS:
-        raise InputError(f"{folder} is a {task} model; fine-tuning takes {' or '.join(CLASSIFIERS)} folders")
+    if task not in LABELLED:
+        raise InputError(f"{folder} is a {task} model; fine-tuning takes {', '.join(LABELLED)} folders")
     if not meta.get("preprocess"):
         what = "preprocessor_config.json" if task == "image-classification" else "tokenizer files"
         raise InputError(f"{folder} has no {what}, so rows cannot become its inputs: save its tokenizer or "

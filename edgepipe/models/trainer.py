@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgepipe.errors import ConfigError, InputError, TrainingError
-from edgepipe.metrics import proportion
+from edgepipe.metrics import IGNORED, clustered_proportion, proportion
 from edgepipe.models import qat
 from edgepipe.models.distil import distillation_loss
 
@@ -70,11 +70,16 @@ class Rows:
 
 @torch.no_grad()
 def accuracy(model, names: list[str], rows: Rows, seed: int = 0) -> dict:
-    """Accuracy on the held-out rows, with its 95% interval."""
+    """Accuracy on the held-out rows, with its 95% interval; for token classification (a label
+    per token, IGNORED where none) the share of words tagged right."""
     model.eval()
     count = len(rows.eval_y)
     pred = torch.cat([model(**{n: torch.from_numpy(rows.eval[n][i:i + 64]) for n in names}).logits.argmax(-1)
                       for i in range(0, count, 64)]).numpy()
+    if rows.eval_y.ndim == 2:
+        tagged = rows.eval_y != IGNORED
+        hits = ((pred == rows.eval_y) & tagged).sum(axis=1)
+        return clustered_proportion(hits, tagged.sum(axis=1), seed=seed).to_dict()
     return proportion(int((pred == rows.eval_y).sum()), count, seed=seed).to_dict()
 
 
@@ -149,7 +154,10 @@ class Trainer:
         if self.teacher is not None:
             with torch.no_grad():
                 taught = self.teacher(**feeds).logits
-            loss = distillation_loss(out.logits, taught, loss, self.config.temperature, self.config.distil_weight)
+            student = out.logits
+            if labels.dim() == 2:  # token classification: the words' first tokens, as the task loss
+                student, taught = student[labels != IGNORED], taught[labels != IGNORED]
+            loss = distillation_loss(student, taught, loss, self.config.temperature, self.config.distil_weight)
         if not torch.isfinite(loss):
             saved = self.saved_step()
             kept = f"the checkpoint of step {saved} is kept; " if saved else ""

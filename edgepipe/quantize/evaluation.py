@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepipe.metrics import Interval, paired_drop
+from edgepipe.metrics import Interval, judged, paired_drop
 from edgepipe.quantize.calibration import rows_per_batch
 from edgepipe.quantize.config import EvalData
 from edgepipe.runtime.engine import Engine
@@ -32,7 +32,7 @@ def evaluate(engine: Engine, data: EvalData, reference: np.ndarray | None = None
             tap(feeds, outputs)
         chunks.append(outputs[engine.output_names[0]])
     out = np.concatenate(chunks)
-    acc = float((out.argmax(-1) == data.labels[:n]).mean()) if data.labels is not None else None
+    acc = float(np.equal(*judged(out.argmax(-1), data.labels)).mean()) if data.labels is not None else None
     agree = float((out.argmax(-1) == reference.argmax(-1)).mean()) if reference is not None else None
     return out, acc, agree
 
@@ -75,9 +75,9 @@ class Flips:
 
 def flips(out: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> Flips:
     mine, theirs = out.argmax(-1), reference.argmax(-1)
-    if labels is None:
-        return Flips(int((mine != theirs).sum()), 0, len(mine))
-    truth = labels[:len(mine)]
+    if labels is None:  # every position of an output with one (token classification) counts
+        return Flips(int((mine != theirs).sum()), 0, mine.size)
+    (mine, truth), (theirs, _) = judged(mine, labels), judged(theirs, labels)
     return Flips(int(((theirs == truth) & (mine != truth)).sum()), int(((theirs != truth) & (mine == truth)).sum()),
                  len(mine))
 

@@ -1,5 +1,5 @@
 """The judging side of a quantize search: whether a candidate is accurate and fast enough, and
-its verdict. A mixin of Search, which provides config, eval_data, reference, rows and resolved (whether the held-out rows
+its verdict. A mixin of Search, which provides config, eval_data, reference, units, unit and resolved (whether the held-out rows
 can resolve the accuracy budget)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Judging:
             cand.scores = scores(out.argmax(-1), labels[:len(out)])
         budget, drop = self.config.max_accuracy_drop, cand.flips.interval
         cand.resolution = resolution(drop, budget)
-        cand.rows_needed = rows_needed(drop, budget, self.rows) if cand.resolution == UNRESOLVED else None
+        cand.rows_needed = rows_needed(drop, budget, self.units) if cand.resolution == UNRESOLVED else None
 
     def accurate(self, cand: Candidate) -> bool:
         """Within the budget: the measured drop is at most the budget (or, on rows too few to
@@ -43,7 +43,7 @@ class Judging:
 
     def accuracy_verdict(self, cand: Candidate, detail: str = "") -> Verdict:
         if cand.flips is not None:
-            counted = f"{cand.flips.losses} of {cand.flips.rows} rows lost, {cand.flips.gains} gained"
+            counted = f"{cand.flips.losses} of {cand.flips.rows} {self.unit} lost, {cand.flips.gains} gained"
             if not self.resolved:
                 counted += f"; 95% lower bound {cand.flips.drop_lower_bound:.4f} is above the budget too"
             if cand.resolution == UNRESOLVED:

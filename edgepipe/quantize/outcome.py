@@ -80,8 +80,8 @@ def describe_search(report: QuantizeReport, search: Search, judged_on: str, chos
     """What the search spent and on which rows it judged, into the report."""
     report.judged_on = judged_on + (
         "" if search.resolved else
-        f"; {search.rows} rows cannot resolve a {search.config.max_accuracy_drop} budget (one row is "
-        f"{1 / search.rows:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
+        f"; {search.units} {search.unit} cannot resolve a {search.config.max_accuracy_drop} budget (one is "
+        f"{1 / search.units:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
     report.choice = search.choice
     report.phases = search.phases
     report.phase_peak_mb = search.phase_peaks or None

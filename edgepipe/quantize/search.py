@@ -20,7 +20,7 @@ from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
-from edgepipe.quantize.evaluation import evaluate, fidelity, resolves
+from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
 from edgepipe.quantize.judging import Judging
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import Baseline
@@ -70,8 +70,10 @@ class Search(TimeBudget, Judging):
         self.rows = len(self.reference)
         labels = eval_data.labels
         self.fp32_scores = scores(self.reference.argmax(-1), labels[:self.rows]) if labels is not None else None
-        # Whether one row is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
-        self.resolved = resolves(self.rows, config.max_accuracy_drop)
+        self.units = flips(self.reference, self.reference, labels).rows  # what a drop counts: rows, or tagged words
+        self.unit = "words" if labels is not None and labels.ndim == 2 else "rows"
+        # Whether one unit is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
+        self.resolved = resolves(self.units, config.max_accuracy_drop)
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
         self.sweep = self.sweep_settings(session_settings(config.threads, spinning=config.try_spinning) if
                                          config.tunes_threads else [SessionSetting(config.threads or os.cpu_count() or 1, False)])

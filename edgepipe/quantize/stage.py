@@ -197,7 +197,9 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
     if generated:  # no held-out data: judge agreement with FP32 on seeded inputs
         eval_data = generated_eval_data(onnx_path, engine=fp32, call_cost=call_cost, head=head)
     rows = min(len(v) for v in eval_data.inputs.values())
-    judged_on = (f"accuracy against labels on {rows} held-out rows" if eval_data.labels is not None else
+    per_word = eval_data.labels is not None and eval_data.labels.ndim == 2
+    judged_on = (f"accuracy against labels on {rows} held-out rows" + (" (each word judged)" if per_word else "")
+                 if eval_data.labels is not None else
                  f"top-1 agreement with FP32 on {rows} {'generated' if generated else 'given'} rows (no labels)")
     recipes, skipped, graph_ops = plan(onnx_path, config, cpu)
     with work_dir("quant") as tmp:

@@ -2,7 +2,7 @@
 
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.hardware import CpuInfo, fingerprint, read_cpu
-from edgepipe.runtime.preprocess import Preprocess, TextClassifier
+from edgepipe.runtime.preprocess import Preprocess, TextClassifier, WordTagger
 from edgepipe.runtime.profiling import compare_models, profile_model
 from edgepipe.runtime.sessions import (
     SessionSetting,
@@ -22,6 +22,7 @@ __all__ = [
     "Preprocess",
     "SessionSetting",
     "TextClassifier",
+    "WordTagger",
     "compare_models",
     "fastest_per_batch",
     "fingerprint",

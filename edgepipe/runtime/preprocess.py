@@ -27,6 +27,7 @@ class Preprocess:
     pad_id: int = 0  # text: the id padding uses
     tokenizer: str | None = None  # text: the tokenizer.json content
     image: dict[str, Any] = field(default_factory=dict)  # images: the image processor's settings
+    per_word: bool = False  # text: a label tags each word of a row (token classification), not the row
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -86,6 +87,14 @@ class TextEncoder:
         return [{"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
                 for e in encodings]
 
+    def word_rows(self, words: Sequence[Sequence[str]]) -> list[dict[str, list]]:
+        """Rows already split into words -> token_rows' fields plus `word_ids`: the word each token
+        comes from (None for special tokens), so per-word labels can be placed on the tokens."""
+        encodings = self.tokenizer.encode_batch([list(w) for w in words], is_pretokenized=True)
+        self.truncated += sum(bool(e.overflowing) for e in encodings)
+        return [{"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids,
+                 "word_ids": e.word_ids} for e in encodings]
+
     def pad(self, rows: Sequence[dict[str, list[int]]], pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Rows from token_rows -> int64 arrays [rows, length] for the model's inputs."""
         length = pad_to or max((len(r["input_ids"]) for r in rows), default=1)
@@ -118,6 +127,9 @@ class TextClassifier:
         if pre is None or pre.kind != TEXT:
             raise InputError(f"{engine.path} carries no tokenizer: export it from a Hugging Face folder "
                              "with its tokenizer files to send text")
+        if pre.per_word:
+            raise InputError(f"{engine.path} tags each word (token classification): use WordTagger, "
+                             "TextClassifier labels whole texts")
         self.engine, self.pre, self.encoder = engine, pre, TextEncoder(pre)
 
     def __call__(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -128,3 +140,37 @@ class TextClassifier:
         best = probs.argmax(-1)
         return [{"label": self.pre.label_name(int(i)), "id": int(i), "score": round(float(p[i]), 6)}
                 for i, p in zip(best, probs)]
+
+
+class WordTagger:
+    """Sentences in, a tag per word out, on an Engine whose token-classification model carries its
+    tokenizer: `WordTagger(Engine("ner.onnx"))(["Ada lives in Paris"])` -> one list per sentence of
+    {"word", "tag", "id", "score"}, each word tagged by its first token (a sentence is split at
+    white space unless given as a list of words; words past the model's length limit get tag None)."""
+
+    def __init__(self, engine):
+        pre = Preprocess.from_metadata(engine.metadata)
+        if pre is None or not pre.per_word:
+            raise InputError(f"{engine.path} is not a token-classification model that carries its tokenizer: "
+                             "export one from a Hugging Face folder with its tokenizer files")
+        self.engine, self.pre, self.encoder = engine, pre, TextEncoder(pre)
+
+    def __call__(self, sentences: Sequence[str | Sequence[str]]) -> list[list[dict[str, Any]]]:
+        rows = [s.split() if isinstance(s, str) else [str(w) for w in s] for s in sentences]
+        encoded = self.encoder.word_rows(rows)
+        logits = self.engine.run(self.encoder.pad(encoded))[self.engine.output_names[0]]
+        probs = softmax(logits.astype(np.float64))
+        tagged = []
+        for words, row, row_probs in zip(rows, encoded, probs):
+            first = {}
+            for position, word in enumerate(row["word_ids"]):
+                if word is not None:
+                    first.setdefault(word, position)
+            out = []
+            for index, word in enumerate(words):
+                p = row_probs[first[index]] if index in first else None
+                best = int(p.argmax()) if p is not None else None
+                out.append({"word": word, "tag": self.pre.label_name(best) if p is not None else None, "id": best,
+                            "score": round(float(p[best]), 6) if p is not None else None})
+            tagged.append(out)
+        return tagged

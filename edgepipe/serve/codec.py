@@ -100,6 +100,9 @@ class TextIn:
                 pairs is not None and (len(pairs) != len(texts) or not all(isinstance(p, str) for p in pairs))):
             raise InputError("\"text\" must be a string or a non-empty list of strings (and \"text_pair\", "
                              "when given, one string per text)")
+        if self.pre.per_word:
+            raise InputError("this model tags each word (token classification), which text requests do not "
+                             "serve yet: send its token inputs as {\"inputs\": {\"<name>\": [...]}}")
         self._encoder = self._encoder or TextEncoder(self.pre)
         rows = self._encoder.token_rows(texts, pairs)
         longest = max(len(r["input_ids"]) for r in rows)
