@@ -42,7 +42,8 @@ MODELS = {
                                        num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
                                        max_position_embeddings=2048)),
     "gpt2-small": ("GPT2Config", dict()),
-    "llama-tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "llama-tiny": ("LlamaConfig",
+                   dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)),
 }
 

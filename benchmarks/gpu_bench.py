@@ -228,7 +228,8 @@ def main() -> None:
                  "install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA GPU")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu-bench-"))
-    result: dict = {"gpu": read_gpu() or "unknown", "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
+    result: dict = {"gpu": read_gpu() or "unknown", "onnxruntime": ort.__version__,
+                    "providers": ort.get_available_providers(),
                     "hardware": fingerprint()}
     for name in ("mlp", "cnn", "lstm", "transformer"):
         path = args.zoo / name / "model.onnx"

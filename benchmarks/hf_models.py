@@ -11,11 +11,12 @@ judged by top-1 agreement with FP32). Then, in this process, FP32, edgepipe's IN
 `quantize_dynamic` (S8 weights, per-tensor, full range: what most tutorials run), and, with
 OpenVINO installed, edgepipe's INT8 file run by OpenVINO (when quantize did not choose it) are timed
 interleaved at each batch size with all cores, beside OpenVINO + NNCF's INT8 model on OpenVINO
-when --nncf-python names a venv with nncf (peers never enter edgepipe's environment), and their outputs compared with FP32's (relative
-L2 error, cosine) on generated inputs. Random weights make top-1 agreement a weak signal, so
-fidelity is the figure to read, and each row's `signal` (the share of FP32's logits that varies
-with the input) says whether it can be read. --optimum-python (a venv with optimum-onnx) also runs Optimum's
-dynamic INT8 quantize in its own process, for the ratio of the two tools' wall times.
+when --nncf-python names a venv with nncf (peers never enter edgepipe's environment), and their
+outputs compared with FP32's (relative L2 error, cosine) on generated inputs. Random weights make
+top-1 agreement a weak signal, so fidelity is the figure to read, and each row's `signal` (the
+share of FP32's logits that varies with the input) says whether it can be read. --optimum-python
+(a venv with optimum-onnx) also runs Optimum's dynamic INT8 quantize in its own process, for the
+ratio of the two tools' wall times.
 --olive-python (a venv with olive-ai) adds Olive's dynamic and static INT8 models (default
 settings, static calibrated on the rows NNCF gets), timed and compared like the others.
 `zoo` (or zoo-mlp, zoo-cnn, zoo-lstm, zoo-transformer) adds the reference zoo, trained here on
@@ -164,7 +165,8 @@ def compare(fp32: Path, int8: Path, plain: Path, batches: list[int], rounds: int
     # how much of FP32's output depends on the input: near 0, fidelity compares rounded constants
     ref = got["fp32"].astype(np.float64)
     out["signal"] = round(float(np.linalg.norm(ref - ref.mean(axis=0)) / max(np.linalg.norm(ref), 1e-30)), 5)
-    out["agreement"] = {k: round(float(np.mean(v.argmax(-1) == ref.argmax(-1))), 4) for k, v in got.items() if k != "fp32"}
+    out["agreement"] = {k: round(float(np.mean(v.argmax(-1) == ref.argmax(-1))), 4)
+                        for k, v in got.items() if k != "fp32"}
     for key in [k for k in engines if k != "fp32"]:
         out["fidelity"][key] = {k: round(v, 5) for k, v in fidelity(got[key], got["fp32"]).items()}
     if heldout:
@@ -281,7 +283,8 @@ def main() -> None:
     parser.add_argument("--nncf-python", default=None,
                         help="python of a venv with nncf + openvino: add OpenVINO+NNCF INT8 as a peer")
     parser.add_argument("--optimum-python", default=None,
-                        help="python of a venv with optimum-onnx: time Optimum's dynamic INT8 quantize beside edgepipe's")
+                        help="python of a venv with optimum-onnx: time Optimum's dynamic INT8 quantize beside "
+                             "edgepipe's")
     parser.add_argument("--olive-python", default=None,
                         help="python of a venv with olive-ai: add Olive's dynamic and static INT8 as peers")
     args = parser.parse_args()
@@ -295,7 +298,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             batch = args.batch or ("1,32" if name.startswith("zoo-") else "1,8")
-            row = bench(name, Path(tmp), [int(b) for b in batch.split(",")], args.time_budget, args.rounds, args.nncf_python,
+            row = bench(name, Path(tmp), [int(b) for b in batch.split(",")], args.time_budget, args.rounds,
+                        args.nncf_python,
                         args.optimum_python, args.olive_python)
             print(json.dumps(row), flush=True)
             rows.append(row)

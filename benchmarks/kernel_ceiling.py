@@ -78,7 +78,8 @@ def variants(fp32: Path, x: np.ndarray, lstm: bool) -> dict[str, Path]:
                                   ("qdq U8S8 rr", QuantType.QUInt8, QuantType.QInt8, True),
                                   ("qdq U8U8", QuantType.QUInt8, QuantType.QUInt8, False)):
         path = fp32.with_name(f"{fp32.stem}.{name.replace(' ', '-')}.onnx")
-        quantize_static(fp32, path, ArrayCalibrationReader({"X": x}, samples=len(x)), activation_type=act, weight_type=weight, reduce_range=rr)
+        quantize_static(fp32, path, ArrayCalibrationReader({"X": x}, samples=len(x)), activation_type=act,
+                        weight_type=weight, reduce_range=rr)
         out[name] = path
     return out
 

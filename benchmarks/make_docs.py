@@ -36,7 +36,8 @@ def byod(record: dict) -> list[str]:
                   f"{interval(fp32['scores']['macro_f1'])}; p50 "
                   + ", ".join(f"{v:.3f} ms at batch {b}" for b, v in fp32["p50_ms"].items())
                   + f"; {fp32['size_bytes'] / 1e6:.2f} MB.", "",
-                  "| candidate | accuracy [95%] | macro-F1 [95%] | drop vs FP32 [95%] | budget | speedup | size MB | verdict |",
+                  "| candidate | accuracy [95%] | macro-F1 [95%] | drop vs FP32 [95%] | budget | speedup | size MB | "
+                  "verdict |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in model["candidates"]:
             scores = c["scores"] or {}
@@ -48,7 +49,8 @@ def byod(record: dict) -> list[str]:
             lines.append(f"| {c['recipe']} | {interval(scores.get('accuracy'))} | {interval(scores.get('macro_f1'))} | "
                          f"{interval(c['accuracy_drop_interval'])} | {resolution} | {speed} | {size} | "
                          f"{c['verdict'].replace('|', '/')} |")
-        lines += ["", f"Chosen: {model['chosen']}." if model['chosen'] else "Refused: no candidate both faster and within the budget.", ""]
+        lines += ["", f"Chosen: {model['chosen']}." if model['chosen'] else "Refused: no candidate both faster and "
+                "within the budget.", ""]
     lines += ["### Reading a large CSV", "",
               "Held-out (20%, at most `--eval-rows`) and calibration rows (256) read through the text model's "
               "tokenizer in a fresh process (peak RSS includes the interpreter and onnxruntime); reading stops "
@@ -88,7 +90,8 @@ ROLES = {"teacher": "fine-tuned teacher", "student": "distilled student", "prune
 def finetune(record: dict) -> list[str]:
     lines = ["## Fine-tune, distil, prune, quantize: real data shipped with Python and scikit-learn", "",
              f"Machine: {machine(record)}. Command: `python benchmarks/finetune_bench.py`. The text teacher is "
-             "pre-trained as a masked LM on the sentences of Python's documentation and its standard library's docstrings (the judged rows left out), the image teacher starts from random weights; "
+             "pre-trained as a masked LM on the sentences of Python's documentation and its standard library's "
+             "docstrings (the judged rows left out), the image teacher starts from random weights; "
              "the text student is the teacher's every other layer, the image "
              "student a ResNet of half the width; the pruned teacher lost half its attention heads and FFN neurons "
              "(a CNN: channels) and recovered by distillation; QAT is one epoch of quantization-aware training from "
@@ -102,7 +105,8 @@ def finetune(record: dict) -> list[str]:
         lines += [f"### {name}", "", f"{task['train_rows']:,} rows train, {task['test_rows']:,} judge. "
                   f"Training time: {trained}.{pretraining(task)}", "",
                   "| model | params | accuracy [95%] | drop vs teacher FP32 [95%, paired] | p50 ms batch 1 | "
-                  "p50 ms batch 32 | vs teacher FP32 at 32 | file MB | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+                  "p50 ms batch 32 | vs teacher FP32 at 32 | file MB | recipe "
+                  "|", "|---|---|---|---|---|---|---|---|---|"]
         drops = task.get("drop_vs_teacher", {})
         for role, model in models.items():
             if role == "nncf":  # the peer: its INT8 model of the fine-tuned teacher, nothing else

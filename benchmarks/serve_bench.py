@@ -40,7 +40,8 @@ def free_port() -> int:
 class Server:
     def __init__(self, model: Path, max_batch: int, max_delay_ms: float, threads: int | None, spin: bool = False):
         self.port = free_port()
-        command = [sys.executable, "-m", "edgepipe", "serve", str(model), "--port", str(self.port), "--max-batch", str(max_batch),
+        command = [sys.executable, "-m", "edgepipe", "serve", str(model), "--port", str(self.port), "--max-batch",
+                   str(max_batch),
                    "--max-delay-ms", str(max_delay_ms), "--max-queue", "4096"]
         if threads:
             command += ["--threads", str(threads)]
@@ -124,7 +125,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="server's onnxruntime threads")
     parser.add_argument("--soak", type=float, default=0, help="seconds of continuous load instead")
     parser.add_argument("--atol", type=float, default=1e-5,
-                        help="a reply matches its input's direct run within this, relative and absolute (on a GPU, TF32 kernels that vary with the batch move logits by ~1e-3 relative; another row's answer is off by O(1))")
+                        help="a reply matches its input's direct run within this, relative and absolute (on a GPU, "
+                             "TF32 kernels that vary with the batch move logits by ~1e-3 relative; another row's "
+                             "answer is off by O(1))")
     args = parser.parse_args()
     if not args.model.is_file():
         sys.exit(f"{args.model} not found: run `make demo` first (or pass --model)")

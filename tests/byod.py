@@ -1,6 +1,6 @@
-"""Tiny Hugging Face classifiers (and a token classifier) that carry a tokenizer or an image processor, and labelled data
-for them in the formats users bring (CSV, JSONL, Parquet, image folders, save_to_disk), built
-offline with random weights."""
+"""Tiny Hugging Face classifiers (and a token classifier) that carry a tokenizer or an image
+processor, and labelled data for them in the formats users bring (CSV, JSONL, Parquet, CoNLL,
+image folders, save_to_disk), built offline with random weights."""
 
 from __future__ import annotations
 

@@ -110,7 +110,8 @@ def test_quantize_and_compare_take_tables(tmp_path, cli, text_model, fmt):
     result = cli("quantize", onnx_path, "-o", tmp_path / "q.onnx", "--data", data, *flags, *QUICK, "--json", out)
     record = _record(result, out)
     assert "scores (95% interval): FP32 accuracy" in result.output
-    assert "held-out rows" in record["judged_on"] and record["fp32"]["scores"]["accuracy"]["value"] == record["fp32"]["accuracy"]
+    assert "held-out rows" in record["judged_on"]
+    assert record["fp32"]["scores"]["accuracy"]["value"] == record["fp32"]["accuracy"]
     assert "judge" in result.output  # the split is said
     if (tmp_path / "q.onnx").exists():  # shipped: the INT8 file carries the tokenizer too
         compared = cli("compare", onnx_path, tmp_path / "q.onnx", "--data", data, *flags[:2], "--min-top1", "0.5")

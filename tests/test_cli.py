@@ -31,7 +31,8 @@ def test_help_explains_each_command(cli, command):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--model", "resnet", "-o", "{tmp}/r"], "unknown model 'resnet'; the zoo has mlp, cnn, lstm, transformer"),
+    (["train", "--model", "resnet", "-o", "{tmp}/r"], "unknown model 'resnet'; the zoo has mlp, cnn, lstm, "
+            "transformer"),
     (["train", "--model", "cnn", "--dataset", "cifar", "-o", "{tmp}/r"], "unknown dataset 'cifar'"),
     (["train", "--model", "lstm", "--dataset", "digits", "-o", "{tmp}/r"], "takes tokens data"),
     (["train", "--model", "mlp", "--dataset", "{tmp}/nodata.npz", "-o", "{tmp}/r"], "dataset file not found"),
@@ -41,7 +42,8 @@ def test_help_explains_each_command(cli, command):
     (["profile", "{tmp}/garbage.pt"], "cannot load ONNX model"),
     (["profile", "{tmp}/none.onnx"], "ONNX model not found"),
     (["profile", "{onnx}", "--batch", "0,x"], "--batch must be comma-separated integers"),
-    (["quantize", "{onnx}", "-o", "{tmp}/q.onnx", "--data", "{tmp}/wrong.npz"], "expected the model's inputs (x) or 'x'"),
+    (["quantize", "{onnx}", "-o", "{tmp}/q.onnx", "--data", "{tmp}/wrong.npz"], "expected the model's inputs (x) or "
+            "'x'"),
     (["run", "{tmp}/none.toml"], "pipeline config not found"),
 ])
 def test_user_errors_exit_2_with_one_line(cli, zoo, tmp_path, args, message):

@@ -130,13 +130,15 @@ def test_a_model_without_preprocessing_says_how_to_get_it(tmp_path):
     from edgepipe.data.for_model import DataOptions, read_for_model
 
     path = write_csv(tmp_path / "d.csv", sentences(10))
-    with pytest.raises(InputError, match="m.onnx carries no tokenizer or image processor.*export it from a Hugging Face"):
+    with pytest.raises(InputError, match="m.onnx carries no tokenizer or image processor.*export it from a Hugging "
+                                         "Face"):
         read_for_model(path, None, "m.onnx", DataOptions())
 
 
 def test_the_preprocessing_record_round_trips_through_json(text_pre):
     assert Preprocess.from_json(text_pre.to_json()) == text_pre
-    assert Preprocess.from_metadata({"edgepipe.preprocess": json.dumps({"kind": "image", "inputs": ["x"]})}).kind == IMAGE
+    image_pre = {"edgepipe.preprocess": json.dumps({"kind": "image", "inputs": ["x"]})}
+    assert Preprocess.from_metadata(image_pre).kind == IMAGE
 
 
 # --- intervals ---------------------------------------------------------------------------------
@@ -196,5 +198,6 @@ def test_a_bad_label_is_named_by_its_row_in_the_file(tmp_path, text_pre):
 def test_plain_text_for_a_classifier_says_what_it_takes(tmp_path, text_pre):
     path = tmp_path / "notes.txt"
     path.write_text("good film\n")
-    with pytest.raises(InputError, match="holds no labelled rows; a classifier takes CSV/TSV.*plain .txt is for language"):
+    with pytest.raises(InputError, match="holds no labelled rows; a classifier takes CSV/TSV.*plain .txt is for "
+                                         "language"):
         load_labelled(path, text_pre)

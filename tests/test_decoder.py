@@ -81,7 +81,8 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
     assert not (tmp_path / "q.onnx").exists()
     bert = tmp_path / "bert"
     transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(bert)
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(bert)
     result = cli("export", str(bert), "-o", str(tmp_path / "x.onnx"), "--task", "text-generation")
     assert result.exit_code == 2 and "not a causal language model" in result.output
     root, _ = tiny_llama

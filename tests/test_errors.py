@@ -124,7 +124,8 @@ def test_profile_prints_and_records_the_size_of_every_dynamic_dim(tmp_path, cli)
     model = _tiny_onnx(tmp_path / "seq.onnx", dynamic_seq=True)
     result = cli("profile", model, "--batch", "1", "--seconds", "0.01", "--json", tmp_path / "p.json")
     assert result.exit_code == 0 and "dynamic dims: seq=16 (the export's example sizes" in result.output
-    result = cli("profile", model, "--batch", "1", "--seconds", "0.01", "--dim", "seq=128", "--json", tmp_path / "p.json")
+    result = cli("profile", model, "--batch", "1", "--seconds", "0.01", "--dim", "seq=128", "--json",
+                 tmp_path / "p.json")
     assert result.exit_code == 0 and "dynamic dims: seq=128" in result.output
     assert json.loads((tmp_path / "p.json").read_text())["dims"] == {"seq": 128}
 

@@ -135,7 +135,8 @@ def test_a_language_model_folder_with_labelled_rows_is_refused(tmp_path, cli):
 
     lm = tmp_path / "lm"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)).save_pretrained(lm)
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2)).save_pretrained(lm)
     save_byte_tokenizer(lm)
     rows = write_csv(tmp_path / "rows.csv", sentences(20))
     result = cli("train", lm, "--data", rows, "-o", tmp_path / "tuned")

@@ -183,7 +183,8 @@ def _wide_mlp(path, features: int = 256, width: int = 4096, layers: int = 4):
     inits.append(numpy_helper.from_array((rng.standard_normal((width, 10)) / np.sqrt(width)).astype(np.float32),
                                          "head"))
     nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"]))
-    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+    graph = helper.make_graph(nodes, "wide",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
     return path

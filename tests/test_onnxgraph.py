@@ -120,6 +120,7 @@ def test_onnxruntime_tools_are_imported_without_torch():
             "print(callable(tools.infer_input_info))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"], out
-    plain = subprocess.run([sys.executable, "-c", "import sys\nimport onnxruntime.tools\nprint('torch' in sys.modules)"],
+    plain = subprocess.run([sys.executable, "-c", "import sys\nimport onnxruntime.tools\nprint('torch' in "
+            "sys.modules)"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert plain == ["True"], plain  # what the stand-in is for: without it, torch comes in

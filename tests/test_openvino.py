@@ -19,7 +19,8 @@ from edgepipe.runtime import openvino_backend as ovb
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.spec import METADATA_KEY
 
-needs_openvino = pytest.mark.skipif(not ovb.available(), reason="openvino not installed (pip install 'edgepipe[openvino]')")
+needs_openvino = pytest.mark.skipif(not ovb.available(), reason="openvino not installed (pip install "
+        "'edgepipe[openvino]')")
 
 
 def _cnn(path, channels: int = 32, size: int = 16):
@@ -143,7 +144,8 @@ def test_quantize_measures_the_openvino_twin_without_building_it_again(tmp_path)
         assert record.backend == report.chosen.backend and record.budget["max_accuracy_drop"] == 0.5
         assert record.backends[report.chosen.backend]["within_budget"]
         assert Engine(tmp_path / "cnn.int8.onnx").backend == report.chosen.backend
-        assert {b: s.to_dict() for b, s in record.sessions.items()} == {int(b): s for b, s in report.chosen.sessions.items()}
+        chosen_sessions = {int(b): s for b, s in report.chosen.sessions.items()}
+        assert {b: s.to_dict() for b, s in record.sessions.items()} == chosen_sessions
 
 
 @needs_openvino
@@ -159,7 +161,8 @@ def test_a_run_that_chose_openvino_is_deployed_on_it(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     assert find_deployment(run).backend == "openvino"
     engine = Engine.from_run(run)
-    assert engine.backend == "openvino" and engine.run_info["sessions_from_run"] == {1: {"threads": 1, "spinning": False}}
+    assert engine.backend == "openvino"
+    assert engine.run_info["sessions_from_run"] == {1: {"threads": 1, "spinning": False}}
     assert Engine.from_run(run, backend="onnxruntime").backend == "onnxruntime"  # the caller's word wins
     assert Engine.from_run(run, providers="cpu").backend == "openvino"
 

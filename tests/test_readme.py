@@ -36,7 +36,8 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
         name = "mlp"
     """))
     exec(compile(block, str(README), "exec"), {})
-    (runtime,) = [b for b in python_blocks() if "from edgepipe.runtime import Engine" in b and "provider_options" not in b]
+    (runtime,) = [b for b in python_blocks() if "from edgepipe.runtime import "
+                                                "Engine" in b and "provider_options" not in b]
     exec(compile(runtime, str(README), "exec"), {})  # the runtime block, on the model the API block made
     printed = capsys.readouterr().out
     assert "recipe='static" in printed or "recipe='dynamic" in printed  # the typed chosen row

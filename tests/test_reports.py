@@ -19,7 +19,8 @@ def candidate(recipe="static-QDQ/AU8WS8/minmax/per-tensor", drop=0.0, verdict="c
     return CandidateRow(recipe=recipe, method="static", format="QDQ", activation_type="U8", weight_type="S8",
                         per_channel=False, calibration="minmax", reduce_range=False, excluded_nodes=[],
                         integer_nodes=4, built_from="pre_full.onnx", accuracy=0.97 - drop, agreement=None,
-                        accuracy_drop=drop, rel_l2=0.01, cosine=0.9999, rows_lost=0, rows_gained=0, p50_ms={"32": 0.1}, speedup={"32": 1.8}, speedup_trials=None,
+                        accuracy_drop=drop, rel_l2=0.01, cosine=0.9999, rows_lost=0, rows_gained=0,
+                        p50_ms={"32": 0.1}, speedup={"32": 1.8}, speedup_trials=None,
                         sessions={"32": {"threads": 2, "spinning": False}}, p50_ms_by_session=None,
                         size_bytes=1000, error=None, verdict=verdict)
 

@@ -20,18 +20,29 @@ from edgepipe.cli.render import compare_summary
 @handle_errors
 def compare(
     a: Annotated[str, typer.Argument(help="Reference: ONNX model, checkpoint, or file.py:factory.")],
-    b: Annotated[str, typer.Argument(help="Candidate: ONNX model (e.g. its INT8 version), checkpoint, or file.py:factory.")],
-    data: Annotated[Optional[Path], typer.Option(help="Inputs to compare on: an .npz (by input name, or x), or rows (CSV/TSV, JSONL, Parquet, an image folder, a datasets save_to_disk folder) that the ONNX model's own tokenizer or image processor turns into inputs (its held-out 20%, seeded). Default: a checkpoint's held-out split, else seeded generated inputs.")] = None,
-    input_column: Annotated[Optional[list[str]], typer.Option(help="With rows: the text column (repeat for a text pair) or the image column; default: found by its usual name.")] = None,
+    b: Annotated[str, typer.Argument(help="Candidate: ONNX model (e.g. its INT8 version), checkpoint, or "
+                                          "file.py:factory.")],
+    data: Annotated[Optional[Path], typer.Option(help="Inputs to compare on: an .npz (by input name, or x), or rows "
+            "(CSV/TSV, JSONL, Parquet, an image folder, a datasets save_to_disk folder) that the ONNX model's own "
+            "tokenizer or image processor turns into inputs (its held-out 20%, seeded). Default: a checkpoint's "
+            "held-out split, else seeded generated inputs.")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="With rows: the text column (repeat for a text "
+            "pair) or the image column; default: found by its usual name.")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance per element.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance per element.")] = 1e-3,
-    tol: Annotated[Optional[list[str]], typer.Option(help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable), e.g. logits=1e-2:1e-2.")] = None,
-    min_top1: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: top-1 agreement of [rows, classes] outputs at least this (e.g. 0.99 for INT8 vs FP32).")] = None,
-    min_cosine: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: cosine similarity of each output at least this (e.g. 0.99).")] = None,
+    tol: Annotated[Optional[list[str]], typer.Option(help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable), e.g. "
+            "logits=1e-2:1e-2.")] = None,
+    min_top1: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: "
+            "top-1 agreement of [rows, classes] outputs at least this (e.g. 0.99 for INT8 vs FP32).")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Judge by agreement instead of element-wise tolerance: "
+            "cosine similarity of each output at least this (e.g. 0.99).")] = None,
     batch: Annotated[int, typer.Option(help="Rows of generated inputs (and of the localization probe).")] = 16,
-    localize: Annotated[bool, typer.Option(help="On divergence, find the first diverging node (two ONNX models).")] = True,
+    localize: Annotated[bool, typer.Option(help="On divergence, find the first diverging node (two ONNX "
+                                                "models).")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
-    allow_out_of_budget: Annotated[bool, typer.Option(help="Run a quantized model even on a backend where its own record says it is out of its budget (by default each model runs on the backend it was quantized for).")] = False,
+    allow_out_of_budget: Annotated[bool, typer.Option(help="Run a quantized model even on a backend where its own "
+            "record says it is out of its budget (by default each model runs on the backend it was quantized "
+            "for).")] = False,
 ) -> None:
     """Compare the outputs of A and B on the same inputs: max abs / max rel / mean abs error,
     cosine similarity, SQNR and top-1 agreement per output, against atol + rtol*|A|, or, with

@@ -13,18 +13,34 @@ from edgepipe.errors import InputError
 
 @handle_errors
 def export(
-    source: Annotated[str, typer.Argument(help="Checkpoint from `edgepipe train`, path/to/file.py:factory, or a Hugging Face model folder (what save_pretrained wrote: config.json + weights; read offline).")],
+    source: Annotated[str, typer.Argument(help="Checkpoint from `edgepipe train`, path/to/file.py:factory, or a "
+                                               "Hugging Face model folder (what save_pretrained wrote: config.json + "
+                                               "weights; read offline).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="ONNX file to write.")],
-    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input spec name:dtype:dims[:low..high] (repeat per input), e.g. ids:int64:batch,seq:0..30000. Overrides what the factory declares.")] = None,
-    output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output name(s) in order (default: logits for checkpoints, output otherwise).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction, text-generation). Default: from config.json's architectures; a *ForCausalLM folder is exported as a decoder with its KV cache (text-generation).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Held-out inputs for the parity check: an .npz keyed by input name (or x), or for a Hugging Face folder rows (CSV/TSV, JSONL, Parquet, an image folder, a save_to_disk folder) through its own tokenizer or image processor. Checkpoints of bundled datasets use their held-out split.")] = None,
-    exporter: Annotated[Optional[list[str]], typer.Option(help="Exporter(s) to try in order: dynamo, torchscript.")] = None,
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Input spec name:dtype:dims[:low..high] "
+            "(repeat per input), e.g. ids:int64:batch,seq:0..30000. Overrides what the factory declares.")] = None,
+    output_name: Annotated[Optional[list[str]], typer.Option("--output-name", help="Output name(s) in order (default: "
+            "logits for checkpoints, output otherwise).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Hugging Face folders: the head to export (image-classification, "
+            "text-classification, token-classification, fill-mask, feature-extraction, image-feature-extraction, "
+            "text-generation). Default: from config.json's architectures; a *ForCausalLM folder is exported as a "
+            "decoder with its KV cache (text-generation).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Held-out inputs for the parity check: an .npz keyed by input "
+            "name (or x), or for a Hugging Face folder rows (CSV/TSV, JSONL, Parquet, an image folder, a save_to_disk "
+            "folder) through its own tokenizer or image processor. Checkpoints of bundled datasets use their held-out "
+            "split.")] = None,
+    exporter: Annotated[Optional[list[str]], typer.Option(help="Exporter(s) to try in order: dynamo, "
+            "torchscript.")] = None,
     atol: Annotated[float, typer.Option(help="Parity absolute tolerance.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Parity relative tolerance.")] = 1e-3,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the export record (attempts, parity per case) here.")] = None,
-    route: Annotated[Optional[str], typer.Option(help="Causal LM folders: dynamo (torch.onnx of the model), genai (ONNX Runtime GenAI's model builder: fused attention; needs the genai extra) or auto, the default (both, each timed per output token in FP32 and as an INT4 weight-only model; genai kept when it matches torch and is >5% faster at one without being >5% slower at the other; dynamo alone without the genai extra).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the export record (attempts, parity per "
+            "case) here.")] = None,
+    route: Annotated[Optional[str], typer.Option(help="Causal LM folders: dynamo (torch.onnx of the model), genai "
+            "(ONNX Runtime GenAI's model builder: fused attention; needs the genai extra) or auto, the default (both, "
+            "each timed per output token in FP32 and as an INT4 weight-only model; genai kept when it matches torch "
+            "and is >5% faster at one without being >5% slower at the other; dynamo alone without the genai "
+            "extra).")] = None,
 ) -> None:
     """Export a PyTorch model to ONNX. The dynamo exporter is tried first, then TorchScript; the
     first whose model matches PyTorch in ONNX Runtime (batch 1 and 7, two lengths of every other
@@ -88,7 +104,8 @@ def _export_decoder(source: str, output: Path, atol: float, json_out: Optional[P
     for case in rec["parity"]["cases"]:
         typer.echo(f"  prompt of {case['prompt']} tokens + {case.get('steps', 0)} greedy steps: max abs diff "
                    f"{case['max_abs_diff']:.2e}, same tokens: {case.get('same_tokens')}")
-    typer.echo(f"exported decoder with {rec['exporter']} (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> {output}; "
+    typer.echo(f"exported decoder with {rec['exporter']} (opset {rec['opset']}, {rec['size_bytes'] / 1e6:.2f} MB) -> "
+               f"{output}; "
                f"try: edgepipe generate {output} "
                + ("--prompt 'Hello'" if (Path(source) / "tokenizer.json").exists() else "--prompt-ids 1,2,3"))
     write_json_out(json_out, rec)

@@ -14,15 +14,20 @@ from edgepipe.errors import InputError
 @handle_errors
 def generate(
     model: Annotated[Path, typer.Argument(help="A decoder written by `edgepipe export` of a causal LM folder.")],
-    prompt_ids: Annotated[Optional[str], typer.Option(help="Prompt token ids, comma-separated, e.g. 1,15043,29892; the new ids are printed.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Prompt text (needs the tokenizers package and a model exported from a folder with tokenizer.json); the new text is printed.")] = None,
+    prompt_ids: Annotated[Optional[str], typer.Option(help="Prompt token ids, comma-separated, e.g. 1,15043,29892; the "
+            "new ids are printed.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt text (needs the tokenizers package and a model exported "
+            "from a folder with tokenizer.json); the new text is printed.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 32,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; else sample from softmax(logits / temperature).")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; else sample from softmax(logits / "
+            "temperature).")] = 0.0,
     top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens (0: all).")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample among the likeliest tokens whose probability reaches p.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    stop_id: Annotated[Optional[list[int]], typer.Option(help="Token id that ends generation (repeatable). Default: the model's EOS.")] = None,
-    provider: Annotated[str, typer.Option(help="cpu, cuda … (on cuda the KV cache stays on the GPU between steps).")] = "cpu",
+    stop_id: Annotated[Optional[list[int]], typer.Option(help="Token id that ends generation (repeatable). Default: "
+            "the model's EOS.")] = None,
+    provider: Annotated[str, typer.Option(help="cpu, cuda … (on cuda the KV cache stays on the GPU between "
+                                               "steps).")] = "cpu",
 ) -> None:
     """Generate with the torch-free runtime (prefill, then the KV cache fed back step by step),
     printed as it comes: token ids for --prompt-ids, text for --prompt."""

@@ -15,23 +15,36 @@ from edgepipe.cli.render import latency_table, merged_table, operator_lines, pla
 @handle_errors
 def profile(
     model: Annotated[Path, typer.Argument(help="ONNX model to profile.")],
-    batch: Annotated[Optional[str], typer.Option(help="Batch sizes, comma-separated (default 1,32; decoders 1,4).")] = None,
-    compare: Annotated[Optional[list[Path]], typer.Option(help="Other model(s) to time interleaved with MODEL; ratios are vs MODEL.")] = None,
-    provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt … (auto: GPU when present, else CPU).")] = "auto",
-    threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: onnxruntime's, one per core).")] = None,
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes, comma-separated (default 1,32; decoders "
+            "1,4).")] = None,
+    compare: Annotated[Optional[list[Path]], typer.Option(help="Other model(s) to time interleaved with MODEL; ratios "
+            "are vs MODEL.")] = None,
+    provider: Annotated[str, typer.Option(help="auto, cpu, cuda, tensorrt … (auto: GPU when present, else "
+                                               "CPU).")] = "auto",
+    threads: Annotated[Optional[str], typer.Option(help="Intra-op threads, or a sweep like 1,2,4 (default: "
+            "onnxruntime's, one per core).")] = None,
     provider_option: Annotated[Optional[list[str]], typer.Option(
         help="PROVIDER.KEY=VALUE (repeatable), e.g. cuda.device_id=1, tensorrt.trt_fp16_enable=True.")] = None,
     dim: Annotated[Optional[list[str]], typer.Option(
-        help="Size of a named dynamic dim, NAME=SIZE (repeatable), e.g. seq=128. Default: the export's example size (else 16); the size used is printed and recorded.")] = None,
+        help="Size of a named dynamic dim, NAME=SIZE (repeatable), e.g. seq=128. Default: the export's example size "
+             "(else 16); the size used is printed and recorded.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(
-        help="Runtime: onnxruntime or openvino (CPU; needs the openvino extra). Default: the one the model was quantized for (its file records it), else onnxruntime. One value for every model, or one per model in order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
+        help="Runtime: onnxruntime or openvino (CPU; needs the openvino extra). Default: the one the model was "
+             "quantized for (its file records it), else onnxruntime. One value for every model, or one per model in "
+             "order (MODEL, then each --compare), e.g. FP32 on onnxruntime against INT8 on openvino.")] = None,
     allow_out_of_budget: Annotated[bool, typer.Option(
-        help="Run a quantized model on a backend where its own record says it is out of its accuracy or speed budget (refused otherwise).")] = False,
-    ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest batch).")] = False,
+        help="Run a quantized model on a backend where its own record says it is out of its accuracy or speed budget "
+             "(refused otherwise).")] = False,
+    ops: Annotated[bool, typer.Option(help="Add the per-operator breakdown from onnxruntime's profiler (at the largest "
+                                           "batch).")] = False,
     seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size (single model).")] = 0.5,
-    prompt_lengths: Annotated[Optional[str], typer.Option(help="Decoders: prompt lengths for time to first token, comma-separated. Lengths you name must fit the context with --new-tokens (refused otherwise); the default 128,512 is capped to fit.")] = None,
-    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated per run (time per output token is their p50).")] = 32,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint here.")] = None,
+    prompt_lengths: Annotated[Optional[str], typer.Option(help="Decoders: prompt lengths for time to first token, "
+            "comma-separated. Lengths you name must fit the context with --new-tokens (refused otherwise); the default "
+            "128,512 is capped to fit.")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Decoders: tokens generated per run (time per output token is their "
+            "p50).")] = 32,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write latency + hardware fingerprint "
+            "here.")] = None,
 ) -> None:
     """Print p50/p90/p99 latency and throughput per batch size after warm-up, with the provider
     and threads actually used. --json adds the hardware fingerprint (CPU model, ISA features,
@@ -97,7 +110,8 @@ def profile(
         typer.echo("dynamic dims: " + ", ".join(f"{k}={v}" for k, v in record["dims"].items())
                    + ("" if dim else " (the export's example sizes; set them with --dim NAME=SIZE)"))
     engines = list((record.get("models") or {"": record.get("engine")}).values())
-    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in engines))}  threads: {threads or ' and '.join(f'{b} default' for b in dict.fromkeys(m['backend'] for m in engines))}  "
+    typer.echo(f"provider: {', '.join(dict.fromkeys(m['providers'][0] for m in engines))}  threads: "
+               f"{threads or ' and '.join(f'{b} default' for b in dict.fromkeys(m['backend'] for m in engines))}  "
                f"cpu: {record['hardware']['cpu']['model']}")
     typer.echo(latency_table(record, by_label))
     if record.get("placement"):
@@ -109,7 +123,8 @@ def profile(
 
 @handle_errors
 def merge_profiles(
-    files: Annotated[list[Path], typer.Argument(help="Profile JSONs written by `edgepipe profile --json` on each device.")],
+    files: Annotated[list[Path], typer.Argument(help="Profile JSONs written by `edgepipe profile --json` on each "
+            "device.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the merged rows here.")] = None,
 ) -> None:
     """Merge profile results from several devices into one comparison table."""

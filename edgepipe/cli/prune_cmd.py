@@ -15,22 +15,35 @@ from edgepipe.errors import InputError
 
 @handle_errors
 def prune(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `edgepipe train`, or a fine-tuned Hugging Face classifier folder (with --data).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned checkpoint to write (.pt), or for a folder the pruned folder to write.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `edgepipe train`, or a fine-tuned Hugging Face "
+            "classifier folder (with --data).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pruned checkpoint to write (.pt), or for a folder the "
+            "pruned folder to write.")],
     ratio: Annotated[float, typer.Option(help="Fraction of channels/neurons/FFN width (or weights) to remove.")] = 0.5,
-    head_ratio: Annotated[Optional[float], typer.Option(help="Fraction of attention heads to remove (default: --ratio).")] = None,
-    importance: Annotated[Importance, typer.Option(help="How channels are ranked: magnitude (L2 of weights) or taylor (weight x gradient).")] = Importance.magnitude,
+    head_ratio: Annotated[Optional[float], typer.Option(help="Fraction of attention heads to remove (default: "
+            "--ratio).")] = None,
+    importance: Annotated[Importance, typer.Option(help="How channels are ranked: magnitude (L2 of weights) or taylor "
+            "(weight x gradient).")] = Importance.magnitude,
     global_pruning: Annotated[bool, typer.Option(help="Rank channels across layers rather than per layer.")] = False,
     round_to: Annotated[int, typer.Option(help="Keep channel counts multiples of this (0: off).")] = 8,
-    protect: Annotated[Optional[list[str]], typer.Option(help="Module name never pruned (repeatable); the classifier head always is.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Iterative steps: prune a step, fine-tune, repeat (default 2; a folder is pruned in 1).")] = None,
-    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per step (0: none). A folder recovers by distillation from the unpruned folder on --data.")] = 3,
-    data: Annotated[Optional[Path], typer.Option(help="A folder's labelled rows (CSV/TSV, JSONL, Parquet, save_to_disk, image folder): pruning importance, recovery and the held-out accuracy.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option(help="A folder's held-out rows (default: 20% of --data, seeded).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate of fine-tuning (default: zoo 1e-3; a folder's recovery 1e-4 with AdamW).")] = None,
-    unstructured: Annotated[bool, typer.Option(help="Magnitude-prune single weights instead: smaller when compressed, never faster.")] = False,
-    dataset: Annotated[Optional[str], typer.Option(help="Data to fine-tune and evaluate on (default: the checkpoint's).")] = None,
-    batch: Annotated[Optional[str], typer.Option(help="Batch sizes for the ORT latency comparison (default: zoo 32, a folder 1,32).")] = None,
+    protect: Annotated[Optional[list[str]], typer.Option(help="Module name never pruned (repeatable); the classifier "
+            "head always is.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Iterative steps: prune a step, fine-tune, repeat (default 2; a "
+            "folder is pruned in 1).")] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Fine-tuning epochs per step (0: none). A folder recovers by "
+            "distillation from the unpruned folder on --data.")] = 3,
+    data: Annotated[Optional[Path], typer.Option(help="A folder's labelled rows (CSV/TSV, JSONL, Parquet, "
+            "save_to_disk, image folder): pruning importance, recovery and the held-out accuracy.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="A folder's held-out rows (default: 20% of --data, "
+            "seeded).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of fine-tuning (default: zoo 1e-3; a folder's "
+            "recovery 1e-4 with AdamW).")] = None,
+    unstructured: Annotated[bool, typer.Option(help="Magnitude-prune single weights instead: smaller when compressed, "
+            "never faster.")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help="Data to fine-tune and evaluate on (default: the "
+            "checkpoint's).")] = None,
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes for the ORT latency comparison (default: zoo 32, a "
+            "folder 1,32).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record here.")] = None,
 ) -> None:
     """Prune a trained model with Torch-Pruning (channels and neurons; heads and FFN width of

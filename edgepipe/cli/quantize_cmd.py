@@ -26,30 +26,70 @@ from edgepipe.errors import GateFailed
 def quantize(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="INT8 ONNX file to write.")],
-    mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays FP32).")] = QuantizeMode.auto,
-    data: Annotated[Optional[Path], typer.Option(help="Decoders: a plain .txt file (tokenized by the tokenizer the file carries) or an .npz with input_ids. Others: labelled data to judge accuracy: CSV/TSV, JSONL or Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them (seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data format (default: --data's calibration rows; given, every row of --data judges).")] = None,
-    input_column: Annotated[Optional[list[str]], typer.Option(help="Column holding the text (repeat for a text pair) or the image; default: found by its usual name (text, sentence, sentence1/sentence2, image, ...).")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Column holding the labels, as names (config.json's label2id) or ids; default: label, labels, class, target ...")] = None,
-    eval_rows: Annotated[int, typer.Option(help="Most held-out rows to judge accuracy on (reading stops once they and the calibration rows are read).")] = 1000,
-    calibration_method: Annotated[Calibration, typer.Option(help="How static recipes set activation ranges from the calibration data.")] = Calibration.minmax,
-    batch: Annotated[Optional[str], typer.Option(help="Batch sizes the model must be faster at, comma-separated (default 1,32; decoders: 1, timed per output token).")] = None,
-    max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = 1 point. Every drop carries a 95% interval: one whose interval straddles the budget is flagged 'unresolved' with the rows that would resolve it.")] = 0.01,
-    require_resolved: Annotated[bool, typer.Option(help="Ship only a candidate whose accuracy drop's whole 95% interval is within the budget (an unresolved one is refused, not flagged).")] = False,
+    mode: Annotated[QuantizeMode, typer.Option(help="auto (every recipe that fits the graph and CPU: dynamic, static "
+            "QDQ/QOperator, INT4 weight-only), or only dynamic, static, int4, or fp16 (for GPU targets; I/O stays "
+            "FP32).")] = QuantizeMode.auto,
+    data: Annotated[Optional[Path], typer.Option(help="Decoders: a plain .txt file (tokenized by the tokenizer the "
+            "file carries) or an .npz with input_ids. Others: labelled data to judge accuracy: CSV/TSV, JSONL or "
+            "Parquet with a text (or text-pair) column and a label column, an image folder (one subfolder per class), "
+            "a datasets save_to_disk folder, or an .npz of ready inputs (by name or x; labels y). Rows go through the "
+            "tokenizer or image processor the model carries (exported from a Hugging Face folder); 20% of them "
+            "(seeded) judge, the rest calibrate. Without it: top-1 agreement with FP32 on generated inputs.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="Calibration data for static recipes, in any --data "
+            "format (default: --data's calibration rows; given, every row of --data judges).")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="Column holding the text (repeat for a text pair) "
+            "or the image; default: found by its usual name (text, sentence, sentence1/sentence2, image, "
+            "...).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Column holding the labels, as names (config.json's "
+            "label2id) or ids; default: label, labels, class, target ...")] = None,
+    eval_rows: Annotated[int, typer.Option(help="Most held-out rows to judge accuracy on (reading stops once they and "
+                                                "the calibration rows are read).")] = 1000,
+    calibration_method: Annotated[Calibration, typer.Option(help="How static recipes set activation ranges from the "
+            "calibration data.")] = Calibration.minmax,
+    batch: Annotated[Optional[str], typer.Option(help="Batch sizes the model must be faster at, comma-separated "
+            "(default 1,32; decoders: 1, timed per output token).")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="Max accuracy (or agreement) loss vs FP32, absolute: 0.01 = "
+            "1 point. Every drop carries a 95% interval: one whose interval straddles the budget is flagged "
+            "'unresolved' with the rows that would resolve it.")] = 0.01,
+    require_resolved: Annotated[bool, typer.Option(help="Ship only a candidate whose accuracy drop's whole 95% "
+            "interval is within the budget (an unresolved one is refused, not flagged).")] = False,
     exclude_node: Annotated[Optional[list[str]], typer.Option(help="Node name to keep in FP32 (repeatable).")] = None,
-    exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. Conv.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: try 1 thread and all cores.")] = None,
-    tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
-    try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back runs, but a core stays busy ~40 ms after each).")] = False,
-    try_fusions: Annotated[bool, typer.Option(help="Also try onnxruntime.transformers' offline fusions on transformer graphs, kept only when the fused FP32 model is faster. Off by default: onnxruntime applies its own LayerNorm, GELU and attention fusions when it loads a model, and the offline ones were never faster in our measurements.")] = False,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building stops at 40% of it (70% for another backend's run of a built file; likeliest winners first; the rest are listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the accuracy fallback stops at 100%. The default (25; decoders 900) quantizes BERT-base (110M parameters) in about 45 s on 2 cores and MobileNetV2 in 20 s; a model whose timing cannot fit (ViT-base: 1.7 s per FP32 call at batch 8) runs past it.")] = None,
-    backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record says which won). Default: onnxruntime, plus openvino when installed.")] = None,
-    device: Annotated[QuantizeDevice, typer.Option(help="Where candidates are measured: cpu (INT8 recipes for this CPU), or cuda: FP16 with FP32 I/O timed on onnxruntime's CUDA provider against FP32 on the same GPU, shipped only when faster at every --batch size and within the accuracy budget (needs onnxruntime-gpu: the gpu extra). At batch 1 real models are launch-bound on a GPU (ResNet-50, BERT-base on an H100: FP16 0.93-0.97x FP32): name the batch sizes you serve.")] = QuantizeDevice.cpu,
-    max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out text, in nats per token.")] = 0.1,
+    exclude_op_type: Annotated[Optional[list[str]], typer.Option(help="Op type to keep in FP32 (repeatable), e.g. "
+            "Conv.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Pin intra-op threads (then only spinning is tuned). Default: "
+            "try 1 thread and all cores.")] = None,
+    tune_session: Annotated[bool, typer.Option(help="Time FP32 and every candidate with 1 thread and with all cores "
+            "and compare each at its fastest (recorded for deployment); --no-tune-session: all cores only.")] = True,
+    try_spinning: Annotated[bool, typer.Option(help="Also try all cores with spinning workers (faster back-to-back "
+            "runs, but a core stays busy ~40 ms after each).")] = False,
+    try_fusions: Annotated[bool, typer.Option(help="Also try onnxruntime.transformers' offline fusions on transformer "
+            "graphs, kept only when the fused FP32 model is faster. Off by default: onnxruntime applies its own "
+            "LayerNorm, GELU and attention fusions when it loads a model, and the offline ones were never faster in "
+            "our measurements.")] = False,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building "
+            "stops at 40% of it (70% for another backend's run of a built file; likeliest winners first; the rest are "
+            "listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the "
+            "accuracy fallback stops at 100%. The default (25; decoders 900) quantizes BERT-base (110M parameters) in "
+            "about 45 s on 2 cores and MobileNetV2 in 20 s; a model whose timing cannot fit (ViT-base: 1.7 s per FP32 "
+            "call at batch 8) runs past it.")] = None,
+    backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): "
+            "onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record "
+            "says which won). Default: onnxruntime, plus openvino when installed.")] = None,
+    device: Annotated[QuantizeDevice, typer.Option(help="Where candidates are measured: cpu (INT8 recipes for this "
+            "CPU), or cuda: FP16 with FP32 I/O timed on onnxruntime's CUDA provider against FP32 on the same GPU, "
+            "shipped only when faster at every --batch size and within the accuracy budget (needs onnxruntime-gpu: the "
+            "gpu extra). At batch 1 real models are launch-bound on a GPU (ResNet-50, BERT-base on an H100: FP16 "
+            "0.93-0.97x FP32): name the batch sizes you serve.")] = QuantizeDevice.cpu,
+    max_nll_increase: Annotated[float, typer.Option(help="Decoders: max perplexity increase over FP32 on held-out "
+            "text, in nats per token.")] = 0.1,
     min_agreement: Annotated[float, typer.Option(help="Decoders: min greedy-token agreement with FP32 (0..1).")] = 0.9,
-    recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, int4-gptq-b128-acc4. Default: all but HQQ and GPTQ, which are tried only when named (slow here).")] = None,
-    allow_slower: Annotated[bool, typer.Option(help="Decoders: take the best candidate that keeps quality even when it is not faster than FP32 (for its size).")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) here.")] = None,
+    recipe: Annotated[Optional[list[str]], typer.Option(help="Decoders: recipe(s) to try (repeatable): "
+            "int4-rtn-b32-acc4, int4-rtn-b128-acc4, int4-hqq-b64-acc4, int4-rtn-b32, int8-dynamic, "
+            "int4-gptq-b128-acc4. Default: all but HQQ and GPTQ, which are tried only when named (slow here).")] = None,
+    allow_slower: Annotated[bool, typer.Option(help="Decoders: take the best candidate that keeps quality even when it "
+            "is not faster than FP32 (for its size).")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full record (every candidate) "
+            "here.")] = None,
 ) -> None:
     """Quantize with onnxruntime, measured on this CPU: every candidate recipe that fits the
     graph's ops and the CPU's ISA is built, timed interleaved against FP32 and checked for
@@ -89,7 +129,8 @@ def quantize(
     if calibration is not None:
         held_out, _, rest = read_data(calibration, model, names, options=options)
         calib = EvalData(rest if rest is not None else held_out)
-    config = QuantizeConfig(mode=mode.value, calibration=calibration_method.value, batch_sizes=parse_ints(batch, "--batch"),
+    config = QuantizeConfig(mode=mode.value, calibration=calibration_method.value,
+                            batch_sizes=parse_ints(batch, "--batch"),
                             max_accuracy_drop=max_accuracy_drop, require_resolved=require_resolved,
                             nodes_to_exclude=tuple(exclude_node or ()),
                             op_types_to_exclude=tuple(exclude_op_type or ()), threads=threads,
@@ -122,8 +163,8 @@ def _table_on_refusal(render, json_out: Optional[Path]):
 
 
 def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Optional[str], max_nll_increase: float,
-                      min_agreement: float, recipe: Optional[list[str]], allow_slower: bool, time_budget: Optional[float],
-                      json_out: Optional[Path]) -> None:
+                      min_agreement: float, recipe: Optional[list[str]], allow_slower: bool,
+                      time_budget: Optional[float], json_out: Optional[Path]) -> None:
     from edgepipe.cli.render import decoder_table
     from edgepipe.quantize import DecoderQuantizeConfig, EvalData, quantize
 
@@ -151,7 +192,8 @@ def _quantize_decoder(model: Path, output: Path, data: Optional[Path], batch: Op
                              "token ids: an array 'input_ids' [rows, length]")
         heldout = arrays["input_ids"]
     with _table_on_refusal(decoder_table, json_out):
-        result = quantize(model, output, config, eval_data=None if heldout is None else EvalData({"input_ids": heldout}),
+        result = quantize(model, output, config,
+                          eval_data=None if heldout is None else EvalData({"input_ids": heldout}),
                           progress=lambda m: typer.echo(f"  {m}", err=True))
     report = result.report
     typer.echo(decoder_table(report))

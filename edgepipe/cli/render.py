@@ -30,7 +30,8 @@ def candidate_table(report) -> str:
         verdict = c.verdict + (f": {c.error}" if c.error else "") + (
             f" (timing of its kernel twin {c.timed_as})" if c.timed_as else "")
         if c.accuracy_resolution == "unresolved" and not c.verdict.startswith("accuracy"):
-            verdict += f" (accuracy unresolved: {f'~{c.rows_needed} more rows needed' if c.rows_needed else 'on the budget'})"
+            verdict += (" (accuracy unresolved: "
+                        f"{f'~{c.rows_needed} more rows needed' if c.rows_needed else 'on the budget'})")
         rel_l2 = f"{c.rel_l2:.4f}" if c.rel_l2 is not None else "-"
         lines.append(f"{c.recipe:{w}} {metric_s:>9} {_drop(c.accuracy_drop_interval):>24} {rel_l2:>7} {speed} "
                      f"{session_label(c.sessions):>8} {size:>8}  {verdict}")
@@ -87,7 +88,8 @@ def quantize_summary(report, output: Path) -> str:
             lines.append(f"on onnxruntime the same file is out of the accuracy budget ({twin.verdict}): "
                          f"deploy it on {chosen.backend} only")
     if report.device:
-        lines.append(f"measured on {report.device['provider'][0]} ({report.device.get('gpu') or 'GPU unnamed'}) against "
+        lines.append(f"measured on {report.device['provider'][0]} ({report.device.get('gpu') or 'GPU unnamed'}) "
+                     "against "
                      "FP32 there: deploy it with Engine(path, providers=\"cuda\") or --provider cuda")
     elif chosen.sessions:
         per_batch = ", ".join(f"batch {b}: {v['threads']} thread(s)" + (" spinning" if v["spinning"] else "")
@@ -98,7 +100,8 @@ def quantize_summary(report, output: Path) -> str:
         lines.append(f"why this one: {report.choice}")
     ceiling = report.ceiling or {}
     if "fraction_of_ceiling" in ceiling:
-        lines.append(f"INT8 ceiling here: {ceiling['op']} {ceiling['input_shape']} x {ceiling['weight_shape']} alone runs "
+        lines.append(f"INT8 ceiling here: {ceiling['op']} {ceiling['input_shape']} x {ceiling['weight_shape']} alone "
+                     "runs "
                      f"{ceiling['kernel_speedup']:.2f}x in INT8 at batch {ceiling['batch']}; the model's "
                      f"{ceiling['model_speedup']:.2f}x is {ceiling['fraction_of_ceiling']:.0%} of it")
     elif "error" in ceiling:
@@ -128,7 +131,8 @@ def prune_summary(report, output: Path) -> str:
 def latency_table(record: dict, by_label: dict[str, list[dict]]) -> str:
     """p50/p90/p99 and throughput per model and batch, with the ratio against the baseline."""
     width = max([28, *map(len, by_label)])  # labels are never cut: they tell the rows apart
-    lines = [f"{'model':{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} {'vs base':>8}"]
+    lines = [f"{'model':{width}} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'samples/s':>11} "
+             f"{'vs base':>8}"]
     for label, rows in by_label.items():
         for stats in rows:
             ratio = record.get("speedup", {}).get(label, {}).get(str(stats["batch"]))
@@ -186,7 +190,8 @@ def compare_summary(report) -> str:
                      + (f" ({o.note})" if o.note else ""))
     if report.first_divergence:
         d = report.first_divergence
-        lines.append(f"first divergence: node '{d.node}' ({d.op}), tensor '{d.tensor}', max abs diff {d.max_abs_diff:.3g}")
+        lines.append(f"first divergence: node '{d.node}' ({d.op}), tensor '{d.tensor}', max abs diff "
+                     f"{d.max_abs_diff:.3g}")
         lines += [f"  adds noise: '{off.node}' ({off.op}) channel-averaged NSR +{off.added_nsr:.3g}"
                   for off in report.offenders]
     if report.localized:

@@ -12,7 +12,8 @@ from edgepipe.cli._common import check_outputs, handle_errors
 
 @handle_errors
 def report(
-    sources: Annotated[list[Path], typer.Argument(help="Run directories (or their manifest.json) and/or `edgepipe profile --json` files.")],
+    sources: Annotated[list[Path], typer.Argument(help="Run directories (or their manifest.json) and/or `edgepipe "
+            "profile --json` files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.md and report.html.")] = Path("."),
     name: Annotated[str, typer.Option(help="File stem of the report files.")] = "report",
 ) -> None:

@@ -27,7 +27,8 @@ def _run(config, resume: bool) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline config (TOML); see `edgepipe demo` for an example.")],
     out: Annotated[Optional[Path], typer.Option(help="Run directory (overrides out_dir in the config).")] = None,
-    resume: Annotated[bool, typer.Option(help="Reuse stages whose config, inputs and outputs are unchanged (hash-checked).")] = False,
+    resume: Annotated[bool, typer.Option(help="Reuse stages whose config, inputs and outputs are unchanged "
+                                              "(hash-checked).")] = False,
 ) -> None:
     """Run the stages listed in CONFIG for every model into a run directory: artifacts written
     atomically, manifest.json with hashes, versions, config and measurements, and one table.

@@ -13,26 +13,58 @@ from edgepipe.cli.choices import QatActivations
 
 @handle_errors
 def train(
-    source: Annotated[Optional[Path], typer.Argument(help="A Hugging Face folder to fine-tune on --data: a classifier (text or image, with its tokenizer or preprocessor_config.json) or a token classifier (with its tokenizer) on labelled rows, or a causal language model (with tokenizer.json) on a .txt file. Without it, --model trains a zoo model from scratch.")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Zoo: run directory (writes checkpoint.pt) or a .pt path. Fine-tuning and tiny-lm: the folder to write (new, or the interrupted one with --resume).")] = ...,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer; or tiny-lm (a 3M-parameter Llama-style language model over bytes, trained on the bundled text and written as a Hugging Face folder with a tokenizer).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Zoo: digits, marker, or an .npz with x and y. Default: the model's usual dataset.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows (CSV/TSV, JSONL, Parquet, a save_to_disk folder, or an image folder with one subfolder per class; for a token classifier a row's words and their tags, as lists or space-separated, or a .conll file); without --eval-data 20% of them (seeded) judge each epoch.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows that judge each epoch (all of --data then trains).")] = None,
-    input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair), the words column (token classification) or the image column; default: found by its usual name.")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column, or the tags column of a token classifier (names from config.json's label2id, or ids); default: label, labels, class, ... (tags: ner_tags, tags, labels, ...)")] = None,
-    resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last checkpoint.")] = False,
-    teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half the loss).")] = None,
-    keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
-    mlm: Annotated[bool, typer.Option(help="Pre-train FOLDER's encoder as a masked language model on --data, a .txt file with one passage per line (15% of tokens masked); writes the classifier folder again, its encoder pre-trained and its head fresh, ready to fine-tune. FOLDER needs config.json and a tokenizer; without weights the encoder starts from random init.")] = False,
-    qat: Annotated[bool, typer.Option(help="Fine-tuning: quantization-aware training. Every Linear and Conv2d trains through INT8 fake quantizers (weights symmetric per channel, inputs per tensor) so the weights settle where INT8 keeps them; judged epochs are simulated INT8. Best started from a fine-tuned folder, for an epoch or two at a low --lr; then export and quantize as usual.")] = False,
-    qat_activations: Annotated[Optional[QatActivations], typer.Option(help="QAT: input quantizers zero-point-free INT8 (symmetric, the layout quantize leads with for transformers) or UINT8 with a zero point (asymmetric, its default for image models). Default: by the task.")] = None,
+    source: Annotated[Optional[Path], typer.Argument(help="A Hugging Face folder to fine-tune on --data: a classifier "
+            "(text or image, with its tokenizer or preprocessor_config.json) or a token classifier (with its "
+            "tokenizer) on labelled rows, or a causal language model (with tokenizer.json) on a .txt file. Without it, "
+            "--model trains a zoo model from scratch.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Zoo: run directory (writes checkpoint.pt) or a .pt "
+            "path. Fine-tuning and tiny-lm: the folder to write (new, or the interrupted one with --resume).")] = ...,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Zoo model: mlp, cnn, lstm or transformer; or "
+            "tiny-lm (a 3M-parameter Llama-style language model over bytes, trained on the bundled text and written as "
+            "a Hugging Face folder with a tokenizer).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Zoo: digits, marker, or an .npz with x and y. Default: the "
+            "model's usual dataset.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows (CSV/TSV, JSONL, Parquet, a "
+            "save_to_disk folder, or an image folder with one subfolder per class; for a token classifier a row's "
+            "words and their tags, as lists or space-separated, or a .conll file); without --eval-data 20% of them "
+            "(seeded) judge each epoch.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Fine-tuning: labelled rows that judge each epoch (all of "
+            "--data then trains).")] = None,
+    input_column: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning: the text column (repeat for a pair), "
+            "the words column (token classification) or the image column; default: found by its usual name.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Fine-tuning: the label column, or the tags column of a "
+            "token classifier (names from config.json's label2id, or ids); default: label, labels, class, ... (tags: "
+            "ner_tags, tags, labels, ...)")] = None,
+    resume: Annotated[bool, typer.Option(help="Fine-tuning: continue the interrupted run in --output from its last "
+                                              "checkpoint.")] = False,
+    teacher: Annotated[Optional[Path], typer.Option(help="Distillation: a fine-tuned classifier folder whose logits "
+            "the student (FOLDER, or --keep-every's cut of the teacher) learns beside the labels (temperature 2, half "
+            "the loss).")] = None,
+    keep_every: Annotated[Optional[int], typer.Option(help="Distillation without a student FOLDER: the student is the "
+            "teacher with every k-th transformer layer kept (k >= 2), their weights copied.")] = None,
+    mlm: Annotated[bool, typer.Option(help="Pre-train FOLDER's encoder as a masked language model on --data, a .txt "
+                                           "file with one passage per line (15% of tokens masked); writes the "
+                                           "classifier folder again, its encoder pre-trained and its head fresh, ready "
+                                           "to fine-tune. FOLDER needs config.json and a tokenizer; without weights "
+                                           "the encoder starts from random init.")] = False,
+    qat: Annotated[bool, typer.Option(help="Fine-tuning: quantization-aware training. Every Linear and Conv2d trains "
+                                           "through INT8 fake quantizers (weights symmetric per channel, inputs per "
+                                           "tensor) so the weights settle where INT8 keeps them; judged epochs are "
+                                           "simulated INT8. Best started from a fine-tuned folder, for an epoch or two "
+                                           "at a low --lr; then export and quantize as usual.")] = False,
+    qat_activations: Annotated[Optional[QatActivations], typer.Option(help="QAT: input quantizers zero-point-free INT8 "
+            "(symmetric, the layout quantize leads with for transformers) or UINT8 with a zero point (asymmetric, its "
+            "default for image models). Default: by the task.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: zoo 10, fine-tuning 3).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: zoo 2e-3 with Adam; fine-tuning 5e-5 with AdamW, linear warm-up over 10% of the steps, then linear decay).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default: zoo 64, fine-tuning 16).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: zoo 2e-3 with Adam; fine-tuning 5e-5 "
+            "with AdamW, linear warm-up over 10% of the steps, then linear decay).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size (default: zoo 64, fine-tuning "
+            "16).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data split, init and shuffling.")] = 0,
-    seconds: Annotated[float, typer.Option(help="tiny-lm: training time in seconds (AdamW, cosine decay to zero at the end).")] = 180.0,
-    steps: Annotated[Optional[int], typer.Option(help="tiny-lm: train exactly this many steps instead of --seconds: the same model on any machine, however loaded (about 0.3 s a step on 2 cores).")] = None,
+    seconds: Annotated[float, typer.Option(help="tiny-lm: training time in seconds (AdamW, cosine decay to zero at the "
+                                                "end).")] = 180.0,
+    steps: Annotated[Optional[int], typer.Option(help="tiny-lm: train exactly this many steps instead of --seconds: "
+            "the same model on any machine, however loaded (about 0.3 s a step on 2 cores).")] = None,
 ) -> None:
     """Fine-tune a Hugging Face classifier folder on your labelled rows, or train a zoo model
     from scratch.
@@ -62,7 +94,8 @@ def train(
                             teacher or keep_every or qat or eval_data)
     if source is not None or teacher is not None:
         if model is not None or dataset is not None:
-            raise InputError("give either a folder to fine-tune (with --data) or --model to train from scratch, not both")
+            raise InputError("give either a folder to fine-tune (with --data) or --model to train from scratch, not "
+                             "both")
         if (source is None) == (keep_every is None):
             raise InputError("distillation takes a student FOLDER or --keep-every K (the teacher with every k-th "
                              "layer kept), one of the two")
@@ -74,7 +107,8 @@ def train(
         raise InputError("nothing to train: give a Hugging Face folder to fine-tune (edgepipe train FOLDER --data "
                          "rows.csv -o OUT) or --model (mlp, cnn, lstm, transformer, tiny-lm)")
     if data is not None or eval_data is not None or resume or qat:
-        raise InputError("--data, --eval-data, --resume and --qat fine-tune a folder: edgepipe train FOLDER --data rows.csv "
+        raise InputError("--data, --eval-data, --resume and --qat fine-tune a folder: edgepipe train FOLDER --data "
+                         "rows.csv "
                          "-o OUT (a zoo model takes --dataset)")
     epochs, lr, batch_size = (10 if epochs is None else epochs), (2e-3 if lr is None else lr), \
         (64 if batch_size is None else batch_size)

@@ -16,8 +16,10 @@ from edgepipe.cli.choices import Backend
 def triton(
     model: Annotated[Path, typer.Argument(help="ONNX model, or a run directory (exports its deployed model).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model repository folder (created or added to).")],
-    name: Annotated[Optional[str], typer.Option(help="Triton model name. Default: the run's model name or the file's stem.")] = None,
-    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model of the run directory to export.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Triton model name. Default: the run's model name or the file's "
+            "stem.")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model of the run directory to "
+            "export.")] = None,
     version: Annotated[int, typer.Option(help="Model version folder.")] = 1,
     max_batch: Annotated[int, typer.Option(help="max_batch_size; 0 turns Triton's batching off.")] = 32,
     preferred: Annotated[Optional[str], typer.Option(help="Preferred batch sizes, e.g. 8,16,32.")] = None,
@@ -27,9 +29,12 @@ def triton(
     kind: Annotated[str, typer.Option(help="Instance kind: cpu or gpu.")] = "cpu",
     gpus: Annotated[Optional[str], typer.Option(help="gpu: device ids, e.g. 0,1 (default: all).")] = None,
     tensorrt_fp16: Annotated[bool, typer.Option(help="gpu: run through ORT's TensorRT accelerator in FP16.")] = False,
-    validate: Annotated[bool, typer.Option(help="Parse config.pbtxt with Triton's ModelConfig schema (needs tritonclient).")] = True,
-    backend: Annotated[Optional[Backend], typer.Option(help="Triton backend: onnxruntime or openvino (CPU). Default: the one the model was quantized for (its file records it), else onnxruntime.")] = None,
-    allow_out_of_budget: Annotated[bool, typer.Option(help="Write it for a backend where the model's own record says it is out of its accuracy or speed budget (refused otherwise).")] = False,
+    validate: Annotated[bool, typer.Option(help="Parse config.pbtxt with Triton's ModelConfig schema (needs "
+                                                "tritonclient).")] = True,
+    backend: Annotated[Optional[Backend], typer.Option(help="Triton backend: onnxruntime or openvino (CPU). Default: "
+            "the one the model was quantized for (its file records it), else onnxruntime.")] = None,
+    allow_out_of_budget: Annotated[bool, typer.Option(help="Write it for a backend where the model's own record says "
+            "it is out of its accuracy or speed budget (refused otherwise).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the record here.")] = None,
 ) -> None:
     """Write OUT/<name>/config.pbtxt (inputs, outputs, dynamic batching, instance groups) and

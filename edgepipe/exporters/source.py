@@ -168,7 +168,8 @@ def with_flat_outputs(source: ModelSource) -> ModelSource:
             out = source.model(*[torch.from_numpy(feeds[s.name]) for s in source.inputs])
         except Exception as exc:
             raise InputError(f"{source.origin}: forward() failed on example inputs "
-                             f"({', '.join(s.describe() for s in source.inputs)}): {type(exc).__name__}: {exc}") from exc
+                             f"({', '.join(s.describe() for s in source.inputs)}): {type(exc).__name__}: "
+                             f"{exc}") from exc
     if isinstance(out, torch.Tensor):
         source.output_names = source.output_names[:1] or ["output"]
         return source
@@ -185,7 +186,8 @@ def with_flat_outputs(source: ModelSource) -> ModelSource:
         raise InputError(f"{source.origin}: forward() returned no tensor")
     if source.output_names and len(source.output_names) != len(keys):
         raise InputError(f"{source.origin}: {len(source.output_names)} output name(s) declared "
-                         f"({', '.join(source.output_names)}) but forward() returns {len(keys)} tensor(s): {', '.join(names)}")
+                         f"({', '.join(source.output_names)}) but forward() returns {len(keys)} tensor(s): "
+                         f"{', '.join(names)}")
     source.model = FlatOutputs(source.model, keys).eval()
     source.output_names = source.output_names or names
     return source

@@ -55,7 +55,8 @@ def student_from_teacher(teacher: str | Path, out: str | Path, keep_every: int) 
     weights = {}
     for key in student.state_dict():
         match = _LAYER.search(key)
-        name = key if match is None else key.replace(match.group(0), f".{match.group(1)}.{kept[int(match.group(2))]}.", 1)
+        name = key if match is None else key.replace(match.group(0),
+                                                     f".{match.group(1)}.{kept[int(match.group(2))]}.", 1)
         weights[key] = source[name]
     student.load_state_dict(weights)
     student.save_pretrained(out)

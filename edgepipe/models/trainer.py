@@ -209,7 +209,8 @@ class Trainer:
             staging = self.state_dir / "best.partial"
             shutil.rmtree(staging, ignore_errors=True)
             transformers.utils.logging.disable_progress_bar()  # reading the data may have turned it back on
-            self.model.save_pretrained(staging, state_dict=qat.plain_state_dict(self.model) if self.config.qat else None)
+            self.model.save_pretrained(staging,
+                                       state_dict=qat.plain_state_dict(self.model) if self.config.qat else None)
             shutil.rmtree(self.state_dir / "best", ignore_errors=True)
             os.replace(staging, self.state_dir / "best")
             self.best = self.history[-1]

@@ -109,7 +109,8 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
     from edgepipe.prune import PruneConfig
     from edgepipe.quantize import QuantizeConfig
 
-    classes = {"train": FinetuneConfig if model.hf_folder else TrainConfig, "prune": PruneConfig, "export": ExportConfig,
+    classes = {"train": FinetuneConfig if model.hf_folder else TrainConfig, "prune": PruneConfig,
+               "export": ExportConfig,
                "quantize": QuantizeConfig, "profile": ProfileConfig, "budgets": Budgets}
     out, problems = {}, []
     for section, cls in classes.items():
@@ -256,7 +257,8 @@ def from_dict(data: dict[str, Any], base_dir: Path = Path(".")) -> PipelineConfi
         problems.append("config lists no [[models]]; add at least one, e.g. [[models]] name = \"mlp\"")
     shared = {k: data[k] if isinstance(data.get(k), dict) else {} for k in SECTIONS}
     seed = top.get("seed", 0)
-    models = [checked(_model, i, entry, shared, base_dir, stages, seed) for i, entry in enumerate(top.get("models", ()))]
+    models = [checked(_model, i, entry, shared, base_dir, stages, seed)
+              for i, entry in enumerate(top.get("models", ()))]
     names = [m.name for m in models if m is not None]
     if len(set(names)) != len(names):
         problems.append(f"model names must be unique, got {names}")

@@ -14,7 +14,8 @@ from edgepipe.pipeline.report import COLUMNS, build_rows, render_markdown
 from edgepipe.pipeline.stages import model_reports
 
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:24px auto;color:#222}
-table{border-collapse:collapse;font-size:12px;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+table{border-collapse:collapse;font-size:12px;margin:8px 0 16px}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f3f3f3}figure{margin:12px 0}figcaption{font-weight:bold;margin-bottom:4px}
 .fail{color:#b00;font-weight:bold}.ok{color:#080}.note{color:#555;font-size:12px}"""
 

@@ -101,7 +101,8 @@ def build_rows(manifest: dict) -> list[dict]:
             exp, quant = reports["export"], reports.get("quantize")
             rows.append(_row(name, _export_label(exp), _score(quant),
                              _latency(profile, "fp32"), _mb(exp.size_bytes),
-                             parity=f"ok {exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
+                             parity="ok "
+                                    f"{exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
                              gate=_gates(model, "export")))
         elif "export" in stages:  # failed before it measured anything
             rows.append(_row(name, "export", parity=stages["export"].get("status", "-"), gate=_gates(model, "export")))

@@ -237,7 +237,8 @@ def prune(checkpoint: str | Path, out_path: str | Path, config: PruneConfig | No
         report.speedup = speedup
     else:  # zeros, not speed: report sparsity and compressed size, never a speedup
         report.dense_latency_ratio, report.sparsity = speedup, sparsity(model)
-        report.compressed_bytes_before, report.compressed_bytes_after = compressed_bytes(baseline), compressed_bytes(model)
+        report.compressed_bytes_before = compressed_bytes(baseline)
+        report.compressed_bytes_after = compressed_bytes(model)
         report.note = "unstructured pruning makes zeros, not dense speed: ORT runs the same kernels"
     kwargs = meta["model_kwargs"] | (model.structure() if hasattr(model, "structure") else {})
     out = save_checkpoint(out_path, model_name=meta["model"], model_kwargs=kwargs, model=model,

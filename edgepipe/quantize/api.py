@@ -36,7 +36,8 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config=None, *, eval_d
 
     if config is not None and not isinstance(config, DecoderQuantizeConfig):
         raise InputError(f"{onnx_path.name} is a decoder with a KV cache: its search takes a DecoderQuantizeConfig "
-                         f"(perplexity and token-agreement budgets, time per output token), not a {type(config).__name__}")
+                         "(perplexity and token-agreement budgets, time per output token), not a "
+                         f"{type(config).__name__}")
     if calibration is not None:
         raise InputError("a decoder's recipes take no calibration rows: pass held-out text as eval_data "
                          "({'input_ids': [rows, length]}), which GPTQ also calibrates on")

@@ -206,7 +206,8 @@ def _add_to_bias(graph: onnx.GraphProto, inits: dict, made: dict, node: onnx.Nod
                  numpy_helper.from_array(scale, names[1])]
         graph.initializer.extend(added)
         inits.update({t.name: graph.initializer[-len(added) + i] for i, t in enumerate(added)})
-        graph.node.insert(0, helper.make_node("DequantizeLinear", names, [base], name=base + "_DequantizeLinear", axis=0))
+        graph.node.insert(0,
+                          helper.make_node("DequantizeLinear", names, [base], name=base + "_DequantizeLinear", axis=0))
         node.input.append(base)
         made[base] = graph.node[0]
     bias_dq = made[node.input[2]]

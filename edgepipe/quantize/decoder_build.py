@@ -116,7 +116,8 @@ def constant_matmuls(model) -> int:
             product = f"{node.output[0]}_matmul" if len(node.input) > 2 and node.input[2] else node.output[0]
             nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
             if product != node.output[0]:
-                nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+                nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}_bias"))
             rewritten += 1
             continue
         source = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None

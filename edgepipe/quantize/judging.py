@@ -1,6 +1,6 @@
 """The judging side of a quantize search: whether a candidate is accurate and fast enough, and
-its verdict. A mixin of Search, which provides config, eval_data, reference, units, unit and resolved (whether the held-out rows
-can resolve the accuracy budget)."""
+its verdict. A mixin of Search, which provides config, eval_data, reference, units, unit and
+resolved (whether the held-out rows can resolve the accuracy budget)."""
 
 from __future__ import annotations
 

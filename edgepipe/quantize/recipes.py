@@ -144,7 +144,8 @@ def build_order(recipes: list[Recipe], conv_heavy: bool, openvino_first: bool = 
     1.1-1.3x faster than onnxruntime's dynamic INT8), then the first of the rest."""
 
     def key(r: Recipe) -> tuple[bool, bool, bool, bool]:
-        preferred = (r.method == "static" and r.format == "QDQ" and r.per_channel) if conv_heavy else r.method == "dynamic"
+        static_per_channel = r.method == "static" and r.format == "QDQ" and r.per_channel
+        preferred = static_per_channel if conv_heavy else r.method == "dynamic"
         return not (openvino_first and r.symmetric), not preferred, r.reduce_range, not r.per_channel
 
     return sorted(recipes, key=key)

@@ -75,8 +75,8 @@ class Search(TimeBudget, Judging):
         # Whether one unit is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
         self.resolved = resolves(self.units, config.max_accuracy_drop)
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
-        self.sweep = self.sweep_settings(session_settings(config.threads, spinning=config.try_spinning) if
-                                         config.tunes_threads else [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        tuned = session_settings(config.threads, spinning=config.try_spinning) if config.tunes_threads else None
+        self.sweep = self.sweep_settings(tuned or [SessionSetting(config.threads or os.cpu_count() or 1, False)])
         self.settings = list(dict.fromkeys(s for b in config.batch_sizes for s in self.sweep[b]))  # any batch's
         self.drop_fp32()  # timing makes sessions of its own; building needs the memory
         self.fp32_settings: dict[int, SessionSetting] = {}

@@ -78,7 +78,8 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
     quant_model = instrumented_copy(quant_path, sorted({b for _, b in pairs.values() if b in quant_tensors}), work)
     noise: dict = {}  # key -> ChannelNoise, accumulated chunk by chunk
     exact: set = set()  # graph inputs or tensors not observable: treated as exact
-    for reference, actual in zip(run_in_chunks(ref_model, feeds, chunk_rows), run_in_chunks(quant_model, feeds, chunk_rows)):
+    for reference, actual in zip(run_in_chunks(ref_model, feeds, chunk_rows),
+                                 run_in_chunks(quant_model, feeds, chunk_rows)):
         for key, (ref_name, quant_name) in pairs.items():
             if ref_name not in reference or quant_name not in actual:
                 exact.add(key)

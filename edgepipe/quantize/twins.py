@@ -31,7 +31,8 @@ def kernel_signature(path: Path, backend: str) -> tuple:
     graph = skeleton(path).graph
     constants = {t.name: (t.data_type, len(t.dims)) for t in graph.initializer}
     biases = {n.input[2] for n in graph.node if n.op_type in BIASED and len(n.input) > 2}
-    nodes = Counter((n.domain, n.op_type, tuple(constants.get(i, ()) for i in n.input[:2 if n.op_type in BIASED else None]))
+    nodes = Counter((n.domain, n.op_type,
+                     tuple(constants.get(i, ()) for i in n.input[:2 if n.op_type in BIASED else None]))
                     for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in biases))
     return backend, tuple(sorted(nodes.items()))
 

@@ -64,7 +64,8 @@ class OnnxruntimeBackend:
         if lost and not allow_fallback and self.asked != "auto":
             check = "check the CUDA/cuDNN install"
             if "TensorrtExecutionProvider" in lost and not tensorrt_libraries_present():
-                check = "TensorRT's own libraries (libnvinfer.so.10) are not installed: install TensorRT 10 for this CUDA"
+                check = ("TensorRT's own libraries (libnvinfer.so.10) are not installed: install TensorRT 10 for this "
+                         "CUDA")
             raise InputError(f"onnxruntime could not initialise {', '.join(lost)} (running on {', '.join(used)}); "
                              f"{check}, or choose another --provider (in Python: allow_fallback=True)")
 

@@ -118,7 +118,8 @@ def compare_models(
 ) -> dict:
     """Profile several models (e.g. FP32 and INT8) interleaved in one process; ratios are
     reported against the first. `backends`: a model's runtime (e.g. {"int8": "openvino"});
-    a model not named runs on the backend its file records, else onnxruntime. `data` supplies real input rows; else inputs are generated.
+    a model not named runs on the backend its file records, else onnxruntime. `data` supplies real
+    input rows; else inputs are generated.
     `sessions`: a model's own settings per batch size (Engine's batch_sessions), e.g. those
     quantize found fastest for it; the others run with `threads` and spinning off.
 

@@ -95,7 +95,8 @@ class _Metrics:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"], registry=self.registry)
+        self.requests = Counter("edgepipe_requests_total", "Requests by HTTP status", ["status"],
+                                registry=self.registry)
         self.latency = Histogram("edgepipe_request_seconds", "Request latency", registry=self.registry,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.batch_sizes = Histogram("edgepipe_batch_size", "Rows per model call", registry=self.registry,
@@ -178,7 +179,8 @@ def create_app(engine: Engine, *, max_batch: int = 32, max_delay_ms: float = 2.0
     for probes and scrapers."""
     metrics = _Metrics()
     state = {"ready": False}
-    batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s, on_batch=metrics.batch_sizes.observe)
+    batcher = DynamicBatcher(engine, max_batch, max_delay_ms, max_queue, timeout_s,
+                             on_batch=metrics.batch_sizes.observe)
     predict = _Predict(engine, batcher, metrics, state, timeout_s, max_body_bytes)
 
     @asynccontextmanager

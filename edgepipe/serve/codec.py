@@ -39,7 +39,8 @@ def read_npy(body: bytes) -> np.ndarray:
         try:
             stream = io.BytesIO(body)
             version = np.lib.format.read_magic(stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read_header(stream)
         except Exception:
             raise InputError("body is not a valid .npy array (bad header)") from None

@@ -77,7 +77,8 @@ def _tensor(name: str, ort_type: str, shape: list, batched: bool) -> str:
     if ort_type not in TRITON_TYPES:
         raise InputError(f"tensor '{name}' has type {ort_type}, which Triton cannot take")
     dims = [d if isinstance(d, int) else -1 for d in (shape[1:] if batched else shape)]
-    return f'  {{\n    name: "{name}"\n    data_type: {TRITON_TYPES[ort_type]}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+    return (f'  {{\n    name: "{name}"\n    data_type: {TRITON_TYPES[ort_type]}\n'
+            f'    dims: [ {", ".join(map(str, dims))} ]\n  }}')
 
 
 def render_config(model: str | Path, config: TritonConfig) -> str:

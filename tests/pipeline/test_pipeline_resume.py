@@ -248,7 +248,8 @@ def test_the_pipeline_profiles_at_the_dims_it_is_given_and_records_them(tmp_path
 
 
 def test_profile_dims_of_the_wrong_type_are_a_config_error(tmp_path):
-    (tmp_path / "p.toml").write_text('stages = ["train"]\n[profile]\ndims = { seq = "long" }\n[[models]]\nname = "mlp"\n')
+    (tmp_path / "p.toml").write_text('stages = ["train"]\n[profile]\ndims = { seq = "long" }\n[[models]]\nname = '
+                                     '"mlp"\n')
     with pytest.raises(ConfigError, match=r"dims = \{'seq': 'long'\} is not a table of integers"):
         config_mod.load(tmp_path / "p.toml")
 

@@ -77,7 +77,8 @@ def _manifest() -> dict:
         profile = {"models": {k: {"sessions": {"1": {"threads": 1, "spinning": False}}} for k in latency},
                    "baseline": "fp32", "latency": latency, "speedup": {"int8": {"1": 2.0, "32": 2.0}},
                    "threads": "ort-default", "intra_op_spinning": False, "trials": 3, "hardware": {},
-                   "operators": {"by_op_type": [{"op": "QLinearMatMulWithAVeryLongFusedOperatorName", "us_per_run": 12.5,
+                   "operators": {"by_op_type": [{"op": "QLinearMatMulWithAVeryLongFusedOperatorName",
+                                                 "us_per_run": 12.5,
                                                  "share": 0.8}, {"op": "Relu", "us_per_run": 3.1, "share": 0.2}]}}
         models[name] = {"stages": {"profile": {"status": "ok", "record": profile}}, "gates": []}
     return {"schema": 2, "versions": {}, "hardware": {"cpu": {"model": "test CPU"}}, "status": "passed",
@@ -114,4 +115,5 @@ def test_every_line_of_a_chart_has_its_own_colour_unless_it_names_a_stage():
     svg = lines("Tokens per second vs batch", rate, "batch", "tokens/s")
     assert all(c in svg for c in colors.values())
     staged = line_colors(["mlp fp32", "cnn fp32", "mlp int8"])
-    assert staged == {"mlp fp32": STAGE_COLORS["fp32"], "cnn fp32": STAGE_COLORS["fp32"], "mlp int8": STAGE_COLORS["int8"]}
+    assert staged == {"mlp "
+                      "fp32": STAGE_COLORS["fp32"], "cnn fp32": STAGE_COLORS["fp32"], "mlp int8": STAGE_COLORS["int8"]}

@@ -99,6 +99,7 @@ def test_what_it_does_not_write_goes_to_quantize_dynamic(tmp_path):
     model.graph.output.append(helper.make_tensor_value_info("w3", TensorProto.FLOAT, None))
     onnx.save(model, tmp_path / "w3.onnx")
     assert not dynamic_matmul.applies(tmp_path / "w3.onnx", Recipe("dynamic", weight_type="S8"))
-    assert dynamic_matmul.applies(tmp_path / "w3.onnx", Recipe("dynamic", weight_type="S8", nodes_to_exclude=("three_d",)))
+    assert dynamic_matmul.applies(tmp_path / "w3.onnx",
+                                  Recipe("dynamic", weight_type="S8", nodes_to_exclude=("three_d",)))
     with pytest.raises(ValueError):
         dynamic_matmul.quantize_matmuls(tmp_path / "w3.onnx", tmp_path / "out.onnx", False, False)

@@ -143,7 +143,8 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     from edgepipe.quantize.search import Candidate, Search
 
     search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
-    search.config, search.say, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), lambda message: None, {1: "sessions"}
+    search.config, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), {1: "sessions"}
+    search.say = lambda message: None
     search.rounds_used, search.settings = {}, ["one setting"]
     search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,)), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
@@ -274,7 +275,8 @@ def test_a_refusal_names_quantization_aware_training_only_when_accuracy_is_what_
     from edgepipe.quantize.search import Candidate
     from edgepipe.quantize.verdict import ACCURACY, Verdict
 
-    candidate = Candidate(Recipe("dynamic"), speedup={32: 1.0 if accurate else 2.0}, verdict=Verdict(ACCURACY, 0.05, 0.01))
+    candidate = Candidate(Recipe("dynamic"), speedup={32: 1.0 if accurate else 2.0},
+                          verdict=Verdict(ACCURACY, 0.05, 0.01))
     search = SimpleNamespace(candidates=[candidate], accurate=lambda c: accurate,
                              config=SimpleNamespace(max_accuracy_drop=0.01, time_budget_s=0))
     error = refusal(search, SimpleNamespace(skipped_recipes=[], accuracy_fallback=[]))

@@ -83,7 +83,8 @@ def test_quantize_without_vnni_uses_reduce_range(zoo, tmp_path):
     assert record["cpu"]["vnni"] is False
     assert "reduce_range" in record["recipe_reason"]
     ranges = {c["recipe"]: c["reduce_range"] for c in record["candidates"]}
-    assert ranges["static-QDQ/AU8WS8/minmax/per-tensor/reduce-range"] and not ranges["static-QDQ/AU8WS8/minmax/per-channel"]
+    assert ranges["static-QDQ/AU8WS8/minmax/per-tensor/reduce-range"]
+    assert not ranges["static-QDQ/AU8WS8/minmax/per-channel"]
 
 
 def test_build_order_puts_the_likeliest_winners_first():
@@ -116,7 +117,8 @@ def test_only_matmul_and_gemm_outputs_lose_their_output_qdq(tmp_path):
                  helper.make_node("QuantizeLinear", ["h", "s", "z"], ["hq"]),
                  helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["y"])]
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], [scale, zero, weight])
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                                  [scale, zero, weight])
         path = tmp_path / f"{op}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
         return path
@@ -146,7 +148,8 @@ def test_dynamic_leaves_a_patch_embedding_conv_in_fp32_and_quantizes_the_matmuls
              helper.make_node("Transpose", ["t"], ["s"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["s", "W1"], ["h"], name="mm1"),
              helper.make_node("MatMul", ["h", "W2"], ["y"], name="mm2")]
-    graph = helper.make_graph(nodes, "vit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+    graph = helper.make_graph(nodes, "vit",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 64])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8

@@ -63,7 +63,8 @@ def _attention(path, layers: int = 1, d: int = 32, seq: int = 16, opset: int = 1
                   numpy_helper.from_array(np.array([-1, seq, d], np.int64), p + "back")]
         x = p + "y"
     nodes.append(helper.make_node("ReduceMean", [x], ["logits"], axes=[1], keepdims=0, name="pool"))
-    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, d])],
+    graph = helper.make_graph(nodes, "attention",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, d])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -230,4 +231,5 @@ def test_openvino_runs_the_symmetric_layout_faster_than_the_asymmetric_one(tmp_p
     ratio = stats["asym"].p50_ms / stats["sym"].p50_ms
     counts = Counter(n.op_type for n in onnx.load(str(sym)).graph.node)
     print(f"asymmetric / symmetric p50 on OpenVINO: {ratio:.2f}x")
-    assert ratio >= 1.1, f"symmetric {stats['sym'].p50_ms:.2f} ms vs asymmetric {stats['asym'].p50_ms:.2f} ms ({counts})"
+    assert ratio >= 1.1, (f"symmetric {stats['sym'].p50_ms:.2f} ms vs asymmetric {stats['asym'].p50_ms:.2f} ms "
+                          f"({counts})")

@@ -93,8 +93,10 @@ def test_io_binding_on_the_cpu_matches_run_and_chains_ortvalues(zoo):
 def test_provider_options_are_parsed_checked_and_passed(zoo):
     from edgepipe.runtime.sessions import parse_provider_options, session_providers
 
-    assert parse_provider_options(["cuda.device_id=1", "tensorrt.trt_fp16_enable=True", "cuda.arena_extend_strategy=kSameAsRequested"]) == {
-        "cuda": {"device_id": "1", "arena_extend_strategy": "kSameAsRequested"}, "tensorrt": {"trt_fp16_enable": "True"}}
+    assert parse_provider_options(["cuda.device_id=1", "tensorrt.trt_fp16_enable=True",
+                                   "cuda.arena_extend_strategy=kSameAsRequested"]) == {
+        "cuda": {"device_id": "1", "arena_extend_strategy": "kSameAsRequested"},
+        "tensorrt": {"trt_fp16_enable": "True"}}
     with pytest.raises(InputError, match="PROVIDER.KEY=VALUE"):
         parse_provider_options(["device_id=1"])
     assert session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], {"cuda": {"device_id": 1}}) == [
@@ -166,7 +168,8 @@ def test_a_backend_is_one_class_behind_the_engine(tmp_path, monkeypatch):
     x = np.ones((3, 4), np.float32)
     np.testing.assert_allclose(engine.run({"x": x})["y"], x @ weight)
     assert engine.backend == "recording" and sorted(made) == [1, 2]  # one session per setting
-    with pytest.raises(InputError, match=r"run_bound \(IO binding\) is an onnxruntime feature; this Engine runs on recording"):
+    with pytest.raises(InputError, match=r"run_bound \(IO binding\) is an onnxruntime feature; this Engine runs on "
+                                         r"recording"):
         engine.run_bound({"x": x}, device="cpu")
     with pytest.raises(InputError, match="unknown backend 'nope'; choose one of onnxruntime, openvino, recording"):
         Engine(tmp_path / "mm.onnx", backend="nope")

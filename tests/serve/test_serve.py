@@ -154,7 +154,8 @@ def _token_model(path, *, limits: bool, vocab: int = 50, positions: int = 16):
              helper.make_node("ReduceSum", ["masked", "seq_axis"], ["logits"], keepdims=0)]
     graph = helper.make_graph(
         nodes, "tokens",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+         for n in ("input_ids", "attention_mask")],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([-1], np.int64), "last"),
          numpy_helper.from_array(np.array([1], np.int64), "seq_axis")])
@@ -201,7 +202,8 @@ def test_predict_checks_values_against_the_models_own_limits(tmp_path, inputs, m
     engine, table = _token_model(tmp_path / "tokens.onnx", limits=True)
     with LoopbackServer(create_app(engine)) as server:
         bad = httpx.post(server.url + "/v1/predict", json={"inputs": inputs})
-        good = httpx.post(server.url + "/v1/predict", json={"inputs": {"input_ids": [[1.0, 2.0]], "attention_mask": [[1, 1]]}})
+        good = httpx.post(server.url + "/v1/predict",
+                          json={"inputs": {"input_ids": [[1.0, 2.0]], "attention_mask": [[1, 1]]}})
     assert bad.status_code == 422 and message in bad.json()["error"], bad.text
     assert "onnxruntime" not in bad.text
     assert good.status_code == 200 and np.allclose(good.json()["outputs"]["logits"], table[[[1, 2]]].sum(1))
