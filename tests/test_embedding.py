@@ -74,3 +74,25 @@ def test_example_app_runs_without_torch(run_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "32 images -> classes" in proc.stdout
+
+
+def test_the_deployment_entry_decides_and_older_manifests_still_open(run_dir, tmp_path):
+    import json
+    import shutil
+
+    (tmp_path / "cnn").mkdir()
+    for name in ("model.onnx", "model.int8.onnx"):  # the FP32 file stands in for both here
+        shutil.copy(run_dir / "cnn" / "model.onnx", tmp_path / "cnn" / name)
+
+    def opened(entry: dict, **options) -> str:
+        (tmp_path / "manifest.json").write_text(json.dumps({"schema": 3, "models": {"cnn": entry}}))
+        return Engine.from_run(tmp_path, "cnn", **options).run_info["artifact"]
+
+    quantized = {"stages": {"quantize": {"status": "ok", "record": {}}}}
+    assert opened(quantized | {"deployment": {"precision": "int8", "why": None}}) == "model.int8.onnx"
+    kept = quantized | {"deployment": {"precision": "fp32", "why": "INT8 measured 0.8x"}}
+    assert opened(kept) == "model.onnx" and opened(kept, precision="int8") == "model.int8.onnx"
+    assert opened({"stages": {"quantize": {"status": "not_deployed"}}}) == "model.onnx"  # schema 2
+    assert opened(quantized) == "model.int8.onnx"  # schema 2: quantize's status said it
+    with pytest.raises(InputError, match="did not write one"):
+        opened({"stages": {"quantize": {"status": "refused"}}, "deployment": {"precision": "fp32"}}, precision="int8")

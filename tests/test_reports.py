@@ -7,12 +7,14 @@ import pytest
 from edgepipe.errors import GateFailed, InputError, LatencyError
 from edgepipe.models.report import TrainReport
 from edgepipe.pipeline.config import Budgets
-from edgepipe.pipeline.deploy import int8_rejection, int8_speedup
+from edgepipe.pipeline.deploy import Decision, decide, int8_rejection, int8_speedup
 from edgepipe.pipeline.gates import check
 from edgepipe.pipeline.profile_stage import ProfileReport
 from edgepipe.prune.report import PruneReport
 from edgepipe.quantize.report import Baseline, CandidateRow, QuantizeReport
 from edgepipe.quantize.verdict import CHOSEN, FAILED, OK, SUPERSEDED, Verdict
+
+INT8 = Decision("int8")
 
 
 def candidate(recipe="static-QDQ/AU8WS8/minmax/per-tensor", drop=0.0, verdict="chosen") -> CandidateRow:
@@ -100,13 +102,13 @@ def test_gates_read_typed_reports_at_the_deployment_batch_sizes():
                "profile": profile_report({"1": 0.9, "32": 1.6})}
     budgets = Budgets(min_accuracy=0.9, max_accuracy_drop=0.01, min_int8_speedup=1.0, max_model_size_mb=0.002,
                       max_total_accuracy_drop=0.05)
-    results = {g.gate: g for g in check(reports, budgets, (32,), ("train", "export", "quantize", "profile"))}
+    results = {g.gate: g for g in check(reports, budgets, (32,), ("train", "export", "quantize", "profile"), INT8)}
     assert results["min_accuracy"].ok and results["min_accuracy"].measured == 0.97
     assert not results["max_accuracy_drop"].ok and results["max_accuracy_drop"].measured == 0.02
     assert results["min_int8_speedup"].ok and results["min_int8_speedup"].measured == 1.6  # batch 1 not deployed
     assert results["max_model_size_mb"].measured == pytest.approx(0.001)
     assert results["max_total_accuracy_drop"].measured == pytest.approx(0.02)
-    at_both = {g.gate: g for g in check(reports, budgets, (1, 32), ("profile",))}
+    at_both = {g.gate: g for g in check(reports, budgets, (1, 32), ("profile",), INT8)}
     assert not at_both["min_int8_speedup"].ok and at_both["min_int8_speedup"].measured == 0.9
 
 
@@ -115,15 +117,17 @@ def test_when_profile_keeps_fp32_the_gates_judge_the_fp32_model():
 
     export = ExportReport(exporter="dynamo", attempts=[], parity={}, opset=18, ir_version=10, size_bytes=4000,
                           inputs=[], outputs=["y"], source="zoo:mlp")
-    profile = profile_report({})
-    profile.int8_not_deployed = {"speedup": {"32": 0.8}, "why": "slower"}
     reports = {"train": TrainReport("mlp", {}, 0.97, 0.1, 1.0, 100), "export": export,
-               "quantize": quantize_report(candidate(drop=0.02)), "profile": profile}
-    budgets = Budgets(max_accuracy_drop=0.01, max_model_size_mb=0.002, max_total_accuracy_drop=0.01)
-    results = {g.gate: g for g in check(reports, budgets, (32,), ("train", "export", "quantize", "profile"))}
+               "quantize": quantize_report(candidate(drop=0.02)), "profile": profile_report({"32": 0.8})}
+    budgets = Budgets(max_accuracy_drop=0.01, max_model_size_mb=0.002, max_total_accuracy_drop=0.01,
+                      require_int8=False, min_int8_speedup=1.0)
+    kept = decide(reports, budgets, (32,))
+    assert kept.precision == "fp32" and "0.800x" in kept.why
+    results = {g.gate: g for g in check(reports, budgets, (32,), ("train", "export", "quantize", "profile"), kept)}
     assert not results["max_model_size_mb"].ok and results["max_model_size_mb"].measured == pytest.approx(0.004)
     assert "max_accuracy_drop" not in results  # the INT8 model's drop does not matter: it is not deployed
     assert results["max_total_accuracy_drop"].ok
+    assert "min_int8_speedup" not in results  # INT8's 0.8x is on record, but FP32 is what ships
 
 
 def test_the_deployment_decision_is_made_in_one_place():
@@ -134,3 +138,9 @@ def test_the_deployment_decision_is_made_in_one_place():
     assert "FP32 model is deployed" in int8_rejection(slow, relaxed, (1, 32))
     assert int8_rejection(slow, relaxed, (32,)) is None  # fast where it is deployed
     assert int8_rejection(slow, Budgets(require_int8=True, min_int8_speedup=1.0), (1,)) is None  # gate fails
+    quant = quantize_report(candidate())
+    assert decide({"quantize": quant}, relaxed, (1,)) == Decision("int8")  # before profile: quantize's word
+    assert decide({"quantize": quant, "profile": slow}, relaxed, (1,)).precision == "fp32"
+    assert decide({"quantize": quant, "profile": slow}, relaxed, (32,)) == Decision("int8")
+    refused = decide({"quantize": quantize_report(None)}, relaxed, (1,), "no candidate within budget")
+    assert refused == Decision("fp32", "no candidate within budget") and decide({}, relaxed, (1,)) == Decision("fp32")

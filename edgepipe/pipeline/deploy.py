@@ -1,10 +1,27 @@
-"""Which precision a pipeline deploys: INT8 when profile measured it fast enough at the
-deployment batch sizes, else FP32 (when the config allows). Decided here alone; the runner
-applies it and the gates read the same figure."""
+"""Which precision a pipeline deploys, decided here alone: INT8 when quantize chose an INT8 model
+and profile (which has the last word on speed) measured it fast enough at the deployment batch
+sizes; else FP32, with the reason. The runner records the decision once per model in the
+manifest (`deployment`), and the gates, the run table, `Engine.from_run` and serve read it there."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Precision = Literal["int8", "fp32"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    precision: Precision
+    why: str | None = None  # why FP32 is deployed although the run quantized
+
+    @property
+    def int8(self) -> bool:
+        return self.precision == "int8"
+
+    def to_dict(self) -> dict:
+        return {"precision": self.precision, "why": self.why}
 
 
 def int8_speedup(profile: Any, deploy_batches: tuple[int, ...]) -> float | None:
@@ -18,9 +35,9 @@ def int8_speedup(profile: Any, deploy_batches: tuple[int, ...]) -> float | None:
 
 
 def int8_rejection(profile: Any, budgets: Any, deploy_batches: tuple[int, ...]) -> str | None:
-    """Why the INT8 model must not be deployed although quantize accepted it (profile has the
-    last word on speed), or None. Only when INT8 is not required and a speedup floor is set:
-    otherwise the min_int8_speedup gate fails the run instead."""
+    """Why the INT8 model must not be deployed although quantize accepted it, or None. Only when
+    INT8 is not required and a speedup floor is set: otherwise the min_int8_speedup gate fails
+    the run instead."""
     if budgets.require_int8 or budgets.min_int8_speedup is None:
         return None
     measured = int8_speedup(profile, deploy_batches)
@@ -28,3 +45,16 @@ def int8_rejection(profile: Any, budgets: Any, deploy_batches: tuple[int, ...]) 
         return None
     return (f"INT8 measured {measured:.3f}x vs FP32 in profile (< min_int8_speedup "
             f"{budgets.min_int8_speedup}); require_int8 = false, so the FP32 model is deployed")
+
+
+def decide(reports: dict[str, Any], budgets: Any, deploy_batches: tuple[int, ...],
+           refusal: str | None = None) -> Decision:
+    """The deployed precision from the stages' reports so far. `refusal`: why quantize refused
+    to ship INT8 when the run went on with FP32 (require_int8 = false)."""
+    quant = reports.get("quantize")
+    if quant is None:
+        return Decision("fp32")
+    if quant.chosen is None:
+        return Decision("fp32", refusal or "quantize chose no INT8 model")
+    why = int8_rejection(reports.get("profile"), budgets, deploy_batches)
+    return Decision("fp32", why) if why else Decision("int8")

@@ -15,9 +15,10 @@ from edgepipe.runtime.deployment import MANIFEST_SCHEMA, read_manifest
 from edgepipe.runtime.hardware import fingerprint
 from edgepipe.runtime.modelfile import model_bytes
 
-# What a stage's entry and the whole run may say. not_deployed: the quantize stage ran, but its
-# INT8 model was refused or measured slower, so the FP32 model is deployed.
-StageStatus = Literal["ok", "error", "not_deployed", "gate_failed"]
+# What a stage's entry and the whole run may say. refused: quantize shipped no INT8 model and the
+# run went on with FP32 (require_int8 = false); which precision is deployed is the model's
+# `deployment` entry (pipeline.deploy), not a stage status.
+StageStatus = Literal["ok", "error", "refused", "gate_failed"]
 RunStatus = Literal["running", "passed", "failed", "error", "interrupted", "crashed"]
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "scikit-learn")
@@ -85,6 +86,11 @@ class Manifest:
     def record_data(self, model: str, data: dict) -> None:
         """Which data the model was judged on, and how its held-out rows were chosen."""
         self.data["models"].setdefault(model, {"stages": {}, "gates": []})["data"] = data
+        self.save()
+
+    def record_deployment(self, model: str, deployment: dict) -> None:
+        """The precision the run deploys for `model` and why (pipeline.deploy.Decision)."""
+        self.data["models"].setdefault(model, {"stages": {}, "gates": []})["deployment"] = deployment
         self.save()
 
     def record_gates(self, model: str, gates: list[dict]) -> None:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from edgepipe.artifacts import StageResult, write_json
 from edgepipe.errors import ConfigError
-from edgepipe.pipeline.deploy import int8_rejection
+from edgepipe.pipeline.deploy import decide
 from edgepipe.pipeline.stage_context import StageRun
 from edgepipe.reports import Report, optional
 from edgepipe.runtime.engine import Engine
@@ -32,7 +32,6 @@ class ProfileReport(Report):
     trials: int
     hardware: dict[str, Any]
     dims: dict[str, int] = optional()  # the size of each dynamic dim the models were timed at
-    int8_not_deployed: dict | None = optional()  # quantize's INT8 measured too slow here
     operators: dict | None = optional()
     cumulative_speedup: dict[str, float] | None = optional()  # deployed vs unpruned FP32
 
@@ -78,10 +77,9 @@ def profile_stage(run: StageRun) -> StageResult:
         models, settings.batch_sizes, providers=settings.providers, threads=settings.threads,
         data=run.held_out(), rounds=settings.rounds, seed=run.config.seed, sessions=tuned_sessions(run, models),
         dims=settings.dims, backends=backends))
-    why = int8_rejection(report, run.settings["budgets"], run.settings["quantize"].batch_sizes)
-    if why:
-        report.int8_not_deployed = {"speedup": report.speedup.pop("int8"), "why": why}
-        models.pop("int8")
+    if "int8" in models and not decide(run.reports | {"profile": report}, run.settings["budgets"],
+                                       run.settings["quantize"].batch_sizes).int8:
+        models.pop("int8")  # measured too slow: FP32 is the deployed model (its speedup stays on record)
     deployed = models.get("int8", models["fp32"])
     feeds = make_feeds(Engine(deployed).inputs, batch=max(settings.batch_sizes), dims=settings.dims,
                        seed=run.config.seed)

@@ -14,8 +14,6 @@ def _latency(profile, label: str) -> str:
     for stats in profile.latency.get(label, []):
         cell = f"b{stats['batch']}: {stats['p50_ms']:.3f}/{stats['p99_ms']:.3f}"
         speed = profile.speedup.get(label, {}).get(str(stats["batch"]))
-        if speed is None and label == "int8":  # measured, then not deployed: show why
-            speed = (profile.int8_not_deployed or {}).get("speedup", {}).get(str(stats["batch"]))
         cells.append(cell + (f" ({speed:.2f}x)" if speed else ""))
     sessions = profile.models.get(label, {}).get("sessions")
     if cells and sessions:  # the intra-op threads (t) each batch ran with; "s": idle workers spin
@@ -49,15 +47,17 @@ def _prune_row(name: str, pr, gate: str) -> dict:
                 f"{pr.accuracy_after:.4f} ({-pr.accuracy_drop * 100:+.1f} pt)", latency, gate=gate)
 
 
-def _quantize_row(name: str, q, status: str | None, profile, gate: str) -> dict:
+def _quantize_row(name: str, q, deployment: dict | None, profile, gate: str) -> dict:
+    """`deployment`: the model's manifest entry (pipeline.deploy); None in manifests before it."""
     chosen = q.chosen if q is not None else None
+    fp32_kept = bool(deployment and deployment.get("precision") == "fp32" and deployment.get("why"))
     if chosen:
         accuracy = (f"{chosen.accuracy:.4f} ({-chosen.accuracy_drop * 100:+.1f} pt{_points(chosen)})"
                     if chosen.accuracy is not None else f"agree {chosen.agreement or 0:.4f}")
-        label = f"quantize ({chosen.recipe}" + ("; slower in profile: FP32 kept)" if status == "not_deployed" else ")")
+        label = f"quantize ({chosen.recipe}" + ("; slower in profile: FP32 kept)" if fp32_kept else ")")
     else:
         accuracy = "-"
-        label = "quantize (none faster: FP32 kept)" if status == "not_deployed" else "quantize (refused)"
+        label = "quantize (none faster: FP32 kept)" if fp32_kept else "quantize (refused)"
     return _row(name, label, accuracy, _latency(profile, "int8"), _mb(q.size_bytes if q else None), gate=gate)
 
 
@@ -108,7 +108,7 @@ def build_rows(manifest: dict) -> list[dict]:
             rows.append(_row(name, "export", parity=stages["export"].get("status", "-"), gate=_gates(model, "export")))
         if "quantize" in stages:
             gate = " ".join(x for x in (_gates(model, "quantize"), _gates(model, "profile")) if x != "-") or "-"
-            rows.append(_quantize_row(name, reports.get("quantize"), stages["quantize"].get("status"), profile, gate))
+            rows.append(_quantize_row(name, reports.get("quantize"), model.get("deployment"), profile, gate))
         if profile is not None and profile.cumulative_speedup:
             rows.append(_row(name, "cumulative vs unpruned FP32",
                              latency="  ".join(f"b{b}: {v:.2f}x" for b, v in profile.cumulative_speedup.items())))

@@ -16,6 +16,7 @@ from edgepipe.artifacts import (
 )
 from edgepipe.errors import EdgepipeError, GateFailed, StageFailed
 from edgepipe.memory import PeakMemory
+from edgepipe.pipeline import deploy
 from edgepipe.pipeline import gates as gates_mod
 from edgepipe.pipeline.checks import check_artifacts, onnx_io
 from edgepipe.pipeline.config import ModelConfig, PipelineConfig, stage_configs
@@ -57,6 +58,8 @@ class ModelRun:
         self.settings = stage_configs(model, config.seed)
         self.reports: dict[str, Report] = {}
         self.gate_results: list[gates_mod.GateResult] = []
+        self.deployed = deploy.Decision("fp32")  # pipeline.deploy's decision so far
+        self.refusal: str | None = None  # why quantize shipped no INT8, when the run went on
         self._dataset = None
         self._source = None
         self._fingerprint: dict | None = None
@@ -151,6 +154,7 @@ class ModelRun:
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> None:
         completed: list[str] = []
+        self.manifest.record_deployment(self.model.name, self.deployed.to_dict())  # none of a previous run's
         for stage in self.config.stages:
             if stage == "train" and self.model.source and not self.model.fine_tunes:
                 self.log(f"[{self.model.name}] train: skipped (source {self.model.source})")
@@ -186,6 +190,7 @@ class ModelRun:
         except EdgepipeError:  # written by another version: run the stage again
             return False
         self.log(f"[{self.model.name}] {stage}: reused from previous run (inputs and config unchanged)")
+        self.record_deployment()
         return True
 
     def run_stage(self, stage: str, entry: dict, completed: list[str]) -> str:
@@ -207,8 +212,7 @@ class ModelRun:
                   "outputs": [file_entry(p, self.config.out_dir) for p in result.artifacts.values()],
                   "record": result.report.to_dict()}
         self.manifest.record_stage(self.model.name, stage, entry)
-        if stage == "profile":
-            self.apply_deployment(result.report)
+        self.record_deployment()
         failed = [g for g in self.check_gates() if not g.ok and g.stage == stage]
         if failed:
             self.log(f"[{self.model.name}] {stage}: GATE FAILED: {failed[0].message}")
@@ -222,9 +226,9 @@ class ModelRun:
         if exc.report is not None:
             self.reports[stage] = exc.report
         if stage == "quantize" and not self.settings["budgets"].require_int8:
-            self.manifest.record_stage(self.model.name, stage, entry | {"status": "not_deployed"})
-            self.log(f"[{self.model.name}] quantize: no INT8 model deployed ({exc}); "
-                     "require_int8 = false, so the FP32 model is the deployed one")
+            self.manifest.record_stage(self.model.name, stage, entry | {"status": "refused"})
+            self.refusal = f"{exc}; require_int8 = false, so the FP32 model is deployed"
+            self.record_deployment()
             return "skipped"
         self.manifest.record_stage(self.model.name, stage, entry | {"status": "gate_failed"})
         self.gate_results.append(gates_mod.GateResult(type(exc).__name__, stage, None, 0.0, False, str(exc)))
@@ -232,21 +236,24 @@ class ModelRun:
         self.log(f"[{self.model.name}] {stage}: GATE FAILED: {exc}")
         return "stop"
 
-    def apply_deployment(self, profile) -> None:
-        """Profile measured the INT8 model too slow to deploy (see pipeline.deploy): mark the
-        quantize stage not_deployed so the run, its table and Engine.from_run use FP32."""
-        if not profile.int8_not_deployed:
+    def record_deployment(self) -> None:
+        """The deployed precision after the stages so far (pipeline.deploy), recorded once in the
+        manifest; gates, the run table, Engine.from_run and serve read it there."""
+        decision = deploy.decide(self.reports, self.settings["budgets"], self.settings["quantize"].batch_sizes,
+                                 self.refusal)
+        if decision == self.deployed:
             return
-        why = profile.int8_not_deployed["why"]
-        # Quantize's gates judged the INT8 model; judge the deployed FP32 one again (its size).
-        self.gate_results = [g for g in self.gate_results if g.stage != "quantize"]
-        entry = dict(self.manifest.stage(self.model.name, "quantize") or {})
-        self.manifest.record_stage(self.model.name, "quantize", entry | {"status": "not_deployed", "error": why})
-        self.log(f"[{self.model.name}] profile: {why}")
+        if self.deployed.int8 and not decision.int8:  # quantize's gates judged INT8: judge FP32 again
+            self.gate_results = [g for g in self.gate_results if g.stage != "quantize"]
+        if decision.why:
+            self.log(f"[{self.model.name}] deployed FP32: {decision.why}")
+        self.deployed = decision
+        self.manifest.record_deployment(self.model.name, decision.to_dict())
 
     def check_gates(self) -> list[gates_mod.GateResult]:
-        deploy = self.settings["quantize"].batch_sizes
-        found = gates_mod.check(self.reports, self.settings["budgets"], deploy, self.config.stages)
+        deploy_batches = self.settings["quantize"].batch_sizes
+        found = gates_mod.check(self.reports, self.settings["budgets"], deploy_batches, self.config.stages,
+                                self.deployed)
         known = {(g.gate, g.stage) for g in self.gate_results}
         self.gate_results += [g for g in found if (g.gate, g.stage) not in known]
         self.manifest.record_gates(self.model.name, [g.to_dict() for g in self.gate_results])

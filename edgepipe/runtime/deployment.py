@@ -18,8 +18,9 @@ from edgepipe.runtime.sessions import SessionSetting, parse_sessions
 # backend that ran the same file. A file keeps it wherever it is copied.
 DEPLOYMENT_KEY = "edgepipe.deployment"
 
-# Manifests this runtime reads: 1 (unversioned, written before the schema was recorded) and 2.
-MANIFEST_SCHEMA = 2
+# Manifests this runtime reads: 1 (unversioned, written before the schema was recorded), 2, and 3
+# (each model's deployed precision in its `deployment` entry rather than in quantize's status).
+MANIFEST_SCHEMA = 3
 PRECISIONS = ("deployed", "int8", "fp32")
 
 
@@ -85,10 +86,12 @@ def find_deployment(run_dir: str | os.PathLike, model: str | None = None,
     if precision not in PRECISIONS:
         raise InputError(f"precision must be deployed, int8 or fp32, got '{precision}'")
     stages = models[model].get("stages", {})
-    int8_ok = stages.get("quantize", {}).get("status") == "ok"
+    int8_ok = stages.get("quantize", {}).get("status") == "ok"  # an INT8 model was written
     if precision == "int8" and not int8_ok:
-        raise InputError(f"run {run_dir} has no INT8 model for '{model}' (quantize did not deploy one)")
-    int8 = precision == "int8" or (precision == "deployed" and int8_ok)
+        raise InputError(f"run {run_dir} has no INT8 model for '{model}' (quantize did not write one)")
+    decided = models[model].get("deployment")  # schema 3; before it, quantize's status said it
+    deployed_int8 = decided.get("precision") == "int8" if isinstance(decided, dict) else int8_ok
+    int8 = precision == "int8" or (precision == "deployed" and deployed_int8 and int8_ok)
     quant = stages.get("quantize", {}).get("record") or {}
     measured = (quant.get("chosen") or {}) if int8 else quant.get("fp32", {})
     return Deployment(run_dir, model, "model.int8.onnx" if int8 else "model.onnx", stages,

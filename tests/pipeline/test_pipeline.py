@@ -131,10 +131,10 @@ def test_demo_end_to_end(tmp_path, cli):
         # The demo deploys INT8 only where profile measured it not slower (require_int8 = false)
         # at the batch sizes quantize judged (the deployment's)
         deployed = Engine.from_run(out, name).run_info["artifact"]
-        speedup = prof.get("int8_not_deployed", {}).get("speedup") or prof["speedup"]["int8"]
+        speedup, decided = prof["speedup"]["int8"], model["deployment"]
         at_deploy = min(speedup[b] for b in quant["fp32"]["p50_ms"] if b in speedup)
-        assert deployed == ("model.onnx" if "int8_not_deployed" in prof else "model.int8.onnx"), name
-        assert (at_deploy < 1.0) is ("int8_not_deployed" in prof), (name, at_deploy)
+        assert deployed == ("model.int8.onnx" if decided["precision"] == "int8" else "model.onnx"), name
+        assert (at_deploy < 1.0) is (decided["precision"] == "fp32"), (name, at_deploy, decided)
         for label, tuned in (("fp32", quant["fp32"]["sessions"]), ("int8", quant["chosen"]["sessions"])):
             used = prof["models"][label]["sessions"]
             assert used == {b: tuned[str(route_batch(map(int, tuned), int(b)))] for b in used}, (name, label)
@@ -196,8 +196,9 @@ def test_profile_deploys_fp32_when_int8_measures_slower_and_int8_is_optional(tmp
     result = run_pipeline(config_mod.load(write_config(tmp_path, text.format(require="false"))))
     assert result.ok, result.table()
     stages = result.manifest["models"]["mlp"]["stages"]
-    assert stages["quantize"]["status"] == "not_deployed" and "0.800x" in stages["quantize"]["error"]
-    assert stages["profile"]["record"]["int8_not_deployed"]["speedup"] == {"32": 0.8}
+    decided = result.manifest["models"]["mlp"]["deployment"]
+    assert stages["quantize"]["status"] == "ok" and decided["precision"] == "fp32" and "0.800x" in decided["why"]
+    assert stages["profile"]["record"]["speedup"]["int8"] == {"32": 0.8}  # measured, on record
     assert Engine.from_run(tmp_path / "run", "mlp").run_info["artifact"] == "model.onnx"
     assert "slower in profile: FP32 kept" in result.table()
 

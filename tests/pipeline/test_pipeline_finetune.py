@@ -66,7 +66,7 @@ def test_a_folder_is_fine_tuned_pruned_exported_and_quantized_on_its_rows_and_a_
     labels = [row["stage"] for row in result.rows]
     assert labels[0] == "train" and labels[1].startswith("prune (") and "prune (" in result.table()
     again = run_pipeline(config_mod.load(path), resume=True)
-    assert again.ok and all(s["status"] in ("ok", "not_deployed") for s in again.manifest["models"]["reviews"][
+    assert again.ok and all(s["status"] in ("ok", "refused") for s in again.manifest["models"]["reviews"][
         "stages"].values())
     assert (json.loads((tmp_path / "run" / "manifest.json").read_text())["models"]["reviews"]["stages"]["train"]
             ["seconds"] == train["seconds"])  # reused, not run again
