@@ -108,8 +108,8 @@ def weight_bytes_per_token(path: Path) -> int:
 
 def time_decoder(path: Path, past: int = 128, batch: int = 1) -> dict:
     from edgepipe.quantize.decoder import decoder_spec_of
-    from edgepipe.quantize.decoder_measure import time_per_token, time_to_first_token
     from edgepipe.runtime import Engine
+    from edgepipe.runtime.decoder_profile import time_per_token, time_to_first_token
 
     spec = decoder_spec_of(path)
     with Engine(path, providers="cpu") as engine:

@@ -142,10 +142,9 @@ def decoder_row(name: str, work: Path) -> dict:
     from edgepipe.quantize.decoder import decoder_spec_of
     from edgepipe.quantize.decoder_build import BY_NAME
     from edgepipe.quantize.decoder_build import build as build_decoder
-    from edgepipe.quantize.decoder_measure import time_per_token
     from edgepipe.quantize.recipes import Recipe
     from edgepipe.runtime import Engine
-    from edgepipe.runtime.decoder_profile import profile_decoder
+    from edgepipe.runtime.decoder_profile import profile_decoder, time_per_token
     from edgepipe.runtime.generate import Generator
 
     folder, fp32 = work / name, work / f"{name}.onnx"

@@ -1,5 +1,6 @@
 """The package's shape: no import circle inside edgepipe (imports inside functions count too),
-no oversized module, and the pipeline's post-stage artifact check. No model is trained."""
+no import from a lower layer to a higher one, no oversized module, and the pipeline's
+post-stage artifact check. No model is trained."""
 
 from __future__ import annotations
 
@@ -84,6 +85,45 @@ def test_type_only_imports_count_as_dependencies(tmp_path, monkeypatch):
 def test_the_cycle_finder_finds_a_hidden_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The layers, lowest first: a module imports only from its own layer or those below. Errors and
+# the termination flag depend on nothing; the runtime runs on the device alone; the leaf modules are shared tools; data turns user rows into
+# inputs; models trains and loads models (Hugging Face folders too); quantize works on ONNX files
+# (export's decoder route times an INT4 build through its public API); exporters make ONNX from
+# models; prune cuts models and times them through an exporter; the pipeline, compare and serve
+# put stages together; the CLI is the skin over all of it.
+LAYERS = (
+    ("errors", "interrupts", ""),  # "": the package's own __init__
+    ("runtime",),
+    ("metrics", "reports", "artifacts", "onnxfile", "onnxgraph", "instrument", "parity", "memory", "logs", "lazy"),
+    ("data",),
+    ("models",),
+    ("quantize",),
+    ("exporters",),
+    ("prune",),
+    ("pipeline", "compare", "serve"),
+    ("cli", "__main__"),
+)
+
+
+def layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    (found,) = [i for i, names in enumerate(LAYERS) if part in names]
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    graph = import_graph()
+    assert {m.split(".")[1] for m in graph if "." in m} <= {n for names in LAYERS for n in names}  # all placed
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+    assert not upward
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer("edgepipe.models.finetune") < layer("edgepipe.exporters.onnx_export") < layer("edgepipe.cli.app")
+    assert layer("edgepipe.errors") < layer("edgepipe.runtime.engine") < layer("edgepipe.data.rows")
+    assert layer("edgepipe") == layer("edgepipe.interrupts")
 
 
 def test_no_module_is_oversized():

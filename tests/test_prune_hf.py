@@ -17,8 +17,8 @@ pytest.importorskip("torch_pruning")
 
 
 def test_a_narrowed_model_rebuilds_from_its_config_and_record_or_fails_in_one_line(tmp_path):
-    from edgepipe.exporters import hf_pruned
-    from edgepipe.exporters.hf import load_folder
+    from edgepipe.models import hf_pruned
+    from edgepipe.models.hf import load_folder
 
     folder = text_classifier(tmp_path / "bert")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()

@@ -49,7 +49,7 @@ def export(
     from edgepipe.data.for_model import is_rows
     from edgepipe.exporters import ExportConfig, load_source
     from edgepipe.exporters import export as export_stage
-    from edgepipe.exporters.hf import is_causal_lm_folder, is_hf_folder
+    from edgepipe.models.hf import is_causal_lm_folder, is_hf_folder
 
     if is_hf_folder(source) and (task == "text-generation" or (task is None and is_causal_lm_folder(source))):
         return _export_decoder(source, output, atol, json_out, route or "auto")

@@ -172,7 +172,7 @@ def _finetune(source: Path, output: Path, data: Optional[Path], eval_data: Optio
 
 
 def _is_causal_lm(folder: Path) -> bool:
-    from edgepipe.exporters.hf import is_causal_lm_folder
+    from edgepipe.models.hf import is_causal_lm_folder
 
     return is_causal_lm_folder(folder)
 

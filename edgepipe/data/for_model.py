@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgepipe.data.named import NamedInputs
 from edgepipe.data.rows import TABLE_SUFFIXES
 from edgepipe.errors import InputError
-from edgepipe.models.data import NamedInputs
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.preprocess import Preprocess
 

@@ -11,10 +11,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from edgepipe.data.named import NamedInputs
 from edgepipe.data.rows import data_format, iter_rows, saved_splits
 from edgepipe.errors import InputError
 from edgepipe.metrics import IGNORED
-from edgepipe.models.data import NamedInputs
 from edgepipe.runtime.preprocess import IMAGE, Preprocess, TextEncoder
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "comment", "tweet", "question",

@@ -19,8 +19,8 @@ from edgepipe import interrupts, onnxfile
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ExportError, InputError, ParityError, first_line
 from edgepipe.exporters.failures import error_line
-from edgepipe.exporters.hf import is_causal_lm, is_hf_folder, read_config
 from edgepipe.exporters.report import ExportReport
+from edgepipe.models.hf import is_causal_lm, is_hf_folder, read_config
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DECODER_KEY, TOKENIZER_KEY, DecoderSpec
 from edgepipe.runtime.spec import METADATA_KEY, InputSpec, specs_to_json
@@ -214,7 +214,7 @@ def export_decoder(folder: str | Path, out_path: str | Path, *, atol: float = 1e
 
 
 def _time_per_token(path: Path, spec: DecoderSpec) -> float:
-    from edgepipe.quantize.decoder_measure import time_per_token
+    from edgepipe.runtime.decoder_profile import time_per_token
 
     with Engine(path, providers="cpu") as engine:
         return round(time_per_token(engine, spec, 1, min(128, spec.max_positions - 1), seconds=1.0), 3)
@@ -225,12 +225,12 @@ def _int4_time_per_token(path: Path, spec: DecoderSpec) -> dict:
     compute: what quantize builds first and ships most), or {"int4_error": why}. Once the weights
     shrink 4x, the ops between MatMuls weigh more: on a 0.34B Llama both routes ran FP32 at
     50.6-51.5 ms per token, and INT4 at 10.4 ms on the builder's fused graph, 13.3 ms traced."""
-    from edgepipe.quantize.decoder_build import BY_NAME, build
+    from edgepipe.quantize import weight_only_int4
 
     int4 = path.with_name(path.stem + ".int4.onnx")
     try:
         with interrupts.attempt() as tried:  # failed, the choice falls back to FP32 speed alone
-            build(BY_NAME["int4-rtn-b128-acc4"], path, int4, spec, None)
+            weight_only_int4(path, int4, spec)
             return {"int4_tpot_ms": _time_per_token(int4, spec)}
         return {"int4_error": error_line(tried.error)}
     finally:

@@ -20,10 +20,10 @@ from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, ExportError, InputError, ParityError
 from edgepipe.exporters.failures import error_line, is_io_error
 from edgepipe.exporters.genai_route import ROUTES as DECODER_ROUTES
-from edgepipe.exporters.hf import is_causal_lm_folder
 from edgepipe.exporters.report import ExportReport
 from edgepipe.exporters.source import ModelSource, load_source
 from edgepipe.logs import quiet_logs
+from edgepipe.models.hf import is_causal_lm_folder
 from edgepipe.parity import ParityCase, ParityReport, diff_outputs
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.preprocess import PREPROCESS_KEY

@@ -89,7 +89,7 @@ def load_source(ref: str | Path | nn.Module, inputs: Sequence[Any] | None = None
         return with_flat_outputs(ModelSource(ref.eval(), _as_specs(inputs, "inputs"), list(output_names or []),
                                              origin=type(ref).__name__))
     text = str(ref)
-    from edgepipe.exporters import hf
+    from edgepipe.models import hf
 
     if hf.is_hf_folder(text):
         model, specs, origin, meta = hf.load_folder(text, task)

@@ -82,7 +82,7 @@ def finetune_lm(folder: str | Path, text: str | Path, out_dir: str | Path, confi
     accuracies are held-out next-token accuracy (and `perplexity` before and after)."""
     import transformers
 
-    from edgepipe.exporters.hf import is_causal_lm_folder
+    from edgepipe.models.hf import is_causal_lm_folder
 
     config = config or PretrainConfig()
     say = progress or (lambda message: None)

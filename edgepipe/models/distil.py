@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from edgepipe.errors import InputError
-from edgepipe.exporters.hf_preprocess import copy_processor_files
+from edgepipe.models.hf_preprocess import copy_processor_files
 
 _LAYER = re.compile(r"\.(layer|layers)\.(\d+)\.")
 
@@ -34,8 +34,8 @@ def student_from_teacher(teacher: str | Path, out: str | Path, keep_every: int) 
     image processor files beside them."""
     import transformers
 
-    from edgepipe.exporters.hf import TASKS, infer_task, read_config
-    from edgepipe.exporters.hf_pruned import is_pruned
+    from edgepipe.models.hf import TASKS, infer_task, read_config
+    from edgepipe.models.hf_pruned import is_pruned
 
     teacher, out = Path(teacher), Path(out)
     if is_pruned(teacher):

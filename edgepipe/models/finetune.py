@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from edgepipe.artifacts import StageResult
+from edgepipe.data.named import NamedInputs
 from edgepipe.errors import InputError
 from edgepipe.models import qat
-from edgepipe.models.data import NamedInputs
 from edgepipe.models.report import FinetuneReport
 from edgepipe.models.trainer import STATE_DIR, FinetuneConfig, Rows, Trainer, accuracy
 
@@ -32,7 +32,7 @@ __all__ = ["STATE_DIR", "FinetuneConfig", "Trainer", "finetune", "finish", "load
 
 def load_classifier(folder: Path):
     """(model, input names, task, preprocess) of a classifier folder, or InputError."""
-    from edgepipe.exporters.hf import LABELLED, is_causal_lm_folder, is_hf_folder, load_folder
+    from edgepipe.models.hf import LABELLED, is_causal_lm_folder, is_hf_folder, load_folder
     from edgepipe.runtime.preprocess import Preprocess
 
     if not is_hf_folder(folder):
@@ -84,7 +84,7 @@ def publish(source: Path, best: Path, out_dir: Path) -> None:
     """The kept epoch's weights and the source's tokenizer or processor files, into `out_dir`."""
     for path in best.iterdir():
         os.replace(path, out_dir / path.name)
-    from edgepipe.exporters.hf_preprocess import copy_processor_files
+    from edgepipe.models.hf_preprocess import copy_processor_files
 
     copy_processor_files(source, out_dir)
 

@@ -21,9 +21,9 @@ import torch
 
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import ConfigError, InputError
-from edgepipe.exporters.hf_preprocess import copy_processor_files
 from edgepipe.metrics import proportion
 from edgepipe.models.finetune import check_out_dir, finish
+from edgepipe.models.hf_preprocess import copy_processor_files
 from edgepipe.models.trainer import STATE_DIR, FinetuneConfig, Rows, Trainer
 
 TASK = "masked-lm pre-training"
@@ -106,7 +106,7 @@ def _passages(text: Path, tokenizer, config: PretrainConfig, say) -> tuple[Rows,
 def _load(folder: Path):
     import transformers
 
-    from edgepipe.exporters.hf import infer_task, read_config
+    from edgepipe.models.hf import infer_task, read_config
 
     raw = read_config(folder)
     if infer_task(raw, folder) != "text-classification":

@@ -23,7 +23,7 @@ def fingerprint(model: ModelConfig, source: Callable[[], Any]) -> dict:
     elif model.source and Path(model.source).is_file():
         weights = "file " + sha256(Path(model.source))
     elif model.source and Path(model.source).is_dir():  # a Hugging Face folder: its config and weights
-        from edgepipe.exporters.hf import folder_digest
+        from edgepipe.models.hf import folder_digest
 
         weights = "folder " + folder_digest(Path(model.source))
     dataset = model.dataset

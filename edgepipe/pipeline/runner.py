@@ -73,7 +73,8 @@ class ModelRun:
         NamedInputs (an .npz keyed by its input names, or rows). How they were split is recorded."""
         if self._dataset is None and self.model.dataset:
             from edgepipe.data.for_model import DataOptions, is_rows, source_rows
-            from edgepipe.models.data import load_dataset, named_inputs_npz
+            from edgepipe.data.named import named_inputs_npz
+            from edgepipe.models.data import load_dataset
 
             path = Path(self.model.dataset)
             names = [s.name for s in self.source().inputs] if self.model.source else []
@@ -92,7 +93,7 @@ class ModelRun:
 
     def eval_sets(self):
         """(held-out EvalData with labels when there are any, calibration EvalData), or (None, None)."""
-        from edgepipe.models.data import NamedInputs
+        from edgepipe.data.named import NamedInputs
         from edgepipe.quantize import EvalData
 
         data = self.dataset

@@ -27,9 +27,9 @@ from torch import nn
 
 from edgepipe.artifacts import StageResult
 from edgepipe.errors import InputError
-from edgepipe.exporters import hf_pruned
-from edgepipe.exporters.hf_preprocess import copy_processor_files
+from edgepipe.models import hf_pruned
 from edgepipe.models.finetune import FinetuneConfig, finetune, load_classifier, read_rows
+from edgepipe.models.hf_preprocess import copy_processor_files
 from edgepipe.models.trainer import accuracy
 from edgepipe.prune.report import PruneReport
 from edgepipe.prune.structured import PruneConfig, classifier_head

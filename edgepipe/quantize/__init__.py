@@ -12,7 +12,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "edgepipe.quantize.config": ["EvalData", "QuantizeConfig"],
     "edgepipe.quantize.recipes": ["Recipe", "candidate_recipes"],
     "edgepipe.quantize.report": ["CandidateRow", "QuantizeReport"],
-    "edgepipe.quantize.api": ["quantize"],
+    "edgepipe.quantize.api": ["quantize", "weight_only_int4"],
     "edgepipe.quantize.decoder": ["DecoderQuantizeConfig"],
     "edgepipe.quantize.verdict": ["Verdict"],
 })

@@ -48,3 +48,12 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config=None, *, eval_d
                              "not 'input_ids' [rows, length]")
         heldout = eval_data.inputs["input_ids"]
     return quantize_decoder(onnx_path, out_path, config, heldout_ids=heldout, progress=progress)
+
+
+def weight_only_int4(onnx_path: str | Path, out_path: str | Path, spec) -> None:
+    """A decoder's INT4 weight-only model as the decoder search builds it first (round-to-nearest,
+    blocks of 128, INT8 compute), with no search: export's route choice times each route's INT4
+    graph with it. `spec`: the decoder's DecoderSpec."""
+    from edgepipe.quantize.decoder_build import BY_NAME, build
+
+    build(BY_NAME["int4-rtn-b128-acc4"], Path(onnx_path), Path(out_path), spec, None)

@@ -25,8 +25,9 @@ from edgepipe.errors import AccuracyError, InputError, LatencyError, first_line
 from edgepipe.memory import PeakMemory
 from edgepipe.metrics import bootstrap_mean
 from edgepipe.quantize.decoder_build import BY_NAME, RECIPES, DecoderRecipe, build
-from edgepipe.quantize.decoder_measure import Probe, greedy_reference, time_per_token
+from edgepipe.quantize.decoder_measure import Probe, greedy_reference
 from edgepipe.reports import Report, optional
+from edgepipe.runtime.decoder_profile import time_per_token
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import (
     DECODER_KEY,

@@ -11,15 +11,14 @@ import numpy as np
 
 from edgepipe import onnxfile
 from edgepipe.metrics import bootstrap_mean
+from edgepipe.runtime.decoder_profile import time_per_token, time_to_first_token
 from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import (
     DecoderSpec,
     Generator,
     next_token_nll,
     prefill_feeds,
-    step_feeds,
 )
-from edgepipe.runtime.timing import measure
 
 
 def window_scores(engine: Engine, spec: DecoderSpec, windows: np.ndarray,
@@ -55,19 +54,6 @@ def agreement(engine: Engine, spec: DecoderSpec, sequences: np.ndarray, prompt_l
     logits = engine.run(prefill_feeds(spec, sequences[:, :-1]), outputs=["logits"])["logits"]
     predicted = logits[:, prompt_length - 1:].argmax(axis=-1)
     return float((predicted == sequences[:, prompt_length:]).mean())
-
-
-def time_per_token(engine: Engine, spec: DecoderSpec, batch: int, past: int, seconds: float = 0.6) -> float:
-    """p50 of one decode step (ms) with `past` cached positions."""
-    run = engine.runner(step_feeds(spec, batch, past))
-    return measure(run, batch, warmup=2, min_iterations=8, min_time_s=seconds).p50_ms
-
-
-def time_to_first_token(engine: Engine, spec: DecoderSpec, length: int, batch: int = 1,
-                        seconds: float = 0.6) -> float:
-    """p50 of a prefill of `length` tokens (ms): the time to the first new token."""
-    run = engine.runner(prefill_feeds(spec, np.ones((batch, length), dtype=np.int64)))
-    return measure(run, batch, warmup=1, min_iterations=3, min_time_s=seconds).p50_ms
 
 
 @dataclass

@@ -13,10 +13,24 @@ from typing import Sequence
 import numpy as np
 
 from edgepipe.errors import InputError
-from edgepipe.runtime.generate import Generator
+from edgepipe.runtime.engine import Engine
+from edgepipe.runtime.generate import DecoderSpec, Generator, prefill_feeds, step_feeds
 from edgepipe.runtime.hardware import fingerprint
 from edgepipe.runtime.modelfile import model_bytes
-from edgepipe.runtime.timing import peak_rss_mb
+from edgepipe.runtime.timing import measure, peak_rss_mb
+
+
+def time_per_token(engine: Engine, spec: DecoderSpec, batch: int, past: int, seconds: float = 0.6) -> float:
+    """p50 of one decode step (ms) with `past` cached positions."""
+    run = engine.runner(step_feeds(spec, batch, past))
+    return measure(run, batch, warmup=2, min_iterations=8, min_time_s=seconds).p50_ms
+
+
+def time_to_first_token(engine: Engine, spec: DecoderSpec, length: int, batch: int = 1,
+                        seconds: float = 0.6) -> float:
+    """p50 of a prefill of `length` tokens (ms): the time to the first new token."""
+    run = engine.runner(prefill_feeds(spec, np.ones((batch, length), dtype=np.int64)))
+    return measure(run, batch, warmup=1, min_iterations=3, min_time_s=seconds).p50_ms
 
 
 def _percentile(values: list[float], q: float) -> float:

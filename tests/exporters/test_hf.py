@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from edgepipe.errors import InputError
-from edgepipe.exporters.hf import infer_task
+from edgepipe.models.hf import infer_task
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

@@ -150,7 +150,7 @@ def load_folder(folder: str | Path, task: str | None = None):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     auto = getattr(transformers, spec.auto_class)
-    from edgepipe.exporters import hf_pruned
+    from edgepipe.models import hf_pruned
 
     if hf_pruned.is_pruned(folder):
         model = hf_pruned.load(auto, folder)
@@ -158,14 +158,14 @@ def load_folder(folder: str | Path, task: str | None = None):
         model = _from_pretrained(auto, folder, task_name)
     model.eval()
     params = set(inspect.signature(model.forward).parameters)
-    from edgepipe.exporters.hf_preprocess import processor_size
+    from edgepipe.models.hf_preprocess import processor_size
 
     specs = input_specs(spec, model.config, params, processor_size(folder) if spec.modality == "image" else None)
     meta = {"hf": {"task": task_name, "model_type": raw.get("model_type"),
                    "architectures": raw.get("architectures"), "transformers": transformers.__version__,
                    "parameters": sum(p.numel() for p in model.parameters())}}
     if task_name in LABELLED:  # the file carries what turns raw rows into its inputs
-        from edgepipe.exporters.hf_preprocess import folder_preprocess
+        from edgepipe.models.hf_preprocess import folder_preprocess
 
         pre = folder_preprocess(folder, spec.modality, [s.name for s in specs], raw, task_name == TAGGER)
         if pre is not None:
