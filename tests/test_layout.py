@@ -88,11 +88,12 @@ def test_the_cycle_finder_finds_a_hidden_circle():
 
 
 # The layers, lowest first: a module imports only from its own layer or those below. Errors and
-# the termination flag depend on nothing; the runtime runs on the device alone; the leaf modules are shared tools; data turns user rows into
-# inputs; models trains and loads models (Hugging Face folders too); quantize works on ONNX files
-# (export's decoder route times an INT4 build through its public API); exporters make ONNX from
-# models; prune cuts models and times them through an exporter; the pipeline, compare and serve
-# put stages together; the CLI is the skin over all of it.
+# the termination flag depend on nothing; the runtime runs on the device alone; the leaf modules
+# are shared tools; data turns user rows into inputs; models trains and loads models (Hugging
+# Face folders too); quantize works on ONNX files (export's decoder route times an INT4 build
+# through its public API); exporters make ONNX from models; prune cuts models and times them
+# through an exporter; the pipeline, compare and serve put stages together; the CLI is the skin
+# over all of it.
 LAYERS = (
     ("errors", "interrupts", ""),  # "": the package's own __init__
     ("runtime",),
