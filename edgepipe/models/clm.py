@@ -76,6 +76,19 @@ def windows(text: Path, folder: Path, config: PretrainConfig, say) -> Rows:
                 f"{int(held.sum())} judge")
 
 
+def judged_windows(folder: str | Path, text: str | Path, config: PretrainConfig,
+                   say: Callable[[str], None] | None = None) -> np.ndarray:
+    """The held-out windows [rows, length] fine-tuning judges on (the same seeded split, at the
+    length fine-tuning uses), so that quantize judges the exported decoder on text it never saw."""
+    import dataclasses
+    import json
+
+    folder = Path(folder)
+    positions = json.loads((folder / "config.json").read_text()).get("max_position_embeddings") or config.max_length
+    config = dataclasses.replace(config, max_length=min(config.max_length, positions))
+    return windows(Path(text), folder, config, say or (lambda message: None)).eval["input_ids"]
+
+
 def finetune_lm(folder: str | Path, text: str | Path, out_dir: str | Path, config: PretrainConfig | None = None, *,
                 resume: bool = False, progress: Callable[[str], None] | None = None) -> StageResult:
     """Stage: a causal LM folder + plain text -> the fine-tuned folder, with a FinetuneReport whose

@@ -35,6 +35,13 @@ class ModelConfig:
         return bool(self.source) and Path(self.source).is_dir()
 
     @property
+    def causal_lm(self) -> bool:
+        """A Hugging Face causal language model folder: trained on text, exported as a decoder."""
+        from edgepipe.models.hf import is_causal_lm_folder
+
+        return self.hf_folder and is_causal_lm_folder(Path(self.source))
+
+    @property
     def fine_tunes(self) -> bool:
         """A Hugging Face folder with labelled rows: the train stage fine-tunes it on them."""
         from edgepipe.data.for_model import is_rows
@@ -105,13 +112,16 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
     """Typed configs for every stage of `model` (global sections with the model's overrides)."""
     from edgepipe.exporters import ExportConfig
     from edgepipe.models.finetune import FinetuneConfig
+    from edgepipe.models.mlm import PretrainConfig
     from edgepipe.models.training import TrainConfig
     from edgepipe.prune import PruneConfig
-    from edgepipe.quantize import QuantizeConfig
+    from edgepipe.quantize import DecoderQuantizeConfig, QuantizeConfig
 
-    classes = {"train": FinetuneConfig if model.hf_folder else TrainConfig, "prune": PruneConfig,
-               "export": ExportConfig,
-               "quantize": QuantizeConfig, "profile": ProfileConfig, "budgets": Budgets}
+    lm = model.causal_lm  # trained on text (PretrainConfig), quantized by the decoder search
+    quantize = DecoderQuantizeConfig if lm else QuantizeConfig
+    classes = {"train": PretrainConfig if lm else FinetuneConfig if model.hf_folder else TrainConfig,
+               "prune": PruneConfig, "export": ExportConfig, "quantize": quantize, "profile": ProfileConfig,
+               "budgets": Budgets}
     out, problems = {}, []
     for section, cls in classes.items():
         data = dict(model.sections.get(section, {}))
@@ -120,7 +130,7 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
         if section == "prune" and model.hf_folder:  # cut once, then recovered by distillation
             data.setdefault("steps", 1)
             data.setdefault("lr", 1e-4)
-        if section == "quantize" and "max_accuracy_drop" not in data:
+        if section == "quantize" and "max_accuracy_drop" not in data and not lm:
             # The quantize stage searches inside the same accuracy budget the gate checks.
             drop = model.sections.get("budgets", {}).get("max_accuracy_drop", Budgets.max_accuracy_drop)
             if drop is not None:
@@ -131,7 +141,7 @@ def stage_configs(model: ModelConfig, seed: int) -> dict[str, Any]:
             problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    device, providers = out["quantize"].device, out["profile"].providers
+    device, providers = getattr(out["quantize"], "device", "cpu"), out["profile"].providers
     if device != "cpu" and providers not in ("auto", device):
         raise ConfigError(f"[{model.name}] quantize device = '{device}' measures the model on the GPU, but profile "
                           f"providers = '{providers}' would time and gate it there; set [profile] providers = "
@@ -192,7 +202,7 @@ def _is_rows(value: str, base_dir: Path) -> bool:
     from edgepipe.data.rows import TABLE_SUFFIXES
 
     path = Path(value) if Path(value).is_absolute() else base_dir / value
-    return Path(value).suffix.lower() in TABLE_SUFFIXES or path.is_dir()
+    return Path(value).suffix.lower() in (*TABLE_SUFFIXES, ".txt") or path.is_dir()  # .txt: a language model's
 
 
 def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, seed: int) -> ModelConfig:
@@ -215,6 +225,9 @@ def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, see
     model = ModelConfig(name=entry["name"], dataset=entry.get("dataset"), source=entry.get("source"),
                         task=entry.get("task"),
                         inputs=list(entry.get("inputs", ())), sections=sections)
+    if model.causal_lm and ("prune" in stages or (model.dataset and Path(model.dataset).suffix != ".txt")):
+        raise ConfigError(f"{where}: {model.source} is a causal language model: its stages are train (on `dataset`, a "
+                          ".txt file), export, quantize and profile; it is not pruned")
     if model.hf_folder and "prune" in stages and not model.fine_tunes:
         raise ConfigError(f"{where}: pruning the folder {model.source} needs labelled rows as `dataset` (CSV, JSONL, "
                           "Parquet, an image folder) to rank, recover and judge it")

@@ -29,5 +29,6 @@ def fingerprint(model: ModelConfig, source: Callable[[], Any]) -> dict:
     dataset = model.dataset
     data = ("file " + sha256(Path(dataset)) if dataset and Path(dataset).is_file() else
             "folder " + tree_digest(Path(dataset)) if dataset and Path(dataset).is_dir() else dataset)
-    inputs = [s.to_dict() for s in source().inputs] if model.source else list(model.inputs)
+    # a causal LM's inputs (ids and its KV cache) follow from its config.json, in the weights' digest
+    inputs = [s.to_dict() for s in source().inputs] if model.source and not model.causal_lm else list(model.inputs)
     return {"weights": weights, "data": data, "inputs": inputs, "versions": tool_versions()}

@@ -21,8 +21,10 @@ class Facts:
 
 
 def _chosen(facts: Facts):
+    """The deployed INT8 candidate's row (a decoder search names its recipe instead: None here)."""
     quant = facts.reports.get("quantize")
-    return quant.chosen if quant is not None and facts.deployed.int8 else None
+    chosen = quant.chosen if quant is not None and facts.deployed.int8 else None
+    return None if isinstance(chosen, str) else chosen
 
 
 def _int8_speedup(facts: Facts) -> float | None:

@@ -65,6 +65,8 @@ def _run_figures(manifest: dict) -> list[str]:
             throughput[f"{name} {label}"] = [(s["batch"], s["throughput"]) for s in series]
         p50 = {label: next(s["p50_ms"] for s in series if s["batch"] == largest) for label, series in latency.items()}
         quant, prune = reports.get("quantize"), reports.get("prune")
+        if quant is not None and isinstance(quant.fp32, dict):  # a decoder: judged by NLL, not accuracy
+            quant = None
         accuracy = {"fp32": quant.fp32.accuracy if quant else None,
                     "int8": quant.chosen.accuracy if quant and quant.chosen else None,
                     "unpruned": reports["train"].test_accuracy if prune and "train" in reports else None}

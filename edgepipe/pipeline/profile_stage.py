@@ -56,12 +56,44 @@ def tuned_sessions(run: StageRun, models: dict) -> dict:
     return sessions
 
 
+DECODER_PROMPT = 16  # prompt tokens before a decoder's timed output tokens
+DECODER_TOKENS = 16  # output tokens per timed generation
+
+
+def decoder_report(run: StageRun, models: dict) -> ProfileReport:
+    """A decoder's profile: time per output token (its percentiles) after a prompt of DECODER_PROMPT
+    tokens at each of quantize's batch sizes, FP32 and the quantized model one after the other;
+    `speedup` is FP32's time per token over the quantized model's."""
+    from edgepipe.runtime.decoder_profile import profile_decoder
+    from edgepipe.runtime.hardware import fingerprint
+
+    settings, batches = run.settings["profile"], run.settings["quantize"].batch_sizes
+    rounds = max(2, settings.rounds // 10)
+    profiles = {label: profile_decoder(path, (DECODER_PROMPT,), batches, DECODER_TOKENS, rounds,
+                                       providers=settings.providers, threads=settings.threads)
+                for label, path in models.items()}
+    latency = {label: [r["tpot_stats"] | {"ttft_ms": r["ttft_ms"], "tokens_per_s": r["tokens_per_s"]}
+                       for r in p["rows"]] for label, p in profiles.items()}
+    speedup = {label: {str(r["batch"]): round(f["p50_ms"] / r["p50_ms"], 3) for f, r in zip(latency["fp32"], rows)}
+               for label, rows in latency.items() if label != "fp32"}
+    return ProfileReport(
+        models={label: {"path": str(path), "size_bytes": profiles[label]["size_bytes"],
+                        "providers": profiles[label]["engine"]["providers"]} for label, path in models.items()},
+        baseline="fp32", latency=latency, speedup=speedup, threads=settings.threads, intra_op_spinning=False,
+        trials=rounds, hardware=fingerprint(), dims={"prompt": DECODER_PROMPT},
+        operators={"skipped": "a decoder is timed per output token; the per-operator breakdown is for one-call models"})
+
+
 def profile_stage(run: StageRun) -> StageResult:
     settings = run.settings["profile"]
     models = {"fp32": run.path("export")}
     quant = run.reports.get("quantize")
     if quant is not None and quant.chosen is not None:
         models["int8"] = run.path("quantize")
+    if run.model.causal_lm:
+        report = decoder_report(run, models)
+        write_json(run.path("profile"), report.to_dict())
+        return StageResult("profile", {"profile": run.path("profile")}, report)
     if "prune" in run.reports:
         # The baseline of the chain: the unpruned model through the same export settings, so
         # the cumulative ratio compares like with like (exporters make different graphs).

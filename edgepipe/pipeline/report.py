@@ -51,7 +51,11 @@ def _quantize_row(name: str, q, deployment: dict | None, profile, gate: str) -> 
     """`deployment`: the model's manifest entry (pipeline.deploy); None in manifests before it."""
     chosen = q.chosen if q is not None else None
     fp32_kept = bool(deployment and deployment.get("precision") == "fp32" and deployment.get("why"))
-    if chosen:
+    if isinstance(chosen, str):  # the decoder search: its recipe, judged by NLL and greedy agreement
+        row = next(r for r in q.candidates if r.get("recipe") == chosen)
+        accuracy = f"nll {row['nll_increase']:+.3f}, agree {row['agreement']:.3f}"
+        label = f"quantize ({chosen}" + ("; slower in profile: FP32 kept)" if fp32_kept else ")")
+    elif chosen:
         accuracy = (f"{chosen.accuracy:.4f} ({-chosen.accuracy_drop * 100:+.1f} pt{_points(chosen)})"
                     if chosen.accuracy is not None else f"agree {chosen.agreement or 0:.4f}")
         label = f"quantize ({chosen.recipe}" + ("; slower in profile: FP32 kept)" if fp32_kept else ")")
@@ -72,10 +76,18 @@ def _points(chosen) -> str:
 
 def _score(quant) -> str:
     """FP32's accuracy, with its 95% interval where labels gave one."""
+    if quant is not None and isinstance(quant.fp32, dict):  # a decoder: held-out NLL per token
+        return f"nll {quant.fp32['nll']:.3f}" if "nll" in quant.fp32 else "-"
     if quant is None or quant.fp32.accuracy is None:
         return "-"
     band = (quant.fp32.scores or {}).get("accuracy")
     return f"{quant.fp32.accuracy:.4f}" + (f" [{band['low']:.3f}, {band['high']:.3f}]" if band else "")
+
+
+def _parity(parity: dict) -> str:
+    """"ok 3.1e-06": the largest difference from torch (a decoder's over its prefill and cached steps)."""
+    worst = parity.get("max_abs_diff", max((c.get("max_abs_diff", 0.0) for c in parity.get("cases", [])), default=0.0))
+    return ("ok " if parity.get("ok", True) else "FAIL ") + f"{worst:.1e}"
 
 
 def _export_label(exp) -> str:
@@ -101,8 +113,7 @@ def build_rows(manifest: dict) -> list[dict]:
             exp, quant = reports["export"], reports.get("quantize")
             rows.append(_row(name, _export_label(exp), _score(quant),
                              _latency(profile, "fp32"), _mb(exp.size_bytes),
-                             parity="ok "
-                                    f"{exp.parity['max_abs_diff']:.1e}" if exp.parity else stages["export"]["status"],
+                             parity=_parity(exp.parity) if exp.parity else stages["export"]["status"],
                              gate=_gates(model, "export")))
         elif "export" in stages:  # failed before it measured anything
             rows.append(_row(name, "export", parity=stages["export"].get("status", "-"), gate=_gates(model, "export")))

@@ -73,12 +73,18 @@ class ModelRun:
         NamedInputs (an .npz keyed by its input names, or rows). How they were split is recorded."""
         if self._dataset is None and self.model.dataset:
             from edgepipe.data.for_model import DataOptions, is_rows, source_rows
-            from edgepipe.data.named import named_inputs_npz
+            from edgepipe.data.named import NamedInputs, named_inputs_npz
             from edgepipe.models.data import load_dataset
 
             path = Path(self.model.dataset)
-            names = [s.name for s in self.source().inputs] if self.model.source else []
-            if self.model.source and is_rows(path):  # through the source folder's tokenizer or processor
+            names = [s.name for s in self.source().inputs] if self.model.source and not self.model.causal_lm else []
+            if self.model.causal_lm:  # the windows of text fine-tuning holds out, which quantize judges on
+                from edgepipe.models.clm import judged_windows
+
+                ids = judged_windows(self.model.source, path, self.settings["train"], say=self.log)
+                self._dataset = NamedInputs(path.stem, {"input_ids": ids}, None, {},
+                                            f"{len(ids)} held-out windows of {path.name} (fine-tuning's seeded split)")
+            elif self.model.source and is_rows(path):  # through the source folder's tokenizer or processor
                 self._dataset = source_rows(path, self.source(), DataOptions(
                     seed=self.config.seed, max_calibration=self.settings["quantize"].calibration_samples),
                     say=lambda m: self.log(f"[{self.model.name}] {m}"))
@@ -99,8 +105,8 @@ class ModelRun:
         data = self.dataset
         if data is None:
             return None, None
-        if isinstance(data, NamedInputs):
-            return EvalData(data.test, data.labels), EvalData(data.calibration)
+        if isinstance(data, NamedInputs):  # a decoder takes no calibration rows (its GPTQ calibrates on these)
+            return EvalData(data.test, data.labels), EvalData(data.calibration) if data.calibration else None
         return EvalData({data.input_name: data.x_test}, data.y_test), EvalData({data.input_name: data.x_train})
 
     def source(self):
@@ -133,6 +139,8 @@ class ModelRun:
         """The fine-tuned folder, the user's source (loaded once, as fingerprinted) or the checkpoint."""
         if self.model.fine_tunes and "train" in self.reports:
             return self.path("train")
+        if self.model.causal_lm:  # a folder path: export makes it a decoder
+            return Path(self.model.source)
         return self.source() if self.model.source else self.path("train")
 
     def export_source(self):

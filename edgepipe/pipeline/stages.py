@@ -15,16 +15,19 @@ from edgepipe.models.report import FinetuneReport, TrainReport
 from edgepipe.pipeline.profile_stage import ProfileReport, profile_stage
 from edgepipe.pipeline.stage_context import StageRun
 from edgepipe.prune.report import PruneReport
+from edgepipe.quantize.decoder import DecoderQuantizeReport
 from edgepipe.quantize.report import QuantizeReport
 from edgepipe.reports import Report
 
 
 def train_stage(run: StageRun) -> StageResult:
-    if run.model.fine_tunes:  # a Hugging Face folder on the user's rows
+    if run.model.fine_tunes:  # a Hugging Face folder on the user's rows (a language model on text)
+        from edgepipe.models.clm import finetune_lm
         from edgepipe.models.finetune import finetune
 
         out = _fresh(run.path("train"))
-        report = finetune(run.model.source, run.model.dataset, out, run.settings["train"], progress=run.log).report
+        train = finetune_lm if run.model.causal_lm else finetune
+        report = train(run.model.source, run.model.dataset, out, run.settings["train"], progress=run.log).report
         return StageResult("train", {"weights": out / "model.safetensors", "record": out / "edgepipe_train.json"},
                            report)
     from edgepipe.models.training import train
@@ -82,7 +85,8 @@ TABLE = (
     Stage("train", train_stage, (), "checkpoint.pt", "train", (TrainReport, FinetuneReport)),
     Stage("prune", prune_stage, ("train",), "pruned.pt", "prune", (PruneReport,)),
     Stage("export", export_stage, ("prune",), "model.onnx", "export", (ExportReport,)),
-    Stage("quantize", quantize_stage, ("export",), "model.int8.onnx", "quantize", (QuantizeReport,)),
+    Stage("quantize", quantize_stage, ("export",), "model.int8.onnx", "quantize",
+          (QuantizeReport, DecoderQuantizeReport)),
     Stage("profile", profile_stage, ("export", "quantize"), "profile.json", "profile", (ProfileReport,)),
 )
 STAGES = {stage.name: stage for stage in TABLE}

@@ -17,7 +17,7 @@ from edgepipe.runtime.engine import Engine
 from edgepipe.runtime.generate import DecoderSpec, Generator, prefill_feeds, step_feeds
 from edgepipe.runtime.hardware import fingerprint
 from edgepipe.runtime.modelfile import model_bytes
-from edgepipe.runtime.timing import measure, peak_rss_mb
+from edgepipe.runtime.timing import LatencyStats, measure, peak_rss_mb
 
 
 def time_per_token(engine: Engine, spec: DecoderSpec, batch: int, past: int, seconds: float = 0.6) -> float:
@@ -78,6 +78,7 @@ def profile_decoder(model: str | os.PathLike, prompt_lengths: Sequence[int] = (1
             rows.append({"batch": batch, "prompt": length, "new_tokens": new_tokens,
                          "ttft_ms": _percentile(ttft, 50), "tpot_ms": _percentile(steps, 50),
                          "tpot_p90_ms": _percentile(steps, 90), "tokens_per_s": round(batch / tpot, 1),
+                         "tpot_stats": LatencyStats.from_times(batch, steps).to_dict(),
                          "runs": repeats})
     engine = generator.engine
     return {"kind": "decoder", "model": str(model), "size_bytes": model_bytes(model), "load_s": round(load_s, 3),

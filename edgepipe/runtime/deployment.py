@@ -94,6 +94,7 @@ def find_deployment(run_dir: str | os.PathLike, model: str | None = None,
     int8 = precision == "int8" or (precision == "deployed" and deployed_int8 and int8_ok)
     quant = stages.get("quantize", {}).get("record") or {}
     measured = (quant.get("chosen") or {}) if int8 else quant.get("fp32", {})
+    measured = measured if isinstance(measured, dict) else {}  # a decoder search's choice is a recipe name
     return Deployment(run_dir, model, "model.int8.onnx" if int8 else "model.onnx", stages,
                       parse_sessions(measured.get("sessions")), measured.get("backend") or "onnxruntime")
 
