@@ -217,7 +217,7 @@ def test_rows_longer_than_the_positions_are_cut_and_said(tmp_path, cli):
 
 def test_serve_answers_text_with_label_names(text_model):
     import httpx
-    from test_serve import LoopbackServer
+    from loopback import LoopbackServer
 
     from edgepipe.runtime import Engine
     from edgepipe.runtime.preprocess import TextClassifier

@@ -153,7 +153,7 @@ def test_a_port_in_use_is_one_line_before_loading_the_model(tmp_path, cli):
 
 def test_openapi_documents_predict_and_metrics_get_is_405_and_a_misnamed_input_is_named(tmp_path):
     import httpx
-    from test_serve import LoopbackServer
+    from loopback import LoopbackServer
 
     from edgepipe.runtime import Engine
     from edgepipe.serve.app import create_app
