@@ -1,5 +1,6 @@
-"""What several test modules share: a factory-model config a pipeline runs, and waiting for a
-file a subprocess writes."""
+"""What several test modules share: a factory-model config a pipeline runs, waiting for a file a
+subprocess writes, and a prelude that makes torch and onnx tooling unimportable in a subprocess
+(a device with only numpy and onnxruntime)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ def wait_for(pattern: str, root: Path, deadline_s: float = 60) -> Path:
             return found[0]
         time.sleep(0.05)
     raise AssertionError(f"{pattern} never appeared under {root}")
+
+
+# Prepended to code run with `python -c`: torch and the onnx tooling cannot be imported there.
+BLOCK_HEAVY = textwrap.dedent("""
+    import sys
+    class _Block:
+        BLOCKED = ("torch", "onnx", "onnxscript", "sklearn", "onnxruntime.quantization")
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in self.BLOCKED):
+                raise ImportError(f"{name} is not installed on this device (blocked by test)")
+            return None
+    sys.meta_path.insert(0, _Block())
+""")

@@ -64,7 +64,7 @@ def test_concurrent_runs_return_each_callers_own_result(run_dir):
 
 
 def test_example_app_runs_without_torch(run_dir):
-    from test_runtime_isolation import BLOCK_HEAVY
+    from run_helpers import BLOCK_HEAVY
 
     code = BLOCK_HEAVY + textwrap.dedent(f"""
         import runpy, sys

@@ -7,19 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+from run_helpers import BLOCK_HEAVY
+
+
 # A meta-path hook that makes torch / onnx tooling unimportable, as on an edge device.
-BLOCK_HEAVY = textwrap.dedent("""
-    import sys
-    class _Block:
-        BLOCKED = ("torch", "onnx", "onnxscript", "sklearn", "onnxruntime.quantization")
-        def find_spec(self, name, path=None, target=None):
-            if any(name == b or name.startswith(b + ".") for b in self.BLOCKED):
-                raise ImportError(f"{name} is not installed on this device (blocked by test)")
-            return None
-    sys.meta_path.insert(0, _Block())
-""")
-
-
 def run_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
