@@ -31,7 +31,7 @@ def accuracy_fallback(search: Search, max_steps: int = 8) -> tuple[Candidate | N
     one node moves the damage to the next) and excludes 1, 2, 4 … more nodes."""
     from edgepipe.quantize.sensitivity import rank_nodes
 
-    inaccurate = [c for c in search.candidates if search.fast_enough(c) and c.verdict.inaccurate]
+    inaccurate = [c for c in search.candidates if search.judging.fast_enough(c) and c.verdict.inaccurate]
     if not inaccurate:
         return None, []
     base = current = max(inaccurate, key=lambda c: c.score)
@@ -58,14 +58,14 @@ def accuracy_fallback(search: Search, max_steps: int = 8) -> tuple[Candidate | N
         cand = search.build(base.recipe.excluding(excluded))
         if cand.error is not None:
             break
-        if search.accurate(cand):
+        if search.judging.accurate(cand):
             cand, trimmed = trim(search, base.recipe, excluded, noise, cand)
             if trimmed["tried"]:
                 history.append(trimmed)
             search.measure([search.candidates.index(cand)])
-            search.judge(cand)
+            search.judging.judge(cand)
             return (cand if cand.verdict and search.confirm(cand) else None), history
-        cand.verdict = search.accuracy_verdict(cand)
+        cand.verdict = search.judging.accuracy_verdict(cand)
         current = cand
     return None, history
 
@@ -86,12 +86,12 @@ def trim(search: Search, recipe: Recipe, excluded: list[str], noise: dict[str, f
         if attempt is None:
             search.say(f"accuracy fallback trim: trying {node} back in INT8")
             attempt = search.build(recipe.excluding(trial))
-        ok = search.accurate(attempt)
+        ok = search.judging.accurate(attempt)
         tried.append({"node": node, "accuracy_drop": attempt.accuracy_drop, "back_in_int8": ok})
         if ok:
             cand.verdict = Verdict(SUPERSEDED, detail=node)
             keep, cand = trial, attempt
             back.append(node)
         elif attempt.error is None:
-            attempt.verdict = search.accuracy_verdict(attempt, f"{node} stays FP32")
+            attempt.verdict = search.judging.accuracy_verdict(attempt, f"{node} stays FP32")
     return cand, {"step": "trim", "tried": tried, "back_in_int8": back, "excluded": keep}

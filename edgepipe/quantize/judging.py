@@ -1,18 +1,35 @@
 """The judging side of a quantize search: whether a candidate is accurate and fast enough, and
-its verdict. A mixin of Search, which provides config, eval_data, reference, units, unit and
-resolved (whether the held-out rows can resolve the accuracy budget)."""
+its verdict. A Judge is what a Search holds (`search.judging`); it knows only the budgets, FP32's
+reference output and the labels, never the search's timing."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from edgepipe.metrics import UNRESOLVED, WITHIN, resolution, rows_needed, scores, unresolved_text
 from edgepipe.quantize.candidate import Candidate
-from edgepipe.quantize.evaluation import flips
+from edgepipe.quantize.config import QuantizeConfig
+from edgepipe.quantize.evaluation import flips, resolves
 from edgepipe.quantize.verdict import OK, Verdict
 
 
-class Judging:
+@dataclass
+class Judge:
+    config: QuantizeConfig  # the budgets: accuracy drop, speedup and its margin, require_resolved
+    reference: np.ndarray  # FP32's first output on the held-out rows
+    labels: np.ndarray | None  # per row, or per token (token classification); None: agreement with FP32
+    units: int  # what a drop counts: rows, or the tagged words of token classification
+    unit: str  # "rows" or "words"
+    resolved: bool  # whether one unit is at most half the budget (else a drop fails only on its lower bound)
+
+    @classmethod
+    def of(cls, config: QuantizeConfig, reference: np.ndarray, labels: np.ndarray | None) -> "Judge":
+        units = flips(reference, reference, labels).rows
+        unit = "words" if labels is not None and labels.ndim == 2 else "rows"
+        return cls(config, reference, labels, units, unit, resolves(units, config.max_accuracy_drop))
+
     @property
     def needed(self) -> float:
         """The speedup a candidate must show at every batch size to count as faster."""
@@ -21,7 +38,7 @@ class Judging:
     def rate(self, cand: Candidate, out: np.ndarray) -> None:
         """A built candidate's rows lost and gained against FP32, its task scores against the
         labels, and whether its drop's 95% interval resolves the budget."""
-        labels = self.eval_data.labels
+        labels = self.labels
         cand.flips = flips(out, self.reference, labels)
         if labels is not None:
             cand.scores = scores(out.argmax(-1), labels[:len(out)])

@@ -18,7 +18,7 @@ def refusal(search: Search, report: QuantizeReport) -> GateFailed:
     accurate one when there is one (it missed on speed), else the fastest one (it missed on
     accuracy). It carries the report with every candidate."""
     measured = [c for c in search.candidates if c.speedup]
-    accurate = [c for c in measured if search.accurate(c)]
+    accurate = [c for c in measured if search.judging.accurate(c)]
     best = max(accurate or measured, key=lambda c: c.score)
     error_cls = LatencyError if accurate else AccuracyError
     untried = sum(s.get("cause") == TIME_BUDGET for s in report.skipped_recipes)
@@ -78,10 +78,11 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
 
 def describe_search(report: QuantizeReport, search: Search, judged_on: str, chosen: Candidate | None) -> None:
     """What the search spent and on which rows it judged, into the report."""
+    judge = search.judging
     report.judged_on = judged_on + (
-        "" if search.resolved else
-        f"; {search.units} {search.unit} cannot resolve a {search.config.max_accuracy_drop} budget (one is "
-        f"{1 / search.units:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
+        "" if judge.resolved else
+        f"; {judge.units} {judge.unit} cannot resolve a {search.config.max_accuracy_drop} budget (one is "
+        f"{1 / judge.units:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
     report.choice = search.choice
     report.phases = search.phases
     report.phase_peak_mb = search.phase_peaks or None

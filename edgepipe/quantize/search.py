@@ -20,8 +20,8 @@ from edgepipe.quantize.budget import TimeBudget
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
 from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
-from edgepipe.quantize.evaluation import evaluate, fidelity, flips, resolves
-from edgepipe.quantize.judging import Judging
+from edgepipe.quantize.evaluation import evaluate, fidelity
+from edgepipe.quantize.judging import Judge
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.quantize.report import Baseline
 from edgepipe.quantize.rewrites import Sources
@@ -40,7 +40,7 @@ PAIRWISE_BYTES = 1 << 30
 CLEAR_LEAD, CLEAR_AGREE = 1.2, 1.15
 
 
-class Search(TimeBudget, Judging):
+class Search(TimeBudget):
     """One quantize run: the FP32 reference, the data, and every candidate tried."""
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
@@ -70,10 +70,7 @@ class Search(TimeBudget, Judging):
         self.rows = len(self.reference)
         labels = eval_data.labels
         self.fp32_scores = scores(self.reference.argmax(-1), labels[:self.rows]) if labels is not None else None
-        self.units = flips(self.reference, self.reference, labels).rows  # what a drop counts: rows, or tagged words
-        self.unit = "words" if labels is not None and labels.ndim == 2 else "rows"
-        # Whether one unit is at most half the budget; if not, a drop fails only when its 95% lower bound fails too
-        self.resolved = resolves(self.units, config.max_accuracy_drop)
+        self.judging = Judge.of(config, self.reference, labels)
         self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
         tuned = session_settings(config.threads, spinning=config.try_spinning) if config.tunes_threads else None
         self.sweep = self.sweep_settings(tuned or [SessionSetting(config.threads or os.cpu_count() or 1, False)])
@@ -145,7 +142,7 @@ class Search(TimeBudget, Judging):
             engine = self.engine(cand.path, threads=self.config.threads, spinning=False, backend=recipe.backend)
             out, cand.accuracy, cand.agreement = evaluate(engine, self.eval_data, self.reference)
             cand.fidelity = fidelity(out, self.reference)
-            self.rate(cand, out)
+            self.judging.rate(cand, out)
         if tried.error is not None:
             cand.error = f"{type(tried.error).__name__}: {str(tried.error).strip()[:200]}"
             cand.verdict = Verdict(FAILED)
@@ -187,14 +184,14 @@ class Search(TimeBudget, Judging):
                                     None, share=0.25, floor=2)
         self.say(f"screening {len(indices)} candidate(s) against FP32 ({rounds} rounds)")
         self.measure(indices, rounds=rounds)
-        floor = 0.8 * self.needed
+        floor = 0.8 * self.judging.needed
         kept = []
         for i in indices:
             cand = self.candidates[i]
             slow = {b: v for b, v in cand.speedup.items() if v < floor}
             if slow:
                 self.release(i)
-                self.judge(cand)
+                self.judging.judge(cand)
                 if cand.verdict.kind == SPEED:
                     cand.verdict = replace(cand.verdict, detail=cand.verdict.detail + " in the screening pass")
                 cand.screened = True
@@ -286,7 +283,7 @@ class Search(TimeBudget, Judging):
         cand.speedup = {b: float(np.median(v)) for b, v in seen.items()}
         cand.speedup_trials = {b: [round(x, 3) for x in v] for b, v in seen.items()}
         cand.p50_ms = {b: self.fp32_p50[b] / cand.speedup[b] for b in cand.speedup}
-        self.judge(cand)
+        self.judging.judge(cand)
         slower = {b: min(v) for b, v in seen.items() if min(v) < self.config.min_speedup}
         if cand.verdict and slower:  # no trial may have measured it slower than FP32
             cand.verdict = Verdict.slower_in_a_trial(slower, self.config.min_speedup)
@@ -297,4 +294,4 @@ class Search(TimeBudget, Judging):
     def clear_lead(self, seen: dict[int, list[float]]) -> bool:
         """Whether every reading at every batch size clears the needed speedup by CLEAR_LEAD and
         the readings of each batch size agree within CLEAR_AGREE."""
-        return all(min(v) >= self.needed * CLEAR_LEAD and max(v) <= min(v) * CLEAR_AGREE for v in seen.values())
+        return all(min(v) >= self.judging.needed * CLEAR_LEAD and max(v) <= min(v) * CLEAR_AGREE for v in seen.values())

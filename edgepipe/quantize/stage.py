@@ -141,7 +141,7 @@ def build_all(search: Search, recipes: list[Recipe], skipped: list[dict]) -> Non
         kind = search.build_kind(recipe)
         share = TWIN_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
         # until one candidate is built within the accuracy budget, the budget stops nothing
-        if any(search.accurate(search.candidates[i]) for i in search.usable) and \
+        if any(search.judging.accurate(search.candidates[i]) for i in search.usable) and \
                 not search.build_fits(recipe, seconds, share):
             estimate = search.build_estimate(recipe, seconds)
             skipped.append({"recipe": recipe.name, "cause": TIME_BUDGET,
@@ -169,7 +169,7 @@ def measure_and_judge(search: Search) -> None:
         with search.phase("measure"):
             search.measure(finalists)
     for i in finalists:
-        search.judge(search.candidates[i])
+        search.judging.judge(search.candidates[i])
     for i in timed:  # twins take the figures of the one timed for them
         for t in twins[i]:
             inherit(search.candidates[t], search.candidates[i])

@@ -65,9 +65,9 @@ def judge_twin(search, twin: Candidate, timed: Candidate) -> None:
     """`twin`'s verdict after taking `timed`'s figures: its own accuracy first; then the timed
     one's speed verdict (a confirmation's, when it was re-timed), or, when the timed one missed
     the accuracy budget and so has no speed verdict, a judgment of the figures it took."""
-    if not search.accurate(twin):
-        twin.verdict = search.accuracy_verdict(twin)
+    if not search.judging.accurate(twin):
+        twin.verdict = search.judging.accuracy_verdict(twin)
     elif timed.verdict.inaccurate:
-        search.judge(twin)
+        search.judging.judge(twin)
     else:
         twin.verdict = replace(timed.verdict)

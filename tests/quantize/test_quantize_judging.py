@@ -109,11 +109,11 @@ def test_peak_memory_nests_phases_inside_a_stage():
 
 
 def test_an_accuracy_budget_the_rows_cannot_resolve_is_judged_by_its_confidence_bound():
-    from types import SimpleNamespace
 
     from edgepipe.quantize.config import QuantizeConfig
     from edgepipe.quantize.evaluation import Flips, flips, resolves
-    from edgepipe.quantize.search import Candidate, Search
+    from edgepipe.quantize.judging import Judge
+    from edgepipe.quantize.search import Candidate
 
     assert not resolves(32, 0.01) and resolves(360, 0.01)  # one row: 3.1 points vs 0.28 points
     one = Flips(losses=1, gains=0, rows=32)
@@ -122,8 +122,8 @@ def test_an_accuracy_budget_the_rows_cannot_resolve_is_judged_by_its_confidence_
     assert one.drop_lower_bound == one.interval.low < 0.01 < one.interval.high
 
     def accurate(f: Flips, rows_resolve: bool) -> bool:
-        search = SimpleNamespace(config=QuantizeConfig(max_accuracy_drop=0.01), resolved=rows_resolve)
-        return Search.accurate(search, Candidate(None, accuracy_drop=f.drop, flips=f))
+        judge = Judge(QuantizeConfig(max_accuracy_drop=0.01), np.zeros((f.rows, 2)), None, f.rows, "rows", rows_resolve)
+        return judge.accurate(Candidate(None, accuracy_drop=f.drop, flips=f))
 
     assert accurate(one, rows_resolve=False)  # one flip of 32 is noise, not a 3-point loss
     assert not accurate(one, rows_resolve=True)  # with enough rows, the measured drop decides
@@ -139,12 +139,14 @@ def test_an_accuracy_budget_the_rows_cannot_resolve_is_judged_by_its_confidence_
 
 def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     from edgepipe.quantize.config import QuantizeConfig
+    from edgepipe.quantize.judging import Judge
     from edgepipe.quantize.recipes import Recipe
     from edgepipe.quantize.search import Candidate, Search
 
-    search = Search.__new__(Search)  # the judging logic alone, with timing stood in for
+    search = Search.__new__(Search)  # the screening logic alone, with timing stood in for
     search.config, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), {1: "sessions"}
     search.say = lambda message: None
+    search.judging = Judge(search.config, np.zeros((8, 2), np.float32), None, 8, "rows", True)
     search.rounds_used, search.settings = {}, ["one setting"]
     search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,)), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
@@ -277,7 +279,7 @@ def test_a_refusal_names_quantization_aware_training_only_when_accuracy_is_what_
 
     candidate = Candidate(Recipe("dynamic"), speedup={32: 1.0 if accurate else 2.0},
                           verdict=Verdict(ACCURACY, 0.05, 0.01))
-    search = SimpleNamespace(candidates=[candidate], accurate=lambda c: accurate,
+    search = SimpleNamespace(candidates=[candidate], judging=SimpleNamespace(accurate=lambda c: accurate),
                              config=SimpleNamespace(max_accuracy_drop=0.01, time_budget_s=0))
     error = refusal(search, SimpleNamespace(skipped_recipes=[], accuracy_fallback=[]))
     assert isinstance(error, LatencyError if accurate else AccuracyError)

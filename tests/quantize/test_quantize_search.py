@@ -20,6 +20,7 @@ from edgepipe.quantize import (
 )
 from edgepipe.quantize import search as search_mod
 from edgepipe.quantize import stage as stage_mod
+from edgepipe.quantize.judging import Judge
 from edgepipe.quantize.recipes import Recipe
 from edgepipe.runtime import Engine
 from edgepipe.runtime.spec import make_feeds
@@ -279,6 +280,7 @@ def test_one_thread_is_timed_only_at_batch_sizes_whose_calls_are_short(tmp_path,
 def test_one_confirmation_trial_is_enough_only_for_a_wide_agreeing_lead():
     search = object.__new__(search_mod.Search)
     search.config = QuantizeConfig()  # needs 1.05x
+    search.judging = Judge(search.config, np.zeros((8, 2), np.float32), None, 8, "rows", True)
     assert search.clear_lead({1: [1.74, 1.80], 8: [1.70, 1.73]})
     assert not search.clear_lead({1: [1.74, 1.20]})  # readings disagree: a second trial
     assert not search.clear_lead({1: [1.24, 1.25]})  # under 1.2 x 1.05: a second trial
@@ -297,7 +299,8 @@ def test_past_the_budget_a_wide_lead_is_confirmed_over_two_rounds_a_narrow_one_o
     search.started = time.perf_counter() - 10.0  # the budget is spent: rounds shrink to the floor
     search.rounds_used, search.sweep, search._call_cost = {}, {8: [setting]}, {8: 0.01}
     search.fp32_settings, search.fp32_p50, search.onnx_path = {8: setting}, {8: 10.0}, "fp32.onnx"
-    search.eval_data, search.resolved = EvalData({"x": np.zeros((8, 4), np.float32)}), True
+    search.eval_data = EvalData({"x": np.zeros((8, 4), np.float32)})
+    search.judging = Judge(search.config, np.zeros((8, 2), np.float32), None, 8, "rows", True)
     search.engine = lambda *args, **kwargs: SimpleNamespace(runner=lambda feeds: (lambda: None))
     trials = []
 
