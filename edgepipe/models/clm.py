@@ -80,13 +80,18 @@ def judged_windows(folder: str | Path, text: str | Path, config: PretrainConfig,
                    say: Callable[[str], None] | None = None) -> np.ndarray:
     """The held-out windows [rows, length] fine-tuning judges on (the same seeded split, at the
     length fine-tuning uses), so that quantize judges the exported decoder on text it never saw."""
+    folder = Path(folder)
+    return windows(Path(text), folder, fitted(folder, config), say or (lambda message: None)).eval["input_ids"]
+
+
+def fitted(folder: Path, config: PretrainConfig) -> PretrainConfig:
+    """`config` with its window length cut to the model's positions (config.json's
+    max_position_embeddings): what fine-tuning trains on and judges."""
     import dataclasses
     import json
 
-    folder = Path(folder)
     positions = json.loads((folder / "config.json").read_text()).get("max_position_embeddings") or config.max_length
-    config = dataclasses.replace(config, max_length=min(config.max_length, positions))
-    return windows(Path(text), folder, config, say or (lambda message: None)).eval["input_ids"]
+    return dataclasses.replace(config, max_length=min(config.max_length, positions))
 
 
 def finetune_lm(folder: str | Path, text: str | Path, out_dir: str | Path, config: PretrainConfig | None = None, *,
@@ -105,8 +110,7 @@ def finetune_lm(folder: str | Path, text: str | Path, out_dir: str | Path, confi
     check_out_dir(out_dir, resume)
     transformers.utils.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
-    positions = getattr(model.config, "max_position_embeddings", None) or config.max_length
-    config.max_length = min(config.max_length, positions)
+    config = fitted(folder, config)
     rows = windows(text, folder, config, say)
     trainer = CausalLMTrainer(model, ["input_ids"], rows, config, out_dir, say)
     before, perplexity_before = trainer.scores()
