@@ -199,10 +199,9 @@ def _resolve_path(key: str, value: str, base_dir: Path, where: str) -> str:
 
 
 def _is_rows(value: str, base_dir: Path) -> bool:
-    from edgepipe.data.rows import TABLE_SUFFIXES
+    from edgepipe.data.for_model import is_rows
 
-    path = Path(value) if Path(value).is_absolute() else base_dir / value
-    return Path(value).suffix.lower() in (*TABLE_SUFFIXES, ".txt") or path.is_dir()  # .txt: a language model's
+    return is_rows(Path(value) if Path(value).is_absolute() else base_dir / value)
 
 
 def _model(i: int, entry: dict, shared: dict, base_dir: Path, stages: tuple, seed: int) -> ModelConfig:
