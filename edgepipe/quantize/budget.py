@@ -1,13 +1,16 @@
-"""The time side of a quantize search: phases timed (seconds and peak memory), the budget left,
-and how many timing rounds fit in it. A mixin of Search, which provides config, fp32, calibration,
-sweep, started, phases, phase_peaks, rounds_used, rows, built, _call_cost and timing_feeds."""
+"""What timing and building cost in a classifier quantize search, against its Clock: the FP32
+call cost per batch size, the timing rounds that fit in a share of the budget left, the session
+settings worth sweeping, and each build's estimated seconds. A collaborator of Search
+(`search.budget`), given what it reads; it never reaches into the search."""
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
-from edgepipe.memory import PeakMemory, return_freed_memory
+from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.core import Clock
 from edgepipe.runtime.sessions import SessionSetting
 from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 
@@ -30,53 +33,49 @@ BIAS_CORRECTION_FACTOR = 1.5
 SWEEP_MAX_CALL_S = 0.002
 
 
-class TimeBudget:
-    @contextmanager
-    def phase(self, name: str):
-        """Time a phase (seconds add up over repeats) and record its peak RSS (the highest)."""
-        return_freed_memory()  # what the phase before freed is not this phase's peak
-        began = time.perf_counter()
-        peak = PeakMemory()
-        try:
-            with peak:
-                yield
-        finally:
-            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - began, 2)
-            if peak.scope == "work" and peak.mb is not None:
-                self.phase_peaks[name] = max(self.phase_peaks.get(name, 0.0), peak.mb)
+class Built(Protocol):
+    """A candidate as the budget reads it: whether its file was built."""
 
-    def out_of_time(self, fraction: float = 1.0, ahead: float = 0.0) -> bool:
-        """Whether `fraction` of the configured time budget is spent, or would be after `ahead`
-        more seconds (never, without one)."""
-        budget = self.config.time_budget_s
-        return budget is not None and time.perf_counter() - self.started + ahead >= fraction * budget
+    error: str | None
 
-    def build_kind(self, recipe) -> str:
-        """What building `recipe` costs like: its method ("symmetric" for static_matmul's layout),
-        "twin" when another backend's recipe already built its file (copied and evaluated, not
-        built again), or "bias-correction" when its uncorrected file is built (corrected from it)."""
-        if recipe.backend != "onnxruntime":
-            twin = self.built(recipe.file_twin)
-            if twin is not None and twin.error is None:
-                return "twin"
-        if recipe.bias_correction:
-            base = self.built(recipe.uncorrected)
-            if base is not None and base.error is None:
-                return "bias-correction"
-        return "symmetric" if recipe.symmetric else recipe.method
 
-    def build_estimate(self, recipe, seconds: dict[str, list[float]]) -> float:
-        """Seconds building and evaluating `recipe` should take, from `seconds` (the builds so
-        far, per build_kind): its kind's last; for a first twin its evaluation (the held-out
-        rows at one FP32 call each), and for a first bias correction that and its pass over the
-        calibration rows (BIAS_CORRECTION_FACTOR FP32 calls each); for a first static build the last build's plus its
-        calibration (the calibration rows at CALIBRATION_FACTOR FP32 calls each), none for the
-        every-MatMul layout when the reference pass measured its ranges."""
-        kind = self.build_kind(recipe)
+def build_kind(recipe, built: Callable[[object], Built | None]) -> str:
+    """What building `recipe` costs like: its method ("symmetric" for static_matmul's layout),
+    "twin" when another backend's recipe already built its file (copied and evaluated, not
+    built again), or "bias-correction" when its uncorrected file is built (corrected from it).
+    `built(recipe)`: the candidate built for a recipe so far, if any."""
+    if recipe.backend != "onnxruntime":
+        twin = built(recipe.file_twin)
+        if twin is not None and twin.error is None:
+            return "twin"
+    if recipe.bias_correction:
+        base = built(recipe.uncorrected)
+        if base is not None and base.error is None:
+            return "bias-correction"
+    return "symmetric" if recipe.symmetric else recipe.method
+
+
+@dataclass
+class Budget:
+    clock: Clock
+    config: QuantizeConfig
+    calibration: EvalData  # the calibration rows (and their ranges, when the reference pass measured them)
+    rows: int  # held-out rows each evaluation runs
+    fp32_runner: Callable[[int], Callable[[], object]]  # an FP32 call at a batch size, to measure its cost
+    call_costs: dict[int, float] = field(default_factory=dict)  # FP32 seconds per call, per batch
+
+    def build_estimate(self, kind: str, seconds: dict[str, list[float]]) -> float:
+        """Seconds a build of `kind` (build_kind) and its evaluation should take, from `seconds`
+        (the builds so far, per kind): its kind's last; for a first twin its evaluation (the
+        held-out rows at one FP32 call each), and for a first bias correction that and its pass
+        over the calibration rows (BIAS_CORRECTION_FACTOR FP32 calls each); for a first static
+        build the last build's plus its calibration (the calibration rows at CALIBRATION_FACTOR
+        FP32 calls each), none for the every-MatMul layout when the reference pass measured its
+        ranges."""
         if seconds.get(kind):
             return seconds[kind][-1]
-        batch = min(self._call_cost, default=0)  # the smallest batch's per-row cost: the highest
-        per_row = self._call_cost[batch] / batch if batch else 0.0
+        batch = min(self.call_costs, default=0)  # the smallest batch's per-row cost: the highest
+        per_row = self.call_costs[batch] / batch if batch else 0.0
         rows = min(self.config.calibration_samples, min(len(v) for v in self.calibration.inputs.values()))
         if kind in ("twin", "bias-correction"):
             return (self.rows + (BIAS_CORRECTION_FACTOR * rows if kind == "bias-correction" else 0)) * per_row
@@ -85,47 +84,41 @@ class TimeBudget:
             return last  # the reference pass measured the every-MatMul layout's ranges
         return last + CALIBRATION_FACTOR[kind] * rows * per_row
 
-    def build_fits(self, recipe, seconds: dict[str, list[float]], fraction: float) -> bool:
-        """Whether `recipe`'s build would end within `fraction` of the budget (always, without one)."""
-        return not self.out_of_time(fraction, ahead=self.build_estimate(recipe, seconds))
-
-    def left(self) -> float | None:
-        """Seconds of the time budget left (None without one)."""
-        budget = self.config.time_budget_s
-        return None if budget is None else budget - (time.perf_counter() - self.started)
+    def build_fits(self, kind: str, seconds: dict[str, list[float]], fraction: float) -> bool:
+        """Whether a build of `kind` would end within `fraction` of the budget (always, without one)."""
+        return not self.clock.out_of_time(fraction, ahead=self.build_estimate(kind, seconds))
 
     def call_cost(self) -> dict[int, float]:
         """FP32 seconds per call at each batch size (one timed call after one warm-up)."""
         for batch in self.config.batch_sizes:
-            if batch not in self._call_cost:
-                run = self.fp32.runner(self.timing_feeds(batch))
+            if batch not in self.call_costs:
+                run = self.fp32_runner(batch)
                 run()
                 began = time.perf_counter()
                 run()
-                self._call_cost[batch] = time.perf_counter() - began
-        return {b: self._call_cost[b] for b in self.config.batch_sizes}
+                self.call_costs[batch] = time.perf_counter() - began
+        return {b: self.call_costs[b] for b in self.config.batch_sizes}
 
-    def rounds_within(self, phase: str, wanted: int, models: int, settings: int | None, share: float,
+    def rounds_within(self, phase: str, wanted: int, models: int, settings: dict[int, int], share: float,
                       floor: int = 3) -> int:
         """`wanted` timing rounds, or as many as fit in `share` of the budget left (`floor` at
-        least: below that a ratio is noise). One round times each of `models` at `settings`
-        session settings (None: those swept at each batch size) and every batch size; each costs
-        a call or a block (measure_interleaved)."""
-        left = self.left()
+        least: below that a ratio is noise). One round times each of `models` at
+        `settings[batch]` session settings at every batch size; each costs a call or a block
+        (measure_interleaved)."""
+        left = self.clock.left()
         if left is not None:
             cost = self.call_cost()
-            n = {b: settings or len(self.sweep[b]) for b in cost}
-            per_round = models * sum(n[b] * max(BLOCK_S, c) for b, c in cost.items())
-            warm_up = models * sum(n[b] * (c if c >= WARMUP_S else 2 * c + min(WARMUP_S, 8 * c))
+            per_round = models * sum(settings[b] * max(BLOCK_S, c) for b, c in cost.items())
+            warm_up = models * sum(settings[b] * (c if c >= WARMUP_S else 2 * c + min(WARMUP_S, 8 * c))
                                    for b, c in cost.items())
             wanted = max(min(floor, wanted), min(wanted, int((left * share - warm_up) / per_round)))
-        self.rounds_used[phase] = wanted
+        self.clock.rounds_used[phase] = wanted
         return wanted
 
     def sweep_settings(self, settings: list[SessionSetting]) -> dict[int, list[SessionSetting]]:
         """{batch: the session settings timed there}: all of `settings` where an FP32 call is
         short enough for thread hand-offs to decide (SWEEP_MAX_CALL_S), else all cores alone."""
-        if len(settings) == 1 and not self.config.time_budget_s:
+        if len(settings) == 1 and not self.clock.budget_s:
             return {b: list(settings) for b in self.config.batch_sizes}
         cost = self.call_cost()  # the budget needs it too
         full = max(settings, key=lambda s: (s.threads, -s.spinning))

@@ -40,7 +40,7 @@ def accuracy_fallback(search: Search, max_steps: int = 8) -> tuple[Candidate | N
     history: list[dict] = []
     noise: dict[str, float] = {}  # excluded node -> noise it added when it was ranked
     for step in range(max_steps):
-        if search.out_of_time():
+        if search.clock.out_of_time():
             history.append({"step": "stopped", "why": f"time budget ({search.config.time_budget_s} s) spent"})
             break
         ranking = [r for r in rank_nodes(search.onnx_path, ranking_model(search, current, step), probe, search.work)

@@ -46,7 +46,7 @@ def time_fused(search: Search, fused: Path) -> tuple[bool, float]:
         raise QuantizationError("fused model's outputs differ from the original")
     batch = max(search.config.batch_sizes)
     feeds = search.timing_feeds(batch)
-    rounds = search.rounds_within("fusions", search.config.rounds, 2, 1, share=0.15)
+    rounds = search.budget.rounds_within("fusions", search.config.rounds, 2, search.swept(1), share=0.15)
     stats = measure_interleaved({"fp32": search.fp32.runner(feeds), "fused": engine.runner(feeds)}, batch,
                                 rounds=rounds)
     speedup = stats["fp32"].p50_ms / stats["fused"].p50_ms

@@ -3,10 +3,11 @@ ceiling of the chosen recipe, and the refusal that names the candidate that came
 
 from __future__ import annotations
 
-from edgepipe import interrupts
+from edgepipe import interrupts, onnxfile
 from edgepipe.errors import AccuracyError, GateFailed, LatencyError
+from edgepipe.quantize.candidate import by_session_rows
 from edgepipe.quantize.recipes import Recipe
-from edgepipe.quantize.report import QuantizeReport
+from edgepipe.quantize.report import Baseline, QuantizeReport
 from edgepipe.quantize.search import Candidate, Search
 from edgepipe.runtime.hardware import CpuInfo, read_gpu
 
@@ -46,7 +47,7 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
         recipe_reason=recipes[0].reasons[0] if recipes[0].reasons else "",
         device=None if config.device == "cpu" else {"provider": search.fp32_providers, "gpu": read_gpu()},
         preprocess=pre_attempts, transformer_optimizer=optimizer_record, skipped_recipes=skipped,
-        fp32=search.baseline(), accuracy_fallback=fallback_steps,
+        fp32=baseline(search), accuracy_fallback=fallback_steps,
         budget={"max_accuracy_drop": config.max_accuracy_drop, "min_speedup": config.min_speedup,
                 "speedup_margin": config.speedup_margin},
         timing=("a screening pass (a quarter of the rounds) drops candidates below 80% of the needed speedup; "
@@ -56,6 +57,16 @@ def initial_report(search: Search, cpu: CpuInfo, recipes: list[Recipe], skipped:
                 + "); each model judged at its fastest per batch size (recorded in 'sessions'); kernel twins "
                 "(same nodes, initializer types and ranks: 'timed_as') are timed once; re-timed "
                 "candidates show the median of their trials, and the choice is the fastest by those"))
+
+
+def baseline(search: Search) -> Baseline:
+    """FP32's row: its accuracy and scores on the held-out rows, its timing and its size."""
+    return Baseline(accuracy=search.fp32_accuracy,
+                    scores={k: v.to_dict() for k, v in search.fp32_scores.items()} if search.fp32_scores else None,
+                    p50_ms={str(b): round(v, 4) for b, v in search.fp32_p50.items()},
+                    sessions={str(b): s.to_dict() for b, s in search.fp32_settings.items()},
+                    p50_ms_by_session=by_session_rows(search.fp32_p50_by_setting),
+                    size_bytes=onnxfile.model_bytes(search.onnx_path))
 
 
 def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
@@ -69,7 +80,7 @@ def kernel_ceiling(search: Search, chosen: Candidate) -> dict:
     try:
         # the pre-processed model the candidates were built from: weights there are constants
         measured = measure_ceiling(search.sources.first, search.inputs, chosen.recipe, batch,
-                                   chosen.settings[batch], search.work, rounds=4 if search.out_of_time() else 8)
+                                   chosen.settings[batch], search.work, rounds=4 if search.clock.out_of_time() else 8)
     except Exception as exc:  # a diagnostic: its failure is recorded, not raised
         interrupts.reraise()
         return {"error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
@@ -84,8 +95,8 @@ def describe_search(report: QuantizeReport, search: Search, judged_on: str, chos
         f"; {judge.units} {judge.unit} cannot resolve a {search.config.max_accuracy_drop} budget (one is "
         f"{1 / judge.units:.4f}), so a drop above it fails only if its 95% lower bound is above it too")
     report.choice = search.choice
-    report.phases = search.phases
-    report.phase_peak_mb = search.phase_peaks or None
-    report.rounds = search.rounds_used or None
+    report.phases = search.clock.phases
+    report.phase_peak_mb = search.clock.phase_peaks or None
+    report.rounds = search.clock.rounds_used or None
     if chosen is not None and chosen.recipe.reasons:
         report.recipe_reason = chosen.recipe.reasons[0]

@@ -4,7 +4,6 @@ setting, judge each, and confirm an accepted one in fresh trials before it can s
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -16,14 +15,14 @@ from edgepipe.errors import QuantizationError
 from edgepipe.memory import return_freed_memory
 from edgepipe.metrics import scores
 from edgepipe.quantize.bias_correction import correct_biases, source_of
-from edgepipe.quantize.budget import TimeBudget
+from edgepipe.quantize.budget import Budget, build_kind
 from edgepipe.quantize.builders import build_with_fallback, count_integer_nodes
-from edgepipe.quantize.candidate import Candidate, by_session_rows, by_setting
+from edgepipe.quantize.candidate import Candidate, by_setting
 from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.core import Clock
 from edgepipe.quantize.evaluation import evaluate, fidelity
 from edgepipe.quantize.judging import Judge
 from edgepipe.quantize.recipes import Recipe
-from edgepipe.quantize.report import Baseline
 from edgepipe.quantize.rewrites import Sources
 from edgepipe.quantize.static_matmul import reference_with_ranges
 from edgepipe.quantize.verdict import FAILED, SPEED, Verdict
@@ -40,15 +39,18 @@ PAIRWISE_BYTES = 1 << 30
 CLEAR_LEAD, CLEAR_AGREE = 1.2, 1.15
 
 
-class Search(TimeBudget):
-    """One quantize run: the FP32 reference, the data, and every candidate tried."""
+class Search:
+    """One classifier quantize run: the FP32 reference, the data, and every candidate tried. Its
+    collaborators: the clock (core.Clock), what timing and building cost (budget.Budget) and the
+    judge (judging.Judge)."""
 
     def __init__(self, onnx_path: Path, config: QuantizeConfig, eval_data: EvalData,
                  calibration: EvalData, work: Path, say: Callable[[str], None], *,
                  fp32: Engine | None = None, call_cost: dict[int, float] | None = None,
-                 fp32_head: np.ndarray | None = None, tap_ranges: bool = False):
+                 fp32_head: np.ndarray | None = None, tap_ranges: bool = False, clock: Clock | None = None):
         self.onnx_path, self.config, self.eval_data, self.calibration = onnx_path, config, eval_data, calibration
         self.work, self.say = work, say
+        self.clock = clock or Clock(config.time_budget_s)
         self._fp32: Engine | None = fp32  # the FP32 evaluation Engine, when the caller has one open
         # tap_ranges: the calibration rows are these; the symmetric layout's ranges come from the
         # reference's calls (its build then runs no calibration pass), unless that fails
@@ -71,9 +73,10 @@ class Search(TimeBudget):
         labels = eval_data.labels
         self.fp32_scores = scores(self.reference.argmax(-1), labels[:self.rows]) if labels is not None else None
         self.judging = Judge.of(config, self.reference, labels)
-        self._call_cost = dict(call_cost or {})  # FP32 seconds per call, per batch (some measured already)
+        self.budget = Budget(self.clock, config, self.calibration, self.rows,
+                             lambda batch: self.fp32.runner(self.timing_feeds(batch)), dict(call_cost or {}))
         tuned = session_settings(config.threads, spinning=config.try_spinning) if config.tunes_threads else None
-        self.sweep = self.sweep_settings(tuned or [SessionSetting(config.threads or os.cpu_count() or 1, False)])
+        self.sweep = self.budget.sweep_settings(tuned or [SessionSetting(config.threads or os.cpu_count() or 1, False)])
         self.settings = list(dict.fromkeys(s for b in config.batch_sizes for s in self.sweep[b]))  # any batch's
         self.drop_fp32()  # timing makes sessions of its own; building needs the memory
         self.fp32_settings: dict[int, SessionSetting] = {}
@@ -84,10 +87,6 @@ class Search(TimeBudget):
         self.usable: list[int] = []  # candidates built and evaluated (their sessions released)
         self.sources: Sources | None = None  # set by stage.prepare
         self.choice: str | None = None  # why the chosen one won (set by stage.choose)
-        self.started = time.perf_counter()
-        self.phases: dict[str, float] = {}  # seconds per phase of the search
-        self.phase_peaks: dict[str, float] = {}  # peak RSS (MB) per phase, where it can be reset (Linux)
-        self.rounds_used: dict[str, int] = {}  # rounds each timing phase ran (fewer under a time budget)
 
     @property
     def fp32(self) -> Engine:
@@ -103,14 +102,6 @@ class Search(TimeBudget):
         """Release the evaluation session (BERT-base: 0.5 GB) while candidates are built."""
         self._fp32 = None
         return_freed_memory()
-
-    def baseline(self) -> Baseline:
-        return Baseline(accuracy=self.fp32_accuracy,
-                        scores={k: v.to_dict() for k, v in self.fp32_scores.items()} if self.fp32_scores else None,
-                        p50_ms={str(b): round(v, 4) for b, v in self.fp32_p50.items()},
-                        sessions={str(b): s.to_dict() for b, s in self.fp32_settings.items()},
-                        p50_ms_by_session=by_session_rows(self.fp32_p50_by_setting),
-                        size_bytes=onnxfile.model_bytes(self.onnx_path))
 
     # --- building ------------------------------------------------------------------------
     def build(self, recipe: Recipe) -> Candidate:
@@ -152,6 +143,9 @@ class Search(TimeBudget):
         self.usable.append(index)
         return cand
 
+    def build_kind(self, recipe: Recipe) -> str:
+        return build_kind(recipe, self.built)
+
     def built(self, recipe: Recipe) -> Candidate | None:
         """The candidate already built for `recipe` (exclusions compared as a set), if any."""
         def key(r: Recipe) -> tuple:
@@ -180,8 +174,8 @@ class Search(TimeBudget):
         survivors cost. With two candidates or one it cannot pay (FP32 is timed again)."""
         if len(indices) <= 2:
             return indices
-        rounds = self.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
-                                    None, share=0.25, floor=2)
+        rounds = self.budget.rounds_within("screen", max(2, self.config.rounds // 4), 1 + len(indices),
+                                           self.swept(), share=0.25, floor=2)
         self.say(f"screening {len(indices)} candidate(s) against FP32 ({rounds} rounds)")
         self.measure(indices, rounds=rounds)
         floor = 0.8 * self.judging.needed
@@ -199,6 +193,10 @@ class Search(TimeBudget):
                 kept.append(i)
         return kept
 
+    def swept(self, settings: int | None = None) -> dict[int, int]:
+        """{batch: session settings timed there}: `settings` at every batch size, or those swept."""
+        return {b: settings or len(self.sweep[b]) for b in self.config.batch_sizes}
+
     def release(self, *keys) -> None:
         """Drop these candidates' timing sessions (weights and an arena for the biggest batch)."""
         for key in keys:
@@ -213,8 +211,8 @@ class Search(TimeBudget):
         large = self.timed_apart(indices)
         groups = [[i] for i in indices] if large else [indices]
         if rounds is None:
-            rounds = self.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
-                                        None, share=0.5)
+            rounds = self.budget.rounds_within("measure", self.config.rounds, sum(1 + len(g) for g in groups),
+                                               self.swept(), share=0.5)
         fp32_runs = []
         for group in groups:
             p50 = self.measure_group(group, rounds)
@@ -265,8 +263,8 @@ class Search(TimeBudget):
         that widely is re-timed over 2, not 3 (a misleading trial reads far off, not 15%): ViT-base
         saves 2 s, a 1.5 s FP32 call and its candidate's at batch 8."""
         seen = {b: [s] for b, s in cand.speedup.items()}
-        rounds = self.rounds_within("confirm", self.config.rounds, 2 * trials, 1, share=share,
-                                    floor=2 if self.clear_lead(seen) else 3)
+        rounds = self.budget.rounds_within("confirm", self.config.rounds, 2 * trials, self.swept(1), share=share,
+                                           floor=2 if self.clear_lead(seen) else 3)
         for trial in range(trials):
             if trial and self.clear_lead(seen):
                 break

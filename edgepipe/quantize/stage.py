@@ -14,6 +14,7 @@ from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.bias_correction import nothing_to_correct
 from edgepipe.quantize.builders import largest_matmul_weight
 from edgepipe.quantize.config import EvalData, QuantizeConfig
+from edgepipe.quantize.core import BUILD_SHARE, LATE_BUILD_SHARE, Clock, pick
 from edgepipe.quantize.evaluation import generated_eval_data
 from edgepipe.quantize.fallback import accuracy_fallback
 from edgepipe.quantize.outcome import (
@@ -35,11 +36,6 @@ from edgepipe.runtime.hardware import CpuInfo, read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.sessions import shared_cpu_arena
 from edgepipe.runtime.workdirs import work_dir
-
-# Budget shares past which no build starts. Another backend's run of a built file is a copy, and a
-# bias-corrected file an FP32 and an INT8 pass more: neither adds a model to time, so they may
-# start later than a build that does.
-BUILD_SHARE, TWIN_SHARE = 0.4, 0.7
 
 
 def plan(onnx_path: Path, config: QuantizeConfig, cpu: CpuInfo) -> tuple[list[Recipe], list[dict], set[str]]:
@@ -68,12 +64,8 @@ def _rel_l2(cand: Candidate) -> float:
 
 
 def _pick(confirmed: list[Candidate], band: float) -> Candidate | None:
-    """Among the confirmed, those as fast as the fastest within the noise band; of them the most
-    faithful (lowest relative L2 error vs FP32), then the fastest."""
-    if not confirmed:
-        return None
-    top = max(c.score for c in confirmed)
-    return min((c for c in confirmed if c.score * band >= top), key=lambda c: (_rel_l2(c), -c.score))
+    """Among the confirmed, by their geometric-mean speedup and relative L2 error (core.pick)."""
+    return pick(confirmed, band, speed=lambda c: c.score, error=_rel_l2)
 
 
 def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
@@ -96,10 +88,10 @@ def choose(search: Search, accepted: list[Candidate]) -> Candidate | None:
                      or (cand.score * band >= top and _rel_l2(cand) < _rel_l2(pick)))
         if not could_win:
             cand.verdict = Verdict(NOT_RETIMED)
-        elif confirmed and search.out_of_time():
+        elif confirmed and search.clock.out_of_time():
             cand.verdict = Verdict(NOT_RETIMED, detail=f"the time budget ({search.config.time_budget_s:g} s) "
                                                        "was spent with a candidate confirmed")
-        elif search.confirm(cand, trials=1 if search.out_of_time(0.8) else 2):
+        elif search.confirm(cand, trials=1 if search.clock.out_of_time(0.8) else 2):
             confirmed.append(cand)
     chosen = _pick(confirmed, band)
     if chosen is not None:
@@ -139,11 +131,11 @@ def build_all(search: Search, recipes: list[Recipe], skipped: list[dict]) -> Non
             skipped.append({"recipe": recipe.name, "why": "no quantized Conv or Gemm has a bias to correct"})
             continue
         kind = search.build_kind(recipe)
-        share = TWIN_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
+        share = LATE_BUILD_SHARE if kind in ("twin", "bias-correction") else BUILD_SHARE
         # until one candidate is built within the accuracy budget, the budget stops nothing
         if any(search.judging.accurate(search.candidates[i]) for i in search.usable) and \
-                not search.build_fits(recipe, seconds, share):
-            estimate = search.build_estimate(recipe, seconds)
+                not search.budget.build_fits(kind, seconds, share):
+            estimate = search.budget.build_estimate(kind, seconds)
             skipped.append({"recipe": recipe.name, "cause": TIME_BUDGET,
                             "why": f"time budget ({config.time_budget_s} s): building "
                             f"stops at {share:.0%} of it (this one: about {estimate:.0f} s) so the timing "
@@ -163,10 +155,10 @@ def measure_and_judge(search: Search) -> None:
     # Screening and measurement run their sessions one at a time: one arena for all. Evaluation's
     # and confirmation's keep their own: confirmation in a shared arena misreads its trials.
     with shared_cpu_arena():
-        with search.phase("screen"):
+        with search.clock.phase("screen"):
             finalists = search.screen(timed)
         say(f"measuring {len(finalists)} candidate(s) against FP32 at batch {list(config.batch_sizes)}")
-        with search.phase("measure"):
+        with search.clock.phase("measure"):
             search.measure(finalists)
     for i in finalists:
         search.judging.judge(search.candidates[i])
@@ -208,25 +200,25 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
         if tap:  # the tapped pass loads a copy of its own: one FP32 model in memory at a time
             fp32 = None
         search = Search(onnx_path, config, eval_data, calibration or eval_data, tmp, say, fp32=fp32,
-                        call_cost=call_cost, fp32_head=head[0] if head else None, tap_ranges=tap)
+                        call_cost=call_cost, fp32_head=head[0] if head else None, tap_ranges=tap,
+                        clock=Clock(config.time_budget_s, started))  # the budget covers the whole stage
         del fp32  # the search drops it while building
-        search.started = started  # the budget covers the whole stage
-        with search.phase("prepare"):
+        with search.clock.phase("prepare"):
             pre_attempts, optimizer_record = prepare(search, graph_ops)
-        with search.phase("build"):
+        with search.clock.phase("build"):
             build_all(search, recipes, skipped)
         if not search.usable:
             raise QuantizationError("every quantization recipe failed: " + "; ".join(
                 f"{c.recipe.name}: {c.error}" for c in search.candidates))
         measure_and_judge(search)
-        with search.phase("confirm"):
+        with search.clock.phase("confirm"):
             chosen = choose(search, [c for c in search.candidates if c.verdict])
         fallback_steps: list[dict] = []  # accuracy-fallback steps: ranking and nodes kept in FP32
         if chosen is None and config.device != "cpu":
             fallback_steps = [{"step": "skipped", "why": "the accuracy fallback ranks nodes on the CPU; "
                                f"on device {config.device} exclude nodes with --exclude-node instead"}]
         elif chosen is None:
-            with search.phase("accuracy_fallback"):
+            with search.clock.phase("accuracy_fallback"):
                 chosen, fallback_steps = accuracy_fallback(search)
         report = initial_report(search, cpu, recipes, skipped, pre_attempts, optimizer_record, fallback_steps)
         describe_search(report, search, judged_on, chosen)
@@ -236,10 +228,10 @@ def quantize(onnx_path: str | Path, out_path: str | Path, config: QuantizeConfig
             raise refusal(search, report)
         chosen.verdict = Verdict(CHOSEN)
         if config.measure_ceiling and config.device == "cpu":  # a second or two, past the budget too
-            with search.phase("ceiling"):
+            with search.clock.phase("ceiling"):
                 report.ceiling = kernel_ceiling(search, chosen)
-            report.phases = search.phases
-            report.phase_peak_mb = search.phase_peaks or None
+            report.phases = search.clock.phases
+            report.phase_peak_mb = search.clock.phase_peaks or None
         # atomic; external data relocated with it; the file carries where it was measured and judged
         out_path = onnxfile.copy(chosen.path, out_path, metadata=deployment_metadata(search, chosen))
         report.candidates = [c.row() for c in search.candidates]

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from quantize_common import timing_budget
 
 
 def test_the_choice_is_the_fastest_by_the_figures_the_table_shows():
@@ -32,15 +33,14 @@ class Trials:
 
     def __init__(self, medians):
         from edgepipe.quantize.config import QuantizeConfig
+        from edgepipe.quantize.core import Clock
 
         self.medians, self.config, self.choice = medians, QuantizeConfig(), None
+        self.clock = Clock(None)  # no budget: never out of time
 
     def confirm(self, cand, trials=2):
         cand.speedup = {32: self.medians[cand.recipe.nodes_to_exclude[0]]}
         return True
-
-    def out_of_time(self, fraction=1.0):
-        return False
 
 
 def test_among_candidates_as_fast_within_the_noise_the_most_faithful_wins():
@@ -147,7 +147,9 @@ def test_screening_drops_clearly_slower_candidates_before_the_full_timing():
     search.config, search.timers = QuantizeConfig(rounds=12, time_budget_s=0), {1: "sessions"}
     search.say = lambda message: None
     search.judging = Judge(search.config, np.zeros((8, 2), np.float32), None, 8, "rows", True)
-    search.rounds_used, search.settings = {}, ["one setting"]
+    search.settings, search.sweep = ["one setting"], {32: ["one setting"]}
+    search.config = QuantizeConfig(rounds=12, time_budget_s=0, batch_sizes=(32,))
+    search.budget = timing_budget(search.config)
     search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,)), accuracy_drop=0.0) for k in "abc"]
     speeds, calls = {0: 1.5, 1: 0.5, 2: 0.9}, []
 
@@ -231,7 +233,7 @@ def test_a_large_models_candidates_are_timed_one_at_a_time_against_their_own_fp3
     setting = SessionSetting(2, False)
     search = Search.__new__(Search)
     search.config, search.settings = QuantizeConfig(batch_sizes=(8,), time_budget_s=0), [setting]
-    search.sweep, search.rounds_used = {8: [setting]}, {}
+    search.sweep, search.budget = {8: [setting]}, timing_budget(search.config)
     search.onnx_path = tmp_path / "big.onnx"
     search.onnx_path.write_bytes(b"0" * 64)
     search.candidates = [Candidate(Recipe("dynamic", nodes_to_exclude=(k,))) for k in "ab"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from quantize_common import AVX2_ONLY, eval_sets
+from quantize_common import AVX2_ONLY, eval_sets, timing_budget
 
 from edgepipe.errors import AccuracyError, LatencyError
 from edgepipe.exporters import ExportConfig, export
@@ -287,7 +287,6 @@ def test_one_confirmation_trial_is_enough_only_for_a_wide_agreeing_lead():
 
 
 def test_past_the_budget_a_wide_lead_is_confirmed_over_two_rounds_a_narrow_one_over_three(monkeypatch):
-    import time
     from types import SimpleNamespace
 
     from edgepipe.quantize.search import Candidate
@@ -296,8 +295,8 @@ def test_past_the_budget_a_wide_lead_is_confirmed_over_two_rounds_a_narrow_one_o
     setting = SessionSetting(2, False)
     search = object.__new__(search_mod.Search)
     search.config = QuantizeConfig(batch_sizes=(8,), time_budget_s=1.0)
-    search.started = time.perf_counter() - 10.0  # the budget is spent: rounds shrink to the floor
-    search.rounds_used, search.sweep, search._call_cost = {}, {8: [setting]}, {8: 0.01}
+    # the budget is spent: rounds shrink to the floor
+    search.budget, search.sweep = timing_budget(search.config, spent=10.0, call_costs={8: 0.01}), {8: [setting]}
     search.fp32_settings, search.fp32_p50, search.onnx_path = {8: setting}, {8: 10.0}, "fp32.onnx"
     search.eval_data = EvalData({"x": np.zeros((8, 4), np.float32)})
     search.judging = Judge(search.config, np.zeros((8, 2), np.float32), None, 8, "rows", True)
@@ -312,7 +311,7 @@ def test_past_the_budget_a_wide_lead_is_confirmed_over_two_rounds_a_narrow_one_o
         monkeypatch.setattr(search_mod, "measure_interleaved", timing)
         trials.clear()
         cand = Candidate(Recipe("dynamic"), speedup={8: speedup}, settings={8: setting}, accuracy_drop=0.0)
-        return search.confirm(cand), search.rounds_used["confirm"], list(trials)
+        return search.confirm(cand), search.budget.clock.rounds_used["confirm"], list(trials)
 
     # 1.8x against the 1.05x needed: one fresh trial of 2 rounds agrees, and that confirms it
     assert confirm(1.8) == (True, 2, [2])
@@ -350,32 +349,30 @@ def test_a_build_that_would_end_past_the_build_share_of_the_budget_is_not_starte
     """A first static build costs its calibration: the calibration rows at CALIBRATION_FACTOR
     FP32 calls each, on top of the last build (ViT-base: 32 images at 222 ms, about 27 s, which
     would have ended past 40% of 120 s; built anyway, it added 12 s and 0.45 GB and lost)."""
-    import time
-
     from edgepipe.quantize.budget import CALIBRATION_FACTOR
     from edgepipe.quantize.calibration import MeasuredRanges
 
-    search = object.__new__(search_mod.Search)
-    search.config = QuantizeConfig(time_budget_s=120)
-    search.calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
-    search._call_cost = {1: 0.2, 8: 1.2}
+    calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
+    budget = timing_budget(QuantizeConfig(time_budget_s=120), call_costs={1: 0.2, 8: 1.2}, calibration=calibration)
     seconds = {"dynamic": [6.0, 5.0]}
-    static, dynamic = Recipe("static", "QDQ", per_channel=True), Recipe("dynamic", weight_type="S8")
-    assert search.build_estimate(dynamic, seconds) == 5.0  # its method's last build
-    assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
-    assert search.build_estimate(static, {"static": [20.0], **seconds}) == 20.0
+    assert budget.build_estimate("dynamic", seconds) == 5.0  # its method's last build
+    assert budget.build_estimate("static", seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
+    assert budget.build_estimate("static", {"static": [20.0], **seconds}) == 20.0
     symmetric = Recipe("static", "QDQ", "S8", per_channel=True, symmetric=True)
-    assert search.build_estimate(symmetric, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["symmetric"] * 32 * 0.2)
+    assert search_mod.build_kind(symmetric, lambda recipe: None) == "symmetric"
+    assert budget.build_estimate("symmetric", seconds) == pytest.approx(
+        5.0 + CALIBRATION_FACTOR["symmetric"] * 32 * 0.2)
     # ranges measured in the reference pass: no calibration left to pay for
-    search.calibration = replace(search.calibration, ranges=MeasuredRanges(["x"], rows=32))
-    assert search.build_estimate(symmetric, seconds) == 5.0
-    assert search.build_estimate(static, seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
-    search.started = time.perf_counter() - 30  # 30 s spent: 48 s is 40% of the budget
-    assert search.build_fits(dynamic, seconds, 0.4) and not search.build_fits(static, seconds, 0.4)
-    search.config = QuantizeConfig(time_budget_s=200)
-    assert search.build_fits(static, seconds, 0.4)
-    search.config = QuantizeConfig(time_budget_s=None)
-    assert search.build_fits(static, seconds, 0.4)
+    budget.calibration = replace(calibration, ranges=MeasuredRanges(["x"], rows=32))
+    assert budget.build_estimate("symmetric", seconds) == 5.0
+    assert budget.build_estimate("static", seconds) == pytest.approx(5.0 + CALIBRATION_FACTOR["static"] * 32 * 0.2)
+    def spent(seconds: float, budget_s: float | None):
+        return replace(budget, clock=timing_budget(QuantizeConfig(time_budget_s=budget_s), spent=seconds).clock)
+
+    # 30 s spent: 48 s is 40% of the budget
+    assert spent(30, 120).build_fits("dynamic", seconds, 0.4) and not spent(30, 120).build_fits("static", seconds, 0.4)
+    assert spent(30, 200).build_fits("static", seconds, 0.4)
+    assert spent(30, None).build_fits("static", seconds, 0.4)
 
 
 def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_build():
@@ -383,37 +380,38 @@ def test_a_file_twin_for_another_backend_is_estimated_as_its_evaluation_not_a_bu
     (6 s on ResNet-50), it was skipped under a 40 s budget and ResNet-50 shipped the 7% slower
     onnxruntime run of the same file."""
     from edgepipe.quantize.budget import BIAS_CORRECTION_FACTOR
+    from edgepipe.quantize.core import BUILD_SHARE, LATE_BUILD_SHARE
 
-    search = object.__new__(search_mod.Search)
-    search.config = QuantizeConfig(time_budget_s=40)
-    search.calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
-    search._call_cost, search.rows = {1: 0.05, 8: 0.38}, 32
+    calibration = EvalData({"x": np.zeros((32, 4), np.float32)})
+    budget = timing_budget(QuantizeConfig(time_budget_s=40), spent=19,  # ResNet-50's first build ended at 19 s of 40
+                           call_costs={1: 0.05, 8: 0.38}, calibration=calibration, rows=32)
     qdq = Recipe("static", "QDQ", per_channel=True)
     on_openvino = replace(qdq, backend="openvino")
-    search.candidates = []
-    assert search.build_kind(on_openvino) == "static"  # nothing to copy yet: a build
-    search.candidates = [search_mod.Candidate(qdq, path=None)]
-    assert search.build_kind(on_openvino) == "twin" and search.build_kind(qdq) == "static"
+    candidates = []
+
+    def kind(recipe):
+        return search_mod.build_kind(recipe, lambda r: next((c for c in candidates if c.recipe == r), None))
+
+    assert kind(on_openvino) == "static"  # nothing to copy yet: a build
+    candidates.append(search_mod.Candidate(qdq, path=None))
+    assert kind(on_openvino) == "twin" and kind(qdq) == "static"
     seconds = {"static": [6.0]}
-    assert search.build_estimate(on_openvino, seconds) == pytest.approx(32 * 0.05)  # one FP32 call per row
-    assert search.build_estimate(on_openvino, {"twin": [2.5], **seconds}) == 2.5
+    assert budget.build_estimate("twin", seconds) == pytest.approx(32 * 0.05)  # one FP32 call per row
+    assert budget.build_estimate("twin", {"twin": [2.5], **seconds}) == 2.5
     # a bias-corrected twin: its base's file, one FP32 pass over the calibration rows and its evaluation
     corrected = replace(qdq, bias_correction=True)
-    assert search.build_kind(corrected) == "bias-correction"
-    assert search.build_estimate(corrected, seconds) == pytest.approx((32 + BIAS_CORRECTION_FACTOR * 32) * 0.05)
-    assert search.build_kind(replace(corrected, per_channel=False)) == "static"  # its base is not built
-    import time
-
-    search.started = time.perf_counter() - 19  # ResNet-50's first build ended at 19 s of 40
-    assert not search.build_fits(qdq, seconds, stage_mod.BUILD_SHARE)
-    assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
+    assert kind(corrected) == "bias-correction"
+    assert budget.build_estimate("bias-correction", seconds) == pytest.approx((32 + BIAS_CORRECTION_FACTOR * 32) * 0.05)
+    assert kind(replace(corrected, per_channel=False)) == "static"  # its base is not built
+    assert not budget.build_fits("static", seconds, BUILD_SHARE)
+    assert budget.build_fits("twin", seconds, LATE_BUILD_SHARE)
     # ResNet-50 under the 25 s default on a VNNI EPYC: its file built some 13 s in, OpenVINO's run
     # (64 rows at 40 ms each to evaluate) would end past 60%; it was 3.55x to onnxruntime's 3.07x
-    search.config, search._call_cost, search.rows = QuantizeConfig(time_budget_s=25), {1: 0.04, 8: 0.32}, 64
-    search.started = time.perf_counter() - 13.5
-    assert search.build_fits(on_openvino, seconds, stage_mod.TWIN_SHARE)
-    search.candidates[0].error = "failed"
-    assert search.build_kind(on_openvino) == "static"  # a failed file is not copied
+    budget = timing_budget(QuantizeConfig(time_budget_s=25), spent=13.5, call_costs={1: 0.04, 8: 0.32},
+                           calibration=calibration, rows=64)
+    assert budget.build_fits("twin", seconds, LATE_BUILD_SHARE)
+    candidates[0].error = "failed"
+    assert kind(on_openvino) == "static"  # a failed file is not copied
 
 
 def test_device_cuda_is_checked_before_any_work(tmp_path, cli, monkeypatch):
