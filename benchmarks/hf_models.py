@@ -23,13 +23,15 @@ settings, static calibrated on the rows NNCF gets), timed and compared like the 
 its bundled dataset (`edgepipe train`, its own process) and exported from the checkpoint: every
 tool calibrates on the same 300 training rows, all models are timed and compared on held-out
 rows, and each one's held-out accuracy is reported beside its fidelity (default batches 1,32).
-Writes benchmarks/results/hf_models.json, a row per model, after each model; rows an earlier run on
-the same CPU wrote for other models are kept.
+Writes benchmarks/results/hf_models.json (with the machine's fingerprint and the date), a row per
+model, after each model; rows an earlier run on the same CPU wrote for other models are kept.
+docs/benchmarks.md renders it (benchmarks/make_docs.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import tempfile
@@ -288,6 +290,7 @@ def main() -> None:
     parser.add_argument("--olive-python", default=None,
                         help="python of a venv with olive-ai: add Olive's dynamic and static INT8 as peers")
     args = parser.parse_args()
+    from edgepipe.runtime import fingerprint
     from edgepipe.runtime.hardware import read_cpu
 
     cpu = read_cpu()
@@ -304,7 +307,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             out.parent.mkdir(exist_ok=True)  # after every model: an interrupted run keeps what it measured
-            out.write_text(json.dumps({"cpu": cpu.model, "features": cpu.features, "rows": rows}, indent=2))
+            out.write_text(json.dumps({"benchmark": "hf_models", "date": dt.date.today().isoformat(),
+                                       "machine": fingerprint(), "cpu": cpu.model, "features": cpu.features,
+                                       "rounds": args.rounds, "rows": rows}, indent=2))
 
 
 def kept_rows(out: Path, cpu, names: list[str]) -> list[dict]:

@@ -1,7 +1,7 @@
 """An ONNX model's graph without its weights, read from disk without loading them.
 
-`onnx.load` parses the whole file: a 440 MB BERT-base costs about 0.9 GB and a second to learn
-its op types. `skeleton` walks the file's protobuf through a memory map instead and parses
+`onnx.load` parses the whole file, about twice its size in memory, to learn its op types.
+`skeleton` walks the file's protobuf through a memory map instead and parses
 only the structure: nodes, inputs, outputs, value_info, metadata, and each initializer's name,
 type and dims. Tensors whose data is small (shape constants, scales) keep it, so shape
 inference still sees Reshape's target shapes; large weights come without their data, and
@@ -182,8 +182,8 @@ GRAPH_OUTPUT = 12  # GraphProto.output
 def with_outputs(src: str | os.PathLike, names: list[str], out: str | os.PathLike) -> Path:
     """Copy the model file `src` to `out` with `names` added as float graph outputs, parsing
     nothing: protobuf merges a message field that appears twice, so a second `graph` field
-    holding only those outputs appends them to the first's (ViT-base: 0.3 s, where onnx.load
-    and save took 2.3 s). External data stays where it is: `out` must sit beside `src`."""
+    holding only those outputs appends them to the first's (a copy of the bytes, where onnx.load
+    and save parse and write the whole model). External data stays where it is: `out` must sit beside `src`."""
     from onnx import TensorProto, helper
 
     shutil.copyfile(src, out)

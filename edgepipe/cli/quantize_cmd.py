@@ -20,6 +20,8 @@ from edgepipe.cli._common import (
 from edgepipe.cli.choices import Backend, Calibration, QuantizeDevice, QuantizeMode
 from edgepipe.cli.render import candidate_table, quantize_summary
 from edgepipe.errors import GateFailed
+from edgepipe.quantize.config import DECODER_TIME_BUDGET_S, DEFAULT_TIME_BUDGET_S
+from edgepipe.quantize.core import BUILD_SHARE, LATE_BUILD_SHARE
 
 
 @handle_errors
@@ -67,11 +69,11 @@ def quantize(
             "LayerNorm, GELU and attention fusions when it loads a model, and the offline ones were never faster in "
             "our measurements.")] = False,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds the search may take (0: no limit): building "
-            "stops at 40% of it (70% for another backend's run of a built file; likeliest winners first; the rest are "
-            "listed as skipped), timing rounds shrink to fit (3 at least), confirmation uses one trial past 80%, the "
-            "accuracy fallback stops at 100%. The default (25; decoders 900) quantizes BERT-base (110M parameters) in "
-            "about 45 s on 2 cores and MobileNetV2 in 20 s; a model whose timing cannot fit (ViT-base: 1.7 s per FP32 "
-            "call at batch 8) runs past it.")] = None,
+            f"stops at {BUILD_SHARE:.0%} of it ({LATE_BUILD_SHARE:.0%} for another backend's run of a built file, and "
+            "for a decoder's candidates, each measured as it is built; likeliest winners first; the rest are listed "
+            "as skipped), timing rounds shrink to fit (3 at least, so a model whose FP32 call is slow runs past it), "
+            "confirmation uses one trial past 80%, the accuracy fallback stops at 100%. Default: "
+            f"{DEFAULT_TIME_BUDGET_S:g}; a decoder's {DECODER_TIME_BUDGET_S:g}.")] = None,
     backend: Annotated[Optional[list[Backend]], typer.Option(help="Runtime(s) to measure candidates on (repeatable): "
             "onnxruntime, and openvino (static QDQ run by OpenVINO's INT8 kernels; chosen only when faster; the record "
             "says which won). Default: onnxruntime, plus openvino when installed.")] = None,
@@ -115,7 +117,6 @@ def quantize(
     batch = batch or "1,32"
     from edgepipe.quantize import EvalData, QuantizeConfig
     from edgepipe.quantize import quantize as quantize_stage
-    from edgepipe.quantize.config import DEFAULT_TIME_BUDGET_S
     from edgepipe.runtime import Engine
 
     names = [s.name for s in Engine(model, providers="cpu").inputs]

@@ -1,9 +1,11 @@
-"""INT8 quantization over onnxruntime.quantization: recipes, candidates measured on this CPU.
+"""Quantization over onnxruntime.quantization: recipes, candidates measured on this CPU.
 
-Layout: `recipes` (which candidates fit a graph and CPU), `rewrites` (graph rewrites),
-`builders` (one model per recipe), `search` (timing and confirmation), `fallback`
-(accuracy-aware exclusion), `verdict`, `report` (the typed record), `stage` (the classifier search), `decoder` (the
-decoder search) and `api` (`quantize()`, which sends a model to the search for its kind)."""
+Layout: `core` (what every search shares: the clock and time budget, when building stops, the
+speedup needed, the choice), `recipes` (which candidates fit a graph and CPU), `rewrites` (graph
+rewrites), `builders` (one model per recipe), `search` (the classifier's timing and confirmation,
+with its collaborators `budget` and `judging`), `fallback` (accuracy-aware exclusion), `verdict`,
+`report` (the typed record), `stage` (the classifier search), `decoder` (the decoder search) and
+`api` (`quantize()`, which sends a model to the search for its kind)."""
 
 from edgepipe.lazy import lazy_exports
 

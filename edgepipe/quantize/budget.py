@@ -14,22 +14,20 @@ from edgepipe.quantize.core import Clock
 from edgepipe.runtime.sessions import SessionSetting
 from edgepipe.runtime.timing import BLOCK_S, WARMUP_S
 
-# A calibration pass costs this many plain FP32 calls per row: its model outputs every
-# intermediate tensor and each is copied out (BERT-base: 19.7 s for a static build on 32 rows of
-# 138 ms; ViT-base about 19 s on 32 of 222 ms; with the load, rewrite and save, 3x covers both).
-# The symmetric every-MatMul layout reads only MatMul inputs and writes its graph directly
-# (static_matmul): 8.8 s for BERT-base and 10.5 s for ViT-base, about the load and save of a
-# dynamic build plus 1.3x their calibration rows' FP32 calls.
+# A calibration pass costs this many plain FP32 calls per row, with the load, rewrite and save
+# of a static build: its model outputs every intermediate tensor and each is copied out. The
+# symmetric every-MatMul layout reads only MatMul inputs and writes its graph directly
+# (static_matmul): about a dynamic build's load and save plus a little over its calibration
+# rows' FP32 calls. benchmarks/hf_models.py measures the builds these factors estimate.
 CALIBRATION_FACTOR = {"static": 3.0, "symmetric": 1.3}
 # Bias correction from a built file: one FP32 pass over the calibration rows that also outputs
 # every corrected layer's input (a subset of what a calibration pass copies out), then an INT8
 # pass for the layers that write a graph output, then new biases.
 BIAS_CORRECTION_FACTOR = 1.5
 
-# At a batch size whose FP32 call takes longer than this, all cores alone are timed. One thread
-# won only on calls under half a millisecond here (the zoo's MLP, LSTM and transformer at batch 1,
-# 0.04-0.4 ms); two were 1.4-1.9x faster from 0.7 ms up (zoo CNN at batch 32, MobileNetV2's 5 ms,
-# ResNet-50's 48 and 360 ms), and timing one thread there doubled the measurement.
+# At a batch size whose FP32 call takes longer than this, all cores alone are timed: one thread
+# wins only on calls too short for a thread hand-off to pay, and timing it on longer calls only
+# doubles the measurement (benchmarks/threads_bench.py).
 SWEEP_MAX_CALL_S = 0.002
 
 

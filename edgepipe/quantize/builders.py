@@ -37,9 +37,8 @@ def _common_options(recipe: Recipe, graph: onnx.GraphProto) -> dict:
     from onnxruntime.quantization import QuantType
 
     graph_ops = {n.op_type for n in graph.node}
-    # Only compute ops: Q/DQ around LayerNorm, Gather, Reshape … cost more than they save
-    # (a Transformer went 0.7x with every supported op quantized).
-    # Dynamic leaves Conv in FP32: ConvInteger ran 6-9x slower than FP32 (recipes.VETOES).
+    # Only compute ops: Q/DQ around LayerNorm, Gather, Reshape … cost more than they save.
+    # Dynamic leaves Conv in FP32: ConvInteger is slower than FP32 (recipes.VETOES).
     quantizable = (COMPUTE_OPS | REMOVABLE_ACTIVATIONS) if recipe.method == "static" else COMPUTE_OPS - {"Conv"}
     op_types = sorted((graph_ops & quantizable) - set(recipe.op_types_to_exclude))
     excluded = [*with_activations(graph, recipe.nodes_to_exclude), *activation_matmuls(graph)]
@@ -60,7 +59,7 @@ def _dynamic(recipe: Recipe, model_path: Path, out: Path, calibration, samples: 
     options = _common_options(recipe, graph)
     if any(n.op_type == "Gemm" for n in graph.node):
         # once per source model and work folder: every dynamic recipe of a search builds from it
-        # (a whole-model copy: BERT-base's one Gemm, its classifier, cost 3 s and 1 GB per build)
+        # (a whole-model copy, even when the model's one Gemm is its classifier)
         tag = hashlib.sha256(str(Path(model_path).resolve()).encode()).hexdigest()[:12]
         as_matmul = out.with_name(f"gemm_as_matmul-{tag}.onnx")
         if as_matmul.is_file() or gemms_as_matmul(model_path, as_matmul):

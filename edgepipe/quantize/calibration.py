@@ -11,18 +11,18 @@ from onnxruntime.quantization import CalibrationDataReader
 from edgepipe import interrupts
 
 # Input bytes per batch, at most: evaluation and calibration sessions grow their memory with
-# the batch (calibration's model outputs every intermediate tensor: 32 ResNet-50 images made a
-# search peak at 7.7 GB, and evaluation batches of 256 images took gigabytes per session).
+# the batch (calibration's model outputs every intermediate tensor, so its memory is the batch
+# times every activation of the model).
 BATCH_BYTES = 4 << 20
 
 
 # Bytes of intermediate tensors per calibration call, at most: the calibration model outputs every
-# one of them, and ORT holds them twice (its arena and the numpy copies). ResNet-50 computes 106 MB
-# of them per 224x224 image, so the 4 MB input cap (5 images) made calibration the search's peak
-# (1.9 GB); 128 MB allows 1.
+# one of them, and ORT holds them twice (its arena and the numpy copies). A CNN on full-size images
+# computes far more activation bytes per row than its input holds, so rows per call are bounded by
+# these bytes, not only by BATCH_BYTES.
 ACTIVATION_BYTES = 128 << 20
 # Rows per calibration call for a model over this size whose intermediate shapes cannot be
-# inferred (BERT-base's dynamo graph: about 77 MB of them per sequence of 128).
+# inferred (a transformer's activations per sequence run to tens of megabytes).
 UNKNOWN_LARGE_ROWS, LARGE_MODEL_BYTES = 8, 100_000_000
 
 

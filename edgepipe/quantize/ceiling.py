@@ -4,8 +4,8 @@ runs 2.5x faster in INT8 (VNNI, AMX), and near the limit where it runs 1.4x (AVX
 
 The dominant kernel is the MatMul/Gemm/Conv/LSTM node with the most multiply-adds at the largest
 configured batch size (shapes from ONNX shape inference), leaving out one that reads the raw
-graph input when another exists (ResNet-50's 7x7 stem conv on 3 channels ran 0.86x in INT8 while
-the model ran 2.07x). It is cut out of the model with its
+graph input when another exists (a stem conv on 3 input channels gains little or nothing in
+INT8 while the model's other convs gain the most). It is cut out of the model with its
 real weights and attributes, quantized with the chosen recipe, and timed against its FP32 self
 with the chosen model's session setting."""
 
@@ -85,8 +85,8 @@ def kernel_model(node: onnx.NodeProto, model: onnx.ModelProto, shapes: dict[str,
             constants.append(numpy_helper.from_array(initializer(model_path, name), name))
         elif name not in feeds:
             shape = shapes[name]
-            # dim 0 left free: calibration feeds as many rows as fit in its 4 MB batches (5 of
-            # ResNet-50's 8 at its first stage), and a fixed dim would refuse them
+            # dim 0 left free: calibration feeds as many rows as fit in its batches
+            # (calibration.BATCH_BYTES), and a fixed dim would refuse them
             inputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["n", *shape[1:]]))
             feeds[name] = rng.standard_normal(shape).astype(np.float32)
     outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]

@@ -20,7 +20,8 @@ DEVICES = ("cpu", "cuda")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
-DEFAULT_TIME_BUDGET_S = 25.0
+DEFAULT_TIME_BUDGET_S = 25.0  # a classifier's search
+DECODER_TIME_BUDGET_S = 900.0  # a decoder's: each INT4 build of a large model takes minutes
 
 
 @dataclass
@@ -45,22 +46,20 @@ class QuantizeConfig:
     # Also try onnxruntime.transformers' offline graph fusions on models with LayerNorm/Softmax,
     # kept only when the fused FP32 model is measured faster. Off by default: onnxruntime's own
     # session optimizer applies the common fusions (LayerNorm, GELU, attention) whenever it loads
-    # a model, and the offline ones were never faster here (zoo Transformer 0.85x; ViT-base and
-    # BERT-base no faster), while the attempt cost BERT-base about 20 s and a copy of the model.
+    # a model, so the offline ones rarely add speed, while the attempt costs a timing of its own
+    # and a copy of the model.
     try_fusions: bool = False
     rounds: int = 12  # interleaved latency rounds (x 10 calls) per batch size
     # A candidate must beat min_speedup by this fraction: two measurements of a ratio near 1.0
     # disagree by a few percent on a 2-core machine, so "1.01x" is not evidence of "not slower".
     speedup_margin: float = 0.05
-    # Seconds the search may take (0 or None: no limit). Building stops at 40% of it (the recipes
-    # left are recorded as skipped; the likeliest winners are built first), timing rounds shrink
-    # to fit what is left (3 at least, so a slow model can overrun it; 2 to confirm a candidate
-    # whose first figure leads by 1.2x the needed speedup), confirmation takes one
-    # trial instead of two past 80% and stops at 100% once a candidate is confirmed, and the
-    # accuracy fallback stops at 100%. The default quantizes BERT-base (110M parameters) in
-    # about 37 s on 2 cores; ResNet-50, MobileNetV2, ViT-base and BERT-base got the same model
-    # (within the timing noise) as with 40 s and 120 s, which took 37-57 s and 72-117 s (measured
-    # before OpenVINO's every-MatMul layout, which on a VNNI CPU is built first and ships).
+    # Seconds the search may take (0 or None: no limit). Building stops at core.BUILD_SHARE of it
+    # (the recipes left are recorded as skipped; the likeliest winners are built first), timing
+    # rounds shrink to fit what is left (3 at least, so a slow model can overrun it; 2 to confirm
+    # a candidate whose first figure leads by search.CLEAR_LEAD times the needed speedup),
+    # confirmation takes one trial instead of two past 80% and stops at 100% once a candidate is
+    # confirmed, and the accuracy fallback stops at 100%. The default is sized so that real-size
+    # models (benchmarks/hf_models.py) get the model a longer budget gets, within the noise.
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S
     # Time the chosen recipe on the model's heaviest MatMul/Gemm/Conv/LSTM alone (a second or
     # two): the record then gives the model's speedup as a fraction of what the kernel can do here.

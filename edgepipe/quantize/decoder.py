@@ -6,13 +6,17 @@ per output token, and judged for quality against FP32 by
 - greedy-token agreement: FP32 continues a fixed set of prompts greedily; the candidate reads
   each prompt and continuation and must predict the same next token at every position.
 
-The fastest candidate whose quality holds and which is faster than FP32 beyond the noise band is
-written; when none is, nothing is written and the error carries every candidate's row.
+The search runs on the core every quantize search shares (core.py: its Clock and time budget,
+when building stops, the speedup needed and the choice), with Verdicts as the classifier search
+records them; what is its own is the strategy: the recipes, the Probe that measures quality and
+time per output token, and the quality budgets. The fastest candidate whose quality holds and
+which beats FP32 by the speedup margin is written (within the margin of it, the one with the
+smallest perplexity increase); when none is, nothing is written and the error carries every
+candidate's row.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,8 +28,11 @@ from edgepipe.artifacts import StageResult, require_file
 from edgepipe.errors import AccuracyError, InputError, LatencyError, first_line
 from edgepipe.memory import PeakMemory
 from edgepipe.metrics import bootstrap_mean
+from edgepipe.quantize.config import DECODER_TIME_BUDGET_S
+from edgepipe.quantize.core import LATE_BUILD_SHARE, Clock, needed_speedup, pick
 from edgepipe.quantize.decoder_build import BY_NAME, RECIPES, DecoderRecipe, build
 from edgepipe.quantize.decoder_measure import Probe, greedy_reference
+from edgepipe.quantize.verdict import CHOSEN, FAILED, NOT_TRIED, OK, OUT_OF_TIME, Verdict
 from edgepipe.reports import Report, optional
 from edgepipe.runtime.decoder_profile import time_per_token
 from edgepipe.runtime.engine import Engine
@@ -36,8 +43,6 @@ from edgepipe.runtime.generate import (
 from edgepipe.runtime.hardware import read_cpu
 from edgepipe.runtime.modelfile import onnx_metadata
 from edgepipe.runtime.workdirs import work_dir
-
-NOISE_BAND = 0.05  # speedups within 5% are a tie on a busy 2-core machine: the faithful one wins
 
 
 @dataclass
@@ -52,8 +57,11 @@ class DecoderQuantizeConfig:
     prompts: int = 8
     prompt_length: int = 16
     steps: int = 16
-    time_budget_s: float = 900.0  # 0: no limit; building stops past 70% of it
+    time_budget_s: float = DECODER_TIME_BUDGET_S  # 0: no limit; no build starts past LATE_BUILD_SHARE of it
     require_faster: bool = True  # False: a candidate slower than FP32 may be chosen (for its size)
+    # A candidate must beat FP32's time per token by this fraction at every batch size; speedups
+    # within it of the fastest are a tie, which the smallest perplexity increase wins.
+    speedup_margin: float = 0.05
     calibration_windows: int = 4  # GPTQ's calibration prefills
 
     def __post_init__(self):
@@ -64,6 +72,13 @@ class DecoderQuantizeConfig:
             raise InputError("max_nll_increase must be >= 0 and min_agreement within 0..1")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise InputError("batch sizes must be positive")
+        if self.speedup_margin < 0:
+            raise InputError("speedup_margin must be >= 0")
+
+    @property
+    def needed(self) -> float:
+        """The speedup in time per output token a candidate needs at every batch size."""
+        return needed_speedup(1.0, self.speedup_margin)
 
     @property
     def chosen_recipes(self) -> list[DecoderRecipe]:
@@ -78,9 +93,9 @@ class DecoderQuantizeReport(Report):
     source: str
     cpu: dict
     judged_on: str
-    budgets: dict
+    budgets: dict  # max_nll_increase, min_agreement, speedup_margin, past_length, ttft_prompt
     fp32: dict  # tpot_ms per batch, ttft_ms, nll, size_bytes
-    candidates: list[dict]  # one row per recipe: quality, speed, size, verdict (or error)
+    candidates: list[dict]  # one row per recipe (DecoderCandidate.row): quality, speed, size, verdict
     chosen: str | None
     seconds: float
     phases: dict = field(default_factory=dict)
@@ -112,37 +127,65 @@ def _text(spec: DecoderSpec, config: DecoderQuantizeConfig, ids: np.ndarray | No
     return windows, f"{windows.size} tokens of bundled held-out text (bytes; {len(windows)} windows of {length})"
 
 
+@dataclass
+class DecoderCandidate:
+    """One recipe through the search: its verdict and, once built and measured, its file and the
+    Probe's figures (FP32's are the same shape)."""
+
+    recipe: DecoderRecipe
+    verdict: Verdict = field(default_factory=Verdict)
+    path: Path | None = None
+    measured: dict = field(default_factory=dict)  # Probe.measure: nll, perplexity, agreement, tpot_ms, ...
+    build_s: float | None = None
+    measure_s: float | None = None
+    nll_increase: float | None = None
+    nll_increase_interval: dict | None = None
+    speedup: dict[str, float] = field(default_factory=dict)  # FP32's time per token / its own, per batch
+
+    @property
+    def slowest(self) -> float:
+        return min(self.speedup.values())
+
+    def row(self) -> dict:
+        """As the report holds it: no path, no per-window arrays; the verdict as text."""
+        row = {"recipe": self.recipe.name, "describe": self.recipe.describe}
+        row |= {k: v for k, v in self.measured.items() if not k.startswith("_")}
+        for key in ("build_s", "measure_s", "nll_increase", "nll_increase_interval"):
+            if getattr(self, key) is not None:
+                row[key] = getattr(self, key)
+        if self.speedup:
+            row["speedup"] = self.speedup
+        return row | {"verdict": str(self.verdict)}
+
+
 def _candidate(recipe: DecoderRecipe, config: DecoderQuantizeConfig, onnx_path: Path, spec: DecoderSpec, work: Path,
-               calibration: np.ndarray, probe: Probe, fp32_row: dict, elapsed: float,
-               say: Callable[[str], None]) -> dict:
-    """One recipe's row: not tried, skipped for time, failed, or built, measured and judged."""
-    row = {"recipe": recipe.name, "describe": recipe.describe}
+               calibration: np.ndarray, probe: Probe, fp32: dict, clock: Clock,
+               say: Callable[[str], None]) -> DecoderCandidate:
+    """One recipe: not tried, skipped for time, failed, or built, measured and judged."""
+    cand = DecoderCandidate(recipe)
     if recipe.opt_in and not config.recipes:
-        row["verdict"] = f"not tried: {recipe.opt_in}"
-        return row
-    if config.time_budget_s and elapsed > 0.7 * config.time_budget_s:
-        row["verdict"] = f"skipped: time budget ({config.time_budget_s:g} s; raise --time-budget to try it)"
-        return row
-    out = work / f"{recipe.name}.onnx"
+        cand.verdict = Verdict(NOT_TRIED, detail=recipe.opt_in)
+        return cand
+    if clock.out_of_time(LATE_BUILD_SHARE):  # each build is measured as it is made: no timing later
+        cand.verdict = Verdict(OUT_OF_TIME, threshold=clock.budget_s)
+        return cand
+    cand.path = work / f"{recipe.name}.onnx"
     say(f"building {recipe.name}: {recipe.describe}")
-    t0 = time.perf_counter()
-    with interrupts.attempt() as tried:  # the builders raise many types on shapes they do not support
-        build(recipe, onnx_path, out, spec, calibration)
-    if tried.error is not None:
-        row["verdict"] = f"failed to build: {first_line(tried.error)[:200]}"
-        return row
-    row["build_s"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    with interrupts.attempt() as tried:
-        row.update(probe.measure(out))
-    if tried.error is not None:
-        row["verdict"] = f"failed to run: {first_line(tried.error)[:200]}"
-        return row
-    row["measure_s"] = round(time.perf_counter() - t0, 2)
-    row["path"] = out
-    _judge(row, fp32_row, config)
-    say(f"  {recipe.name}: {row['verdict']}")
-    return row
+    for step in ("build", "measure"):
+        began = clock.elapsed()
+        with interrupts.attempt() as tried:  # the builders raise many types on shapes they do not support
+            if step == "build":
+                build(recipe, onnx_path, cand.path, spec, calibration)
+            else:
+                cand.measured = probe.measure(cand.path)
+        if tried.error is not None:
+            cand.verdict = Verdict(FAILED, detail=f"to {'build' if step == 'build' else 'run'}: "
+                                                  f"{first_line(tried.error)[:200]}")
+            return cand
+        setattr(cand, f"{step}_s", round(clock.elapsed() - began, 2))
+    _judge(cand, fp32, config)
+    say(f"  {recipe.name}: {cand.verdict}")
+    return cand
 
 
 def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: DecoderQuantizeConfig | None = None, *,
@@ -156,8 +199,7 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
     if spec is None:
         raise InputError(f"{onnx_path.name} is not a decoder exported by edgepipe (no '{DECODER_KEY}' metadata)")
     say = progress or (lambda message: None)
-    started = time.perf_counter()
-    phases: dict[str, float] = {}
+    clock = Clock(config.time_budget_s)
     windows, judged = _text(spec, config, heldout_ids)
     prompt_length = min(config.prompt_length, windows.shape[1] - 1)
     steps = max(0, min(config.steps, spec.max_positions - prompt_length - 1))
@@ -171,80 +213,66 @@ def quantize_decoder(onnx_path: str | Path, out_path: str | Path, config: Decode
                        prompt_for_ttft=min(128, spec.max_positions))
         say(f"FP32: measuring quality on {judged} and {sequences.size and len(sequences)} greedy prompts, "
             f"and time per token at batch {list(config.batch_sizes)}")
-        t0 = time.perf_counter()
-        fp32_row = probe.measure(onnx_path)
-        phases["fp32"] = round(time.perf_counter() - t0, 2)
-        rows: list[dict] = []
+        with clock.phase("fp32"):
+            fp32_row = probe.measure(onnx_path)
         calibration = windows[: config.calibration_windows]
-        for recipe in config.chosen_recipes:
-            rows.append(_candidate(recipe, config, onnx_path, spec, work, calibration, probe, fp32_row,
-                                   time.perf_counter() - started, say))
-        t0 = time.perf_counter()  # FP32 again: the machine drifts over a long search
-        with Engine(onnx_path, providers="cpu") as engine:
+        with clock.phase("candidates"):
+            cands = [_candidate(recipe, config, onnx_path, spec, work, calibration, probe, fp32_row, clock, say)
+                     for recipe in config.chosen_recipes]
+        with clock.phase("fp32_again"), Engine(onnx_path, providers="cpu") as engine:  # the machine drifts
             again = {str(b): round(time_per_token(engine, spec, b, probe.past), 3) for b in config.batch_sizes}
         fp32_row["tpot_ms_first"] = fp32_row["tpot_ms"]
         fp32_row["tpot_ms"] = {b: round(min(fp32_row["tpot_ms"][b], again[b]), 3) for b in again}
-        phases["fp32_again"] = round(time.perf_counter() - t0, 2)
-        for row in rows:
-            if "tpot_ms" in row:
-                _judge(row, fp32_row, config)
-        chosen = _choose(rows)
+        for cand in cands:
+            if cand.measured:
+                _judge(cand, fp32_row, config)
+        chosen = pick((c for c in cands if c.verdict), 1 + config.speedup_margin,
+                      speed=lambda c: c.slowest, error=lambda c: c.nll_increase)
         report = DecoderQuantizeReport(
             source=str(onnx_path), cpu=asdict(read_cpu()), judged_on=judged + (
                 f"; greedy agreement over {sequences.size and len(sequences)} prompts of {prompt_length} tokens "
                 f"+ {steps} FP32 greedy tokens ({sequences.size and len(sequences) * steps} predictions)"),
             budgets={"max_nll_increase": config.max_nll_increase, "min_agreement": config.min_agreement,
-                     "noise_band": NOISE_BAND, "past_length": probe.past, "ttft_prompt": probe.prompt_for_ttft},
-            fp32=_recorded(fp32_row), candidates=[_recorded(r) for r in rows],
-            chosen=chosen["recipe"] if chosen else None, seconds=0.0, phases=phases)
+                     "speedup_margin": config.speedup_margin, "past_length": probe.past,
+                     "ttft_prompt": probe.prompt_for_ttft},
+            fp32={k: v for k, v in fp32_row.items() if not k.startswith("_")}, candidates=[],
+            chosen=chosen.recipe.name if chosen else None, seconds=0.0, phases=clock.phases)
+        if chosen is not None:
+            chosen.verdict = Verdict(CHOSEN)
+        report.candidates = [c.row() for c in cands]
         if chosen is None:
-            report.seconds = round(time.perf_counter() - started, 2)
-            raise _refusal(rows, report)
-        chosen["verdict"] = "chosen"
-        report.candidates = [_recorded(r) for r in rows]
-        out_path = onnxfile.copy(chosen["path"], out_path)
+            report.seconds = round(clock.elapsed(), 2)
+            raise _refusal(cands, report, config)
+        out_path = onnxfile.copy(chosen.path, out_path)
         report.size_bytes = onnxfile.model_bytes(out_path)
     report.peak_mb = peak.mb
-    report.seconds = round(time.perf_counter() - started, 2)
+    report.seconds = round(clock.elapsed(), 2)
     return StageResult("quantize", {"onnx": out_path}, report)
 
 
-def _recorded(row: dict) -> dict:
-    """A row as the report holds it: no path, no per-window arrays."""
-    return {k: v for k, v in row.items() if k != "path" and not k.startswith("_")}
-
-
-def _judge(row: dict, fp32: dict, config: DecoderQuantizeConfig) -> None:
-    row["nll_increase"] = round(row["nll"] - fp32["nll"], 4)
-    row["nll_increase_interval"] = bootstrap_mean(row["_nll_windows"] - fp32["_nll_windows"]).to_dict()
-    row["speedup"] = {b: round(fp32["tpot_ms"][b] / row["tpot_ms"][b], 3) for b in fp32["tpot_ms"]}
-    if row["nll_increase"] > config.max_nll_increase:
-        row["verdict"] = f"quality: perplexity +{row['nll_increase']:.3f} nats/token > {config.max_nll_increase}"
+def _judge(cand: DecoderCandidate, fp32: dict, config: DecoderQuantizeConfig) -> None:
+    """Its quality against the budgets, then its speed against the speedup needed."""
+    row = cand.measured
+    cand.nll_increase = round(row["nll"] - fp32["nll"], 4)
+    cand.nll_increase_interval = bootstrap_mean(row["_nll_windows"] - fp32["_nll_windows"]).to_dict()
+    cand.speedup = {b: round(fp32["tpot_ms"][b] / row["tpot_ms"][b], 3) for b in fp32["tpot_ms"]}
+    slow = {b: s for b, s in cand.speedup.items() if s < config.needed}
+    if cand.nll_increase > config.max_nll_increase:
+        cand.verdict = Verdict.quality(f"perplexity +{cand.nll_increase:.3f} nats/token > {config.max_nll_increase}",
+                                       cand.nll_increase, config.max_nll_increase)
     elif row.get("agreement", 1.0) < config.min_agreement:
-        row["verdict"] = f"quality: greedy agreement {row['agreement']:.3f} < {config.min_agreement}"
-    elif min(row["speedup"].values()) < 1 + NOISE_BAND and config.require_faster:
-        row["verdict"] = (f"not faster: {min(row['speedup'].values()):.2f}x FP32's time per token "
-                          f"(needs {1 + NOISE_BAND:.2f}x)")
+        cand.verdict = Verdict.quality(f"greedy agreement {row['agreement']:.3f} < {config.min_agreement}",
+                                       row["agreement"], config.min_agreement)
+    elif slow and config.require_faster:
+        cand.verdict = Verdict.too_slow(slow, config.needed)
     else:
-        row["verdict"] = "qualifies"
+        cand.verdict = Verdict(OK)
 
 
-def _choose(rows: list[dict]) -> dict | None:
-    """The fastest qualifying row (slowest batch's speedup); within the noise band of it, the one
-    with the smallest perplexity increase."""
-    ok = [r for r in rows if r.get("verdict") == "qualifies"]
-    if not ok:
-        return None
-    best = max(min(r["speedup"].values()) for r in ok)
-    close = [r for r in ok if min(r["speedup"].values()) >= best / (1 + NOISE_BAND)]
-    return min(close, key=lambda r: (r["nll_increase"], -min(r["speedup"].values())))
-
-
-def _refusal(rows: list[dict], report: DecoderQuantizeReport) -> Exception:
-    measured = [r for r in rows if "speedup" in r]
-    fast = [r for r in measured if min(r["speedup"].values()) >= 1 + NOISE_BAND]
-    lines = "; ".join(f"{r['recipe']}: {r.get('verdict', '?')}" for r in rows)
-    if fast:
+def _refusal(cands: list[DecoderCandidate], report: DecoderQuantizeReport, config: DecoderQuantizeConfig) -> Exception:
+    """AccuracyError when a candidate was fast enough but lost quality, else LatencyError."""
+    lines = "; ".join(f"{c.recipe.name}: {c.verdict}" for c in cands)
+    if any(c.speedup and c.slowest >= config.needed for c in cands):
         return AccuracyError(f"no quantized decoder keeps its quality within budget ({lines}); raise "
                              "--max-nll-increase / lower --min-agreement, or keep FP32; nothing written", report)
     return LatencyError(f"no quantized decoder is faster than FP32 here ({lines}); nothing written", report)

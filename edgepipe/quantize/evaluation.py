@@ -94,15 +94,15 @@ def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 
                         head: list[np.ndarray] | None = None) -> EvalData:
     """Seeded rows to judge agreement on: 512 for a cheap model, fewer for one whose evaluation
     would cost more than `seconds` per candidate or whose rows would hold more than `max_bytes`
-    (32 at least: BERT-base gets 32; 224x224 images 96, not 480 rows in 289 MB). Fewer rows
+    (32 at least). Fewer rows
     resolve a budget less finely; the accuracy rule then judges by the drop's confidence bound,
     and the record's relative L2 error and cosine against FP32 do not depend on row count.
     `engine`: the FP32 one to time (made here without it); `call_cost` gets its seconds per
     call at batch 1 and 8 (the search's own figures, not measured twice). A costly model's
     batch-8 call is timed without a warm-up of its own: the one at batch 1 set its session up,
-    and a second ViT-base call at batch 8 would cost 1.7 s. The calls run the first rows
+    and a second slow call would only add its cost. The calls run the first rows
     themselves, so `head` gets the timed batch-8 call's first output: FP32's on the first 8 rows,
-    which the reference then need not run again (ViT-base: another 1.6 s)."""
+    which the reference then need not run again."""
     engine = engine or Engine(onnx_path, providers="cpu")
     row_bytes = sum(a.nbytes for a in make_feeds(engine.inputs, batch=1, seed=1).values())
     data = make_feeds(engine.inputs, batch=int(min(512, max(32, max_bytes / row_bytes)) // 32 * 32), seed=1)
@@ -119,6 +119,6 @@ def generated_eval_data(onnx_path: Path, seconds: float = 3.0, max_bytes: int = 
     if call_cost is not None:
         call_cost.update(costs)
     if head is not None:  # a copy: onnxruntime's output is a view that keeps the session's
-        head.append(outputs[-1].copy())  # memory alive (ViT-base: 170 MB through the whole search)
+        head.append(outputs[-1].copy())  # arena alive through the whole search
     rows = int(min(len(next(iter(data.values()))), max(32, seconds / max(per_row, 1e-9))) // 32 * 32)
     return EvalData({k: v[:rows].copy() for k, v in data.items()})

@@ -39,7 +39,7 @@ def time_fused(search: Search, fused: Path) -> tuple[bool, float]:
     """Whether the transformer-fused FP32 model matches the original and is measurably faster
     at the largest batch size: (keep, its speedup)."""
     engine = Engine(fused, providers="cpu", threads=search.config.threads, spinning=False)
-    rows = 16  # a fusion that breaks the model shows on any rows; all of them cost BERT-base 12 s
+    rows = 16  # a fusion that breaks the model shows on any rows; all of them would cost a full evaluation
     some = EvalData({k: v[:rows] for k, v in search.eval_data.inputs.items()})
     got, _, _ = evaluate(engine, some)
     if not np.allclose(got, search.reference[:rows], atol=1e-3, rtol=1e-3):

@@ -133,15 +133,13 @@ INT4_MIN_WEIGHT_ELEMENTS = 256 * 256
 def build_order(recipes: list[Recipe], conv_heavy: bool, openvino_first: bool = False) -> list[Recipe]:
     """The order to build in, so that a time budget that stops building early has built the
     likeliest winners: on a convolutional graph (more Conv nodes than MatMul/Gemm) static QDQ
-    per-channel first, else dynamic (measured here: ResNet-50 and MobileNetV2 ran fastest in
-    static QDQ per-channel, BERTs in dynamic; ViT-base has one Conv, its patch embedding, and
-    lost 7 of 64 rows in static QDQ); full range before reduce_range (faster, and more faithful
-    where it does not saturate); per-channel before per-tensor (dynamic per-channel ran as fast
-    as per-tensor on BERT-base and ViT-base, with relL2 0.036 vs 0.054 and 0.048 vs 0.051, and
-    builds as fast: under a tight budget it is the one to have). The order decides nothing
-    else: every candidate built is measured. `openvino_first`: OpenVINO's symmetric
-    every-MatMul recipe leads (on VNNI or AMX CPUs, where it ran BERT-base and ViT-base
-    1.1-1.3x faster than onnxruntime's dynamic INT8), then the first of the rest."""
+    per-channel first, else dynamic (CNNs run fastest in static QDQ per-channel, transformers in
+    dynamic); full range before reduce_range (faster, and more faithful where it does not
+    saturate); per-channel before per-tensor (as fast to run and to build, and more faithful:
+    under a tight budget it is the one to have). The order decides nothing else: every
+    candidate built is measured. `openvino_first`: OpenVINO's symmetric every-MatMul recipe
+    leads (on VNNI or AMX CPUs, where it outruns onnxruntime's dynamic INT8 on transformers),
+    then the first of the rest."""
 
     def key(r: Recipe) -> tuple[bool, bool, bool, bool]:
         static_per_channel = r.method == "static" and r.format == "QDQ" and r.per_channel

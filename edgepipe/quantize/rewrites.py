@@ -27,8 +27,8 @@ def lean_preprocess(model_path: Path, out: Path) -> Path:
     session: the value_info stripped (a streamed copy) and onnxruntime's basic graph
     optimizations (constant folding, redundant nodes removed) written to `out`. It skips
     symbolic and ONNX shape inference, which the quantizers run themselves, and holds no copy
-    of the model in Python: on BERT-base quant_pre_process took 10 s and 2.4 GB (its symbolic
-    shape inference gave up), this 4 s and about 1 GB."""
+    of the model in Python (quant_pre_process does, and its symbolic shape inference gives up on
+    some exported transformers)."""
     import onnxruntime as ort
 
     stripped = strip_value_info(model_path, out.with_name(out.stem + ".in.onnx"))
@@ -159,7 +159,7 @@ def float_graph_outputs(path: Path) -> list[str]:
         source = producer.get(q.input[0])
         # MatMul/Gemm only: ORT has integer kernels with a float output for them (QGemm,
         # MatMulIntegerToFloat); a Conv without the Q after it is not fused to QLinearConv and
-        # runs in float on dequantized inputs (0.73x FP32 for ResNet-50's 3x3 conv alone)
+        # runs in float on dequantized inputs, slower than FP32
         if source is None or source.op_type not in ("MatMul", "Gemm") or consumers.get(q.input[0]) != 1 \
                 or q.input[0] in outputs:
             continue
@@ -175,8 +175,8 @@ def float_graph_outputs(path: Path) -> list[str]:
 class Sources:
     """The models a candidate can be built from, in fallback order: the pre-processed model
     (weights constant-folded), the same without exporter/shape-inference value_info, then the raw
-    model without it. Each is written only when a build first needs it (a stripped copy of
-    BERT-base costs 3 s and 1.3 GB), and one that failed ONNX shape inference is not tried again:
+    model without it. Each is written only when a build first needs it (a stripped copy costs a
+    whole-model write), and one that failed ONNX shape inference is not tried again:
     onnxruntime's quantizers all run it first, so it fails the same way for every recipe."""
 
     def __init__(self, pre: Path, raw: Path, work: Path):

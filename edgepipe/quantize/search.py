@@ -32,7 +32,8 @@ from edgepipe.runtime.spec import make_feeds
 from edgepipe.runtime.timing import measure_interleaved
 
 # Candidates are timed one at a time when a joint measurement would hold more weights than this
-# (once per setting): that cost ResNet-50 28% more time; all at once, BERT-base peaked at 4.5 GB.
+# (once per setting): that costs more time, so small models are timed all at once, and large ones
+# apart, so that every candidate's sessions need not sit in memory together.
 PAIRWISE_BYTES = 1 << 30
 
 # Readings all this far above the needed speedup, agreeing within CLEAR_AGREE: one trial confirms.
@@ -99,7 +100,7 @@ class Search:
         return Engine(path, providers=self.config.providers, **options)
 
     def drop_fp32(self) -> None:
-        """Release the evaluation session (BERT-base: 0.5 GB) while candidates are built."""
+        """Release the evaluation session (a copy of the weights) while candidates are built."""
         self._fp32 = None
         return_freed_memory()
 
@@ -254,14 +255,14 @@ class Search:
 
     def confirm(self, cand: Candidate, trials: int = 2, share: float = 0.5) -> bool:
         """Re-time an accepted candidate against FP32 in `trials` more trials, each with fresh
-        sessions, and judge it on the median trial per batch size. One trial can mislead: on 2
-        cores a session pair sometimes lands in a slow thread hand-off state for its whole life
-        (a 0.72x model once read >= 1.05x), and a slower model must never ship: the median must
-        clear the margin and no trial may read below min_speedup. A first trial that agrees with
-        the screening figure by a wide lead (clear_lead) ends it: BERT-base saves 12 s. When the
-        time budget holds fewer rounds than wanted, a candidate whose first figure already leads
-        that widely is re-timed over 2, not 3 (a misleading trial reads far off, not 15%): ViT-base
-        saves 2 s, a 1.5 s FP32 call and its candidate's at batch 8."""
+        sessions, and judge it on the median trial per batch size. One trial can mislead: on a
+        small CPU a session pair sometimes lands in a slow thread hand-off state for its whole
+        life, so a slower model can read as faster, and a slower model must never ship: the
+        median must clear the margin and no trial may read below min_speedup. A first trial that
+        agrees with the screening figure by a wide lead (clear_lead) ends it. When the time
+        budget holds fewer rounds than wanted, a candidate whose first figure already leads that
+        widely is re-timed over 2, not 3 (a misleading trial reads far off, not within
+        CLEAR_AGREE)."""
         seen = {b: [s] for b, s in cand.speedup.items()}
         rounds = self.budget.rounds_within("confirm", self.config.rounds, 2 * trials, self.swept(1), share=share,
                                            floor=2 if self.clear_lead(seen) else 3)
@@ -277,7 +278,7 @@ class Search:
                 stats = measure_interleaved({"fp32": fp32.runner(feeds), "cand": mine.runner(feeds)},
                                             batch, rounds=rounds, spinning=spinning)
                 seen[batch].append(stats["fp32"].p50_ms / stats["cand"].p50_ms)
-            del fp32, mine  # else they sit beside the next trial's (BERT-base: 2.6 GB, not 1.7)
+            del fp32, mine  # else their weights sit beside the next trial's
         cand.speedup = {b: float(np.median(v)) for b, v in seen.items()}
         cand.speedup_trials = {b: [round(x, 3) for x in v] for b, v in seen.items()}
         cand.p50_ms = {b: self.fp32_p50[b] / cand.speedup[b] for b in cand.speedup}

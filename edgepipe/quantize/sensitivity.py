@@ -34,8 +34,8 @@ def rank_nodes(fp32_path: Path, quant_path: Path, feeds: Mapping[str, np.ndarray
     """Compute nodes of the FP32 graph, most damaging first, on a QDQ or dynamic model (a
     QOperator model renames every quantized tensor, so rank on its QDQ twin). The instrumented
     models run `chunk_rows` rows at a time with the noise accumulated per channel, so memory is
-    bounded by one chunk's intermediate tensors (BERT-base with every tensor of 64 rows at once
-    was killed at 24 GB).
+    bounded by one chunk's intermediate tensors (every tensor of a transformer for all probe rows
+    at once does not fit in memory).
 
     A node's `added_nsr` is the noise (relative to signal) of its output as consumers see it,
     after any Q/DQ, minus that of its input as produced upstream: the error that quantizing its

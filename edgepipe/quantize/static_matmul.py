@@ -6,9 +6,8 @@ activation MatMuls quantized too. Conv and every other op stay float.
 Why a layout of its own: OpenVINO runs onnxruntime.quantization's QDQ models with INT8 kernels,
 but an asymmetric U8 activation (onnxruntime's default) costs it a Subtract and a Convert per
 quantized input, and attention stays float unless both inputs of its MatMuls are quantized.
-Measured on a 2-core AVX-512 VNNI EPYC against onnxruntime FP32, batch 1 / 8: BERT-base ran
-3.39x / 3.41x as onnxruntime's U8 QDQ on OpenVINO and 3.98x / 3.93x in this layout (NNCF's own
-model: 3.82x / 3.94x); ViT-base 2.55x / 3.22x against 2.99x / 3.79x (NNCF: 3.00x / 3.85x).
+On transformers this layout runs faster on OpenVINO than onnxruntime's QDQ does, level with
+NNCF's own models (benchmarks/hf_models.py --nncf-python measures the three side by side).
 
 It also builds in a fraction of quantize_static's time: no shape inference, per-channel weights
 vectorized, and a calibration model that outputs only the MatMul inputs."""
@@ -112,7 +111,7 @@ class TappedReference(NamedTuple):
 
 def reference_with_ranges(model_path: Path, data, work: Path, **engine_options) -> TappedReference | None:
     """evaluate's FP32 reference over `data` and the symmetric layout's calibration from the same
-    calls, one pass over the rows where they made two (ViT-base on 32 rows: about 6 s less); None
+    calls, one pass over the rows where they made two; None
     when the tapped model fails to build or run. Tensor names survive the pre-processing the
     builds see (onnxruntime's basic optimizations); quantize uses the ranges only when they cover
     its names."""

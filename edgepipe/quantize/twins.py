@@ -2,8 +2,7 @@
 timing serves them all. Recipes that differ only in the values of their weights (reduce_range's
 7-bit weights beside full-range 8-bit ones) build graphs with the same nodes, the same
 initializer types and the same ranks: onnxruntime runs them with the same kernels, and they
-cost the same to the measurement noise. BERT-base's four dynamic recipes all read 1.83x / 1.82x
-when each was timed. The search times the first of each group (the likeliest winner, built
+cost the same to the measurement noise. The search times the first of each group (the likeliest winner, built
 first) and its twins take its figures; they are still judged on their own accuracy, and among
 equally fast candidates the most faithful one ships."""
 
@@ -17,9 +16,8 @@ from edgepipe.onnxgraph import skeleton
 from edgepipe.quantize.candidate import Candidate
 
 # Ops whose third input is a bias: an add per output value, fused into the kernel. Whether one is
-# there does not change the signature (bias correction gives a classifier without one a bias):
-# MobileNetV2 with and without a classifier bias ran 2.25x / 2.58x and 2.29x / 2.60x at batch
-# 1 / 8 on OpenVINO, 1.82x / 2.27x and 1.80x / 2.28x on onnxruntime.
+# there does not change the signature (bias correction gives a classifier without one a bias),
+# since a fused add per output value does not change the kernel's speed.
 BIASED = frozenset({"Conv", "Gemm"})
 
 

@@ -114,7 +114,7 @@ class Engine:
     def _build_routes(self, batch_sessions: Mapping[int, object]) -> ort.InferenceSession:
         """One session per distinct setting in `batch_sessions`; returns the smallest batch's (the
         Engine's `session`). Another for the Engine's own threads would hold a second copy of the
-        weights that no batch runs on (a BERT-base deployment: 440 MB more in FP32)."""
+        weights that no batch runs on."""
         made: dict[SessionSetting, ort.InferenceSession] = {}
         for batch, setting in sorted((int(b), v) for b, v in batch_sessions.items()):
             setting = setting if isinstance(setting, SessionSetting) else SessionSetting.from_dict(setting)

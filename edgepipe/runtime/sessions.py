@@ -43,8 +43,8 @@ def shared_cpu_arena() -> Iterator[None]:
     """CPU sessions made inside this block share one memory arena, registered with ONNX Runtime's
     environment once per process. Each session otherwise keeps its own arena at the peak of its
     largest run, so a search that holds a dozen sessions (candidates x thread settings) and runs
-    them one at a time held a dozen peaks: MobileNetV2 at batch 8, 12 sessions, 890 MB resident
-    against 293 MB shared, at the same latency (measured here). Sessions made outside the block,
+    them one at a time held a dozen peaks, where a shared arena holds one, at the same latency.
+    Sessions made outside the block,
     and any made with a GPU provider, keep their own."""
     if not _SHARED_ARENA["registered"]:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -146,9 +146,9 @@ def new_session(model: str | os.PathLike | bytes, providers: Sequence = CPU, *, 
     if threads:
         options.intra_op_num_threads = int(threads)
     if not spinning:
-        # Idle intra-op threads otherwise spin ~40 ms after each run: right for one busy
-        # session, but when models are timed against each other the spinning threads of
-        # one steal cores from the next (a measured 1.22x read as 0.97x on 2 cores).
+        # Idle intra-op threads otherwise spin for a while after each run: right for one busy
+        # session, but when models are timed against each other the spinning threads of one
+        # steal cores from the next, and the ratio reads the theft, not the models.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if _SHARED_ARENA["depth"] and all((p if isinstance(p, str) else p[0]) == CPU[0] for p in providers):
         options.add_session_config_entry("session.use_env_allocators", "1")

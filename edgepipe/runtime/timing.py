@@ -76,7 +76,7 @@ def wait_until_idle(quiet_ms: float = 1.0, step_s: float = 0.005, max_s: float =
 
 # Warm-up per model: up to `warmup` calls, as many as fit in this; 2 at least (a cold first call and
 # a warm one timed for the cost of a call), except that one first call this long is warm-up enough:
-# its session's arena and kernels are set up, and a second would cost ViT-base 1.7 s per model.
+# its session's arena and kernels are set up, and a second would double a slow model's warm-up.
 WARMUP_S = 0.5
 BLOCK_S = 0.1  # one model's block of calls per round: up to `calls_per_round`, as many as fit
 
@@ -99,10 +99,10 @@ def measure_interleaved(
     busy CPU after every run on this project's machine), else they would slow whichever
     model is timed next.
     """
-    # Warm-up and calls per block scale with the cost of a call: a 0.1 ms model gets the full
-    # counts; a 300 ms one (ResNet-50 at batch 8 on 2 cores) gets 2 warm-up calls and 1 call per
-    # block, a 1.7 s one (ViT-base at batch 8) 1 warm-up call, so timing ten candidates costs
-    # minutes, not a quarter of an hour. Each model keeps `rounds` interleaved samples at least.
+    # Warm-up and calls per block scale with the cost of a call: a sub-millisecond model gets
+    # the full counts; one whose call takes a block or more gets one call per block and fewer
+    # warm-up calls (one, past WARMUP_S), so timing many candidates of a large model stays in
+    # minutes. Each model keeps `rounds` interleaved samples at least.
     calls = {}
     for name, fn in fns.items():
         cost = time_call(fn)
