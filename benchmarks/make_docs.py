@@ -168,14 +168,14 @@ def hf_models(record: dict) -> list[str]:
              "tutorials run. Fidelity is the relative L2 error of the first output against FP32's on 32 generated "
              "rows (random weights make top-1 agreement a weak signal; `signal` is the share of FP32's output "
              "that varies with the input).", "",
-             "| model | parameters | FP32 MB | recipe chosen | INT8 vs FP32 | plain quantize_dynamic vs FP32 | "
-             "rel. L2 INT8 / plain | signal | quantize s | quantize peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | parameters | FP32 MB | FP32 p50 ms | recipe chosen | INT8 vs FP32 | "
+             "plain quantize_dynamic vs FP32 | rel. L2 INT8 / plain | signal | quantize s | quantize peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if "speedup" not in r:
             step = next((k for k in ("export", "quantize") if r.get(k, {}).get("exit")), "quantize")
             lines.append(f"| {r['model']} | {r.get('parameters', 0) / 1e6:.1f}M | {r.get('fp32_mb', '-')} | "
-                         f"{step} failed | - | - | - | - | - | - |")
+                         f"- | {step} failed | - | - | - | - | - | - |")
             continue
         batches = [str(b) for b in r["batches"]]
 
@@ -183,7 +183,8 @@ def hf_models(record: dict) -> list[str]:
             return ", ".join(f"{r['speedup'][b][key]:.2f}x (b{b})" for b in batches)
 
         fid = r["fidelity"]
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['fp32_mb']} | {r['chosen']} | "
+        fp32 = ", ".join(f"{r['fp32_p50_ms'][b]:.1f} (b{b})" for b in batches)
+        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['fp32_mb']} | {fp32} | {r['chosen']} | "
                      f"{speedups('edgepipe')} | {speedups('plain_dynamic')} | "
                      f"{fid['edgepipe']['rel_l2']:.4f} / {fid['plain_dynamic']['rel_l2']:.4f} | {r['signal']:.3f} | "
                      f"{r['quantize']['seconds']:.0f} | {r['quantize'].get('peak_rss_mb', '-')} |")
