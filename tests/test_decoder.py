@@ -101,7 +101,8 @@ def test_bad_prompts_and_folders_are_one_clear_error(tiny_llama, exported, tmp_p
     assert result.output.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
 
 
-@pytest.mark.slow  # trains a tiny LM (300 steps, about 90 s), exports and quantizes it
+@pytest.mark.slow  # trains a tiny LM (300 steps), exports and quantizes it
+@pytest.mark.timeout(900)  # a few minutes on an AVX2-only CPU: more than the default per-test limit allows for noise
 def test_the_language_model_docs_block_runs_as_written(tmp_path):
     import os
     import re

@@ -76,6 +76,7 @@ def cli_walkthrough() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the whole walkthrough: minutes on an AVX2-only CPU
 def test_the_cli_walkthrough_runs_as_written_in_an_empty_folder(tmp_path):
     import os
     import subprocess
@@ -94,6 +95,7 @@ def test_the_cli_walkthrough_runs_as_written_in_an_empty_folder(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # fine-tunes, exports and quantizes: minutes on an AVX2-only CPU
 def test_the_your_own_data_block_runs_as_written_in_an_empty_folder(tmp_path):
     import os
     import subprocess

@@ -110,6 +110,7 @@ def test_bad_input_in_a_stage_names_the_stage(tmp_path, cli):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the demo's every stage for every zoo model
 def test_demo_end_to_end(tmp_path, cli):
     """The README quickstart: `edgepipe demo` trains, exports, quantizes and profiles the zoo."""
     out = tmp_path / "demo"
