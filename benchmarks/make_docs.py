@@ -159,6 +159,14 @@ def qat_line(models: dict) -> list[str]:
             f"model scores {won * 100:+.1f} points against that post-training INT8 model."]
 
 
+def ceiling(record: dict | None) -> str:
+    """The chosen recipe on the model's dominant kernel alone: its speedup, and the model's as a
+    fraction of it."""
+    if not record or "kernel_speedup" not in record:
+        return "-"
+    return f"{record['op']} {record['kernel_speedup']:.2f}x; model at {record['fraction_of_ceiling']:.0%} of it"
+
+
 def hf_models(record: dict) -> list[str]:
     lines = ["## Real-size Hugging Face models: edgepipe quantize beside plain `quantize_dynamic`", "",
              f"Machine: {machine(record)}. Command: `python benchmarks/hf_models.py` (each model built from its "
@@ -169,13 +177,14 @@ def hf_models(record: dict) -> list[str]:
              "rows (random weights make top-1 agreement a weak signal; `signal` is the share of FP32's output "
              "that varies with the input).", "",
              "| model | parameters | FP32 MB | FP32 p50 ms | recipe chosen | INT8 vs FP32 | "
-             "plain quantize_dynamic vs FP32 | rel. L2 INT8 / plain | signal | quantize s | quantize peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "plain quantize_dynamic vs FP32 | kernel ceiling (largest batch) | rel. L2 INT8 / plain | signal | "
+             "quantize s | quantize peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if "speedup" not in r:
             step = next((k for k in ("export", "quantize") if r.get(k, {}).get("exit")), "quantize")
             lines.append(f"| {r['model']} | {r.get('parameters', 0) / 1e6:.1f}M | {r.get('fp32_mb', '-')} | "
-                         f"- | {step} failed | - | - | - | - | - | - |")
+                         f"- | {step} failed | - | - | - | - | - | - | - |")
             continue
         batches = [str(b) for b in r["batches"]]
 
@@ -185,7 +194,7 @@ def hf_models(record: dict) -> list[str]:
         fid = r["fidelity"]
         fp32 = ", ".join(f"{r['fp32_p50_ms'][b]:.1f} (b{b})" for b in batches)
         lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['fp32_mb']} | {fp32} | {r['chosen']} | "
-                     f"{speedups('edgepipe')} | {speedups('plain_dynamic')} | "
+                     f"{speedups('edgepipe')} | {speedups('plain_dynamic')} | {ceiling(r.get('ceiling'))} | "
                      f"{fid['edgepipe']['rel_l2']:.4f} / {fid['plain_dynamic']['rel_l2']:.4f} | {r['signal']:.3f} | "
                      f"{r['quantize']['seconds']:.0f} | {r['quantize'].get('peak_rss_mb', '-')} |")
     return lines + [""]
