@@ -232,6 +232,7 @@ DATA_DEPENDENT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two exporters tried and a parity check in a fresh process
 def test_a_failed_export_is_one_line_naming_the_cause_and_the_model_code(tmp_path):
     (tmp_path / "dd.py").write_text(DATA_DEPENDENT)
     result = subprocess.run([sys.executable, "-m", "edgepipe", "export", f"{tmp_path}/dd.py:build", "-o",

@@ -62,6 +62,7 @@ def test_example_batch_one_is_rejected():
         ExportConfig(example_batch=1)
 
 
+@pytest.mark.slow  # a dynamo export of a text model with its parity check
 def test_user_model_with_two_inputs_of_different_dtypes(tmp_path):
     out = tmp_path / "text.onnx"
     result = export(f"{EXAMPLES / 'user_model.py'}:build", out)

@@ -207,6 +207,7 @@ def test_interleaved_timing_scales_warmup_and_calls_per_block_with_the_cost_of_a
     assert stats["slow"].p50_ms > 100 * stats["cheap"].p50_ms
 
 
+@pytest.mark.slow  # times calls of half a second and more
 def test_one_first_call_of_half_a_second_or_more_is_the_whole_warm_up():
     """A call past WARMUP_S has set its session up on its own; a second warm-up call would cost
     ViT-base 1.7 s per model per trial at batch 8. Below it, a second (warm) call is timed for
