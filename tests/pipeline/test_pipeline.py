@@ -117,28 +117,37 @@ def test_demo_end_to_end(tmp_path, cli):
     result = cli("demo", "--out", out)
     assert result.exit_code == 0, result.output[-2500:]  # the tail holds the table and the gate
     assert "all gates passed" in result.output
-    for name in ("mlp", "cnn", "lstm", "transformer"):
-        assert (out / name / "model.int8.onnx").exists()
-        assert name in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "passed"
-    table = (out / "report.md").read_text().split("## What each stage cost")
-    assert table[0].count("| transformer |") == 3 and table[1].count("| transformer |") == 4  # + what each cost
     from edgepipe.runtime import Engine
     from edgepipe.runtime.sessions import route_batch
 
-    for name, model in manifest["models"].items():  # profile timed each model as quantize tuned it
+    quantized = 0
+    for name in ("mlp", "cnn", "lstm", "transformer"):
+        assert name in result.output
+        model = manifest["models"][name]
+        deployed, decided = Engine.from_run(out, name).run_info["artifact"], model["deployment"]
+        # Where no INT8 candidate is clearly faster on this CPU (small models without VNNI can sit
+        # near 1.0x), quantize refuses, writes nothing, and the demo (require_int8 = false) ships FP32
+        if model["stages"]["quantize"]["status"] == "refused":
+            assert not (out / name / "model.int8.onnx").exists() and deployed == "model.onnx", name
+            assert decided["precision"] == "fp32" and "require_int8 = false" in decided["why"], (name, decided)
+            continue
+        quantized += 1
+        assert (out / name / "model.int8.onnx").exists(), name
         quant, prof = model["stages"]["quantize"]["record"], model["stages"]["profile"]["record"]
         # The demo deploys INT8 only where profile measured it not slower (require_int8 = false)
         # at the batch sizes quantize judged (the deployment's)
-        deployed = Engine.from_run(out, name).run_info["artifact"]
-        speedup, decided = prof["speedup"]["int8"], model["deployment"]
+        speedup = prof["speedup"]["int8"]
         at_deploy = min(speedup[b] for b in quant["fp32"]["p50_ms"] if b in speedup)
         assert deployed == ("model.int8.onnx" if decided["precision"] == "int8" else "model.onnx"), name
         assert (at_deploy < 1.0) is (decided["precision"] == "fp32"), (name, at_deploy, decided)
         for label, tuned in (("fp32", quant["fp32"]["sessions"]), ("int8", quant["chosen"]["sessions"])):
             used = prof["models"][label]["sessions"]
             assert used == {b: tuned[str(route_batch(map(int, tuned), int(b)))] for b in used}, (name, label)
+    assert quantized >= 2, "the MLP and the transformer quantize on every CPU this project runs on"
+    table = (out / "report.md").read_text().split("## What each stage cost")
+    assert table[0].count("| transformer |") == 3 and table[1].count("| transformer |") == 4  # + what each cost
 
 
 @pytest.mark.slow
